@@ -1,0 +1,36 @@
+# The two commands of the README: `make demo` and `make test`.
+# Both install what is missing first (scripts/setup.sh).
+SHELL := /bin/bash
+export PATH := $(HOME)/.cargo/bin:$(PATH)
+
+.PHONY: all setup build test demo bench torture doc opam-test clean
+
+all: build
+
+setup:
+	@scripts/setup.sh
+
+build: setup
+	dune build
+
+test:
+	@scripts/test.sh
+
+demo: build
+	@scripts/demo.sh
+
+bench: setup
+	@scripts/bench.sh
+
+torture: setup
+	@scripts/torture.sh
+
+doc: setup
+	@scripts/doc.sh
+
+opam-test: setup
+	@scripts/opam-test.sh
+
+clean:
+	dune clean || true
+	cargo clean

@@ -1,0 +1,395 @@
+//! The allocator: pure logic over the allocator state and the page
+//! descriptors. It knows nothing of mappings, locks or processes, so it can be
+//! tested on a plain `Vec`; the caller guarantees exclusive access (the pool
+//! lock in a real pool).
+//!
+//! # Where free runs are filed
+//!
+//! - A run of 1..=`SMALL_MAX` pages is on the exact-size list of its length
+//!   (doubly linked through its `FREE` head word). Bit `n` of `small_bitmap`
+//!   is set exactly when list `n` is non-empty, so the smallest fitting class
+//!   is found with two `trailing_zeros` and no scan.
+//! - A longer run is a node of a treap ordered by `(length, page)` whose
+//!   links live in the run's own descriptors (see `treap.rs`). Best fit is a
+//!   lower-bound search: O(log n) expected, whatever the fragmentation.
+//!
+//! `free_pages`, `live_blocks`, per-owner usage and `tree_max` are counters
+//! kept exact by every operation, so `stats` is O(1).
+//!
+//! # Commit points
+//!
+//! alloc: unlink the chosen run, then store the `ALLOC` word (the commit),
+//! then file the remainder. free: overwrite the `ALLOC` word (the commit),
+//! then coalesce and file. A crash anywhere leaves the `ALLOC` words telling
+//! the truth and recovery (`recovery.rs`) rebuilds the rest.
+
+use crate::crashpoint::{hit, CrashPoint};
+use crate::desc::*;
+use crate::error::{Error, Result};
+
+/// Runs of up to this many pages have exact-size free lists.
+pub const SMALL_MAX: u32 = 127;
+/// Owner slots; slot 0 is "no recorded owner" (used when the table is full).
+pub const MAX_OWNERS: usize = 256;
+
+/// Pages and blocks held by one owner slot (derived, rebuilt by recovery).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OwnerUsage {
+    pub pages: u64,
+    pub blocks: u64,
+}
+
+/// The allocator's part of the shared header. Everything here is derived
+/// from the descriptors except `npages`.
+#[repr(C)]
+#[derive(Debug, Clone)]
+pub struct AllocState {
+    /// Payload pages. Fixed at format time.
+    pub npages: u32,
+    /// Root of the treap of long free runs, or `NIL`.
+    pub tree_root: u32,
+    /// Length of the longest run in the treap (0 when empty).
+    pub tree_max: u32,
+    pub _pad: u32,
+    pub free_pages: u64,
+    pub live_blocks: u64,
+    /// Bit n set ⇔ `small_head[n] != NIL` (n in 1..=SMALL_MAX).
+    pub small_bitmap: [u64; 2],
+    /// Head page of the exact-size list for each length (index 0 unused).
+    pub small_head: [u32; SMALL_MAX as usize + 1],
+    pub usage: [OwnerUsage; MAX_OWNERS],
+}
+
+impl AllocState {
+    /// A state for a pool of `npages` pages whose descriptors are still to be
+    /// formatted (see [`Arena::format`]).
+    pub fn new(npages: u32) -> Self {
+        AllocState {
+            npages,
+            tree_root: NIL,
+            tree_max: 0,
+            _pad: 0,
+            free_pages: 0,
+            live_blocks: 0,
+            small_bitmap: [0; 2],
+            small_head: [NIL; SMALL_MAX as usize + 1],
+            usage: [OwnerUsage::default(); MAX_OWNERS],
+        }
+    }
+}
+
+/// Pool-wide figures, all exact.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageStats {
+    pub npages: u32,
+    pub free_pages: u64,
+    pub largest_free_run: u32,
+    pub live_blocks: u64,
+}
+
+/// Exclusive view of one pool's allocator metadata.
+pub struct Arena<'a> {
+    pub(crate) st: &'a mut AllocState,
+    pub(crate) d: &'a mut [u64],
+}
+
+impl<'a> Arena<'a> {
+    /// Views `st` and `d` as an arena. `d` must hold `st.npages` words.
+    pub fn new(st: &'a mut AllocState, d: &'a mut [u64]) -> Result<Self> {
+        if d.len() != st.npages as usize || st.npages == 0 || st.npages > MAX_PAGES {
+            return Err(Error::Corrupt(format!(
+                "descriptor count {} does not match {} pages",
+                d.len(),
+                st.npages
+            )));
+        }
+        Ok(Arena { st, d })
+    }
+
+    /// Makes the whole pool one free run.
+    pub fn format(&mut self) {
+        self.d.fill(INTERIOR);
+        *self.st = AllocState::new(self.st.npages);
+        let n = self.st.npages;
+        self.file_run(0, n);
+        self.st.free_pages = n as u64;
+    }
+
+    // ----- descriptor access: never panics; out of range reads as INTERIOR
+    // and writes are dropped (check() reports what that would hide).
+
+    #[inline]
+    pub(crate) fn w(&self, p: u32) -> u64 {
+        self.d.get(p as usize).copied().unwrap_or(INTERIOR)
+    }
+
+    #[inline]
+    pub(crate) fn set(&mut self, p: u32, v: u64) {
+        if let Some(x) = self.d.get_mut(p as usize) {
+            *x = v;
+        }
+    }
+
+    /// Length of the free run whose `FREE` head is at `h` (invariant D1).
+    #[inline]
+    pub(crate) fn free_len(&self, h: u32) -> u32 {
+        let next = self.w(h.wrapping_add(1));
+        if h + 1 < self.st.npages && is_len_word(next) {
+            aux_payload(next) as u32
+        } else {
+            1
+        }
+    }
+
+    // ----- filing and unfiling free runs
+
+    /// Writes the descriptors of the free run `[h, h+len)` and files it.
+    /// The run's pages must all be `INTERIOR`.
+    pub(crate) fn file_run(&mut self, h: u32, len: u32) {
+        if len >= 2 {
+            self.set(h + 1, len_word(len));
+            self.set(h + len - 1, len_word(len));
+        }
+        if len <= SMALL_MAX {
+            let next = self.st.small_head[len as usize];
+            self.set(h, free_word(next, NIL));
+            if next != NIL {
+                let nw = self.w(next);
+                self.set(next, free_word(free_next(nw), h));
+            }
+            self.st.small_head[len as usize] = h;
+            self.st.small_bitmap[(len / 64) as usize] |= 1 << (len % 64);
+        } else {
+            self.set(h, free_word(NIL, NIL));
+            self.set(h + 2, links_word(NIL, NIL));
+            self.set(h + 3, up_word(NIL));
+            self.treap_insert(h, len);
+            if len > self.st.tree_max {
+                self.st.tree_max = len;
+            }
+        }
+    }
+
+    /// Takes the free run `[h, h+len)` off its list or out of the treap and
+    /// turns all its descriptors back to `INTERIOR`.
+    pub(crate) fn unfile_run(&mut self, h: u32, len: u32) {
+        if len <= SMALL_MAX {
+            let w = self.w(h);
+            let (next, prev) = (free_next(w), free_prev(w));
+            if prev == NIL {
+                self.st.small_head[len as usize] = next;
+                if next == NIL {
+                    self.st.small_bitmap[(len / 64) as usize] &= !(1 << (len % 64));
+                }
+            } else {
+                let pw = self.w(prev);
+                self.set(prev, free_word(next, free_prev(pw)));
+            }
+            if next != NIL {
+                let nw = self.w(next);
+                self.set(next, free_word(free_next(nw), prev));
+            }
+        } else {
+            self.treap_remove(h);
+            if len == self.st.tree_max {
+                self.st.tree_max = self.treap_max_len();
+            }
+            self.set(h + 2, INTERIOR);
+            self.set(h + 3, INTERIOR);
+        }
+        self.set(h, INTERIOR);
+        if len >= 2 {
+            self.set(h + 1, INTERIOR);
+            self.set(h + len - 1, INTERIOR);
+        }
+    }
+
+    /// Smallest length class `>= k` with a non-empty list.
+    #[inline]
+    fn small_class_from(&self, k: u32) -> Option<u32> {
+        let mut i = (k / 64) as usize;
+        let mut bits = self.st.small_bitmap[i] & (!0u64 << (k % 64));
+        loop {
+            if bits != 0 {
+                return Some(i as u32 * 64 + bits.trailing_zeros());
+            }
+            i += 1;
+            if i >= self.st.small_bitmap.len() {
+                return None;
+            }
+            bits = self.st.small_bitmap[i];
+        }
+    }
+
+    fn largest_small(&self) -> u32 {
+        if self.st.small_bitmap[1] != 0 {
+            127 - self.st.small_bitmap[1].leading_zeros()
+        } else if self.st.small_bitmap[0] != 0 {
+            63 - self.st.small_bitmap[0].leading_zeros()
+        } else {
+            0
+        }
+    }
+
+    // ----- the operations
+
+    /// Allocates a block of `pages` pages for `owner`; returns its first page.
+    pub fn alloc(&mut self, pages: u32, owner: u16) -> Result<u32> {
+        if pages == 0 {
+            return Err(Error::BadSize);
+        }
+        if pages as u64 > self.st.free_pages {
+            return Err(Error::OutOfMemory);
+        }
+        let (h, len) = match (pages <= SMALL_MAX)
+            .then(|| self.small_class_from(pages))
+            .flatten()
+        {
+            Some(class) => (self.st.small_head[class as usize], class),
+            None => {
+                let h = self.treap_lower_bound(pages);
+                if h == NIL {
+                    return Err(Error::OutOfMemory);
+                }
+                (h, self.free_len(h))
+            }
+        };
+        if tag(self.w(h)) != TAG_FREE || len < pages || h as u64 + len as u64 > self.st.npages as u64
+        {
+            return Err(Error::Corrupt(format!("free structures point at page {h}")));
+        }
+        self.unfile_run(h, len);
+        hit(CrashPoint::AllocUnlinked);
+        self.set(h, alloc_word(pages, owner)); // commit
+        hit(CrashPoint::AllocCommitted);
+        if len > pages {
+            self.file_run(h + pages, len - pages);
+        }
+        hit(CrashPoint::AllocRemainderFiled);
+        self.st.free_pages -= pages as u64;
+        self.st.live_blocks += 1;
+        let u = &mut self.st.usage[owner as usize % MAX_OWNERS];
+        u.pages += pages as u64;
+        u.blocks += 1;
+        Ok(h)
+    }
+
+    /// Frees the block starting at page `p`; returns its length.
+    pub fn free(&mut self, p: u32) -> Result<u32> {
+        let w = self.w(p);
+        if p >= self.st.npages || tag(w) != TAG_ALLOC {
+            return Err(Error::NotABlock);
+        }
+        let (len, owner) = (alloc_len(w), alloc_owner(w));
+        if len == 0 || p as u64 + len as u64 > self.st.npages as u64 {
+            return Err(Error::Corrupt(format!("block at page {p} has length {len}")));
+        }
+        self.set(p, INTERIOR); // commit
+        hit(CrashPoint::FreeCommitted);
+        let (mut start, mut total) = (p, len);
+        if p > 0 {
+            let lw = self.w(p - 1);
+            let left_len = match tag(lw) {
+                TAG_FREE => 1,
+                TAG_AUX if is_len_word(lw) => aux_payload(lw) as u32,
+                _ => 0,
+            };
+            if left_len > 0 {
+                let lh = p.checked_sub(left_len).filter(|&lh| tag(self.w(lh)) == TAG_FREE);
+                let Some(lh) = lh else {
+                    return Err(Error::Corrupt(format!("bad free run before page {p}")));
+                };
+                self.unfile_run(lh, left_len);
+                start = lh;
+                total += left_len;
+            }
+        }
+        let e = p + len;
+        if e < self.st.npages && tag(self.w(e)) == TAG_FREE {
+            let right_len = self.free_len(e);
+            self.unfile_run(e, right_len);
+            total += right_len;
+        }
+        hit(CrashPoint::FreeNeighboursUnlinked);
+        self.file_run(start, total);
+        hit(CrashPoint::FreeFiled);
+        self.st.free_pages += len as u64;
+        self.st.live_blocks -= 1;
+        let u = &mut self.st.usage[owner as usize % MAX_OWNERS];
+        u.pages = u.pages.saturating_sub(len as u64);
+        u.blocks = u.blocks.saturating_sub(1);
+        Ok(len)
+    }
+
+    /// Length of the live block starting at page `p`.
+    #[inline]
+    pub fn size(&self, p: u32) -> Result<u32> {
+        let w = self.w(p);
+        if p < self.st.npages && tag(w) == TAG_ALLOC {
+            Ok(alloc_len(w))
+        } else {
+            Err(Error::NotABlock)
+        }
+    }
+
+    /// Owner slot of the live block starting at page `p`.
+    pub fn owner_of(&self, p: u32) -> Result<u16> {
+        let w = self.w(p);
+        if p < self.st.npages && tag(w) == TAG_ALLOC {
+            Ok(alloc_owner(w))
+        } else {
+            Err(Error::NotABlock)
+        }
+    }
+
+    pub fn stats(&self) -> PageStats {
+        PageStats {
+            npages: self.st.npages,
+            free_pages: self.st.free_pages,
+            largest_free_run: self.st.tree_max.max(self.largest_small()),
+            live_blocks: self.st.live_blocks,
+        }
+    }
+
+    /// Live blocks in address order as `(page, length, owner)`.
+    pub fn live_blocks(&self) -> Vec<(u32, u32, u16)> {
+        let mut out = Vec::new();
+        self.walk(|p, w, len| {
+            if tag(w) == TAG_ALLOC {
+                out.push((p, len, alloc_owner(w)));
+            }
+        });
+        out
+    }
+
+    /// Free runs in address order as `(page, length)`.
+    pub fn free_runs(&self) -> Vec<(u32, u32)> {
+        let mut out = Vec::new();
+        self.walk(|p, w, len| {
+            if tag(w) == TAG_FREE {
+                out.push((p, len));
+            }
+        });
+        out
+    }
+
+    /// Visits runs in address order, trusting the invariants (use `check`
+    /// to verify them first). Stops at the first word that is no run head.
+    fn walk(&self, mut f: impl FnMut(u32, u64, u32)) {
+        let mut p = 0;
+        while p < self.st.npages {
+            let w = self.w(p);
+            let len = match tag(w) {
+                TAG_ALLOC => alloc_len(w),
+                TAG_FREE => self.free_len(p),
+                _ => 0,
+            };
+            if len == 0 {
+                return;
+            }
+            f(p, w, len);
+            p = p.saturating_add(len);
+        }
+    }
+}

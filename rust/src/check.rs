@@ -1,0 +1,151 @@
+//! Verification of every allocator invariant, for tests, `check()` and the
+//! torture suites. It reads only, never asserts and never panics: it returns
+//! the list of violations (empty when the pool is sound). O(pages).
+
+use crate::arena::{Arena, OwnerUsage, MAX_OWNERS, SMALL_MAX};
+use crate::desc::*;
+use crate::treap::priority;
+
+impl Arena<'_> {
+    /// Every violated invariant, as a human-readable line.
+    pub fn check(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        let n = self.st.npages;
+        // Where each free run head is expected to be filed: 1 = list, 2 = tree.
+        let mut filed = vec![0u8; n as usize];
+        let (mut free_pages, mut live) = (0u64, 0u64);
+        let mut usage = vec![OwnerUsage::default(); MAX_OWNERS];
+        let mut prev_free = false;
+        let mut p = 0u32;
+        while p < n {
+            let w = self.w(p);
+            match tag(w) {
+                TAG_ALLOC => {
+                    let len = alloc_len(w);
+                    if len == 0 || p as u64 + len as u64 > n as u64 {
+                        v.push(format!("D2: block at page {p} has bad length {len}"));
+                        return v;
+                    }
+                    for q in p + 1..p + len {
+                        if self.w(q) != INTERIOR {
+                            v.push(format!("D2: page {q} inside block {p} is not INTERIOR"));
+                        }
+                    }
+                    live += 1;
+                    let u = &mut usage[alloc_owner(w) as usize % MAX_OWNERS];
+                    u.pages += len as u64;
+                    u.blocks += 1;
+                    prev_free = false;
+                    p += len;
+                }
+                TAG_FREE => {
+                    let len = self.free_len(p);
+                    if p as u64 + len as u64 > n as u64 {
+                        v.push(format!("D1: free run at {p} has bad length {len}"));
+                        return v;
+                    }
+                    if prev_free {
+                        v.push(format!("D3: free run at {p} follows another free run"));
+                    }
+                    if len >= 2 && self.w(p + len - 1) != len_word(len) {
+                        v.push(format!("D1: free run at {p} lacks its tail LEN word"));
+                    }
+                    let tree = len > SMALL_MAX;
+                    for q in p + 1..p + len.saturating_sub(1) {
+                        let want = match q - p {
+                            1 => len_word(len),
+                            2 | 3 if tree => self.w(q), // checked with the treap
+                            _ => INTERIOR,
+                        };
+                        if self.w(q) != want {
+                            v.push(format!("D1: page {q} of free run {p} has word {:#x}", self.w(q)));
+                        }
+                    }
+                    if tree && (aux_kind(self.w(p + 2)) != AUX_LINKS || aux_kind(self.w(p + 3)) != AUX_UP)
+                    {
+                        v.push(format!("T4: tree run at {p} lacks its link words"));
+                    }
+                    filed[p as usize] = if tree { 2 } else { 1 };
+                    free_pages += len as u64;
+                    prev_free = true;
+                    p += len;
+                }
+                _ => {
+                    v.push(format!("D1: page {p} starts no run (word {w:#x})"));
+                    return v;
+                }
+            }
+        }
+        // Exact-size lists and the bitmap.
+        for len in 1..=SMALL_MAX {
+            let head = self.st.small_head[len as usize];
+            let bit = self.st.small_bitmap[(len / 64) as usize] >> (len % 64) & 1 == 1;
+            if bit != (head != NIL) {
+                v.push(format!("bitmap bit {len} disagrees with its list"));
+            }
+            let (mut cur, mut prev, mut steps) = (head, NIL, 0u32);
+            while cur != NIL {
+                steps += 1;
+                if cur >= n || steps > n {
+                    v.push(format!("list {len}: bad link {cur} or cycle"));
+                    break;
+                }
+                let w = self.w(cur);
+                if tag(w) != TAG_FREE || self.free_len(cur) != len || filed[cur as usize] != 1 {
+                    v.push(format!("list {len}: page {cur} is not a free run of that length"));
+                    break;
+                }
+                if free_prev(w) != prev {
+                    v.push(format!("list {len}: page {cur} has prev {} not {prev}", free_prev(w)));
+                }
+                filed[cur as usize] = 0;
+                prev = cur;
+                cur = free_next(w);
+            }
+        }
+        // The treap.
+        let mut tree_max = 0;
+        let mut stack = vec![(self.st.tree_root, NIL, (0u32, 0u32), (u32::MAX, u32::MAX))];
+        let mut visited = 0u32;
+        while let Some((h, parent, lo, hi)) = stack.pop() {
+            if h == NIL {
+                continue;
+            }
+            visited += 1;
+            if h >= n || visited > n || filed[h as usize] != 2 {
+                v.push(format!("T4: tree node {h} is not a long free run (or a cycle)"));
+                break;
+            }
+            filed[h as usize] = 0;
+            let key = (self.node_len(h), h);
+            if key <= lo || key >= hi {
+                v.push(format!("T1: tree node {h} out of order"));
+            }
+            if self.parent(h) != parent {
+                v.push(format!("T3: tree node {h} has parent {} not {parent}", self.parent(h)));
+            }
+            if parent != NIL && priority(parent) < priority(h) {
+                v.push(format!("T2: tree node {h} outranks its parent"));
+            }
+            tree_max = tree_max.max(key.0);
+            stack.push((self.left(h), h, lo, key));
+            stack.push((self.right(h), h, key, hi));
+        }
+        if let Some(p) = filed.iter().position(|&f| f != 0) {
+            v.push(format!("free run at {p} is on no list and not in the tree"));
+        }
+        if tree_max != self.st.tree_max {
+            v.push(format!("tree_max {} but longest tree run {tree_max}", self.st.tree_max));
+        }
+        if free_pages != self.st.free_pages {
+            v.push(format!("free_pages {} but counted {free_pages}", self.st.free_pages));
+        }
+        if live != self.st.live_blocks {
+            v.push(format!("live_blocks {} but counted {live}", self.st.live_blocks));
+        }
+        if usage[..] != self.st.usage[..] {
+            v.push("per-owner usage disagrees with the blocks".to_string());
+        }
+        v
+    }
+}

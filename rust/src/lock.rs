@@ -1,0 +1,119 @@
+//! The cross-process pool lock: a process-shared, robust pthread mutex in
+//! the shared header.
+//!
+//! Robustness is what fixes the original's deadlock: when the holder dies
+//! (even by SIGKILL), the kernel walks the dead thread's robust list and
+//! marks the mutex; the next `pthread_mutex_lock` returns `EOWNERDEAD` with
+//! the lock held. The caller must then repair the data (see
+//! `recovery.rs`) and call [`RobustMutex::mark_consistent`] before
+//! unlocking; if it dies first, the next locker gets `EOWNERDEAD` again.
+
+use crate::error::{Error, Result};
+use nix::errno::Errno;
+use std::cell::UnsafeCell;
+
+/// Space reserved in the header for the mutex; larger than glibc's
+/// `pthread_mutex_t` (40 bytes on x86_64) so the layout stays the same if
+/// a libc needs more.
+#[repr(C, align(64))]
+pub struct MutexStorage {
+    bytes: UnsafeCell<[u8; 64]>,
+}
+
+const _: () = assert!(std::mem::size_of::<libc::pthread_mutex_t>() <= 64);
+
+/// How the lock was acquired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Acquired {
+    /// The previous holder unlocked normally.
+    Clean,
+    /// The previous holder died holding it: the data may be half-updated.
+    OwnerDied,
+}
+
+/// A robust mutex living in shared memory.
+pub struct RobustMutex {
+    m: *mut libc::pthread_mutex_t,
+}
+
+impl RobustMutex {
+    /// Views the mutex stored in `storage`.
+    ///
+    /// # Safety
+    /// `storage` must stay mapped for the life of the returned value.
+    pub unsafe fn at(storage: *const MutexStorage) -> Self {
+        RobustMutex { m: (*storage).bytes.get().cast() }
+    }
+
+    /// Initialises the mutex as process-shared and robust. Only the creator
+    /// calls this, before anyone else can see the pool.
+    pub fn init(&self) -> Result<()> {
+        // SAFETY: `attr` is a local initialised by pthread_mutexattr_init
+        // before use and destroyed after; `self.m` points to 64 writable,
+        // suitably aligned bytes that nobody else uses yet (the pool is not
+        // published until its magic is written, after this).
+        unsafe {
+            let mut attr = std::mem::MaybeUninit::<libc::pthread_mutexattr_t>::uninit();
+            check(libc::pthread_mutexattr_init(attr.as_mut_ptr()), "pthread_mutexattr_init")?;
+            let a = attr.as_mut_ptr();
+            let r = (|| {
+                check(
+                    libc::pthread_mutexattr_setpshared(a, libc::PTHREAD_PROCESS_SHARED),
+                    "pthread_mutexattr_setpshared",
+                )?;
+                check(
+                    libc::pthread_mutexattr_setrobust(a, libc::PTHREAD_MUTEX_ROBUST),
+                    "pthread_mutexattr_setrobust",
+                )?;
+                check(libc::pthread_mutex_init(self.m, a), "pthread_mutex_init")
+            })();
+            libc::pthread_mutexattr_destroy(a);
+            r
+        }
+    }
+
+    /// Locks, retrying `EINTR` (which Linux does not return for mutexes,
+    /// but POSIX allows). `ENOTRECOVERABLE` cannot happen with this crate's
+    /// callers (they always mark the mutex consistent before unlocking after
+    /// `EOWNERDEAD`) and is reported as corruption.
+    #[inline]
+    pub fn lock(&self) -> Result<Acquired> {
+        loop {
+            // SAFETY: `self.m` points into a live mapping (contract of `at`)
+            // and was initialised by `init` before the pool was published.
+            match unsafe { libc::pthread_mutex_lock(self.m) } {
+                0 => return Ok(Acquired::Clean),
+                libc::EOWNERDEAD => return Ok(Acquired::OwnerDied),
+                libc::EINTR => continue,
+                libc::ENOTRECOVERABLE => {
+                    return Err(Error::Corrupt("pool lock is not recoverable".into()))
+                }
+                e => return Err(Error::Io("pthread_mutex_lock".into(), Errno::from_raw(e))),
+            }
+        }
+    }
+
+    /// Declares the protected data repaired after `Acquired::OwnerDied`.
+    pub fn mark_consistent(&self) {
+        // SAFETY: as in `lock`; called only by the current holder.
+        unsafe {
+            libc::pthread_mutex_consistent(self.m);
+        }
+    }
+
+    #[inline]
+    pub fn unlock(&self) {
+        // SAFETY: as in `lock`; called only by the current holder.
+        unsafe {
+            libc::pthread_mutex_unlock(self.m);
+        }
+    }
+}
+
+fn check(rc: libc::c_int, what: &str) -> Result<()> {
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(Error::Io(what.into(), Errno::from_raw(rc)))
+    }
+}

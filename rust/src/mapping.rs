@@ -1,0 +1,152 @@
+//! The memory a pool lives in: a `MAP_SHARED` mapping of a named POSIX shm
+//! object, of an anonymous memfd (shared with children forked later), or of
+//! memory someone else mapped (the Netmcore shim: Netmcore creates and maps
+//! the object, we only get its address and length).
+
+use crate::error::{io, Error, Result};
+use nix::fcntl::OFlag;
+use nix::sys::mman::{mmap, munmap, shm_open, shm_unlink, MapFlags, ProtFlags};
+use nix::sys::stat::{fstat, Mode};
+use std::num::NonZeroUsize;
+use std::os::fd::{AsFd, OwnedFd};
+use std::ptr::NonNull;
+
+/// The system page size (`sysconf(_SC_PAGESIZE)`), never assumed.
+pub fn page_size() -> usize {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let ps = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if ps > 0 {
+        ps as usize
+    } else {
+        4096
+    }
+}
+
+/// A mapped region. Unmapped on drop when this process mapped it.
+#[derive(Debug)]
+pub struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
+    owned: bool,
+}
+
+// SAFETY: the mapping is plain shared memory; all mutation of the pool data
+// in it is serialised by the pool lock.
+unsafe impl Send for Mapping {}
+unsafe impl Sync for Mapping {}
+
+/// Checks a POSIX shm name: one leading '/', no other '/', not empty.
+pub fn check_name(name: &str) -> Result<()> {
+    let ok = name.len() > 1
+        && name.len() < 250
+        && name.starts_with('/')
+        && !name[1..].contains('/')
+        && !name.contains('\0');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Io(format!("bad shm name {name:?}"), nix::errno::Errno::EINVAL))
+    }
+}
+
+fn map_fd(fd: &OwnedFd, len: usize) -> Result<Mapping> {
+    let nz = NonZeroUsize::new(len).ok_or(Error::BadSize)?;
+    // SAFETY: a fresh shared mapping chosen by the kernel (no fixed address),
+    // so it cannot alias any Rust object.
+    let p = unsafe {
+        mmap(None, nz, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_SHARED, fd, 0)
+    }
+    .map_err(io("mmap"))?;
+    Ok(Mapping { ptr: p.cast(), len, owned: true })
+}
+
+fn size_and_prefault(fd: &OwnedFd, len: usize, prefault: bool) -> Result<()> {
+    nix::unistd::ftruncate(fd, len as libc::off_t).map_err(io("ftruncate"))?;
+    if prefault {
+        // Reserve the backing pages now: ENOSPC here instead of a SIGBUS at
+        // first touch, and far cheaper than writing a byte per page.
+        nix::fcntl::posix_fallocate(fd.as_fd(), 0, len as libc::off_t)
+            .map_err(io("posix_fallocate"))?;
+    }
+    Ok(())
+}
+
+impl Mapping {
+    /// Creates the shm object `name` (`O_EXCL`, mode 0600) of `len` bytes.
+    /// On failure nothing is left behind.
+    pub fn create_named(name: &str, len: usize, prefault: bool) -> Result<Mapping> {
+        check_name(name)?;
+        let fd = shm_open(
+            name,
+            OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_RDWR | OFlag::O_CLOEXEC,
+            Mode::S_IRUSR | Mode::S_IWUSR,
+        )
+        .map_err(io("shm_open"))?;
+        let r = size_and_prefault(&fd, len, prefault).and_then(|()| map_fd(&fd, len));
+        if r.is_err() {
+            let _ = shm_unlink(name);
+        }
+        r
+    }
+
+    /// Creates an anonymous shared object (memfd): visible to this process
+    /// and to children forked after this call, to nobody else.
+    pub fn create_anonymous(len: usize, prefault: bool) -> Result<Mapping> {
+        let fd = nix::sys::memfd::memfd_create(c"shmpool", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+            .map_err(io("memfd_create"))?;
+        size_and_prefault(&fd, len, prefault)?;
+        map_fd(&fd, len)
+    }
+
+    /// Maps the existing shm object `name` whole.
+    pub fn open_named(name: &str) -> Result<Mapping> {
+        check_name(name)?;
+        let fd = shm_open(name, OFlag::O_RDWR | OFlag::O_CLOEXEC, Mode::empty())
+            .map_err(io("shm_open"))?;
+        let st = fstat(&fd).map_err(io("fstat"))?;
+        if st.st_size <= 0 {
+            return Err(Error::NotAPool(format!("{name} is empty")));
+        }
+        map_fd(&fd, st.st_size as usize)
+    }
+
+    /// Views memory mapped by someone else; never unmapped by us.
+    ///
+    /// # Safety
+    /// `ptr..ptr+len` must be a readable and writable shared mapping that
+    /// outlives the returned value (and every pool built on it).
+    pub unsafe fn borrowed(ptr: *mut u8, len: usize) -> Result<Mapping> {
+        let ptr = NonNull::new(ptr).ok_or(Error::NotAPool("null address".into()))?;
+        Ok(Mapping { ptr, len, owned: false })
+    }
+
+    pub fn ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        if self.owned {
+            // SAFETY: we mapped exactly this range in map_fd and nothing in
+            // this crate hands out references that outlive the Mapping.
+            unsafe {
+                let _ = munmap(self.ptr.cast(), self.len);
+            }
+        }
+    }
+}
+
+/// Removes the name `name`; existing mappings stay valid.
+pub fn unlink(name: &str) -> Result<()> {
+    check_name(name)?;
+    shm_unlink(name).map_err(io("shm_unlink"))
+}

@@ -1,0 +1,516 @@
+//! The safe Rust API: a pool in shared memory, usable from any process that
+//! maps it, at any address.
+//!
+//! All shared mutable state is touched only between [`RobustMutex::lock`]
+//! and `unlock` (see [`Pool::locked`]), which is also where crash recovery
+//! happens: a holder that died makes the next locker rebuild the derived
+//! state before doing its own operation.
+
+use crate::arena::{Arena, OwnerUsage, PageStats, MAX_OWNERS};
+use crate::crashpoint::{hit, CrashPoint};
+use crate::error::{Error, Result};
+use crate::layout::{Geometry, Header, LAYOUT_VERSION, MAGIC};
+use crate::lock::{Acquired, RobustMutex};
+use crate::mapping::{self, page_size, Mapping};
+use crate::owner::{self, OwnerIdentity};
+use std::fmt::Write as _;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// `(total, free, largest)` and more, all exact at one instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    /// Bytes of the whole region, header included.
+    pub total_bytes: usize,
+    /// Free payload bytes.
+    pub free_bytes: usize,
+    /// Bytes of the largest free run (the largest block alloc can return).
+    pub largest_free_bytes: usize,
+    /// Payload capacity in bytes.
+    pub payload_bytes: usize,
+    pub live_blocks: u64,
+    pub page_size: usize,
+    /// Times the derived state was rebuilt after a holder died.
+    pub recoveries: u64,
+}
+
+/// One owner slot and what it holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OwnerInfo {
+    pub slot: u16,
+    /// 0 for slot 0: blocks of processes that found the table full.
+    pub pid: i32,
+    pub start_time: u64,
+    pub alive: bool,
+    pub pages: u64,
+    pub blocks: u64,
+}
+
+/// What [`Pool::reclaim_dead`] freed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reclaimed {
+    pub blocks: u64,
+    pub pages: u64,
+    /// The dead processes whose blocks were freed: `(pid, pages)`.
+    pub owners: Vec<(i32, u64)>,
+}
+
+/// How to create a pool.
+#[derive(Debug, Clone, Default)]
+pub struct CreateOptions {
+    /// POSIX shm name (`/name`); `None` for an anonymous (memfd) pool that
+    /// only this process and its later children see.
+    pub name: Option<String>,
+    /// Reserve the backing store now (`posix_fallocate`).
+    pub prefault: bool,
+}
+
+/// A shared-memory page pool.
+pub struct Pool {
+    map: Mapping,
+    hdr: NonNull<Header>,
+    geo: Geometry,
+    name: Option<String>,
+    /// Cached owner slot: `fork_generation << 16 | slot`, or `u64::MAX`.
+    my_slot: AtomicU64,
+}
+
+// SAFETY: the shared state behind `hdr` is only mutated under the robust
+// mutex (Pool::locked); the immutable geometry fields are written once
+// before the magic is published. `my_slot` is atomic.
+unsafe impl Send for Pool {}
+unsafe impl Sync for Pool {}
+
+/// The exclusive view handed to code running under the lock.
+pub(crate) struct Locked<'a> {
+    pub arena: Arena<'a>,
+    pub owners: &'a mut [OwnerIdentity; MAX_OWNERS],
+    pub recoveries: &'a mut u64,
+}
+
+impl Pool {
+    /// Creates a pool whose payload holds at least `bytes` bytes.
+    pub fn create(bytes: usize, opts: &CreateOptions) -> Result<Pool> {
+        let geo = Geometry::for_payload(bytes, page_size()).ok_or(Error::BadSize)?;
+        let map = match &opts.name {
+            Some(n) => Mapping::create_named(n, geo.total_len, opts.prefault)?,
+            None => Mapping::create_anonymous(geo.total_len, opts.prefault)?,
+        };
+        let r = Self::format(map, geo, opts.name.clone());
+        if r.is_err() {
+            if let Some(n) = &opts.name {
+                let _ = mapping::unlink(n);
+            }
+        }
+        r
+    }
+
+    /// Formats a pool in memory mapped by someone else (all of it that fits).
+    ///
+    /// # Safety
+    /// `ptr..ptr+len` must be a writable shared mapping that outlives the
+    /// pool, that nothing else uses as anything but this pool, and that no
+    /// other process uses as a pool until this call returns.
+    pub unsafe fn format_in_place(ptr: *mut u8, len: usize) -> Result<Pool> {
+        let geo = Geometry::fitting(len, page_size()).ok_or(Error::BadSize)?;
+        Self::format(Mapping::borrowed(ptr, len)?, geo, None)
+    }
+
+    /// Opens a pool formatted earlier in memory mapped by someone else.
+    ///
+    /// # Safety
+    /// As for [`Pool::format_in_place`], except that the pool exists.
+    pub unsafe fn attach_in_place(ptr: *mut u8, len: usize) -> Result<Pool> {
+        Self::validate(Mapping::borrowed(ptr, len)?, None)
+    }
+
+    /// Maps and opens the named pool created by another process.
+    pub fn attach(name: &str) -> Result<Pool> {
+        Self::validate(Mapping::open_named(name)?, Some(name.to_string()))
+    }
+
+    fn format(map: Mapping, geo: Geometry, name: Option<String>) -> Result<Pool> {
+        if map.len() < geo.total_len || (map.ptr() as usize) % 64 != 0 {
+            return Err(Error::BadSize);
+        }
+        let hdr = map.ptr().cast::<Header>();
+        // SAFETY: the mapping is at least geo.total_len bytes (checked) and
+        // 64-byte aligned, so the header and the descriptor array fit and
+        // are aligned; nobody else uses the memory until the magic is
+        // stored below (contract of the constructors).
+        unsafe {
+            std::ptr::write_bytes(map.ptr(), 0, geo.payload_offset);
+            let h = &mut *hdr;
+            h.layout_version = LAYOUT_VERSION;
+            h.page_size = geo.page_size as u32;
+            h.total_len = geo.total_len as u64;
+            h.desc_offset = geo.desc_offset as u64;
+            h.payload_offset = geo.payload_offset as u64;
+            RobustMutex::at(&h.lock).init()?;
+            h.alloc = crate::arena::AllocState::new(geo.npages);
+        }
+        let pool = Pool {
+            map,
+            hdr: NonNull::new(hdr).ok_or(Error::BadSize)?,
+            geo,
+            name,
+            my_slot: AtomicU64::new(u64::MAX),
+        };
+        // SAFETY: not yet published, so this is the only view.
+        let mut l = unsafe { pool.view() };
+        l.arena.format();
+        pool.header().magic.store(MAGIC, Ordering::Release);
+        Ok(pool)
+    }
+
+    fn validate(map: Mapping, name: Option<String>) -> Result<Pool> {
+        let bad = |why: String| Err(Error::NotAPool(why));
+        if map.len() < std::mem::size_of::<Header>() || (map.ptr() as usize) % 64 != 0 {
+            return bad(format!("{} bytes is too small for a header", map.len()));
+        }
+        // SAFETY: the mapping holds at least a header (checked above) and is
+        // aligned; only immutable fields are read before the checks pass.
+        let h = unsafe { &*map.ptr().cast::<Header>() };
+        if h.magic.load(Ordering::Acquire) != MAGIC {
+            return bad("no shmpool magic".into());
+        }
+        if h.layout_version != LAYOUT_VERSION {
+            return bad(format!("layout version {} (this is {LAYOUT_VERSION})", h.layout_version));
+        }
+        if h.page_size as usize != page_size() {
+            return bad(format!("page size {} (this machine {})", h.page_size, page_size()));
+        }
+        let npages = h.alloc.npages;
+        match Geometry::for_pages(npages, page_size()) {
+            Some(g)
+                if g.total_len as u64 == h.total_len
+                    && g.desc_offset as u64 == h.desc_offset
+                    && g.payload_offset as u64 == h.payload_offset
+                    && g.total_len <= map.len() =>
+            {
+                let hdr = NonNull::new(map.ptr().cast::<Header>()).ok_or(Error::BadSize)?;
+                Ok(Pool { map, hdr, geo: g, name, my_slot: AtomicU64::new(u64::MAX) })
+            }
+            _ => bad(format!("geometry of {npages} pages does not fit {} bytes", map.len())),
+        }
+    }
+
+    fn header(&self) -> &Header {
+        // SAFETY: hdr points to the validated header of our live mapping;
+        // only atomic or immutable fields are read through this reference.
+        unsafe { self.hdr.as_ref() }
+    }
+
+    /// Builds the mutable view of the shared state.
+    ///
+    /// # Safety
+    /// The caller holds the pool lock (or the pool is not yet published),
+    /// and drops the view before unlocking.
+    unsafe fn view(&self) -> Locked<'_> {
+        let h = self.hdr.as_ptr();
+        let d = std::slice::from_raw_parts_mut(
+            self.map.ptr().add(self.geo.desc_offset).cast::<u64>(),
+            self.geo.npages as usize,
+        );
+        Locked {
+            // npages and d.len() agree by construction (geometry validated).
+            arena: Arena { st: &mut (*h).alloc, d },
+            owners: &mut (*h).owners,
+            recoveries: &mut (*h).recoveries,
+        }
+    }
+
+    fn mutex(&self) -> RobustMutex {
+        // SAFETY: the lock storage lives in our mapping for as long as self.
+        unsafe { RobustMutex::at(&self.header().lock) }
+    }
+
+    /// Runs `f` under the pool lock. Recovers first if the previous holder
+    /// died; if `f` finds the metadata inconsistent or panics, rebuilds and
+    /// (for an inconsistency) runs `f` once more. The lock is always released
+    /// with the pool in a consistent state.
+    pub(crate) fn locked<R>(&self, mut f: impl FnMut(&mut Locked) -> Result<R>) -> Result<R> {
+        let m = self.mutex();
+        let acquired = m.lock()?;
+        hit(CrashPoint::Locked);
+        // SAFETY: we hold the lock until `m.unlock()` below, after the last
+        // use of `l`.
+        let mut l = unsafe { self.view() };
+        if acquired == Acquired::OwnerDied {
+            // The holder died somewhere inside an operation: the ALLOC words
+            // are the truth (one commit write per operation), rebuild the
+            // rest before anyone reads it, then declare the lock consistent.
+            l.arena.rebuild();
+            *l.recoveries += 1;
+            m.mark_consistent();
+        }
+        let mut r = catch_unwind(AssertUnwindSafe(|| f(&mut l)));
+        if matches!(r, Ok(Err(Error::Corrupt(_)))) {
+            l.arena.rebuild();
+            *l.recoveries += 1;
+            r = catch_unwind(AssertUnwindSafe(|| f(&mut l)));
+        }
+        let r = r.unwrap_or_else(|_| {
+            l.arena.rebuild();
+            *l.recoveries += 1;
+            Err(Error::Corrupt("internal panic under the pool lock".into()))
+        });
+        hit(CrashPoint::BeforeUnlock);
+        m.unlock();
+        r
+    }
+
+    /// This process's owner slot, registering it on first use (and again
+    /// in a forked child). Called under the lock with `me` computed outside.
+    fn owner_slot(l: &mut Locked, me: &OwnerIdentity) -> u16 {
+        let mut free = None;
+        for (i, o) in l.owners.iter().enumerate().skip(1) {
+            if o.pid == me.pid && o.start_time == me.start_time {
+                return i as u16;
+            }
+            if o.pid == 0 && free.is_none() {
+                free = Some(i);
+            }
+        }
+        let slot = free.or_else(|| {
+            // Table full: reuse the slot of a dead process that holds nothing.
+            (1..MAX_OWNERS)
+                .find(|&i| l.arena.st.usage[i].blocks == 0 && !owner::is_alive(&l.owners[i]))
+        });
+        match slot {
+            Some(i) => {
+                l.owners[i] = *me;
+                i as u16
+            }
+            None => 0,
+        }
+    }
+
+    #[inline]
+    fn cached_slot(&self) -> Option<u16> {
+        let c = self.my_slot.load(Ordering::Relaxed);
+        (c != u64::MAX && c >> 16 == owner::fork_generation()).then_some(c as u16)
+    }
+
+    fn offset_of_page(&self, p: u32) -> usize {
+        self.geo.payload_offset + p as usize * self.geo.page_size
+    }
+
+    fn page_of_offset(&self, off: usize) -> Result<u32> {
+        let rel = off.checked_sub(self.geo.payload_offset).ok_or(Error::NotABlock)?;
+        if rel % self.geo.page_size != 0 || rel / self.geo.page_size >= self.geo.npages as usize {
+            return Err(Error::NotABlock);
+        }
+        Ok((rel / self.geo.page_size) as u32)
+    }
+
+    /// Pages needed for `bytes`, or `BadSize` for 0. Sizes beyond the pool
+    /// are `OutOfMemory`, as the original's users expect.
+    fn pages_for(&self, bytes: usize) -> Result<u32> {
+        if bytes == 0 {
+            return Err(Error::BadSize);
+        }
+        let pages = bytes.div_ceil(self.geo.page_size);
+        u32::try_from(pages)
+            .ok()
+            .filter(|&p| p <= self.geo.npages)
+            .ok_or(Error::OutOfMemory)
+    }
+
+    /// Allocates `bytes` (rounded up to whole pages); returns the block's
+    /// byte offset from the start of the mapping.
+    #[inline]
+    pub fn alloc(&self, bytes: usize) -> Result<usize> {
+        let pages = self.pages_for(bytes)?;
+        let page = match self.cached_slot() {
+            Some(slot) => self.locked(|l| l.arena.alloc(pages, slot))?,
+            None => self.alloc_registering(pages)?,
+        };
+        Ok(self.offset_of_page(page))
+    }
+
+    #[cold]
+    fn alloc_registering(&self, pages: u32) -> Result<u32> {
+        let gen = owner::fork_generation();
+        let me = owner::me();
+        let (page, slot) = self.locked(|l| {
+            let slot = Self::owner_slot(l, &me);
+            Ok((l.arena.alloc(pages, slot)?, slot))
+        })?;
+        self.my_slot.store(gen << 16 | slot as u64, Ordering::Relaxed);
+        Ok(page)
+    }
+
+    /// Frees the block starting at byte offset `off`; returns its size.
+    #[inline]
+    pub fn free(&self, off: usize) -> Result<usize> {
+        let page = self.page_of_offset(off)?;
+        let pages = self.locked(|l| l.arena.free(page))?;
+        Ok(pages as usize * self.geo.page_size)
+    }
+
+    /// Size in bytes of the block starting at byte offset `off`.
+    #[inline]
+    pub fn size(&self, off: usize) -> Result<usize> {
+        let page = self.page_of_offset(off)?;
+        let pages = self.locked(|l| l.arena.size(page))?;
+        Ok(pages as usize * self.geo.page_size)
+    }
+
+    /// Pid of the process that allocated the block at byte offset `off`
+    /// (0 if unrecorded).
+    pub fn owner_of(&self, off: usize) -> Result<i32> {
+        let page = self.page_of_offset(off)?;
+        self.locked(|l| Ok(l.owners[l.arena.owner_of(page)? as usize].pid))
+    }
+
+    pub fn stats(&self) -> Stats {
+        let (ps, recoveries) = self
+            .locked(|l| Ok((l.arena.stats(), *l.recoveries)))
+            .unwrap_or((
+                PageStats { npages: self.geo.npages, free_pages: 0, largest_free_run: 0, live_blocks: 0 },
+                0,
+            ));
+        let pg = self.geo.page_size;
+        Stats {
+            total_bytes: self.geo.total_len,
+            free_bytes: ps.free_pages as usize * pg,
+            largest_free_bytes: ps.largest_free_run as usize * pg,
+            payload_bytes: self.geo.npages as usize * pg,
+            live_blocks: ps.live_blocks,
+            page_size: pg,
+            recoveries,
+        }
+    }
+
+    /// Every violated invariant (empty when the pool is sound).
+    pub fn check(&self) -> Vec<String> {
+        self.locked(|l| {
+            let mut v = l.arena.check();
+            for (i, o) in l.owners.iter().enumerate().skip(1) {
+                if o.pid == 0 && l.arena.st.usage[i] != OwnerUsage::default() {
+                    v.push(format!("owner slot {i} is empty but holds blocks"));
+                }
+            }
+            Ok(v)
+        })
+        .unwrap_or_else(|e| vec![format!("could not lock the pool: {e}")])
+    }
+
+    /// Owner slots in use, with their usage and whether they still live.
+    pub fn owners(&self) -> Result<Vec<OwnerInfo>> {
+        let (ids, usage) = self.locked(|l| Ok((*l.owners, l.arena.st.usage)))?;
+        Ok((0..MAX_OWNERS)
+            .filter(|&i| ids[i].pid != 0 || usage[i].blocks != 0)
+            .map(|i| OwnerInfo {
+                slot: i as u16,
+                pid: ids[i].pid,
+                start_time: ids[i].start_time,
+                alive: i == 0 || owner::is_alive(&ids[i]),
+                pages: usage[i].pages,
+                blocks: usage[i].blocks,
+            })
+            .collect())
+    }
+
+    /// Frees every block whose owner process no longer exists (a pid that
+    /// was reused counts as dead: the start time differs). Never automatic:
+    /// a dead worker's block may hold a result another process still reads.
+    pub fn reclaim_dead(&self) -> Result<Reclaimed> {
+        // Read liveness outside the lock (it reads /proc), then re-check the
+        // identities under the lock so a slot reused meanwhile is spared.
+        let snapshot = self.locked(|l| Ok(*l.owners))?;
+        let dead: Vec<(usize, OwnerIdentity)> = (1..MAX_OWNERS)
+            .filter(|&i| snapshot[i].pid != 0 && !owner::is_alive(&snapshot[i]))
+            .map(|i| (i, snapshot[i]))
+            .collect();
+        self.locked(|l| {
+            let mut out = Reclaimed::default();
+            let dead_now: Vec<usize> =
+                dead.iter().filter(|(i, id)| l.owners[*i] == *id).map(|(i, _)| *i).collect();
+            for &i in &dead_now {
+                out.owners.push((l.owners[i].pid, l.arena.st.usage[i].pages));
+            }
+            for (page, len, owner) in l.arena.live_blocks() {
+                if dead_now.contains(&(owner as usize)) {
+                    l.arena.free(page)?;
+                    out.blocks += 1;
+                    out.pages += len as u64;
+                }
+            }
+            for &i in &dead_now {
+                l.owners[i] = OwnerIdentity::default();
+            }
+            Ok(out)
+        })
+    }
+
+    /// A human-readable picture in the spirit of the original's
+    /// `debug_info`: sizes, live blocks (offset -> size) and free runs.
+    pub fn debug_info(&self) -> String {
+        let r = self.locked(|l| {
+            Ok((l.arena.stats(), l.arena.live_blocks(), l.arena.free_runs(), *l.recoveries))
+        });
+        let Ok((ps, live, free, recoveries)) = r else {
+            return "pool could not be locked".into();
+        };
+        let pg = self.geo.page_size;
+        let mut s = String::new();
+        let _ = writeln!(s, "pool_size = {}", self.geo.total_len);
+        let _ = writeln!(s, "pool_free = {}", ps.free_pages as usize * pg);
+        let _ = writeln!(s, "pool_free_contiguous = {}", ps.largest_free_run as usize * pg);
+        let _ = writeln!(s, "pool_start = {}", self.map.ptr() as usize + self.geo.payload_offset);
+        let _ = writeln!(s, "page_size = {pg}");
+        let _ = writeln!(s, "payload_pages = {}", self.geo.npages);
+        let _ = writeln!(s, "live_blocks = {}", ps.live_blocks);
+        let _ = writeln!(s, "recoveries = {recoveries}");
+        let list = |v: &mut String, title: &str, runs: &mut dyn Iterator<Item = (u32, u32)>| {
+            let _ = write!(v, "{title} (offs->bsize): {{");
+            for (i, (p, n)) in runs.enumerate() {
+                let sep = if i == 0 { "" } else { "," };
+                let _ = write!(v, "{sep}{}->{}", self.offset_of_page(p), n as usize * pg);
+            }
+            let _ = writeln!(v, "}}");
+        };
+        list(&mut s, "allocations", &mut live.iter().map(|&(p, n, _)| (p, n)));
+        list(&mut s, "free runs", &mut free.into_iter());
+        s
+    }
+
+    /// Removes the pool's name (named pools only); mappings stay valid.
+    pub fn unlink(&self) -> Result<()> {
+        match &self.name {
+            Some(n) => mapping::unlink(n),
+            None => Ok(()),
+        }
+    }
+
+    pub fn name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+
+    /// Address of the first byte of the mapping.
+    pub fn base(&self) -> *mut u8 {
+        self.map.ptr()
+    }
+
+    /// Length of the mapping in bytes.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    pub fn geometry(&self) -> Geometry {
+        self.geo
+    }
+
+    /// Address of the byte at offset `off` of the mapping (for example a
+    /// block returned by `alloc`). Dereferencing it is the caller's business.
+    pub fn addr(&self, off: usize) -> *mut u8 {
+        self.map.ptr().wrapping_add(off)
+    }
+}

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# `make test`: every check, each step named, the failing one reported.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+step() {
+  local name=$1; shift
+  echo "== $name"
+  local t0=$SECONDS
+  if ! "$@"; then
+    echo "FAILED step: $name ($*)" >&2
+    exit 1
+  fi
+  echo "== $name: ok ($((SECONDS - t0)) s)"
+}
+step setup            scripts/setup.sh
+step cargo-fmt        cargo fmt --all -- --check
+step cargo-clippy     cargo clippy --all-targets --features crash-points -- -D warnings
+step cargo-test       cargo test --release --features crash-points
+step dune-build       dune build
+step dune-test        dune test --force
