@@ -255,7 +255,9 @@ impl<'a> Arena<'a> {
                 (h, self.free_len(h))
             }
         };
-        if tag(self.w(h)) != TAG_FREE || len < pages || h as u64 + len as u64 > self.st.npages as u64
+        if tag(self.w(h)) != TAG_FREE
+            || len < pages
+            || h as u64 + len as u64 > self.st.npages as u64
         {
             return Err(Error::Corrupt(format!("free structures point at page {h}")));
         }
@@ -283,7 +285,9 @@ impl<'a> Arena<'a> {
         }
         let (len, owner) = (alloc_len(w), alloc_owner(w));
         if len == 0 || p as u64 + len as u64 > self.st.npages as u64 {
-            return Err(Error::Corrupt(format!("block at page {p} has length {len}")));
+            return Err(Error::Corrupt(format!(
+                "block at page {p} has length {len}"
+            )));
         }
         self.set(p, INTERIOR); // commit
         hit(CrashPoint::FreeCommitted);
@@ -296,7 +300,9 @@ impl<'a> Arena<'a> {
                 _ => 0,
             };
             if left_len > 0 {
-                let lh = p.checked_sub(left_len).filter(|&lh| tag(self.w(lh)) == TAG_FREE);
+                let lh = p
+                    .checked_sub(left_len)
+                    .filter(|&lh| tag(self.w(lh)) == TAG_FREE);
                 let Some(lh) = lh else {
                     return Err(Error::Corrupt(format!("bad free run before page {p}")));
                 };

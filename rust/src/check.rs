@@ -58,10 +58,15 @@ impl Arena<'_> {
                             _ => INTERIOR,
                         };
                         if self.w(q) != want {
-                            v.push(format!("D1: page {q} of free run {p} has word {:#x}", self.w(q)));
+                            v.push(format!(
+                                "D1: page {q} of free run {p} has word {:#x}",
+                                self.w(q)
+                            ));
                         }
                     }
-                    if tree && (aux_kind(self.w(p + 2)) != AUX_LINKS || aux_kind(self.w(p + 3)) != AUX_UP)
+                    if tree
+                        && (aux_kind(self.w(p + 2)) != AUX_LINKS
+                            || aux_kind(self.w(p + 3)) != AUX_UP)
                     {
                         v.push(format!("T4: tree run at {p} lacks its link words"));
                     }
@@ -92,11 +97,16 @@ impl Arena<'_> {
                 }
                 let w = self.w(cur);
                 if tag(w) != TAG_FREE || self.free_len(cur) != len || filed[cur as usize] != 1 {
-                    v.push(format!("list {len}: page {cur} is not a free run of that length"));
+                    v.push(format!(
+                        "list {len}: page {cur} is not a free run of that length"
+                    ));
                     break;
                 }
                 if free_prev(w) != prev {
-                    v.push(format!("list {len}: page {cur} has prev {} not {prev}", free_prev(w)));
+                    v.push(format!(
+                        "list {len}: page {cur} has prev {} not {prev}",
+                        free_prev(w)
+                    ));
                 }
                 filed[cur as usize] = 0;
                 prev = cur;
@@ -113,7 +123,9 @@ impl Arena<'_> {
             }
             visited += 1;
             if h >= n || visited > n || filed[h as usize] != 2 {
-                v.push(format!("T4: tree node {h} is not a long free run (or a cycle)"));
+                v.push(format!(
+                    "T4: tree node {h} is not a long free run (or a cycle)"
+                ));
                 break;
             }
             filed[h as usize] = 0;
@@ -122,7 +134,10 @@ impl Arena<'_> {
                 v.push(format!("T1: tree node {h} out of order"));
             }
             if self.parent(h) != parent {
-                v.push(format!("T3: tree node {h} has parent {} not {parent}", self.parent(h)));
+                v.push(format!(
+                    "T3: tree node {h} has parent {} not {parent}",
+                    self.parent(h)
+                ));
             }
             if parent != NIL && priority(parent) < priority(h) {
                 v.push(format!("T2: tree node {h} outranks its parent"));
@@ -135,13 +150,22 @@ impl Arena<'_> {
             v.push(format!("free run at {p} is on no list and not in the tree"));
         }
         if tree_max != self.st.tree_max {
-            v.push(format!("tree_max {} but longest tree run {tree_max}", self.st.tree_max));
+            v.push(format!(
+                "tree_max {} but longest tree run {tree_max}",
+                self.st.tree_max
+            ));
         }
         if free_pages != self.st.free_pages {
-            v.push(format!("free_pages {} but counted {free_pages}", self.st.free_pages));
+            v.push(format!(
+                "free_pages {} but counted {free_pages}",
+                self.st.free_pages
+            ));
         }
         if live != self.st.live_blocks {
-            v.push(format!("live_blocks {} but counted {live}", self.st.live_blocks));
+            v.push(format!(
+                "live_blocks {} but counted {live}",
+                self.st.live_blocks
+            ));
         }
         if usage[..] != self.st.usage[..] {
             v.push("per-owner usage disagrees with the blocks".to_string());

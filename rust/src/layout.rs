@@ -67,7 +67,13 @@ impl Geometry {
         let desc_offset = round_up(std::mem::size_of::<Header>(), 64);
         let payload_offset = round_up(desc_offset + 8 * npages as usize, page_size);
         let total_len = payload_offset.checked_add((npages as usize).checked_mul(page_size)?)?;
-        Some(Geometry { page_size, npages, desc_offset, payload_offset, total_len })
+        Some(Geometry {
+            page_size,
+            npages,
+            desc_offset,
+            payload_offset,
+            total_len,
+        })
     }
 
     /// The layout whose payload holds at least `bytes` bytes.
@@ -109,7 +115,10 @@ mod tests {
             assert_eq!(Geometry::fitting(g.total_len, 4096), Some(g));
             assert_eq!(Geometry::fitting(g.total_len + 4095, 4096), Some(g));
             if n > 1 {
-                assert_eq!(Geometry::fitting(g.total_len - 1, 4096).unwrap().npages, n - 1);
+                assert_eq!(
+                    Geometry::fitting(g.total_len - 1, 4096).unwrap().npages,
+                    n - 1
+                );
             }
         }
         assert_eq!(Geometry::fitting(100, 4096), None);

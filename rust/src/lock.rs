@@ -42,7 +42,9 @@ impl RobustMutex {
     /// # Safety
     /// `storage` must stay mapped for the life of the returned value.
     pub unsafe fn at(storage: *const MutexStorage) -> Self {
-        RobustMutex { m: (*storage).bytes.get().cast() }
+        RobustMutex {
+            m: (*storage).bytes.get().cast(),
+        }
     }
 
     /// Initialises the mutex as process-shared and robust. Only the creator
@@ -54,7 +56,10 @@ impl RobustMutex {
         // published until its magic is written, after this).
         unsafe {
             let mut attr = std::mem::MaybeUninit::<libc::pthread_mutexattr_t>::uninit();
-            check(libc::pthread_mutexattr_init(attr.as_mut_ptr()), "pthread_mutexattr_init")?;
+            check(
+                libc::pthread_mutexattr_init(attr.as_mut_ptr()),
+                "pthread_mutexattr_init",
+            )?;
             let a = attr.as_mut_ptr();
             let r = (|| {
                 check(

@@ -45,7 +45,10 @@ pub fn check_name(name: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(Error::Io(format!("bad shm name {name:?}"), nix::errno::Errno::EINVAL))
+        Err(Error::Io(
+            format!("bad shm name {name:?}"),
+            nix::errno::Errno::EINVAL,
+        ))
     }
 }
 
@@ -54,10 +57,21 @@ fn map_fd(fd: &OwnedFd, len: usize) -> Result<Mapping> {
     // SAFETY: a fresh shared mapping chosen by the kernel (no fixed address),
     // so it cannot alias any Rust object.
     let p = unsafe {
-        mmap(None, nz, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_SHARED, fd, 0)
+        mmap(
+            None,
+            nz,
+            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+            MapFlags::MAP_SHARED,
+            fd,
+            0,
+        )
     }
     .map_err(io("mmap"))?;
-    Ok(Mapping { ptr: p.cast(), len, owned: true })
+    Ok(Mapping {
+        ptr: p.cast(),
+        len,
+        owned: true,
+    })
 }
 
 fn size_and_prefault(fd: &OwnedFd, len: usize, prefault: bool) -> Result<()> {
@@ -117,7 +131,11 @@ impl Mapping {
     /// outlives the returned value (and every pool built on it).
     pub unsafe fn borrowed(ptr: *mut u8, len: usize) -> Result<Mapping> {
         let ptr = NonNull::new(ptr).ok_or(Error::NotAPool("null address".into()))?;
-        Ok(Mapping { ptr, len, owned: false })
+        Ok(Mapping {
+            ptr,
+            len,
+            owned: false,
+        })
     }
 
     pub fn ptr(&self) -> *mut u8 {

@@ -33,7 +33,11 @@ pub fn start_time_of(pid: i32) -> Option<u64> {
 /// Identity of the calling process.
 pub fn me() -> OwnerIdentity {
     let pid = std::process::id() as i32;
-    OwnerIdentity { pid, _pad: 0, start_time: start_time_of(pid).unwrap_or(0) }
+    OwnerIdentity {
+        pid,
+        _pad: 0,
+        start_time: start_time_of(pid).unwrap_or(0),
+    }
 }
 
 /// Whether the process recorded in `id` still runs.
@@ -72,7 +76,10 @@ mod tests {
         let m = me();
         assert!(m.start_time > 0);
         assert!(is_alive(&m));
-        assert!(!is_alive(&OwnerIdentity { start_time: m.start_time + 1, ..m }));
+        assert!(!is_alive(&OwnerIdentity {
+            start_time: m.start_time + 1,
+            ..m
+        }));
         assert!(!is_alive(&OwnerIdentity::default()));
     }
 }

@@ -176,10 +176,17 @@ impl Pool {
             return bad("no shmpool magic".into());
         }
         if h.layout_version != LAYOUT_VERSION {
-            return bad(format!("layout version {} (this is {LAYOUT_VERSION})", h.layout_version));
+            return bad(format!(
+                "layout version {} (this is {LAYOUT_VERSION})",
+                h.layout_version
+            ));
         }
         if h.page_size as usize != page_size() {
-            return bad(format!("page size {} (this machine {})", h.page_size, page_size()));
+            return bad(format!(
+                "page size {} (this machine {})",
+                h.page_size,
+                page_size()
+            ));
         }
         let npages = h.alloc.npages;
         match Geometry::for_pages(npages, page_size()) {
@@ -190,9 +197,18 @@ impl Pool {
                     && g.total_len <= map.len() =>
             {
                 let hdr = NonNull::new(map.ptr().cast::<Header>()).ok_or(Error::BadSize)?;
-                Ok(Pool { map, hdr, geo: g, name, my_slot: AtomicU64::new(u64::MAX) })
+                Ok(Pool {
+                    map,
+                    hdr,
+                    geo: g,
+                    name,
+                    my_slot: AtomicU64::new(u64::MAX),
+                })
             }
-            _ => bad(format!("geometry of {npages} pages does not fit {} bytes", map.len())),
+            _ => bad(format!(
+                "geometry of {npages} pages does not fit {} bytes",
+                map.len()
+            )),
         }
     }
 
@@ -215,7 +231,10 @@ impl Pool {
         );
         Locked {
             // npages and d.len() agree by construction (geometry validated).
-            arena: Arena { st: &mut (*h).alloc, d },
+            arena: Arena {
+                st: &mut (*h).alloc,
+                d,
+            },
             owners: &mut (*h).owners,
             recoveries: &mut (*h).recoveries,
         }
@@ -298,7 +317,9 @@ impl Pool {
     }
 
     fn page_of_offset(&self, off: usize) -> Result<u32> {
-        let rel = off.checked_sub(self.geo.payload_offset).ok_or(Error::NotABlock)?;
+        let rel = off
+            .checked_sub(self.geo.payload_offset)
+            .ok_or(Error::NotABlock)?;
         if rel % self.geo.page_size != 0 || rel / self.geo.page_size >= self.geo.npages as usize {
             return Err(Error::NotABlock);
         }
@@ -338,7 +359,8 @@ impl Pool {
             let slot = Self::owner_slot(l, &me);
             Ok((l.arena.alloc(pages, slot)?, slot))
         })?;
-        self.my_slot.store(gen << 16 | slot as u64, Ordering::Relaxed);
+        self.my_slot
+            .store(gen << 16 | slot as u64, Ordering::Relaxed);
         Ok(page)
     }
 
@@ -369,7 +391,12 @@ impl Pool {
         let (ps, recoveries) = self
             .locked(|l| Ok((l.arena.stats(), *l.recoveries)))
             .unwrap_or((
-                PageStats { npages: self.geo.npages, free_pages: 0, largest_free_run: 0, live_blocks: 0 },
+                PageStats {
+                    npages: self.geo.npages,
+                    free_pages: 0,
+                    largest_free_run: 0,
+                    live_blocks: 0,
+                },
                 0,
             ));
         let pg = self.geo.page_size;
@@ -427,10 +454,14 @@ impl Pool {
             .collect();
         self.locked(|l| {
             let mut out = Reclaimed::default();
-            let dead_now: Vec<usize> =
-                dead.iter().filter(|(i, id)| l.owners[*i] == *id).map(|(i, _)| *i).collect();
+            let dead_now: Vec<usize> = dead
+                .iter()
+                .filter(|(i, id)| l.owners[*i] == *id)
+                .map(|(i, _)| *i)
+                .collect();
             for &i in &dead_now {
-                out.owners.push((l.owners[i].pid, l.arena.st.usage[i].pages));
+                out.owners
+                    .push((l.owners[i].pid, l.arena.st.usage[i].pages));
             }
             for (page, len, owner) in l.arena.live_blocks() {
                 if dead_now.contains(&(owner as usize)) {
@@ -450,7 +481,12 @@ impl Pool {
     /// `debug_info`: sizes, live blocks (offset -> size) and free runs.
     pub fn debug_info(&self) -> String {
         let r = self.locked(|l| {
-            Ok((l.arena.stats(), l.arena.live_blocks(), l.arena.free_runs(), *l.recoveries))
+            Ok((
+                l.arena.stats(),
+                l.arena.live_blocks(),
+                l.arena.free_runs(),
+                *l.recoveries,
+            ))
         });
         let Ok((ps, live, free, recoveries)) = r else {
             return "pool could not be locked".into();
@@ -459,8 +495,16 @@ impl Pool {
         let mut s = String::new();
         let _ = writeln!(s, "pool_size = {}", self.geo.total_len);
         let _ = writeln!(s, "pool_free = {}", ps.free_pages as usize * pg);
-        let _ = writeln!(s, "pool_free_contiguous = {}", ps.largest_free_run as usize * pg);
-        let _ = writeln!(s, "pool_start = {}", self.map.ptr() as usize + self.geo.payload_offset);
+        let _ = writeln!(
+            s,
+            "pool_free_contiguous = {}",
+            ps.largest_free_run as usize * pg
+        );
+        let _ = writeln!(
+            s,
+            "pool_start = {}",
+            self.map.ptr() as usize + self.geo.payload_offset
+        );
         let _ = writeln!(s, "page_size = {pg}");
         let _ = writeln!(s, "payload_pages = {}", self.geo.npages);
         let _ = writeln!(s, "live_blocks = {}", ps.live_blocks);
@@ -473,7 +517,11 @@ impl Pool {
             }
             let _ = writeln!(v, "}}");
         };
-        list(&mut s, "allocations", &mut live.iter().map(|&(p, n, _)| (p, n)));
+        list(
+            &mut s,
+            "allocations",
+            &mut live.iter().map(|&(p, n, _)| (p, n)),
+        );
         list(&mut s, "free runs", &mut free.into_iter());
         s
     }

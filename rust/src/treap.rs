@@ -112,7 +112,11 @@ impl Arena<'_> {
         let mut steps = 0u32;
         while cur != NIL && steps <= self.st.npages {
             parent = cur;
-            cur = if key < self.key(cur) { self.left(cur) } else { self.right(cur) };
+            cur = if key < self.key(cur) {
+                self.left(cur)
+            } else {
+                self.right(cur)
+            };
             steps += 1;
         }
         self.set_parent(h, parent);

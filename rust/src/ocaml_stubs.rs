@@ -1,0 +1,1 @@
+//! OCaml stubs (feature `ocaml-stubs`).
