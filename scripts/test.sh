@@ -16,6 +16,7 @@ step() {
 step setup            scripts/setup.sh
 step cargo-fmt        cargo fmt --all -- --check
 step cargo-clippy     cargo clippy --all-targets --features crash-points -- -D warnings
+step clippy-stubs     cargo clippy --lib --features ocaml-stubs -- -D warnings
 step cargo-test       cargo test --release --features crash-points
 step dune-build       dune build
 step dune-test        dune test --force

@@ -168,3 +168,13 @@ pub fn unlink(name: &str) -> Result<()> {
     check_name(name)?;
     shm_unlink(name).map_err(io("shm_unlink"))
 }
+
+/// Reserves the whole backing store of the existing shm object `name`
+/// (`posix_fallocate`), so that touching its pages later cannot SIGBUS.
+pub fn prefault_named(name: &str) -> Result<()> {
+    check_name(name)?;
+    let fd =
+        shm_open(name, OFlag::O_RDWR | OFlag::O_CLOEXEC, Mode::empty()).map_err(io("shm_open"))?;
+    let st = fstat(&fd).map_err(io("fstat"))?;
+    nix::fcntl::posix_fallocate(fd.as_fd(), 0, st.st_size).map_err(io("posix_fallocate"))
+}

@@ -1,0 +1,179 @@
+(** Crash-safe shared-memory page pools.
+
+    A pool is a block of shared memory from which any process that maps it
+    allocates page-granular blocks, returned as bigarrays of the same type
+    as {!Netsys_mem.memory} (no OCamlnet needed).
+
+    A pool is shared with children forked (e.g. [Unix.fork]) after it was
+    created, at the same address; a named pool can also be {!attach}ed by an
+    unrelated process, at whatever address the kernel picks.
+
+    {b Crash safety.} The pool is guarded by a robust process-shared lock:
+    a process killed in the middle of an operation (even by [SIGKILL]) never
+    leaves the pool locked or corrupt; the next process to use it rebuilds
+    the allocator's derived state and goes on ({!stats}[.recoveries] counts
+    these). Blocks record their owner process; {!reclaim_dead} frees those
+    of processes that no longer exist.
+
+    {b Costs.} alloc and free are O(1) for blocks of up to 127 pages and
+    O(log n) in the number of free runs above that; {!stats} is O(1). The
+    metadata lives outside the payload pages (8 bytes per page plus about
+    9 KiB), so writing past the end of a block cannot corrupt the pool.
+
+    {b Thread safety.} Every function may be called from any thread of any
+    process that maps the pool.
+
+    {b Errors.} Bad sizes raise [Invalid_argument]; an exhausted pool
+    raises {!Out_of_pool_memory}; a memory value that is not the start of a
+    live block of this pool raises [Invalid_argument] (for {!free}) or
+    [Not_found] (for {!size}); a failing system call raises [Failure] with
+    the call and the system's message. After any of these the pool is
+    exactly as it was. *)
+
+type memory = (char, Bigarray.int8_unsigned_elt, Bigarray.c_layout) Bigarray.Array1.t
+(** The type of blocks; the same type as [Netsys_mem.memory]. *)
+
+type t
+(** A pool as seen by this process. *)
+
+exception Out_of_pool_memory
+(** No free run of the pool is large enough for the request. *)
+
+exception Not_a_pool of string
+(** {!attach}: the shared memory object is not a pool of this version
+    (with the reason). *)
+
+val page_size : int
+(** The system page size; every block is a whole number of pages. *)
+
+val create : ?name:string -> ?prefault:bool -> int -> t
+(** [create size] makes a pool whose payload holds at least [size] bytes
+    (rounded up to whole pages; the header comes on top of that).
+
+    @param name a POSIX shared memory name (["/something"]): the pool is
+    then visible as [/dev/shm/something] and can be {!attach}ed by other
+    processes; it outlives this process until {!unlink}ed. Without a name
+    the pool is anonymous: visible to this process and to the children it
+    forks afterwards only, and gone when the last of them exits.
+    @param prefault reserve the memory now ([posix_fallocate]): a machine
+    short of memory then fails here, with [Failure], instead of killing a
+    process with [SIGBUS] when it first touches a page. Default [false].
+    @raise Invalid_argument if [size <= 0] or the pool would exceed the
+    format's limit (2{^30} pages).
+    @raise Failure if the shared memory cannot be created (e.g. the name
+    exists). *)
+
+val attach : string -> t
+(** [attach name] maps the named pool created by another process.
+    @raise Not_a_pool if the object is not a pool of this layout.
+    @raise Failure if it cannot be opened. *)
+
+val alloc : t -> int -> memory
+(** [alloc pool n] allocates a block of [n] bytes rounded up to whole
+    pages and returns it. The block is page-aligned, its length is the
+    rounded size, and its contents are not zeroed. Best fit: the smallest
+    free run that holds it.
+    @raise Invalid_argument if [n <= 0].
+    @raise Out_of_pool_memory if no free run is large enough (including
+    [n] larger than the pool). *)
+
+val free : t -> memory -> unit
+(** [free pool m] frees the block that starts at the first byte of [m]
+    (only the start address matters: a sub-array starting at the block's
+    first byte frees the whole block). Any process may free any block.
+    @raise Invalid_argument ["Shmpool.free: not the start of a live block"]
+    for a double free, an address inside a block, or memory of another
+    pool. *)
+
+val size : t -> memory -> int
+(** Size in bytes of the block starting at the first byte of [m].
+    @raise Not_found if no live block starts there. *)
+
+val size_at_addr : t -> nativeint -> int
+(** Same as {!size}, by address.
+    @raise Not_found if no live block starts there. *)
+
+(** Pool-wide figures, exact at one instant. *)
+type stats = {
+  total : int;  (** bytes of the whole mapping, header included *)
+  free : int;  (** free payload bytes *)
+  largest_free : int;  (** bytes of the largest free run *)
+  payload : int;  (** payload capacity in bytes *)
+  live_blocks : int;  (** blocks allocated and not freed *)
+  page_size : int;  (** the page size *)
+  recoveries : int;
+      (** times a process found the pool abandoned mid-operation by a
+          dead process, and repaired it *)
+}
+
+val stats : t -> stats
+(** O(1). *)
+
+val debug_info : t -> string
+(** A multi-line picture: sizes, then [allocations (offs->bsize): {...}]
+    with each live block's offset in the mapping and size, then the free
+    runs likewise. *)
+
+val check : t -> string list
+(** Verifies every invariant of the pool's metadata (every page accounted
+    for once, lists and tree agree with the page descriptors, counters
+    agree) and returns the violations; [[]] for a sound pool. O(pages),
+    under the lock: for tests and diagnostics. *)
+
+(** A process that holds (or held) blocks. *)
+type owner = {
+  pid : int;  (** 0 for blocks whose owner could not be recorded *)
+  alive : bool;  (** still running (a reused pid does not count) *)
+  pages : int;  (** pages it holds *)
+  blocks : int;  (** blocks it holds *)
+}
+
+val owners : t -> owner list
+(** Per-process usage. *)
+
+(** What {!reclaim_dead} freed. *)
+type reclaimed = {
+  blocks_freed : int;
+  pages_freed : int;
+  dead : (int * int) list;  (** [(pid, pages)] of each dead owner *)
+}
+
+val reclaim_dead : t -> reclaimed
+(** Frees every block whose owner process no longer exists. Never done
+    automatically: a dead worker's block may hold a result that another
+    process still reads. *)
+
+val unlink : t -> unit
+(** Removes a named pool's name (no-op for anonymous pools); mappings stay
+    valid. @raise Failure if the name is already gone. *)
+
+val name : t -> string option
+(** The pool's shm name, if it has one. *)
+
+val close : t -> unit
+(** Unmaps the pool in this process (when this process mapped it). Every
+    block of it becomes invalid here; using [t] afterwards raises
+    [Failure]. Other processes are not affected. *)
+
+val addr_of : memory -> nativeint
+(** The address of the first byte of a memory value. *)
+
+(** {2 For the Netmcore shim} *)
+
+val format_in_place : memory -> t
+(** [format_in_place m] makes a new pool in [m], memory mapped by someone
+    else (e.g. a Netmcore preallocated shm object), at the same address in
+    every process that will use it. [m] must stay mapped, and the call must
+    happen before any other process uses [m].
+    @raise Invalid_argument if [m] cannot hold one payload page. *)
+
+val attach_in_place : memory -> t
+(** Opens the pool previously formatted in [m].
+    @raise Not_a_pool if [m] holds no pool. *)
+
+val total_for_payload : int -> int
+(** Bytes of shared memory a pool with [n] payload bytes needs.
+    @raise Invalid_argument if [n <= 0] or too large. *)
+
+val prefault_shm : string -> unit
+(** Reserves the backing store of the named shm object (see [prefault]). *)
