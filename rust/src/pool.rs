@@ -1,8 +1,8 @@
 //! The safe Rust API: a pool in shared memory, usable from any process that
 //! maps it, at any address.
 //!
-//! All shared mutable state is touched only between [`RobustMutex::lock`]
-//! and `unlock` (see [`Pool::locked`]), which is also where crash recovery
+//! All shared mutable state is touched only between `RobustMutex::lock`
+//! and `unlock` (see `Pool::locked`), which is also where crash recovery
 //! happens: a holder that died makes the next locker rebuild the derived
 //! state before doing its own operation.
 

@@ -1,0 +1,116 @@
+(* The Netmcore_mempool shim: a Netmcore preallocated shm resource (mapped
+   by Netmcore at the same address in the master and every worker it forks
+   later) with a shmpool formatted inside it. Each process looks a pool up
+   once and caches it; the hot path is one comparison against the last pool
+   used, then the Shmpool call. *)
+
+exception Out_of_pool_memory = Netmcore_mempool.Out_of_pool_memory
+
+module Debug = struct
+  let enable = ref false
+  let enable_alloc = ref false
+end
+
+(* Registered under the original's names, so that
+   [Netlog.Debug.enable_module "Netmcore_mempool"] keeps working after the
+   switch. *)
+let dlog = Netlog.Debug.mk_dlog "Netmcore_mempool" Debug.enable
+let dlog_alloc = Netlog.Debug.mk_dlog "Netmcore_mempool.alloc" Debug.enable_alloc
+
+let () =
+  Netlog.Debug.register_module "Netmcore_mempool" Debug.enable;
+  Netlog.Debug.register_module "Netmcore_mempool.alloc" Debug.enable_alloc
+
+type entry = { pool : Shmpool.t; name : string; container : Netsys_sem.container }
+
+let pools : (int, entry) Hashtbl.t = Hashtbl.create 7
+let last_id = ref (-1)
+let last = ref None
+let not_a_pool () = failwith "Netmcore_mempool: this resource is not a pool"
+
+let remember n e =
+  Hashtbl.replace pools n e;
+  last_id := n;
+  last := Some e
+
+let lookup_slow (`Resource n as id) =
+  match Hashtbl.find_opt pools n with
+  | Some e ->
+      last_id := n;
+      last := Some e;
+      e
+  | None -> (
+      let res = Netmcore.get_resource id in
+      match res#repr with
+      | `Posix_shm_preallocated_sc (name, mem, container) ->
+          let pool =
+            try Shmpool.attach_in_place mem
+            with Shmpool.Not_a_pool _ -> res#release (); not_a_pool ()
+          in
+          let e = { pool; name; container } in
+          remember n e;
+          e
+      | _ -> res#release (); not_a_pool ())
+
+let lookup (`Resource n as id) =
+  match !last with Some e when !last_id = n -> e | _ -> lookup_slow id
+
+let shmpool id = (lookup id).pool
+
+let create_mempool ?(alloc_really = false) size =
+  let bad () = invalid_arg "Netmcore_mempool.create_mempool: bad size" in
+  if size <= 0 then bad ();
+  let total = try Shmpool.total_for_payload size with Invalid_argument _ -> bad () in
+  let (`Resource n as id), name, container =
+    Netmcore.create_preallocated_shm_sc ~value_area:true "/mempool" total
+  in
+  if alloc_really then Shmpool.prefault_shm name;
+  let mem =
+    match (Netmcore.get_resource id)#repr with
+    | `Posix_shm_preallocated_sc (_, mem, _) -> mem
+    | _ -> not_a_pool ()
+  in
+  let pool = Shmpool.format_in_place mem in
+  remember n { pool; name; container };
+  dlog (Printf.sprintf "create_mempool (id=%d) size=%d shm=%s" n size name);
+  id
+
+let log_stats (`Resource n) e =
+  let s = Shmpool.stats e.pool in
+  dlog_alloc
+    (Printf.sprintf "stats (id=%d): total=%d free=%d contiguous=%d" n s.total s.free
+       s.largest_free)
+
+let alloc_mem id size =
+  if size <= 0 then invalid_arg "Netmcore_mempool.alloc_mem: bad size";
+  let e = lookup id in
+  let m = try Shmpool.alloc e.pool size with Shmpool.Out_of_pool_memory -> raise Out_of_pool_memory in
+  if !Debug.enable_alloc then begin
+    let (`Resource n) = id in
+    dlog_alloc
+      (Printf.sprintf "alloc (id=%d) size=%d addr=0x%nx" n size (Shmpool.addr_of m));
+    log_stats id e
+  end;
+  m
+
+let free_mem id m =
+  let e = lookup id in
+  if !Debug.enable_alloc then begin
+    let (`Resource n) = id in
+    dlog_alloc (Printf.sprintf "free (id=%d) addr=0x%nx" n (Shmpool.addr_of m))
+  end;
+  (try Shmpool.free e.pool m
+   with Invalid_argument _ -> failwith "Netmcore_mempool.free_mem: memory block not found");
+  if !Debug.enable_alloc then log_stats id e
+
+let size_mem id m = Shmpool.size (lookup id).pool m
+let size_mem_at_addr id a = Shmpool.size_at_addr (lookup id).pool a
+
+let stats id =
+  let s = Shmpool.stats (lookup id).pool in
+  (s.total, s.free, s.largest_free)
+
+let debug_info id = Shmpool.debug_info (lookup id).pool
+let shm_name id = (lookup id).name
+let sem_container id = (lookup id).container
+let unlink_mempool id = Netsys_posix.shm_unlink (lookup id).name

@@ -1,0 +1,3 @@
+module Netmcore_mempool = Mempool
+
+let shmpool = Mempool.shmpool

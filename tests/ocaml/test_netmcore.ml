@@ -1,0 +1,162 @@
+(* The drop-in shim, in the master process (no workers): every value,
+   bad inputs, and the exact signature of OCamlnet's Netmcore_mempool. *)
+
+module Orig = Netmcore_mempool
+module M = Shmpool_netmcore.Netmcore_mempool
+
+(* The compatibility contract: this line compiling is the test. *)
+module _ : module type of Netmcore_mempool = Shmpool_netmcore.Netmcore_mempool
+
+let ps = Shmpool.page_size
+let pool_of = Shmpool_netmcore.shmpool
+let clean id = Alcotest.(check (list string)) "check clean" [] (Shmpool.check (pool_of id))
+
+(* Every pool made here is unlinked at exit, even when a test fails. *)
+let made = ref []
+
+let () =
+  at_exit (fun () -> List.iter (fun id -> try M.unlink_mempool id with _ -> ()) !made)
+
+let create ?alloc_really size =
+  let id = M.create_mempool ?alloc_really size in
+  made := id :: !made;
+  id
+
+let unchanged id f =
+  let s = M.stats id and d = M.debug_info id in
+  f ();
+  Alcotest.(check (triple int int int)) "stats unchanged" s (M.stats id);
+  Alcotest.(check string) "debug_info unchanged" d (M.debug_info id);
+  clean id
+
+let test_basic () =
+  let id = create (16 * 1024 * 1024) in
+  let total, free, contiguous = M.stats id in
+  Alcotest.(check int) "free" (16 * 1024 * 1024) free;
+  Alcotest.(check int) "contiguous" free contiguous;
+  Alcotest.(check bool) "total includes header" true (total > free && total < free + (free / 100));
+  let name = M.shm_name id in
+  Alcotest.(check bool) "shm name" true (String.length name > 9 && String.sub name 0 9 = "/mempool_");
+  Alcotest.(check bool) "exists" true (Sys.file_exists ("/dev/shm" ^ name));
+  let m = M.alloc_mem id 10000 in
+  Alcotest.(check int) "rounded" (3 * ps) (Bigarray.Array1.dim m);
+  Alcotest.(check int) "size_mem" (3 * ps) (M.size_mem id m);
+  Alcotest.(check int) "size_mem_at_addr" (3 * ps) (M.size_mem_at_addr id (Netsys_mem.memory_address m));
+  Netsys_mem.blit_string_to_memory "hello" 0 m 0 5;
+  Alcotest.(check string) "memory works with Netsys_mem" "hello"
+    (let b = Bytes.create 5 in Netsys_mem.blit_memory_to_bytes m 0 b 0 5; Bytes.to_string b);
+  (* only the start address matters, as Netmcore_heap relies on *)
+  M.free_mem id (Netsys_mem.grab (Netsys_mem.memory_address m) 1);
+  Alcotest.(check int) "free again" free (let _, f, _ = M.stats id in f);
+  let c = M.sem_container id in
+  Alcotest.(check bool) "sem container prefix" true (String.length (Netsys_sem.prefix c) > 0);
+  clean id;
+  M.unlink_mempool id;
+  Alcotest.(check bool) "unlinked" false (Sys.file_exists ("/dev/shm" ^ name));
+  (* mappings stay valid after unlink *)
+  let m = M.alloc_mem id ps in
+  M.free_mem id m
+
+let test_bad_input () =
+  let id = create (64 * ps) and other = create (4 * ps) in
+  let m = M.alloc_mem id (2 * ps) in
+  let o = M.alloc_mem other ps in
+  let nf = Failure "Netmcore_mempool.free_mem: memory block not found" in
+  unchanged id (fun () ->
+      Alcotest.check_raises "0" (Invalid_argument "Netmcore_mempool.alloc_mem: bad size") (fun () ->
+          ignore (M.alloc_mem id 0));
+      Alcotest.check_raises "-1" (Invalid_argument "Netmcore_mempool.alloc_mem: bad size") (fun () ->
+          ignore (M.alloc_mem id (-1)));
+      Alcotest.check_raises "max_int" Orig.Out_of_pool_memory (fun () -> ignore (M.alloc_mem id max_int));
+      Alcotest.check_raises "too big" Orig.Out_of_pool_memory (fun () -> ignore (M.alloc_mem id (63 * ps)));
+      Alcotest.check_raises "interior" nf (fun () -> M.free_mem id (Bigarray.Array1.sub m ps ps));
+      Alcotest.check_raises "interior byte" nf (fun () -> M.free_mem id (Bigarray.Array1.sub m 7 1));
+      Alcotest.check_raises "foreign" nf (fun () -> M.free_mem id (Bigarray.Array1.create Bigarray.char Bigarray.c_layout 64));
+      Alcotest.check_raises "other pool" nf (fun () -> M.free_mem id o);
+      Alcotest.check_raises "size_mem interior" Not_found (fun () -> ignore (M.size_mem id (Bigarray.Array1.sub m ps 1)));
+      Alcotest.check_raises "size_mem_at_addr" Not_found (fun () -> ignore (M.size_mem_at_addr id 4096n)));
+  M.free_mem id m;
+  unchanged id (fun () -> Alcotest.check_raises "double free" nf (fun () -> M.free_mem id m));
+  Alcotest.check_raises "unknown id" (Netmcore.No_resource (`Resource 999_999)) (fun () ->
+      ignore (M.stats (`Resource 999_999)));
+  Alcotest.check_raises "create 0" (Invalid_argument "Netmcore_mempool.create_mempool: bad size") (fun () ->
+      ignore (M.create_mempool 0));
+  Alcotest.check_raises "create -5" (Invalid_argument "Netmcore_mempool.create_mempool: bad size") (fun () ->
+      ignore (M.create_mempool (-5)));
+  (* a Netmcore resource that is not a pool *)
+  let rid, name, _ = Netmcore.create_preallocated_shm_sc "/notapool" (8 * ps) in
+  Fun.protect ~finally:(fun () -> try Netsys_posix.shm_unlink name with _ -> ()) (fun () ->
+      Alcotest.check_raises "not a pool" (Failure "Netmcore_mempool: this resource is not a pool")
+        (fun () -> ignore (M.alloc_mem rid ps)))
+
+let test_exception_identity () =
+  let id = create ps in
+  let _m = M.alloc_mem id ps in
+  match M.alloc_mem id ps with
+  | _ -> Alcotest.fail "expected Out_of_pool_memory"
+  | exception Netmcore_mempool.Out_of_pool_memory -> ()
+
+let test_one_page_blocks () =
+  let pages = 2048 in
+  let id = create (pages * ps) in
+  let ms = Array.init pages (fun _ -> M.alloc_mem id 1) in
+  Alcotest.check_raises "full" M.Out_of_pool_memory (fun () -> ignore (M.alloc_mem id 1));
+  clean id;
+  Array.iter (M.free_mem id) ms;
+  let _, free, contiguous = M.stats id in
+  Alcotest.(check int) "all back" (pages * ps) free;
+  Alcotest.(check int) "coalesced" (pages * ps) contiguous
+
+let test_tiny () =
+  List.iter
+    (fun pages ->
+      let id = create (pages * ps) in
+      let ms = List.init pages (fun _ -> M.alloc_mem id ps) in
+      List.iter (fun m -> Bigarray.Array1.fill m 'x') ms;
+      List.iter (M.free_mem id) ms;
+      Alcotest.(check int) "whole" (pages * ps) (Bigarray.Array1.dim (M.alloc_mem id (pages * ps)));
+      clean id)
+    [ 1; 2 ]
+
+let test_alloc_really () =
+  let id = create ~alloc_really:true (256 * ps) in
+  let m = M.alloc_mem id (256 * ps) in
+  Bigarray.Array1.fill m 'r';
+  M.free_mem id m;
+  clean id
+
+let test_debug () =
+  let id = create (8 * ps) in
+  let lines = ref [] in
+  let saved = !Netlog.Debug.current_dlogger in
+  Netlog.Debug.current_dlogger := (fun _mname msg -> lines := msg :: !lines);
+  Fun.protect ~finally:(fun () ->
+      Netlog.Debug.current_dlogger := saved;
+      M.Debug.enable_alloc := false)
+    (fun () ->
+      M.Debug.enable_alloc := true;
+      let m = M.alloc_mem id ps in
+      M.free_mem id m);
+  let (`Resource n) = id in
+  let has prefix = List.exists (fun l -> String.length l >= String.length prefix && String.sub l 0 (String.length prefix) = prefix) !lines in
+  Alcotest.(check bool) "alloc line" true (has (Printf.sprintf "alloc (id=%d) size=%d addr=0x" n ps));
+  Alcotest.(check bool) "free line" true (has (Printf.sprintf "free (id=%d) addr=0x" n));
+  let d = M.debug_info id in
+  List.iter
+    (fun k -> Alcotest.(check bool) k true (Str.string_match (Str.regexp_string k) d 0 || (try ignore (Str.search_forward (Str.regexp_string k) d 0); true with Not_found -> false)))
+    [ "pool_size = "; "pool_free = "; "pool_free_contiguous = "; "pool_start = "; "allocations (offs->bsize): {" ]
+
+let () =
+  Alcotest.run "shmpool.netmcore"
+    [
+      ( "Netmcore_mempool (master)",
+        [
+          Alcotest.test_case "create/alloc/size/free/stats/names" `Quick test_basic;
+          Alcotest.test_case "bad input leaves the pool unchanged" `Quick test_bad_input;
+          Alcotest.test_case "Out_of_pool_memory is the original's" `Quick test_exception_identity;
+          Alcotest.test_case "filled with 1-page blocks (no cap)" `Quick test_one_page_blocks;
+          Alcotest.test_case "1- and 2-page pools" `Quick test_tiny;
+          Alcotest.test_case "alloc_really" `Quick test_alloc_really;
+          Alcotest.test_case "Debug.enable_alloc and debug_info" `Quick test_debug;
+        ] );
+    ]
