@@ -26,6 +26,7 @@
 use crate::crashpoint::{hit, CrashPoint};
 use crate::desc::*;
 use crate::error::{Error, Result};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Runs of up to this many pages have exact-size free lists.
 pub const SMALL_MAX: u32 = 127;
@@ -89,14 +90,28 @@ pub struct PageStats {
 }
 
 /// Exclusive view of one pool's allocator metadata.
+///
+/// The descriptors are atomics because one transition happens outside the
+/// pool lock: a process flipping the CACHED flag of its own block (see
+/// `pool.rs`). Every other descriptor write happens under the lock; the
+/// commits of free and of that flip are compare-and-swaps on the same word,
+/// so a block is never both freed and cached.
 pub struct Arena<'a> {
     pub(crate) st: &'a mut AllocState,
-    pub(crate) d: &'a mut [u64],
+    pub(crate) d: &'a [AtomicU64],
 }
 
 impl<'a> Arena<'a> {
     /// Views `st` and `d` as an arena. `d` must hold `st.npages` words.
     pub fn new(st: &'a mut AllocState, d: &'a mut [u64]) -> Result<Self> {
+        // SAFETY: AtomicU64 has the same size, alignment and bit validity as
+        // u64, and the exclusive borrow rules out any other access.
+        let d: &'a [AtomicU64] = unsafe { &*(d as *mut [u64] as *const [AtomicU64]) };
+        Self::over(st, d)
+    }
+
+    /// Views shared descriptors (the pool's, under its lock).
+    pub(crate) fn over(st: &'a mut AllocState, d: &'a [AtomicU64]) -> Result<Self> {
         if d.len() != st.npages as usize || st.npages == 0 || st.npages > MAX_PAGES {
             return Err(Error::Corrupt(format!(
                 "descriptor count {} does not match {} pages",
@@ -109,7 +124,9 @@ impl<'a> Arena<'a> {
 
     /// Makes the whole pool one free run.
     pub fn format(&mut self) {
-        self.d.fill(INTERIOR);
+        for w in self.d {
+            w.store(INTERIOR, Ordering::Relaxed);
+        }
         *self.st = AllocState::new(self.st.npages);
         let n = self.st.npages;
         self.file_run(0, n);
@@ -121,13 +138,24 @@ impl<'a> Arena<'a> {
 
     #[inline]
     pub(crate) fn w(&self, p: u32) -> u64 {
-        self.d.get(p as usize).copied().unwrap_or(INTERIOR)
+        self.d
+            .get(p as usize)
+            .map_or(INTERIOR, |w| w.load(Ordering::Relaxed))
+    }
+
+    /// Replaces `old` by `new` at page `p` if `p` still holds `old`.
+    #[inline]
+    pub(crate) fn swap_word(&self, p: u32, old: u64, new: u64) -> bool {
+        self.d.get(p as usize).is_some_and(|x| {
+            x.compare_exchange(old, new, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        })
     }
 
     #[inline]
     pub(crate) fn set(&mut self, p: u32, v: u64) {
-        if let Some(x) = self.d.get_mut(p as usize) {
-            *x = v;
+        if let Some(x) = self.d.get(p as usize) {
+            x.store(v, Ordering::Relaxed);
         }
     }
 
@@ -277,10 +305,27 @@ impl<'a> Arena<'a> {
         Ok(h)
     }
 
-    /// Frees the block starting at page `p`; returns its length.
+    /// Frees the live block starting at page `p`; returns its length.
+    /// A block sitting in its owner's cache is not live: `NotABlock`.
     pub fn free(&mut self, p: u32) -> Result<u32> {
+        self.free_block(p, Some(false))
+    }
+
+    /// Frees the block at `p` only if it sits in its owner's cache (taking
+    /// cached blocks back when memory runs out).
+    pub fn free_cached(&mut self, p: u32) -> Result<u32> {
+        self.free_block(p, Some(true))
+    }
+
+    /// Frees the block at `p` whether live or cached (reclaiming the blocks
+    /// of a dead owner, which cannot flip them any more).
+    pub fn free_any(&mut self, p: u32) -> Result<u32> {
+        self.free_block(p, None)
+    }
+
+    fn free_block(&mut self, p: u32, cached: Option<bool>) -> Result<u32> {
         let w = self.w(p);
-        if p >= self.st.npages || tag(w) != TAG_ALLOC {
+        if p >= self.st.npages || tag(w) != TAG_ALLOC || cached.is_some_and(|c| c != is_cached(w)) {
             return Err(Error::NotABlock);
         }
         let (len, owner) = (alloc_len(w), alloc_owner(w));
@@ -289,7 +334,11 @@ impl<'a> Arena<'a> {
                 "block at page {p} has length {len}"
             )));
         }
-        self.set(p, INTERIOR); // commit
+        // The commit. A compare-and-swap, because the block's owner may be
+        // flipping its CACHED flag without the lock at this very moment.
+        if !self.swap_word(p, w, INTERIOR) {
+            return Err(Error::NotABlock);
+        }
         hit(CrashPoint::FreeCommitted);
         let (mut start, mut total) = (p, len);
         if p > 0 {
@@ -332,7 +381,7 @@ impl<'a> Arena<'a> {
     #[inline]
     pub fn size(&self, p: u32) -> Result<u32> {
         let w = self.w(p);
-        if p < self.st.npages && tag(w) == TAG_ALLOC {
+        if p < self.st.npages && tag(w) == TAG_ALLOC && !is_cached(w) {
             Ok(alloc_len(w))
         } else {
             Err(Error::NotABlock)
@@ -342,7 +391,7 @@ impl<'a> Arena<'a> {
     /// Owner slot of the live block starting at page `p`.
     pub fn owner_of(&self, p: u32) -> Result<u16> {
         let w = self.w(p);
-        if p < self.st.npages && tag(w) == TAG_ALLOC {
+        if p < self.st.npages && tag(w) == TAG_ALLOC && !is_cached(w) {
             Ok(alloc_owner(w))
         } else {
             Err(Error::NotABlock)
@@ -360,9 +409,18 @@ impl<'a> Arena<'a> {
 
     /// Live blocks in address order as `(page, length, owner)`.
     pub fn live_blocks(&self) -> Vec<(u32, u32, u16)> {
+        self.held_blocks(false)
+    }
+
+    /// Blocks held in owners' caches, as `(page, length, owner)`.
+    pub fn cached_blocks(&self) -> Vec<(u32, u32, u16)> {
+        self.held_blocks(true)
+    }
+
+    fn held_blocks(&self, cached: bool) -> Vec<(u32, u32, u16)> {
         let mut out = Vec::new();
         self.walk(|p, w, len| {
-            if tag(w) == TAG_ALLOC {
+            if tag(w) == TAG_ALLOC && is_cached(w) == cached {
                 out.push((p, len, alloc_owner(w)));
             }
         });

@@ -17,7 +17,9 @@
 //! ```text
 //! INTERIOR 00  all other bits zero. Every page that is neither a run head
 //!              nor an aux word of a free run. Never mistaken for a head.
-//! ALLOC    01  bits 0..29 length in pages, bits 32..47 owner slot.
+//! ALLOC    01  bits 0..29 length in pages, bits 32..47 owner slot, bit 48
+//!              CACHED: the block sits in its owner's per-process cache
+//!              (free for the user, still held by the owner; see `pool.rs`).
 //! FREE     10  head of a free run: bits 0..29 next, bits 30..59 prev
 //!              (the run's exact-size list; NIL for runs kept in the tree).
 //! AUX      11  bits 61..60 kind, bits 0..59 payload; only ever inside a
@@ -69,6 +71,14 @@ pub fn tag(w: u64) -> u64 {
 #[inline]
 pub fn alloc_word(len: u32, owner: u16) -> u64 {
     (TAG_ALLOC << TAG_SHIFT) | ((owner as u64) << 32) | (len as u64 & LINK_MASK)
+}
+
+/// The CACHED flag of an `ALLOC` word.
+pub const CACHED: u64 = 1 << 48;
+
+#[inline]
+pub fn is_cached(w: u64) -> bool {
+    w & CACHED != 0
 }
 
 #[inline]

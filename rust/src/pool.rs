@@ -5,18 +5,40 @@
 //! and `unlock` (see `Pool::locked`), which is also where crash recovery
 //! happens: a holder that died makes the next locker rebuild the derived
 //! state before doing its own operation.
+//!
+//! # The per-process cache
+//!
+//! One lock for every process means that two busy processes spend their
+//! time passing the lock's cache line back and forth. So each `Pool` keeps
+//! a small cache of its own freed blocks of up to `CACHE_CLASSES` pages:
+//! freeing such a block flips the CACHED flag of its `ALLOC` word (one
+//! compare-and-swap, the commit) and pushes its page on a process-local
+//! stack; allocating pops one and flips the flag back. Neither takes the
+//! pool lock nor writes a line another process writes.
+//!
+//! The cache never loses memory, because it lives in the descriptors:
+//! - a cached block is still an `ALLOC` word with its owner, so crash
+//!   recovery keeps it and `reclaim_dead` frees it with the owner's other
+//!   blocks;
+//! - `stats` counts it as free (per-slot counters in `Header::slot_cache`);
+//! - when an alloc finds no free run, it takes every cached block back (a
+//!   compare-and-swap each, under the lock) and tries again, so memory
+//!   cached by one process is never denied to another. The owner's stack
+//!   entry then fails its own compare-and-swap and is dropped.
 
 use crate::arena::{Arena, OwnerUsage, PageStats, MAX_OWNERS};
 use crate::crashpoint::{hit, CrashPoint};
+use crate::desc::{alloc_len, alloc_owner, alloc_word, is_cached, tag, CACHED, TAG_ALLOC};
 use crate::error::{Error, Result};
-use crate::layout::{Geometry, Header, LAYOUT_VERSION, MAGIC};
+use crate::layout::{Geometry, Header, SlotCache, LAYOUT_VERSION, MAGIC};
 use crate::lock::{Acquired, RobustMutex};
 use crate::mapping::{self, page_size, Mapping};
 use crate::owner::{self, OwnerIdentity};
+use std::cell::UnsafeCell;
 use std::fmt::Write as _;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// `(total, free, largest)` and more, all exact at one instant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +88,52 @@ pub struct CreateOptions {
     pub prefault: bool,
 }
 
+/// Blocks of up to this many pages go through the per-process cache.
+pub const CACHE_CLASSES: u32 = 8;
+/// Entries per size class in the per-process cache.
+const CACHE_DEPTH: usize = 32;
+
+/// This process's cache of its own freed blocks (see the module doc).
+struct LocalCache {
+    /// Taken with one swap; a thread that finds it taken just uses the
+    /// locked path, so nobody ever waits for it.
+    busy: AtomicBool,
+    inner: UnsafeCell<CacheStacks>,
+}
+
+struct CacheStacks {
+    len: [usize; CACHE_CLASSES as usize + 1],
+    pages: [[u32; CACHE_DEPTH]; CACHE_CLASSES as usize + 1],
+    /// Pages currently pushed (an upper bound: entries may be stale).
+    held: u64,
+}
+
+impl LocalCache {
+    fn new() -> Self {
+        LocalCache {
+            busy: AtomicBool::new(false),
+            inner: UnsafeCell::new(CacheStacks {
+                len: [0; CACHE_CLASSES as usize + 1],
+                pages: [[0; CACHE_DEPTH]; CACHE_CLASSES as usize + 1],
+                held: 0,
+            }),
+        }
+    }
+
+    /// Runs `f` on the stacks if no other thread of this process is.
+    #[inline]
+    fn with<R>(&self, f: impl FnOnce(&mut CacheStacks) -> R) -> Option<R> {
+        if self.busy.swap(true, Ordering::Acquire) {
+            return None;
+        }
+        // SAFETY: `busy` was false and we set it: we are the only thread
+        // inside until the store below.
+        let r = f(unsafe { &mut *self.inner.get() });
+        self.busy.store(false, Ordering::Release);
+        Some(r)
+    }
+}
+
 /// A shared-memory page pool.
 pub struct Pool {
     map: Mapping,
@@ -74,6 +142,10 @@ pub struct Pool {
     name: Option<String>,
     /// Cached owner slot: `fork_generation << 16 | slot`, or `u64::MAX`.
     my_slot: AtomicU64,
+    cache: LocalCache,
+    /// Most pages the cache may hold: a 16th of the pool (none for tiny
+    /// pools), so one process cannot sit on much of it.
+    cache_cap: u64,
 }
 
 // SAFETY: the shared state behind `hdr` is only mutated under the robust
@@ -87,6 +159,7 @@ pub(crate) struct Locked<'a> {
     pub arena: Arena<'a>,
     pub owners: &'a mut [OwnerIdentity; MAX_OWNERS],
     pub recoveries: &'a mut u64,
+    pub owners_hwm: &'a std::sync::atomic::AtomicU32,
 }
 
 impl Pool {
@@ -150,13 +223,7 @@ impl Pool {
             RobustMutex::at(&h.lock).init()?;
             h.alloc = crate::arena::AllocState::new(geo.npages);
         }
-        let pool = Pool {
-            map,
-            hdr: NonNull::new(hdr).ok_or(Error::BadSize)?,
-            geo,
-            name,
-            my_slot: AtomicU64::new(u64::MAX),
-        };
+        let pool = Pool::new(map, NonNull::new(hdr).ok_or(Error::BadSize)?, geo, name);
         // SAFETY: not yet published, so this is the only view.
         let mut l = unsafe { pool.view() };
         l.arena.format();
@@ -197,18 +264,24 @@ impl Pool {
                     && g.total_len <= map.len() =>
             {
                 let hdr = NonNull::new(map.ptr().cast::<Header>()).ok_or(Error::BadSize)?;
-                Ok(Pool {
-                    map,
-                    hdr,
-                    geo: g,
-                    name,
-                    my_slot: AtomicU64::new(u64::MAX),
-                })
+                Ok(Pool::new(map, hdr, g, name))
             }
             _ => bad(format!(
                 "geometry of {npages} pages does not fit {} bytes",
                 map.len()
             )),
+        }
+    }
+
+    fn new(map: Mapping, hdr: NonNull<Header>, geo: Geometry, name: Option<String>) -> Pool {
+        Pool {
+            map,
+            hdr,
+            geo,
+            name,
+            my_slot: AtomicU64::new(u64::MAX),
+            cache: LocalCache::new(),
+            cache_cap: geo.npages as u64 / 16,
         }
     }
 
@@ -225,10 +298,7 @@ impl Pool {
     /// and drops the view before unlocking.
     unsafe fn view(&self) -> Locked<'_> {
         let h = self.hdr.as_ptr();
-        let d = std::slice::from_raw_parts_mut(
-            self.map.ptr().add(self.geo.desc_offset).cast::<u64>(),
-            self.geo.npages as usize,
-        );
+        let d = self.descriptors();
         Locked {
             // npages and d.len() agree by construction (geometry validated).
             arena: Arena {
@@ -237,7 +307,25 @@ impl Pool {
             },
             owners: &mut (*h).owners,
             recoveries: &mut (*h).recoveries,
+            owners_hwm: &(*h).owners_hwm,
         }
+    }
+
+    /// The page descriptors, as atomics (see `Arena`).
+    fn descriptors(&self) -> &[std::sync::atomic::AtomicU64] {
+        // SAFETY: the descriptor array lies inside our mapping at the
+        // validated geometry, 8-byte aligned (desc_offset is a multiple of
+        // 64), and is only ever accessed atomically or under the lock.
+        unsafe {
+            std::slice::from_raw_parts(
+                self.map.ptr().add(self.geo.desc_offset).cast::<AtomicU64>(),
+                self.geo.npages as usize,
+            )
+        }
+    }
+
+    fn slot_cache(&self, slot: u16) -> &SlotCache {
+        &self.header().slot_cache[slot as usize % MAX_OWNERS]
     }
 
     fn mutex(&self) -> RobustMutex {
@@ -300,6 +388,7 @@ impl Pool {
         match slot {
             Some(i) => {
                 l.owners[i] = *me;
+                l.owners_hwm.fetch_max(i as u32 + 1, Ordering::Relaxed);
                 i as u16
             }
             None => 0,
@@ -345,16 +434,48 @@ impl Pool {
     pub fn alloc(&self, bytes: usize) -> Result<usize> {
         let pages = self.pages_for(bytes)?;
         let page = match self.cached_slot() {
-            Some(slot) => self.locked(|l| l.arena.alloc(pages, slot))?,
+            Some(slot) => match self.cache_pop(pages, slot) {
+                Some(p) => p,
+                None => self.alloc_locked(pages, slot)?,
+            },
             None => self.alloc_registering(pages)?,
         };
         Ok(self.offset_of_page(page))
+    }
+
+    fn alloc_locked(&self, pages: u32, slot: u16) -> Result<u32> {
+        match self.locked(|l| l.arena.alloc(pages, slot)) {
+            Err(Error::OutOfMemory) => self.locked(|l| {
+                self.take_back_cached(l, |_| true);
+                l.arena.alloc(pages, slot)
+            }),
+            r => r,
+        }
+    }
+
+    /// Frees (under the lock) every cached block whose owner slot passes
+    /// `which`. A block its owner pops meanwhile fails our compare-and-swap
+    /// and stays with the owner.
+    fn take_back_cached(&self, l: &mut Locked, which: impl Fn(u16) -> bool) {
+        for (page, len, owner) in l.arena.cached_blocks() {
+            if which(owner) && l.arena.free_cached(page).is_ok() {
+                let c = self.slot_cache(owner);
+                c.pages.fetch_sub(len as u64, Ordering::Relaxed);
+                c.blocks.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
     }
 
     #[cold]
     fn alloc_registering(&self, pages: u32) -> Result<u32> {
         let gen = owner::fork_generation();
         let me = owner::me();
+        // A forked child inherits its parent's stacks: they name the
+        // parent's blocks, drop them.
+        self.cache.with(|c| {
+            c.len = [0; CACHE_CLASSES as usize + 1];
+            c.held = 0;
+        });
         let (page, slot) = self.locked(|l| {
             let slot = Self::owner_slot(l, &me);
             Ok((l.arena.alloc(pages, slot)?, slot))
@@ -364,11 +485,131 @@ impl Pool {
         Ok(page)
     }
 
+    /// Takes a cached block of exactly `pages` pages, if there is one.
+    #[inline]
+    fn cache_pop(&self, pages: u32, slot: u16) -> Option<u32> {
+        if pages > CACHE_CLASSES {
+            return None;
+        }
+        let d = self.descriptors();
+        let cached = alloc_word(pages, slot) | CACHED;
+        self.cache
+            .with(|c| {
+                let k = pages as usize;
+                while c.len[k] > 0 {
+                    c.len[k] -= 1;
+                    c.held -= pages as u64;
+                    let p = c.pages[k][c.len[k]];
+                    // The commit: cached -> live. Fails only if the block
+                    // was taken back meanwhile (then the entry is stale).
+                    let ok = d.get(p as usize).is_some_and(|w| {
+                        w.compare_exchange(
+                            cached,
+                            cached & !CACHED,
+                            Ordering::AcqRel,
+                            Ordering::Relaxed,
+                        )
+                        .is_ok()
+                    });
+                    if ok {
+                        let sc = self.slot_cache(slot);
+                        sc.pages.fetch_sub(pages as u64, Ordering::Relaxed);
+                        sc.blocks.fetch_sub(1, Ordering::Relaxed);
+                        return Some(p);
+                    }
+                }
+                None
+            })
+            .flatten()
+    }
+
+    /// Puts our own live block at `page` into the cache, if it fits there.
+    #[inline]
+    fn cache_push(&self, page: u32) -> Option<u32> {
+        let slot = self.cached_slot()?;
+        let d = self.descriptors().get(page as usize)?;
+        let w = d.load(Ordering::Acquire);
+        let len = alloc_len(w);
+        if tag(w) != TAG_ALLOC || is_cached(w) || alloc_owner(w) != slot || len > CACHE_CLASSES {
+            return None;
+        }
+        self.cache
+            .with(|c| {
+                let k = len as usize;
+                if c.len[k] == CACHE_DEPTH || c.held + len as u64 > self.cache_cap {
+                    return None;
+                }
+                // The commit: live -> cached. Fails if someone freed the
+                // block meanwhile (a double free): the locked path reports it.
+                d.compare_exchange(w, w | CACHED, Ordering::AcqRel, Ordering::Relaxed)
+                    .ok()?;
+                c.pages[k][c.len[k]] = page;
+                c.len[k] += 1;
+                c.held += len as u64;
+                let sc = self.slot_cache(slot);
+                sc.pages.fetch_add(len as u64, Ordering::Relaxed);
+                sc.blocks.fetch_add(1, Ordering::Relaxed);
+                Some(len)
+            })
+            .flatten()
+    }
+
+    /// Gives this process's cached blocks back to the pool, so that they
+    /// coalesce with their free neighbours. [`Pool::stats`] does it first;
+    /// call it before a process idles for long.
+    pub fn flush_cache(&self) -> Result<()> {
+        let Some(slot) = self.cached_slot() else {
+            return Ok(());
+        };
+        self.cache
+            .with(|c| {
+                if c.held == 0 {
+                    return Ok(());
+                }
+                let r = self.locked(|l| {
+                    for k in 1..=CACHE_CLASSES as usize {
+                        for &p in &c.pages[k][..c.len[k]] {
+                            // Stale entries (taken back meanwhile) fail here.
+                            if l.arena.free_cached(p).is_ok() {
+                                let sc = self.slot_cache(slot);
+                                sc.pages.fetch_sub(k as u64, Ordering::Relaxed);
+                                sc.blocks.fetch_sub(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                    Ok(())
+                });
+                c.len = [0; CACHE_CLASSES as usize + 1];
+                c.held = 0;
+                r
+            })
+            .unwrap_or(Ok(()))
+    }
+
+    /// Pages and blocks in all per-process caches.
+    fn cached_totals(&self) -> (u64, u64) {
+        let hwm = self
+            .header()
+            .owners_hwm
+            .load(Ordering::Relaxed)
+            .min(MAX_OWNERS as u32);
+        (0..hwm as u16).fold((0, 0), |(p, b), s| {
+            let c = self.slot_cache(s);
+            (
+                p + c.pages.load(Ordering::Relaxed),
+                b + c.blocks.load(Ordering::Relaxed),
+            )
+        })
+    }
+
     /// Frees the block starting at byte offset `off`; returns its size.
     #[inline]
     pub fn free(&self, off: usize) -> Result<usize> {
         let page = self.page_of_offset(off)?;
-        let pages = self.locked(|l| l.arena.free(page))?;
+        let pages = match self.cache_push(page) {
+            Some(n) => n,
+            None => self.locked(|l| l.arena.free(page))?,
+        };
         Ok(pages as usize * self.geo.page_size)
     }
 
@@ -387,7 +628,12 @@ impl Pool {
         self.locked(|l| Ok(l.owners[l.arena.owner_of(page)? as usize].pid))
     }
 
+    /// Exact figures. `largest_free_bytes` does not count blocks that
+    /// *other* processes hold in their caches (this process's are given back
+    /// first): it is what alloc can get without taking them back, and alloc
+    /// takes them back when it needs them.
     pub fn stats(&self) -> Stats {
+        let _ = self.flush_cache();
         let (ps, recoveries) = self
             .locked(|l| Ok((l.arena.stats(), *l.recoveries)))
             .unwrap_or((
@@ -400,12 +646,13 @@ impl Pool {
                 0,
             ));
         let pg = self.geo.page_size;
+        let (cached_pages, cached_blocks) = self.cached_totals();
         Stats {
             total_bytes: self.geo.total_len,
-            free_bytes: ps.free_pages as usize * pg,
+            free_bytes: (ps.free_pages + cached_pages) as usize * pg,
             largest_free_bytes: ps.largest_free_run as usize * pg,
             payload_bytes: self.geo.npages as usize * pg,
-            live_blocks: ps.live_blocks,
+            live_blocks: ps.live_blocks.saturating_sub(cached_blocks),
             page_size: pg,
             recoveries,
         }
@@ -418,6 +665,26 @@ impl Pool {
             for (i, o) in l.owners.iter().enumerate().skip(1) {
                 if o.pid == 0 && l.arena.st.usage[i] != OwnerUsage::default() {
                     v.push(format!("owner slot {i} is empty but holds blocks"));
+                }
+            }
+            // Exact only while no process is between a cache flip and its
+            // counter update (quiescent pools, as in tests).
+            let mut counted = [(0u64, 0u64); MAX_OWNERS];
+            for (_, len, owner) in l.arena.cached_blocks() {
+                let c = &mut counted[owner as usize % MAX_OWNERS];
+                c.0 += len as u64;
+                c.1 += 1;
+            }
+            for (i, c) in counted.iter().enumerate() {
+                let sc = self.slot_cache(i as u16);
+                let have = (
+                    sc.pages.load(Ordering::Relaxed),
+                    sc.blocks.load(Ordering::Relaxed),
+                );
+                if have != *c {
+                    v.push(format!(
+                        "owner slot {i} caches {c:?} (pages, blocks) but counts {have:?}"
+                    ));
                 }
             }
             Ok(v)
@@ -435,8 +702,12 @@ impl Pool {
                 pid: ids[i].pid,
                 start_time: ids[i].start_time,
                 alive: i == 0 || owner::is_alive(&ids[i]),
-                pages: usage[i].pages,
-                blocks: usage[i].blocks,
+                pages: usage[i]
+                    .pages
+                    .saturating_sub(self.slot_cache(i as u16).pages.load(Ordering::Relaxed)),
+                blocks: usage[i]
+                    .blocks
+                    .saturating_sub(self.slot_cache(i as u16).blocks.load(Ordering::Relaxed)),
             })
             .collect())
     }
@@ -460,18 +731,28 @@ impl Pool {
                 .map(|(i, _)| *i)
                 .collect();
             for &i in &dead_now {
-                out.owners
-                    .push((l.owners[i].pid, l.arena.st.usage[i].pages));
+                let cached = self.slot_cache(i as u16).pages.load(Ordering::Relaxed);
+                let held = l.arena.st.usage[i].pages.saturating_sub(cached);
+                out.owners.push((l.owners[i].pid, held));
             }
             for (page, len, owner) in l.arena.live_blocks() {
                 if dead_now.contains(&(owner as usize)) {
-                    l.arena.free(page)?;
+                    l.arena.free_any(page)?;
                     out.blocks += 1;
                     out.pages += len as u64;
                 }
             }
+            // Its cache died with it: those blocks were free already.
+            for (page, _, owner) in l.arena.cached_blocks() {
+                if dead_now.contains(&(owner as usize)) {
+                    l.arena.free_any(page)?;
+                }
+            }
             for &i in &dead_now {
                 l.owners[i] = OwnerIdentity::default();
+                let c = self.slot_cache(i as u16);
+                c.pages.store(0, Ordering::Relaxed);
+                c.blocks.store(0, Ordering::Relaxed);
             }
             Ok(out)
         })
@@ -485,16 +766,22 @@ impl Pool {
                 l.arena.stats(),
                 l.arena.live_blocks(),
                 l.arena.free_runs(),
+                l.arena.cached_blocks(),
                 *l.recoveries,
             ))
         });
-        let Ok((ps, live, free, recoveries)) = r else {
+        let Ok((ps, live, free, cached, recoveries)) = r else {
             return "pool could not be locked".into();
         };
         let pg = self.geo.page_size;
         let mut s = String::new();
         let _ = writeln!(s, "pool_size = {}", self.geo.total_len);
-        let _ = writeln!(s, "pool_free = {}", ps.free_pages as usize * pg);
+        let cached_pages: usize = cached.iter().map(|&(_, n, _)| n as usize).sum();
+        let _ = writeln!(
+            s,
+            "pool_free = {}",
+            (ps.free_pages as usize + cached_pages) * pg
+        );
         let _ = writeln!(
             s,
             "pool_free_contiguous = {}",
@@ -507,7 +794,7 @@ impl Pool {
         );
         let _ = writeln!(s, "page_size = {pg}");
         let _ = writeln!(s, "payload_pages = {}", self.geo.npages);
-        let _ = writeln!(s, "live_blocks = {}", ps.live_blocks);
+        let _ = writeln!(s, "live_blocks = {}", live.len());
         let _ = writeln!(s, "recoveries = {recoveries}");
         let list = |v: &mut String, title: &str, runs: &mut dyn Iterator<Item = (u32, u32)>| {
             let _ = write!(v, "{title} (offs->bsize): {{");
@@ -523,6 +810,11 @@ impl Pool {
             &mut live.iter().map(|&(p, n, _)| (p, n)),
         );
         list(&mut s, "free runs", &mut free.into_iter());
+        list(
+            &mut s,
+            "cached in processes",
+            &mut cached.iter().map(|&(p, n, _)| (p, n)),
+        );
         s
     }
 
