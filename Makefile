@@ -17,7 +17,7 @@ test:
 	@scripts/test.sh
 
 demo: build
-	@scripts/demo.sh
+	@scripts/demo.sh $(ARGS)
 
 bench: setup
 	@scripts/bench.sh
