@@ -15,6 +15,7 @@
 //! bytes per page, 0.23 % of a 64 MiB pool and 0.197 % of a 1 GiB one.
 
 use crate::arena::{AllocState, MAX_OWNERS};
+use crate::cache::SlotCache;
 use crate::desc::MAX_PAGES;
 use crate::lock::MutexStorage;
 use crate::owner::OwnerIdentity;
@@ -50,14 +51,6 @@ pub struct Header {
     /// back under it; each slot on its own cache line so that processes do
     /// not share one.
     pub slot_cache: [SlotCache; MAX_OWNERS],
-}
-
-/// Pages and blocks one owner holds in its cache.
-#[repr(C, align(64))]
-#[derive(Default)]
-pub struct SlotCache {
-    pub pages: AtomicU64,
-    pub blocks: AtomicU64,
 }
 
 /// Where each part of a pool of `npages` payload pages lives.

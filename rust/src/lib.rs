@@ -10,10 +10,12 @@
 //! | [`owner`] | process identities (pid + start time) |
 //! | [`desc`] | page descriptors: the truth and the derived words |
 //! | [`arena`], `treap`, `recovery`, `check` | the allocator, pure logic |
+//! | `cache` | the per-process cache of small freed blocks |
 //! | [`pool`] | the safe API tying them together |
 //! | `ocaml_stubs` | the OCaml FFI (feature `ocaml-stubs`) |
 
 pub mod arena;
+mod cache;
 mod check;
 pub mod crashpoint;
 pub mod desc;

@@ -58,7 +58,28 @@ fn register(p: Pool) -> Result<isize, Error> {
         ));
     }
     POOLS[h].store(Box::into_raw(Box::new(p)), Ordering::Release);
+    static AT_EXIT: std::sync::Once = std::sync::Once::new();
+    AT_EXIT.call_once(|| {
+        // SAFETY: registers a plain extern "C" function with no arguments.
+        unsafe {
+            libc::atexit(flush_all_at_exit);
+        }
+    });
     Ok(h as isize)
+}
+
+/// At a normal exit (OCaml's `exit`, not `Unix._exit` or a signal), give
+/// this process's cached blocks back, so that pools do not keep them until
+/// someone calls `reclaim_dead`.
+extern "C" fn flush_all_at_exit() {
+    let _ = catch_unwind(|| {
+        let n = NEXT_HANDLE.load(Ordering::Relaxed).min(MAX_HANDLES);
+        for h in 0..n {
+            if let Some(p) = pool(h as isize) {
+                let _ = p.flush_cache();
+            }
+        }
+    });
 }
 
 #[inline]

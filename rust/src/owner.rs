@@ -2,8 +2,7 @@
 //! (field 22 of `/proc/<pid>/stat`, in clock ticks since boot), so that a
 //! recycled pid is never taken for the process that died.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Once;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// One slot of the shared owner table (the truth about who a slot is).
 #[repr(C)]
@@ -46,24 +45,35 @@ pub fn is_alive(id: &OwnerIdentity) -> bool {
 }
 
 /// Incremented in every child right after `fork`, so cached per-process
-/// state (the owner slot) is looked up again instead of being inherited.
+/// state (the owner slot and token) is looked up again instead of being
+/// inherited.
 static FORK_GENERATION: AtomicU64 = AtomicU64::new(0);
-static ATFORK: Once = Once::new();
+static HOOKED: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn after_fork_in_child() {
     FORK_GENERATION.fetch_add(1, Ordering::Relaxed);
 }
 
-/// The current fork generation of this process.
-#[inline]
-pub fn fork_generation() -> u64 {
-    ATFORK.call_once(|| {
+/// Registers the fork handler, once per process. Called whenever a pool
+/// is opened, so it is in place before any fork that could copy a pool's
+/// cached identity. Never blocks (a `Once` could, in a child forked while
+/// another thread was inside it).
+pub fn ensure_fork_hook() {
+    if HOOKED
+        .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
+        .is_ok()
+    {
         // SAFETY: registers a handler that only touches an atomic, which is
-        // async-signal-safe and valid in the child after fork.
+        // valid in the child after fork.
         unsafe {
             libc::pthread_atfork(None, None, Some(after_fork_in_child));
         }
-    });
+    }
+}
+
+/// The current fork generation of this process.
+#[inline]
+pub fn fork_generation() -> u64 {
     FORK_GENERATION.load(Ordering::Relaxed)
 }
 

@@ -6,39 +6,22 @@
 //! happens: a holder that died makes the next locker rebuild the derived
 //! state before doing its own operation.
 //!
-//! # The per-process cache
+//! A process's own small frees and allocs usually skip the lock
+//! altogether: see `cache.rs`.
 //!
-//! One lock for every process means that two busy processes spend their
-//! time passing the lock's cache line back and forth. So each `Pool` keeps
-//! a small cache of its own freed blocks of up to `CACHE_CLASSES` pages:
-//! freeing such a block flips the CACHED flag of its `ALLOC` word (one
-//! compare-and-swap, the commit) and pushes its page on a process-local
-//! stack; allocating pops one and flips the flag back. Neither takes the
-//! pool lock nor writes a line another process writes.
-//!
-//! The cache never loses memory, because it lives in the descriptors:
-//! - a cached block is still an `ALLOC` word with its owner, so crash
-//!   recovery keeps it and `reclaim_dead` frees it with the owner's other
-//!   blocks;
-//! - `stats` counts it as free (per-slot counters in `Header::slot_cache`);
-//! - when an alloc finds no free run, it takes every cached block back (a
-//!   compare-and-swap each, under the lock) and tries again, so memory
-//!   cached by one process is never denied to another. The owner's stack
-//!   entry then fails its own compare-and-swap and is dropped.
-
 use crate::arena::{Arena, OwnerUsage, PageStats, MAX_OWNERS};
+pub use crate::cache::CACHE_CLASSES;
+use crate::cache::{self, LocalCache, SlotCache};
 use crate::crashpoint::{hit, CrashPoint};
-use crate::desc::{alloc_len, alloc_owner, alloc_word, is_cached, tag, CACHED, TAG_ALLOC};
 use crate::error::{Error, Result};
-use crate::layout::{Geometry, Header, SlotCache, LAYOUT_VERSION, MAGIC};
+use crate::layout::{Geometry, Header, LAYOUT_VERSION, MAGIC};
 use crate::lock::{Acquired, RobustMutex};
 use crate::mapping::{self, page_size, Mapping};
 use crate::owner::{self, OwnerIdentity};
-use std::cell::UnsafeCell;
 use std::fmt::Write as _;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// `(total, free, largest)` and more, all exact at one instant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,64 +71,21 @@ pub struct CreateOptions {
     pub prefault: bool,
 }
 
-/// Blocks of up to this many pages go through the per-process cache.
-pub const CACHE_CLASSES: u32 = 8;
-/// Entries per size class in the per-process cache.
-const CACHE_DEPTH: usize = 32;
-
-/// This process's cache of its own freed blocks (see the module doc).
-struct LocalCache {
-    /// Taken with one swap; a thread that finds it taken just uses the
-    /// locked path, so nobody ever waits for it.
-    busy: AtomicBool,
-    inner: UnsafeCell<CacheStacks>,
-}
-
-struct CacheStacks {
-    len: [usize; CACHE_CLASSES as usize + 1],
-    pages: [[u32; CACHE_DEPTH]; CACHE_CLASSES as usize + 1],
-    /// Pages currently pushed (an upper bound: entries may be stale).
-    held: u64,
-}
-
-impl LocalCache {
-    fn new() -> Self {
-        LocalCache {
-            busy: AtomicBool::new(false),
-            inner: UnsafeCell::new(CacheStacks {
-                len: [0; CACHE_CLASSES as usize + 1],
-                pages: [[0; CACHE_DEPTH]; CACHE_CLASSES as usize + 1],
-                held: 0,
-            }),
-        }
-    }
-
-    /// Runs `f` on the stacks if no other thread of this process is.
-    #[inline]
-    fn with<R>(&self, f: impl FnOnce(&mut CacheStacks) -> R) -> Option<R> {
-        if self.busy.swap(true, Ordering::Acquire) {
-            return None;
-        }
-        // SAFETY: `busy` was false and we set it: we are the only thread
-        // inside until the store below.
-        let r = f(unsafe { &mut *self.inner.get() });
-        self.busy.store(false, Ordering::Release);
-        Some(r)
-    }
-}
-
 /// A shared-memory page pool.
 pub struct Pool {
     map: Mapping,
     hdr: NonNull<Header>,
     geo: Geometry,
     name: Option<String>,
-    /// Cached owner slot: `fork_generation << 16 | slot`, or `u64::MAX`.
+    /// This process's owner slot: `fork_generation << 16 | slot`, or
+    /// `u64::MAX` before the first alloc (and in a forked child).
     my_slot: AtomicU64,
-    cache: LocalCache,
+    /// This process's token (see `cache::token`), set with `my_slot`.
+    my_token: AtomicU64,
+    pub(crate) cache: LocalCache,
     /// Most pages the cache may hold: a 16th of the pool (none for tiny
     /// pools), so one process cannot sit on much of it.
-    cache_cap: u64,
+    pub(crate) cache_cap: u64,
 }
 
 // SAFETY: the shared state behind `hdr` is only mutated under the robust
@@ -274,12 +214,14 @@ impl Pool {
     }
 
     fn new(map: Mapping, hdr: NonNull<Header>, geo: Geometry, name: Option<String>) -> Pool {
+        owner::ensure_fork_hook();
         Pool {
             map,
             hdr,
             geo,
             name,
             my_slot: AtomicU64::new(u64::MAX),
+            my_token: AtomicU64::new(0),
             cache: LocalCache::new(),
             cache_cap: geo.npages as u64 / 16,
         }
@@ -312,7 +254,7 @@ impl Pool {
     }
 
     /// The page descriptors, as atomics (see `Arena`).
-    fn descriptors(&self) -> &[std::sync::atomic::AtomicU64] {
+    pub(crate) fn descriptors(&self) -> &[std::sync::atomic::AtomicU64] {
         // SAFETY: the descriptor array lies inside our mapping at the
         // validated geometry, 8-byte aligned (desc_offset is a multiple of
         // 64), and is only ever accessed atomically or under the lock.
@@ -324,8 +266,22 @@ impl Pool {
         }
     }
 
-    fn slot_cache(&self, slot: u16) -> &SlotCache {
+    pub(crate) fn slot_cache(&self, slot: u16) -> &SlotCache {
         &self.header().slot_cache[slot as usize % MAX_OWNERS]
+    }
+
+    /// One more than the highest owner slot ever used.
+    pub(crate) fn owners_hwm(&self) -> u16 {
+        self.header()
+            .owners_hwm
+            .load(Ordering::Relaxed)
+            .min(MAX_OWNERS as u32) as u16
+    }
+
+    /// A token for taking slot locks: ours if registered, else computed.
+    fn taker_token(&self) -> u64 {
+        self.my_identity()
+            .map_or_else(|| cache::token(&owner::me()), |(_, t)| t)
     }
 
     fn mutex(&self) -> RobustMutex {
@@ -350,6 +306,9 @@ impl Pool {
             // rest before anyone reads it, then declare the lock consistent.
             l.arena.rebuild();
             *l.recoveries += 1;
+            // A dead process taking cached blocks back may have died holding
+            // slot locks: take them over and recount those slots.
+            let _ = self.check_slots(&l, self.taker_token(), false);
             m.mark_consistent();
         }
         let mut r = catch_unwind(AssertUnwindSafe(|| f(&mut l)));
@@ -395,10 +354,13 @@ impl Pool {
         }
     }
 
+    /// This process's `(slot, token)`, if it has allocated since its
+    /// last fork.
     #[inline]
-    fn cached_slot(&self) -> Option<u16> {
-        let c = self.my_slot.load(Ordering::Relaxed);
-        (c != u64::MAX && c >> 16 == owner::fork_generation()).then_some(c as u16)
+    pub(crate) fn my_identity(&self) -> Option<(u16, u64)> {
+        let c = self.my_slot.load(Ordering::Acquire);
+        (c != u64::MAX && c >> 16 == owner::fork_generation())
+            .then(|| (c as u16, self.my_token.load(Ordering::Relaxed)))
     }
 
     fn offset_of_page(&self, p: u32) -> usize {
@@ -433,36 +395,25 @@ impl Pool {
     #[inline]
     pub fn alloc(&self, bytes: usize) -> Result<usize> {
         let pages = self.pages_for(bytes)?;
-        let page = match self.cached_slot() {
-            Some(slot) => match self.cache_pop(pages, slot) {
+        let page = match self.my_identity() {
+            Some((slot, tok)) => match self.cache_pop(pages, slot, tok) {
                 Some(p) => p,
-                None => self.alloc_locked(pages, slot)?,
+                None => self.alloc_locked(pages, slot, tok)?,
             },
             None => self.alloc_registering(pages)?,
         };
         Ok(self.offset_of_page(page))
     }
 
-    fn alloc_locked(&self, pages: u32, slot: u16) -> Result<u32> {
+    /// The locked path; when no free run is large enough, takes the
+    /// processes' cached blocks back and tries once more.
+    fn alloc_locked(&self, pages: u32, slot: u16, tok: u64) -> Result<u32> {
         match self.locked(|l| l.arena.alloc(pages, slot)) {
             Err(Error::OutOfMemory) => self.locked(|l| {
-                self.take_back_cached(l, |_| true);
+                self.take_back_cached(l, tok);
                 l.arena.alloc(pages, slot)
             }),
             r => r,
-        }
-    }
-
-    /// Frees (under the lock) every cached block whose owner slot passes
-    /// `which`. A block its owner pops meanwhile fails our compare-and-swap
-    /// and stays with the owner.
-    fn take_back_cached(&self, l: &mut Locked, which: impl Fn(u16) -> bool) {
-        for (page, len, owner) in l.arena.cached_blocks() {
-            if which(owner) && l.arena.free_cached(page).is_ok() {
-                let c = self.slot_cache(owner);
-                c.pages.fetch_sub(len as u64, Ordering::Relaxed);
-                c.blocks.fetch_sub(1, Ordering::Relaxed);
-            }
         }
     }
 
@@ -470,136 +421,18 @@ impl Pool {
     fn alloc_registering(&self, pages: u32) -> Result<u32> {
         let gen = owner::fork_generation();
         let me = owner::me();
-        // A forked child inherits its parent's stacks: they name the
-        // parent's blocks, drop them.
-        self.cache.with(|c| {
-            c.len = [0; CACHE_CLASSES as usize + 1];
-            c.held = 0;
-        });
-        let (page, slot) = self.locked(|l| {
-            let slot = Self::owner_slot(l, &me);
-            Ok((l.arena.alloc(pages, slot)?, slot))
-        })?;
+        let tok = cache::token(&me);
+        let slot = self.locked(|l| Ok(Self::owner_slot(l, &me)))?;
+        // A forked child inherits its parent's stacks, naming the parent's
+        // blocks: forget them (they would fail their CAS anyway).
+        // SAFETY: in a child right after fork we are its only thread; in any
+        // other process the stacks are still empty, and clearing empty
+        // stacks races with nothing.
+        unsafe { self.cache.clear() };
+        self.my_token.store(tok, Ordering::Relaxed);
         self.my_slot
-            .store(gen << 16 | slot as u64, Ordering::Relaxed);
-        Ok(page)
-    }
-
-    /// Takes a cached block of exactly `pages` pages, if there is one.
-    #[inline]
-    fn cache_pop(&self, pages: u32, slot: u16) -> Option<u32> {
-        if pages > CACHE_CLASSES {
-            return None;
-        }
-        let d = self.descriptors();
-        let cached = alloc_word(pages, slot) | CACHED;
-        self.cache
-            .with(|c| {
-                let k = pages as usize;
-                while c.len[k] > 0 {
-                    c.len[k] -= 1;
-                    c.held -= pages as u64;
-                    let p = c.pages[k][c.len[k]];
-                    // The commit: cached -> live. Fails only if the block
-                    // was taken back meanwhile (then the entry is stale).
-                    let ok = d.get(p as usize).is_some_and(|w| {
-                        w.compare_exchange(
-                            cached,
-                            cached & !CACHED,
-                            Ordering::AcqRel,
-                            Ordering::Relaxed,
-                        )
-                        .is_ok()
-                    });
-                    if ok {
-                        let sc = self.slot_cache(slot);
-                        sc.pages.fetch_sub(pages as u64, Ordering::Relaxed);
-                        sc.blocks.fetch_sub(1, Ordering::Relaxed);
-                        return Some(p);
-                    }
-                }
-                None
-            })
-            .flatten()
-    }
-
-    /// Puts our own live block at `page` into the cache, if it fits there.
-    #[inline]
-    fn cache_push(&self, page: u32) -> Option<u32> {
-        let slot = self.cached_slot()?;
-        let d = self.descriptors().get(page as usize)?;
-        let w = d.load(Ordering::Acquire);
-        let len = alloc_len(w);
-        if tag(w) != TAG_ALLOC || is_cached(w) || alloc_owner(w) != slot || len > CACHE_CLASSES {
-            return None;
-        }
-        self.cache
-            .with(|c| {
-                let k = len as usize;
-                if c.len[k] == CACHE_DEPTH || c.held + len as u64 > self.cache_cap {
-                    return None;
-                }
-                // The commit: live -> cached. Fails if someone freed the
-                // block meanwhile (a double free): the locked path reports it.
-                d.compare_exchange(w, w | CACHED, Ordering::AcqRel, Ordering::Relaxed)
-                    .ok()?;
-                c.pages[k][c.len[k]] = page;
-                c.len[k] += 1;
-                c.held += len as u64;
-                let sc = self.slot_cache(slot);
-                sc.pages.fetch_add(len as u64, Ordering::Relaxed);
-                sc.blocks.fetch_add(1, Ordering::Relaxed);
-                Some(len)
-            })
-            .flatten()
-    }
-
-    /// Gives this process's cached blocks back to the pool, so that they
-    /// coalesce with their free neighbours. [`Pool::stats`] does it first;
-    /// call it before a process idles for long.
-    pub fn flush_cache(&self) -> Result<()> {
-        let Some(slot) = self.cached_slot() else {
-            return Ok(());
-        };
-        self.cache
-            .with(|c| {
-                if c.held == 0 {
-                    return Ok(());
-                }
-                let r = self.locked(|l| {
-                    for k in 1..=CACHE_CLASSES as usize {
-                        for &p in &c.pages[k][..c.len[k]] {
-                            // Stale entries (taken back meanwhile) fail here.
-                            if l.arena.free_cached(p).is_ok() {
-                                let sc = self.slot_cache(slot);
-                                sc.pages.fetch_sub(k as u64, Ordering::Relaxed);
-                                sc.blocks.fetch_sub(1, Ordering::Relaxed);
-                            }
-                        }
-                    }
-                    Ok(())
-                });
-                c.len = [0; CACHE_CLASSES as usize + 1];
-                c.held = 0;
-                r
-            })
-            .unwrap_or(Ok(()))
-    }
-
-    /// Pages and blocks in all per-process caches.
-    fn cached_totals(&self) -> (u64, u64) {
-        let hwm = self
-            .header()
-            .owners_hwm
-            .load(Ordering::Relaxed)
-            .min(MAX_OWNERS as u32);
-        (0..hwm as u16).fold((0, 0), |(p, b), s| {
-            let c = self.slot_cache(s);
-            (
-                p + c.pages.load(Ordering::Relaxed),
-                b + c.blocks.load(Ordering::Relaxed),
-            )
-        })
+            .store(gen << 16 | slot as u64, Ordering::Release);
+        self.alloc_locked(pages, slot, tok)
     }
 
     /// Frees the block starting at byte offset `off`; returns its size.
@@ -660,6 +493,7 @@ impl Pool {
 
     /// Every violated invariant (empty when the pool is sound).
     pub fn check(&self) -> Vec<String> {
+        let tok = self.taker_token();
         self.locked(|l| {
             let mut v = l.arena.check();
             for (i, o) in l.owners.iter().enumerate().skip(1) {
@@ -667,26 +501,7 @@ impl Pool {
                     v.push(format!("owner slot {i} is empty but holds blocks"));
                 }
             }
-            // Exact only while no process is between a cache flip and its
-            // counter update (quiescent pools, as in tests).
-            let mut counted = [(0u64, 0u64); MAX_OWNERS];
-            for (_, len, owner) in l.arena.cached_blocks() {
-                let c = &mut counted[owner as usize % MAX_OWNERS];
-                c.0 += len as u64;
-                c.1 += 1;
-            }
-            for (i, c) in counted.iter().enumerate() {
-                let sc = self.slot_cache(i as u16);
-                let have = (
-                    sc.pages.load(Ordering::Relaxed),
-                    sc.blocks.load(Ordering::Relaxed),
-                );
-                if have != *c {
-                    v.push(format!(
-                        "owner slot {i} caches {c:?} (pages, blocks) but counts {have:?}"
-                    ));
-                }
-            }
+            v.extend(self.check_slots(l, tok, true));
             Ok(v)
         })
         .unwrap_or_else(|e| vec![format!("could not lock the pool: {e}")])
@@ -704,10 +519,10 @@ impl Pool {
                 alive: i == 0 || owner::is_alive(&ids[i]),
                 pages: usage[i]
                     .pages
-                    .saturating_sub(self.slot_cache(i as u16).pages.load(Ordering::Relaxed)),
+                    .saturating_sub(self.slot_cache(i as u16).pages()),
                 blocks: usage[i]
                     .blocks
-                    .saturating_sub(self.slot_cache(i as u16).blocks.load(Ordering::Relaxed)),
+                    .saturating_sub(self.slot_cache(i as u16).blocks()),
             })
             .collect())
     }
@@ -716,6 +531,7 @@ impl Pool {
     /// was reused counts as dead: the start time differs). Never automatic:
     /// a dead worker's block may hold a result another process still reads.
     pub fn reclaim_dead(&self) -> Result<Reclaimed> {
+        let tok = self.taker_token();
         // Read liveness outside the lock (it reads /proc), then re-check the
         // identities under the lock so a slot reused meanwhile is spared.
         let snapshot = self.locked(|l| Ok(*l.owners))?;
@@ -731,7 +547,7 @@ impl Pool {
                 .map(|(i, _)| *i)
                 .collect();
             for &i in &dead_now {
-                let cached = self.slot_cache(i as u16).pages.load(Ordering::Relaxed);
+                let cached = self.slot_cache(i as u16).pages();
                 let held = l.arena.st.usage[i].pages.saturating_sub(cached);
                 out.owners.push((l.owners[i].pid, held));
             }
@@ -750,9 +566,7 @@ impl Pool {
             }
             for &i in &dead_now {
                 l.owners[i] = OwnerIdentity::default();
-                let c = self.slot_cache(i as u16);
-                c.pages.store(0, Ordering::Relaxed);
-                c.blocks.store(0, Ordering::Relaxed);
+                self.forget_slot(i as u16, tok);
             }
             Ok(out)
         })
@@ -775,8 +589,10 @@ impl Pool {
         };
         let pg = self.geo.page_size;
         let mut s = String::new();
-        let _ = writeln!(s, "pool_size = {}", self.geo.total_len);
         let cached_pages: usize = cached.iter().map(|&(_, n, _)| n as usize).sum();
+        // The original's lines first, in its order and meaning
+        // (pool_start is the payload's offset in the shared object).
+        let _ = writeln!(s, "pool_size = {}", self.geo.total_len);
         let _ = writeln!(
             s,
             "pool_free = {}",
@@ -787,15 +603,7 @@ impl Pool {
             "pool_free_contiguous = {}",
             ps.largest_free_run as usize * pg
         );
-        let _ = writeln!(
-            s,
-            "pool_start = {}",
-            self.map.ptr() as usize + self.geo.payload_offset
-        );
-        let _ = writeln!(s, "page_size = {pg}");
-        let _ = writeln!(s, "payload_pages = {}", self.geo.npages);
-        let _ = writeln!(s, "live_blocks = {}", live.len());
-        let _ = writeln!(s, "recoveries = {recoveries}");
+        let _ = writeln!(s, "pool_start = {}", self.geo.payload_offset);
         let list = |v: &mut String, title: &str, runs: &mut dyn Iterator<Item = (u32, u32)>| {
             let _ = write!(v, "{title} (offs->bsize): {{");
             for (i, (p, n)) in runs.enumerate() {
@@ -815,6 +623,10 @@ impl Pool {
             "cached in processes",
             &mut cached.iter().map(|&(p, n, _)| (p, n)),
         );
+        let _ = writeln!(s, "page_size = {pg}");
+        let _ = writeln!(s, "payload_pages = {}", self.geo.npages);
+        let _ = writeln!(s, "live_blocks = {}", live.len());
+        let _ = writeln!(s, "recoveries = {recoveries}");
         s
     }
 
@@ -852,5 +664,12 @@ impl Pool {
     /// block returned by `alloc`). Dereferencing it is the caller's business.
     pub fn addr(&self, off: usize) -> *mut u8 {
         self.map.ptr().wrapping_add(off)
+    }
+}
+
+impl Drop for Pool {
+    /// Gives this process's cached blocks back before the pool is closed.
+    fn drop(&mut self) {
+        let _ = self.flush_cache();
     }
 }

@@ -1,0 +1,410 @@
+//! The per-process cache of freed small blocks.
+//!
+//! One pool lock for every process means that two busy processes spend
+//! their time passing the lock's cache line back and forth. So a process
+//! keeps its own freed blocks of up to [`CACHE_CLASSES`] pages in a small
+//! process-local stack per size: freeing such a block flips the CACHED
+//! flag of its `ALLOC` word (the commit, a compare-and-swap) and pushes
+//! its page; allocating pops one and flips the flag back. Neither takes the
+//! pool lock; both touch only this process's slot in the header.
+//!
+//! # Nothing is lost, nothing is counted twice
+//!
+//! - A cached block is still an `ALLOC` word with its owner: crash recovery
+//!   keeps it, `reclaim_dead` frees it with the dead owner's other blocks,
+//!   `size` and `free` reject it like any freed block.
+//! - `stats` counts cached pages as free through per-slot counters
+//!   ([`SlotCache`]).
+//! - When an alloc finds no free run large enough, it takes every cached
+//!   block back under the pool lock and tries again: memory cached by one
+//!   process is never denied to another. The owner's stack entries for those
+//!   blocks then fail their compare-and-swap and are dropped.
+//!
+//! # The slot lock
+//!
+//! The counters must agree with the CACHED words even when a process dies
+//! between the flip and the counter update. So every change of a slot's
+//! cached blocks and counters happens under that slot's lock, a word holding
+//! the holder's *token* (pid and start time):
+//! - the owner only ever *tries* it (fast path; on failure it uses the
+//!   locked path), and never waits for the pool lock while holding it;
+//! - a process taking blocks back (or checking, or reclaiming) holds the
+//!   pool lock first and then waits for the slot lock, stealing it from a
+//!   holder that no longer exists and then recounting the slot from the
+//!   descriptors.
+//!
+//! The order is always pool lock, then slot lock, so there is no deadlock;
+//! and the slot lock also serialises the threads of one process over its
+//! process-local stacks.
+
+use crate::arena::MAX_OWNERS;
+use crate::desc::{alloc_len, alloc_owner, alloc_word, is_cached, tag, CACHED, TAG_ALLOC};
+use crate::owner::{start_time_of, OwnerIdentity};
+use crate::pool::{Locked, Pool};
+use crate::Result;
+use std::cell::UnsafeCell;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Blocks of up to this many pages go through the per-process cache.
+pub const CACHE_CLASSES: u32 = 8;
+/// Entries per size class in a process's stacks.
+const CACHE_DEPTH: usize = 32;
+/// How long a taker waits for a slot lock held by a live process before
+/// leaving that slot alone (only a stopped or descheduled holder is slower
+/// than a few hundred nanoseconds).
+const TAKER_PATIENCE: Duration = Duration::from_millis(100);
+
+/// One owner slot's cache state in the shared header, on its own cache
+/// line so that processes do not share one.
+#[repr(C, align(64))]
+#[derive(Default)]
+pub struct SlotCache {
+    /// 0 = free, else the holder's token (see [`token`]).
+    lock: AtomicU64,
+    /// Pages and blocks the slot's owner holds cached.
+    pages: AtomicU64,
+    blocks: AtomicU64,
+}
+
+/// A process's token: its pid and the low 32 bits of its start time, so a
+/// reused pid is not taken for a dead holder. Never 0.
+pub fn token(id: &OwnerIdentity) -> u64 {
+    ((id.start_time as u32 as u64) << 32) | (id.pid as u32 as u64)
+}
+
+fn token_alive(t: u64) -> bool {
+    start_time_of(t as u32 as i32).is_some_and(|s| s as u32 == (t >> 32) as u32)
+}
+
+/// How a taker got a slot lock.
+#[derive(PartialEq, Eq)]
+enum Taken {
+    /// Released normally by its previous holder: counters are exact.
+    Clean,
+    /// From a holder that died: recount before trusting the counters.
+    FromTheDead,
+}
+
+impl SlotCache {
+    #[inline]
+    fn try_lock(&self, tok: u64) -> bool {
+        tok != 0
+            && self
+                .lock
+                .compare_exchange(0, tok, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+    }
+
+    #[inline]
+    fn unlock(&self) {
+        self.lock.store(0, Ordering::Release);
+    }
+
+    /// Waits for the slot lock (the caller holds the pool lock), taking it
+    /// over from a dead holder; `None` if a live holder keeps it too long.
+    fn lock_as_taker(&self, tok: u64) -> Option<Taken> {
+        let t0 = Instant::now();
+        let mut spins = 0u32;
+        loop {
+            if self.try_lock(tok) {
+                return Some(Taken::Clean);
+            }
+            let holder = self.lock.load(Ordering::Relaxed);
+            if holder != 0 && holder != tok && !token_alive(holder) {
+                if self
+                    .lock
+                    .compare_exchange(holder, tok, Ordering::Acquire, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    return Some(Taken::FromTheDead);
+                }
+                continue;
+            }
+            if t0.elapsed() > TAKER_PATIENCE {
+                return None;
+            }
+            spins += 1;
+            if spins < 64 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+    }
+
+    pub fn pages(&self) -> u64 {
+        self.pages.load(Ordering::Relaxed)
+    }
+
+    pub fn blocks(&self) -> u64 {
+        self.blocks.load(Ordering::Relaxed)
+    }
+}
+
+/// This process's stacks of cached pages, one per size class. Only touched
+/// by a thread holding this process's slot lock with this process's token.
+pub(crate) struct LocalCache {
+    stacks: UnsafeCell<Stacks>,
+}
+
+struct Stacks {
+    len: [usize; CACHE_CLASSES as usize + 1],
+    pages: [[u32; CACHE_DEPTH]; CACHE_CLASSES as usize + 1],
+    /// Pages pushed and not yet popped (entries may have gone stale).
+    held: u64,
+}
+
+impl LocalCache {
+    pub(crate) fn new() -> Self {
+        LocalCache {
+            stacks: UnsafeCell::new(Stacks {
+                len: [0; CACHE_CLASSES as usize + 1],
+                pages: [[0; CACHE_DEPTH]; CACHE_CLASSES as usize + 1],
+                held: 0,
+            }),
+        }
+    }
+
+    /// # Safety
+    /// The caller holds this process's slot lock (with its token), or is
+    /// the only thread of a freshly forked child.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn stacks(&self) -> &mut Stacks {
+        &mut *self.stacks.get()
+    }
+
+    /// Forgets every entry (a forked child's copy names its parent's blocks).
+    ///
+    /// # Safety
+    /// As for `stacks`.
+    pub(crate) unsafe fn clear(&self) {
+        let s = self.stacks();
+        s.len = [0; CACHE_CLASSES as usize + 1];
+        s.held = 0;
+    }
+}
+
+impl Pool {
+    /// Takes a cached block of exactly `pages` pages, without the pool lock.
+    #[inline]
+    pub(crate) fn cache_pop(&self, pages: u32, slot: u16, tok: u64) -> Option<u32> {
+        if pages > CACHE_CLASSES {
+            return None;
+        }
+        let sc = self.slot_cache(slot);
+        if !sc.try_lock(tok) {
+            return None;
+        }
+        // SAFETY: we hold our slot lock.
+        let s = unsafe { self.cache.stacks() };
+        let d = self.descriptors();
+        let cached = alloc_word(pages, slot) | CACHED;
+        let k = pages as usize;
+        let mut got = None;
+        while s.len[k] > 0 {
+            s.len[k] -= 1;
+            s.held -= pages as u64;
+            let p = s.pages[k][s.len[k]];
+            // The commit: cached -> live. Fails only for a stale entry
+            // (the block was taken back, and maybe reused, meanwhile).
+            let ok = d.get(p as usize).is_some_and(|w| {
+                w.compare_exchange(
+                    cached,
+                    cached & !CACHED,
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+            });
+            if ok {
+                sc.pages.fetch_sub(pages as u64, Ordering::Relaxed);
+                sc.blocks.fetch_sub(1, Ordering::Relaxed);
+                got = Some(p);
+                break;
+            }
+        }
+        sc.unlock();
+        got
+    }
+
+    /// Puts our own live block at `page` into the cache if it belongs there;
+    /// returns its length, or `None` to use the locked path.
+    #[inline]
+    pub(crate) fn cache_push(&self, page: u32) -> Option<u32> {
+        let (slot, tok) = self.my_identity()?;
+        let d = self.descriptors().get(page as usize)?;
+        let w = d.load(Ordering::Acquire);
+        let len = alloc_len(w);
+        if tag(w) != TAG_ALLOC || is_cached(w) || alloc_owner(w) != slot || len > CACHE_CLASSES {
+            return None;
+        }
+        let sc = self.slot_cache(slot);
+        if !sc.try_lock(tok) {
+            return None;
+        }
+        // SAFETY: we hold our slot lock.
+        let s = unsafe { self.cache.stacks() };
+        let k = len as usize;
+        let mut done = None;
+        // The commit: live -> cached. Fails if the block was freed by
+        // someone else meanwhile (a double free): the locked path says so.
+        if s.len[k] < CACHE_DEPTH
+            && s.held + len as u64 <= self.cache_cap
+            && d.compare_exchange(w, w | CACHED, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        {
+            s.pages[k][s.len[k]] = page;
+            s.len[k] += 1;
+            s.held += len as u64;
+            sc.pages.fetch_add(len as u64, Ordering::Relaxed);
+            sc.blocks.fetch_add(1, Ordering::Relaxed);
+            done = Some(len);
+        }
+        sc.unlock();
+        done
+    }
+
+    /// Gives this process's cached blocks back to the pool, so that they
+    /// coalesce with their free neighbours. [`Pool::stats`] does it first;
+    /// call it before a process idles for long.
+    pub fn flush_cache(&self) -> Result<()> {
+        let Some((slot, tok)) = self.my_identity() else {
+            return Ok(());
+        };
+        self.locked(|l| {
+            let sc = self.slot_cache(slot);
+            let Some(how) = sc.lock_as_taker(tok) else {
+                return Ok(()); // another thread of ours is mid-operation
+            };
+            // SAFETY: we hold our slot lock.
+            let s = unsafe { self.cache.stacks() };
+            for k in 1..=CACHE_CLASSES as usize {
+                for &p in &s.pages[k][..s.len[k]] {
+                    // Stale entries (taken back meanwhile) fail here.
+                    if l.arena.free_cached(p).is_ok() {
+                        sc.pages.fetch_sub(k as u64, Ordering::Relaxed);
+                        sc.blocks.fetch_sub(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            // SAFETY: we hold our slot lock.
+            unsafe { self.cache.clear() };
+            if how == Taken::FromTheDead {
+                self.recount(l, &[slot]);
+            }
+            sc.unlock();
+            Ok(())
+        })
+    }
+
+    /// Under the pool lock: frees every cached block of every slot whose
+    /// lock can be had, and zeroes their counters (exact: we hold the slot
+    /// locks and took all their cached blocks). One pass over the
+    /// descriptors, so O(pages); only runs when memory is exhausted.
+    pub(crate) fn take_back_cached(&self, l: &mut Locked, tok: u64) {
+        let held = self.lock_slots(tok, |sc| {
+            sc.blocks() > 0 || sc.lock.load(Ordering::Relaxed) != 0
+        });
+        if held.is_empty() {
+            return;
+        }
+        for (page, _, owner) in l.arena.cached_blocks() {
+            if held.contains(&owner) {
+                let _ = l.arena.free_cached(page);
+            }
+        }
+        for &s in &held {
+            let sc = self.slot_cache(s);
+            sc.pages.store(0, Ordering::Relaxed);
+            sc.blocks.store(0, Ordering::Relaxed);
+            sc.unlock();
+        }
+    }
+
+    /// Locks (as a taker) each used slot passing `want`; slots taken over
+    /// from the dead are recounted later by the callers that need exact
+    /// counters (take-back zeroes them anyway). Returns the slots held.
+    fn lock_slots(&self, tok: u64, want: impl Fn(&SlotCache) -> bool) -> Vec<u16> {
+        (0..self.owners_hwm())
+            .filter(|&s| want(self.slot_cache(s)))
+            .filter(|&s| self.slot_cache(s).lock_as_taker(tok).is_some())
+            .collect()
+    }
+
+    /// Sets the counters of `slots` (whose locks the caller holds) from the
+    /// CACHED words: the repair after a holder died mid-update.
+    fn recount(&self, l: &Locked, slots: &[u16]) {
+        let mut counts = vec![(0u64, 0u64); MAX_OWNERS];
+        for (_, len, owner) in l.arena.cached_blocks() {
+            let c = &mut counts[owner as usize % MAX_OWNERS];
+            c.0 += len as u64;
+            c.1 += 1;
+        }
+        for &s in slots {
+            let sc = self.slot_cache(s);
+            sc.pages.store(counts[s as usize].0, Ordering::Relaxed);
+            sc.blocks.store(counts[s as usize].1, Ordering::Relaxed);
+        }
+    }
+
+    /// Under the pool lock: repairs every slot whose lock a dead process
+    /// left held (it died mid-operation), and with `verify` reports slots
+    /// whose counters disagree with their CACHED words. Slots held by a
+    /// live process for too long are reported as busy.
+    pub(crate) fn check_slots(&self, l: &Locked, tok: u64, verify: bool) -> Vec<String> {
+        let mut v = Vec::new();
+        let mut counts = vec![(0u64, 0u64); MAX_OWNERS];
+        for (_, len, owner) in l.arena.cached_blocks() {
+            let c = &mut counts[owner as usize % MAX_OWNERS];
+            c.0 += len as u64;
+            c.1 += 1;
+        }
+        for s in 0..self.owners_hwm() {
+            let sc = self.slot_cache(s);
+            let want = counts[s as usize];
+            if !verify && sc.lock.load(Ordering::Relaxed) == 0 {
+                continue;
+            }
+            if !verify && (sc.pages(), sc.blocks()) == want {
+                continue;
+            }
+            match sc.lock_as_taker(tok) {
+                None => v.push(format!("owner slot {s}: cache lock held too long")),
+                Some(how) => {
+                    let have = (sc.pages(), sc.blocks());
+                    if how == Taken::FromTheDead || !verify {
+                        sc.pages.store(want.0, Ordering::Relaxed);
+                        sc.blocks.store(want.1, Ordering::Relaxed);
+                    } else if have != want {
+                        v.push(format!(
+                            "owner slot {s} caches {want:?} (pages, blocks) but counts {have:?}"
+                        ));
+                    }
+                    sc.unlock();
+                }
+            }
+        }
+        v
+    }
+
+    /// Zeroes the cache counters of a dead owner's slot (its blocks were
+    /// just freed), taking over its lock if it died holding it.
+    pub(crate) fn forget_slot(&self, slot: u16, tok: u64) {
+        let sc = self.slot_cache(slot);
+        let got = sc.lock_as_taker(tok).is_some();
+        sc.pages.store(0, Ordering::Relaxed);
+        sc.blocks.store(0, Ordering::Relaxed);
+        if got {
+            sc.unlock();
+        }
+    }
+
+    /// Pages and blocks in all processes' caches.
+    pub(crate) fn cached_totals(&self) -> (u64, u64) {
+        (0..self.owners_hwm()).fold((0, 0), |(p, b), s| {
+            let c = self.slot_cache(s);
+            (p + c.pages(), b + c.blocks())
+        })
+    }
+}
