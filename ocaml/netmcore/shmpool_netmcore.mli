@@ -39,7 +39,15 @@ module Netmcore_mempool : sig
         original's, contrary to its documentation).
       - [debug_info] prints the same leading lines ([pool_size], [pool_free],
         [pool_free_contiguous], [pool_start], [allocations]) then the free
-        runs instead of the original's 64 free lists.
+        runs instead of the original's 64 free lists, then blocks held in
+        per-process caches and a few more figures.
+      - Each process caches up to 32 of its own freed blocks per size of 1 to
+        8 pages (at most a 16th of the pool) and reuses them without the
+        lock. They count as free in [stats]; [contiguous] does not count
+        those held by {i other} processes (a process gives its cache back
+        in [stats], and at a normal exit); an [alloc_mem] that finds no
+        large enough free run takes all caches back first, so it never fails
+        because of them. See {!Shmpool}.
 
       {b Limitation.} OCamlnet's own [Netmcore_heap] (and the structures
       built on it: [Netmcore_array], [Netmcore_hashtbl], ...) is compiled

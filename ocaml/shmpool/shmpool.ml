@@ -168,6 +168,12 @@ let unlink t =
   let code, msg = unlink_stub t.h in
   if code < 0 then failwith ("Shmpool.unlink: " ^ msg)
 
+external flush_cache_stub : int -> int = "shmpool_ml_flush_cache"
+
+let flush_cache t =
+  let r = flush_cache_stub t.h in
+  if r < 0 then fail "Shmpool.flush_cache" r
+
 let name t = name_stub t.h
 let close t = close_stub t.h
 

@@ -18,7 +18,16 @@
     {b Costs.} alloc and free are O(1) for blocks of up to 127 pages and
     O(log n) in the number of free runs above that; {!stats} is O(1). The
     metadata lives outside the payload pages (8 bytes per page plus about
-    9 KiB), so writing past the end of a block cannot corrupt the pool.
+    25 KiB), so writing past the end of a block cannot corrupt the pool.
+
+    {b The per-process cache.} A process keeps up to 32 of its own freed
+    blocks of each size from 1 to 8 pages (at most a 16th of the pool) and
+    reuses them without taking the pool's lock, so that several processes
+    allocating at once do not queue on it. Cached blocks count as free in
+    {!stats}; an alloc that finds no large enough free run takes every
+    process's cached blocks back first, so caching never makes an alloc
+    fail. A process gives its cache back at a normal exit, in {!stats} and
+    {!flush_cache}; a killed one's is freed by {!reclaim_dead}.
 
     {b Thread safety.} Every function may be called from any thread of any
     process that maps the pool.
@@ -97,7 +106,10 @@ val size_at_addr : t -> nativeint -> int
 type stats = {
   total : int;  (** bytes of the whole mapping, header included *)
   free : int;  (** free payload bytes *)
-  largest_free : int;  (** bytes of the largest free run *)
+  largest_free : int;
+      (** bytes of the largest free run, not counting blocks that other
+          processes hold in their caches (alloc takes those back when it
+          needs them) *)
   payload : int;  (** payload capacity in bytes *)
   live_blocks : int;  (** blocks allocated and not freed *)
   page_size : int;  (** the page size *)
@@ -142,6 +154,11 @@ val reclaim_dead : t -> reclaimed
 (** Frees every block whose owner process no longer exists. Never done
     automatically: a dead worker's block may hold a result that another
     process still reads. *)
+
+val flush_cache : t -> unit
+(** Gives this process's cached blocks back to the pool, where they
+    coalesce with their free neighbours (see the per-process cache above).
+    {!stats} does it too. *)
 
 val unlink : t -> unit
 (** Removes a named pool's name (no-op for anonymous pools); mappings stay

@@ -272,6 +272,9 @@ impl Pool {
         let Some((slot, tok)) = self.my_identity() else {
             return Ok(());
         };
+        if self.slot_cache(slot).blocks() == 0 {
+            return Ok(()); // nothing cached: skip the pool lock
+        }
         self.locked(|l| {
             let sc = self.slot_cache(slot);
             let Some(how) = sc.lock_as_taker(tok) else {

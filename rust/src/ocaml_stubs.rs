@@ -444,6 +444,16 @@ pub fn shmpool_ml_prefault_name(name: String) -> (ocaml::Int, String) {
     })
 }
 
+/// Gives this process's cached blocks back (0, or a negative error code).
+#[ocaml::func]
+pub fn shmpool_ml_flush_cache(h: ocaml::Int) -> ocaml::Int {
+    cold(PANIC, || match pool(h).map(|p| p.flush_cache()) {
+        None => CLOSED,
+        Some(Ok(())) => 0,
+        Some(Err(e)) => fail(e),
+    })
+}
+
 #[ocaml::func]
 pub fn shmpool_ml_name(h: ocaml::Int) -> Option<String> {
     pool(h).and_then(|p| p.name().map(String::from))

@@ -142,6 +142,10 @@ let test_debug () =
   Alcotest.(check bool) "alloc line" true (has (Printf.sprintf "alloc (id=%d) size=%d addr=0x" n ps));
   Alcotest.(check bool) "free line" true (has (Printf.sprintf "free (id=%d) addr=0x" n));
   let d = M.debug_info id in
+  let first4 = List.filteri (fun i _ -> i < 5) (String.split_on_char '\n' d) in
+  Alcotest.(check (list string)) "the original's leading lines, in its order"
+    [ "pool_size"; "pool_free"; "pool_free_contiguous"; "pool_start"; "allocations (offs->bsize)" ]
+    (List.map (fun l -> String.trim (List.hd (String.split_on_char '=' (List.hd (String.split_on_char ':' l))))) first4);
   List.iter
     (fun k -> Alcotest.(check bool) k true (Str.string_match (Str.regexp_string k) d 0 || (try ignore (Str.search_forward (Str.regexp_string k) d 0); true with Not_found -> false)))
     [ "pool_size = "; "pool_free = "; "pool_free_contiguous = "; "pool_start = "; "allocations (offs->bsize): {" ]
