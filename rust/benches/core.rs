@@ -1,1 +1,497 @@
-fn main() {}
+//! The core benchmark (`cargo bench --bench core`, harness = false).
+//!
+//! Ring workload: fill a ring of N live blocks, then repeatedly free the
+//! oldest and allocate a new one. Frees and allocs are timed in batches of
+//! `B` (free the B oldest, then allocate B), the clock's own cost measured
+//! and subtracted, so the figures are ns per single alloc and per single
+//! free. Each case runs one warm-up round and `ROUNDS` timed rounds; the
+//! line gives the median and the min–max spread over the rounds.
+//!
+//! Cases: rings of 64 and 1024 blocks; 1 page, 4 pages, and mixed 1–64
+//! pages (deterministic PRNG); 1 process, and 2 processes (a forked second
+//! process runs the same loop on its own ring in the same pool, each round
+//! started together behind a barrier; throughput is the median over the
+//! rounds of (ops of both) / (first start to last end)); pools fragmented into 10,000 free runs against an
+//! empty pool with the same sizes; `stats()` calls per second.
+//!
+//! Blocks of up to `CACHE_CLASSES` pages that a process frees go to its
+//! per-process cache (see `pool.rs`), so the 1-page and 4-page rings
+//! measure that path; the `9p` rings and the fragmented cases use larger
+//! blocks to measure the locked path and the allocator's searches.
+
+use shmpool::pool::CACHE_CLASSES;
+use shmpool::{CreateOptions, Pool};
+use std::collections::VecDeque;
+use std::hint::black_box;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Ops per timed batch.
+const B: usize = 16;
+/// Timed rounds per case (plus one warm-up round).
+const ROUNDS: usize = 21;
+/// Free+alloc pairs per round.
+const PAIRS: usize = 1 << 16;
+/// Free runs of the fragmented pools.
+const FRAG_RUNS: usize = 10_000;
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+}
+
+fn pg() -> usize {
+    shmpool::mapping::page_size()
+}
+
+/// Block sizes (bytes) drawn uniformly from `lo..=hi` pages, precomputed so
+/// that the PRNG is not timed.
+fn sizes(lo: usize, hi: usize, seed: u64) -> Vec<usize> {
+    let mut r = Rng(seed);
+    (0..4096)
+        .map(|_| (lo + (r.next() % (hi - lo + 1) as u64) as usize) * pg())
+        .collect()
+}
+
+fn pool(bytes: usize) -> Pool {
+    Pool::create(bytes, &CreateOptions::default()).expect("create pool")
+}
+
+fn now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: writes the current time into a valid timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The cost of reading the clock once (median), subtracted per batch.
+fn clock_cost() -> f64 {
+    let mut v: Vec<f64> = (0..20_001)
+        .map(|_| {
+            let a = Instant::now();
+            let b = Instant::now();
+            (b - a).as_nanos() as f64
+        })
+        .collect();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// A process's ring of live blocks and its size stream.
+struct Ring<'a> {
+    pool: &'a Pool,
+    q: VecDeque<usize>,
+    sizes: &'a [usize],
+    i: usize,
+}
+
+impl<'a> Ring<'a> {
+    fn fill(pool: &'a Pool, n: usize, sizes: &'a [usize]) -> Ring<'a> {
+        let mut r = Ring {
+            pool,
+            q: VecDeque::with_capacity(n + B),
+            sizes,
+            i: 0,
+        };
+        for _ in 0..n {
+            let s = r.next_size();
+            r.q.push_back(pool.alloc(s).expect("fill ring"));
+        }
+        r
+    }
+
+    #[inline]
+    fn next_size(&mut self) -> usize {
+        let s = self.sizes[self.i];
+        self.i = (self.i + 1) % self.sizes.len();
+        s
+    }
+
+    /// One round of `pairs` free+alloc pairs.
+    fn round(&mut self, pairs: usize, clock: f64) -> Round {
+        let (mut ta, mut tf) = (0f64, 0f64);
+        let start = now_ns();
+        for _ in 0..pairs / B {
+            let t0 = Instant::now();
+            for _ in 0..B {
+                let o = self.q.pop_front().unwrap();
+                black_box(self.pool.free(o).expect("free"));
+            }
+            let t1 = Instant::now();
+            for _ in 0..B {
+                let s = self.next_size();
+                let o = self.pool.alloc(s).expect("alloc");
+                self.q.push_back(black_box(o));
+            }
+            let t2 = Instant::now();
+            tf += ((t1 - t0).as_nanos() as f64 - clock).max(0.0);
+            ta += ((t2 - t1).as_nanos() as f64 - clock).max(0.0);
+        }
+        let n = (pairs / B * B) as f64;
+        Round {
+            alloc: ta / n,
+            free: tf / n,
+            start,
+            end: now_ns(),
+        }
+    }
+
+    /// A warm-up round, then ROUNDS timed rounds, each preceded by
+    /// `before(i)` (a barrier between processes).
+    fn run(&mut self, clock: f64, mut before: impl FnMut(usize)) -> Vec<Round> {
+        before(0);
+        self.round(PAIRS, clock);
+        (1..=ROUNDS)
+            .map(|i| {
+                before(i);
+                self.round(PAIRS, clock)
+            })
+            .collect()
+    }
+}
+
+/// One timed round: ns per alloc and per free, and when it ran
+/// (CLOCK_MONOTONIC ns, comparable between processes).
+#[derive(Clone, Copy, Default)]
+struct Round {
+    alloc: f64,
+    free: f64,
+    start: u64,
+    end: u64,
+}
+
+/// Median, min, max.
+fn summary(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(f64::total_cmp);
+    (v[v.len() / 2], v[0], v[v.len() - 1])
+}
+
+struct Figures {
+    alloc: (f64, f64, f64),
+    free: (f64, f64, f64),
+    /// Allocs + frees per second of wall time, all processes together:
+    /// median over the rounds.
+    ops_per_s: f64,
+}
+
+/// `per_proc[p][r]`: round r of process p; rounds of the same index ran
+/// together (behind a barrier).
+fn figures(per_proc: &[Vec<Round>]) -> Figures {
+    let all = per_proc.iter().flatten();
+    let rate: Vec<f64> = (0..ROUNDS)
+        .map(|r| {
+            let start = per_proc.iter().map(|p| p[r].start).min().unwrap();
+            let end = per_proc.iter().map(|p| p[r].end).max().unwrap();
+            (per_proc.len() * 2 * (PAIRS / B * B)) as f64 / ((end - start) as f64 / 1e9)
+        })
+        .collect();
+    Figures {
+        alloc: summary(all.clone().map(|r| r.alloc).collect()),
+        free: summary(all.map(|r| r.free).collect()),
+        ops_per_s: summary(rate).0,
+    }
+}
+
+fn line(name: &str, f: &Figures, extra: &str) {
+    println!(
+        "core  {name:<34} alloc {:6.1} ns  free {:6.1} ns  (spread alloc {:.1}–{:.1}, free {:.1}–{:.1}){extra}",
+        f.alloc.0, f.free.0, f.alloc.1, f.alloc.2, f.free.1, f.free.2
+    );
+}
+
+const RING_POOL: usize = 1 << 30;
+
+fn one_proc(ring: usize, sz: &[usize], clock: f64) -> Figures {
+    let p = pool(RING_POOL);
+    let mut r = Ring::fill(&p, ring, sz);
+    figures(&[r.run(clock, |_| {})])
+}
+
+/// Shared with the second process (a MAP_SHARED anonymous page).
+#[repr(C)]
+struct Ctl {
+    ready: AtomicU32,
+    /// Arrivals at the per-round barrier, both processes, cumulative.
+    arrived: AtomicU32,
+    done: AtomicU32,
+    rounds: [[AtomicU64; 4]; ROUNDS],
+}
+
+fn spin(what: &str, cond: impl Fn() -> bool) {
+    let t = Instant::now();
+    while !cond() {
+        assert!(t.elapsed() < Duration::from_secs(60), "bench: {what} hung");
+        std::hint::spin_loop();
+    }
+}
+
+/// Two processes, each with its own ring in the same pool, every round
+/// started together. Returns the figures of both together.
+fn two_procs(ring: usize, sz: &[usize], clock: f64) -> Figures {
+    let p = pool(RING_POOL);
+    // SAFETY: a fresh zeroed shared mapping; Ctl is atomics only.
+    let ctl: &Ctl = unsafe {
+        let m = libc::mmap(
+            std::ptr::null_mut(),
+            std::mem::size_of::<Ctl>(),
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        assert!(m != libc::MAP_FAILED);
+        &*m.cast::<Ctl>()
+    };
+    let barrier = |i: usize| {
+        ctl.arrived.fetch_add(1, Ordering::SeqCst);
+        spin("barrier", || {
+            ctl.arrived.load(Ordering::SeqCst) >= 2 * (i as u32 + 1)
+        });
+    };
+    // SAFETY: the bench is single-threaded; the child only runs the ring
+    // loop on the inherited pool and _exits.
+    let child = unsafe { libc::fork() };
+    assert!(child >= 0, "fork");
+    if child == 0 {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut r = Ring::fill(&p, ring, sz);
+            ctl.ready.store(1, Ordering::SeqCst);
+            let rounds = r.run(clock, barrier);
+            for (i, x) in rounds.into_iter().enumerate() {
+                let w = [x.alloc.to_bits(), x.free.to_bits(), x.start, x.end];
+                for (k, v) in w.into_iter().enumerate() {
+                    ctl.rounds[i][k].store(v, Ordering::SeqCst);
+                }
+            }
+            ctl.done.store(1, Ordering::SeqCst);
+        }));
+        // SAFETY: leaves the child without running the parent's exit path.
+        unsafe { libc::_exit(if r.is_ok() { 0 } else { 1 }) }
+    }
+    let mut r = Ring::fill(&p, ring, sz);
+    spin("second process", || ctl.ready.load(Ordering::SeqCst) == 1);
+    let mine = r.run(clock, barrier);
+    let mut st = 0;
+    // SAFETY: waits for our own child.
+    unsafe { libc::waitpid(child, &mut st, 0) };
+    assert!(
+        libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 0 && ctl.done.load(Ordering::SeqCst) == 1,
+        "bench: second process failed"
+    );
+    let theirs: Vec<Round> = ctl
+        .rounds
+        .iter()
+        .map(|w| {
+            let v = |k: usize| w[k].load(Ordering::SeqCst);
+            Round {
+                alloc: f64::from_bits(v(0)),
+                free: f64::from_bits(v(1)),
+                start: v(2),
+                end: v(3),
+            }
+        })
+        .collect();
+    let f = figures(&[mine, theirs]);
+    // SAFETY: unmaps the control page mapped above; nothing uses it now.
+    unsafe {
+        libc::munmap(
+            (ctl as *const Ctl).cast_mut().cast(),
+            std::mem::size_of::<Ctl>(),
+        )
+    };
+    f
+}
+
+/// Counts the free runs of a pool (from its debug_info).
+fn free_runs(p: &Pool) -> usize {
+    let d = p.debug_info();
+    let l = d.lines().find(|l| l.starts_with("free runs")).unwrap_or("");
+    let inner = l.split('{').nth(1).unwrap_or("}").trim_end_matches('}');
+    if inner.is_empty() {
+        0
+    } else {
+        inner.split(',').count()
+    }
+}
+
+/// A pool of `FRAG_RUNS` free runs, `hole(i)` pages each, separated by live
+/// 1-page blocks, followed by the free tail of `tail` pages.
+fn fragmented(hole: impl Fn(usize) -> usize, tail: usize) -> Pool {
+    let total: usize = (0..FRAG_RUNS).map(|i| hole(i) + 1).sum::<usize>() + tail;
+    let p = pool(total * pg());
+    let mut holes = Vec::with_capacity(FRAG_RUNS);
+    for i in 0..FRAG_RUNS {
+        holes.push(p.alloc(hole(i) * pg()).expect("frag alloc"));
+        p.alloc(pg()).expect("frag guard");
+    }
+    for h in holes {
+        p.free(h).expect("frag free");
+    }
+    p.flush_cache().expect("flush");
+    let n = free_runs(&p);
+    assert!(n > FRAG_RUNS, "fragmented pool has only {n} free runs");
+    p
+}
+
+fn ring_case(name: &str, p: &Pool, ring: usize, sz: &[usize], clock: f64) -> Figures {
+    let mut r = Ring::fill(p, ring, sz);
+    let f = figures(&[r.run(clock, |_| {})]);
+    line(name, &f, "");
+    f
+}
+
+fn main() {
+    let t_start = Instant::now();
+    let clock = clock_cost();
+    println!(
+        "core  bench: page {} B, batches of {B}, {ROUNDS} rounds of {PAIRS} free+alloc pairs (+1 warm-up), clock read {clock:.1} ns subtracted per batch",
+        pg()
+    );
+    println!(
+        "core  per-process cache: blocks of <= {CACHE_CLASSES} pages freed by their owner are cached (no lock)"
+    );
+
+    let cases: [(&str, usize, usize); 4] = [
+        ("1p", 1, 1),
+        ("4p", 4, 4),
+        ("mixed 1-64p", 1, 64),
+        ("9p", CACHE_CLASSES as usize + 1, CACHE_CLASSES as usize + 1),
+    ];
+    let mut one: Vec<(String, Figures)> = Vec::new();
+    let mut ratios: Vec<(String, f64)> = Vec::new();
+    for &(label, lo, hi) in &cases {
+        for ring in [64usize, 1024] {
+            let sz = sizes(lo, hi, 42 + ring as u64);
+            let name = format!("alloc+free {label} ring{ring} 1proc");
+            let f1 = one_proc(ring, &sz, clock);
+            line(&name, &f1, &format!("  {:.1} Mops/s", f1.ops_per_s / 1e6));
+            let both = two_procs(ring, &sz, clock);
+            let ratio = both.ops_per_s / f1.ops_per_s;
+            line(
+                &format!("alloc+free {label} ring{ring} 2proc"),
+                &both,
+                &format!(
+                    "  {:.1} Mops/s together, {:.1} per process, 2proc/1proc {ratio:.2}",
+                    both.ops_per_s / 1e6,
+                    both.ops_per_s / 2e6,
+                ),
+            );
+            ratios.push((format!("{label} ring{ring}"), ratio));
+            one.push((name, f1));
+        }
+    }
+
+    // Fragmented against empty. (a) 10,000 holes of 9 pages (past the
+    // cache) and allocs of 10-40 pages: none fits a hole, the exact-size
+    // classes must be skipped. (b) 10,000 tree runs of 128-255 pages and
+    // allocs of 128-191 pages: every alloc is a best-fit search of a treap
+    // of 10,000 runs, every free a re-insert.
+    let mut frag: Vec<(String, f64, f64)> = Vec::new();
+    let hole_a = CACHE_CLASSES as usize + 1;
+    let sz_a = sizes(hole_a + 1, 40, 7);
+    let sz_b = sizes(128, 191, 9);
+    let mut rng = Rng(11);
+    let lens_b: Vec<usize> = (0..FRAG_RUNS)
+        .map(|_| 128 + (rng.next() % 128) as usize)
+        .collect();
+    for (label, sz, frag_pool) in [
+        (
+            format!("{}p holes, alloc {}-40p", hole_a, hole_a + 1),
+            &sz_a,
+            Box::new(|| fragmented(|_| hole_a, 64 * 40 + 64)) as Box<dyn Fn() -> Pool>,
+        ),
+        (
+            "128-255p tree runs, alloc 128-191p".to_string(),
+            &sz_b,
+            Box::new(|| fragmented(|i| lens_b[i], 64 * 191 + 64)),
+        ),
+    ] {
+        let e = pool(RING_POOL);
+        let fe = ring_case(&format!("empty  ring64 {label}"), &e, 64, sz, clock);
+        drop(e);
+        let p = frag_pool();
+        let ff = ring_case(&format!("frag10k ring64 {label}"), &p, 64, sz, clock);
+        let (ra, rf) = (ff.alloc.0 / fe.alloc.0, ff.free.0 / fe.free.0);
+        println!("core  fragmented/empty ({label}): alloc {ra:.2}x  free {rf:.2}x");
+        frag.push((label, ra, rf));
+    }
+
+    // stats() calls per second.
+    {
+        let p = pool(RING_POOL);
+        let sz = sizes(1, 64, 3);
+        let _r = Ring::fill(&p, 1024, &sz);
+        let t = Instant::now();
+        let mut n = 0u64;
+        while t.elapsed() < Duration::from_millis(300) {
+            for _ in 0..1000 {
+                black_box(p.stats());
+            }
+            n += 1000;
+        }
+        let rate = n as f64 / t.elapsed().as_secs_f64();
+        println!(
+            "core  stats()                            {:.2} M calls/s  ({:.0} ns per call)",
+            rate / 1e6,
+            1e9 / rate
+        );
+    }
+
+    // The targets.
+    println!("core  targets:");
+    let (best, worst) = one.iter().fold((f64::MAX, 0f64), |(b, w), (_, f)| {
+        (
+            b.min(f.alloc.0.min(f.free.0)),
+            w.max(f.alloc.0.max(f.free.0)),
+        )
+    });
+    let ok50: Vec<&str> = one
+        .iter()
+        .filter(|(_, f)| f.alloc.0 <= 50.0 && f.free.0 <= 50.0)
+        .map(|(n, _)| n.as_str())
+        .collect();
+    let all50 = ok50.len() == one.len();
+    println!(
+        "core    alloc/free <= 50 ns in one process: {}  ({} of {} 1-proc cases; median figures range {best:.1}-{worst:.1} ns)",
+        if all50 { "MET" } else { "MISSED" },
+        ok50.len(),
+        one.len()
+    );
+    for (n, f) in &one {
+        if !(f.alloc.0 <= 50.0 && f.free.0 <= 50.0) {
+            println!(
+                "core      over 50 ns: {n} (alloc {:.1}, free {:.1})",
+                f.alloc.0, f.free.0
+            );
+        }
+    }
+    let min_ratio = ratios.iter().map(|r| r.1).fold(f64::MAX, f64::min);
+    println!(
+        "core    2 processes together >= ops/s of 1: {}  (2proc/1proc: {})",
+        if min_ratio >= 1.0 { "MET" } else { "MISSED" },
+        ratios
+            .iter()
+            .map(|(n, r)| format!("{n} {r:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let worst_frag = frag.iter().map(|f| f.1.max(f.2)).fold(0f64, f64::max);
+    println!(
+        "core    fragmented within 2x of empty: {}  ({})",
+        if worst_frag <= 2.0 { "MET" } else { "MISSED" },
+        frag.iter()
+            .map(|(n, a, f)| format!("{n}: alloc {a:.2}x free {f:.2}x"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+    println!("core  bench took {:.1} s", t_start.elapsed().as_secs_f64());
+}
