@@ -297,7 +297,7 @@ fn a_crash_point_is_reached_only_where_expected() {
         (CrashPoint::FreeCommitted, Op::Alloc),
         (CrashPoint::AllocCommitted, Op::Free),
     ] {
-        let pool = anon(64);
+        let pool = anon(NPAGES);
         let s = setup(&pool, State::Empty, op);
         // SAFETY: Report is atomics only.
         let r: SharedMem<Report> = unsafe { SharedMem::new() };

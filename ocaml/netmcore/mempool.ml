@@ -70,7 +70,8 @@ let create_mempool ?(alloc_really = false) size =
     | `Posix_shm_preallocated_sc (_, mem, _) -> mem
     | _ -> not_a_pool ()
   in
-  let pool = Shmpool.format_in_place mem in
+  (* Netmcore just created the object (shm_create + ftruncate): all zeros *)
+  let pool = Shmpool.format_in_place ~zeroed:true mem in
   remember n { pool; name; container };
   dlog (Printf.sprintf "create_mempool (id=%d) size=%d shm=%s" n size name);
   id

@@ -48,7 +48,7 @@ external stats_fill : (int[@untagged]) -> int array -> (int[@untagged])
 
 external create_stub : int -> string option -> bool -> int * string = "shmpool_ml_create"
 external attach_stub : string -> int * string = "shmpool_ml_attach"
-external in_place_stub : memory -> bool -> int * string = "shmpool_ml_in_place"
+external in_place_stub : memory -> int -> int * string = "shmpool_ml_in_place"
 external mapping_stub : int -> memory = "shmpool_ml_mapping"
 external last_error : unit -> string = "shmpool_ml_last_error"
 external debug_info_stub : int -> string = "shmpool_ml_debug_info"
@@ -98,8 +98,10 @@ let create ?name ?(prefault = false) size =
   of_handle "Shmpool.create" (create_stub size name prefault)
 
 let attach name = of_handle "Shmpool.attach" (attach_stub name)
-let format_in_place m = of_handle "Shmpool.format_in_place" (in_place_stub m true)
-let attach_in_place m = of_handle "Shmpool.attach_in_place" (in_place_stub m false)
+let format_in_place ?(zeroed = false) m =
+  of_handle "Shmpool.format_in_place" (in_place_stub m (if zeroed then 2 else 1))
+
+let attach_in_place m = of_handle "Shmpool.attach_in_place" (in_place_stub m 0)
 
 let alloc t n =
   if n <= 0 then invalid_arg "Shmpool.alloc: bad size";

@@ -21,7 +21,7 @@
     25 KiB), so writing past the end of a block cannot corrupt the pool.
 
     {b The per-process cache.} A process keeps up to 32 of its own freed
-    blocks of each size from 1 to 8 pages (at most a 16th of the pool) and
+    blocks of each size from 1 to 64 pages (at most a 16th of the pool) and
     reuses them without taking the pool's lock, so that several processes
     allocating at once do not queue on it. Cached blocks count as free in
     {!stats}; an alloc that finds no large enough free run takes every
@@ -177,11 +177,14 @@ val addr_of : memory -> nativeint
 
 (** {2 For the Netmcore shim} *)
 
-val format_in_place : memory -> t
+val format_in_place : ?zeroed:bool -> memory -> t
 (** [format_in_place m] makes a new pool in [m], memory mapped by someone
     else (e.g. a Netmcore preallocated shm object), at the same address in
     every process that will use it. [m] must stay mapped, and the call must
-    happen before any other process uses [m].
+    happen before any other process uses [m]. With [~zeroed:true] (default
+    [false]) the caller promises that [m] is all zeros, as a freshly created
+    object is; the pool's page descriptors are then not written, which
+    makes creating a large pool much cheaper.
     @raise Invalid_argument if [m] cannot hold one payload page. *)
 
 val attach_in_place : memory -> t

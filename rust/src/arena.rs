@@ -127,6 +127,13 @@ impl<'a> Arena<'a> {
         for w in self.d {
             w.store(INTERIOR, Ordering::Relaxed);
         }
+        self.format_zeroed();
+    }
+
+    /// [`Arena::format`] for descriptors known to be all `INTERIOR` (zero),
+    /// as in a freshly created shared memory object: touches O(1) words, so
+    /// creating a large pool does not fault in its whole descriptor array.
+    pub fn format_zeroed(&mut self) {
         *self.st = AllocState::new(self.st.npages);
         let n = self.st.npages;
         self.file_run(0, n);

@@ -47,7 +47,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// Blocks of up to this many pages go through the per-process cache.
-pub const CACHE_CLASSES: u32 = 8;
+pub const CACHE_CLASSES: u32 = 64;
 /// Entries per size class in a process's stacks.
 const CACHE_DEPTH: usize = 32;
 /// How long a taker waits for a slot lock held by a live process before
@@ -400,6 +400,32 @@ impl Pool {
         sc.blocks.store(0, Ordering::Relaxed);
         if got {
             sc.unlock();
+        }
+    }
+
+    /// Makes sure no slot is left locked by a dead process (which died
+    /// between a cache flip and its counter update, leaving the counters one
+    /// block off): a slot lock normally stays taken for tens of
+    /// nanoseconds, so one still taken after a short wait is checked, and
+    /// repaired under the pool lock if its holder is gone. Costs a load per
+    /// slot when nothing is locked.
+    pub(crate) fn settle_slots(&self) {
+        for s in 0..self.owners_hwm() {
+            let sc = self.slot_cache(s);
+            let mut spins = 0;
+            while sc.lock.load(Ordering::Relaxed) != 0 && spins < 2000 {
+                std::hint::spin_loop();
+                spins += 1;
+            }
+            let holder = sc.lock.load(Ordering::Relaxed);
+            if holder != 0 && !token_alive(holder) {
+                let tok = self.taker_token();
+                let _ = self.locked(|l| {
+                    self.check_slots(l, tok, false);
+                    Ok(())
+                });
+                return; // check_slots repaired every abandoned slot
+            }
         }
     }
 

@@ -305,23 +305,23 @@ pub fn shmpool_ml_attach(name: String) -> (ocaml::Int, String) {
     cold(panic_pair(), || result(Pool::attach(&name)))
 }
 
-/// Formats (`format = true`) or opens a pool in the memory of bigarray `mem`
-/// (the Netmcore shim: Netmcore mapped it at the same address in every
-/// process).
+/// Opens (`mode = 0`) or formats (1; 2: memory known to be all zeros) a
+/// pool in the memory of bigarray `mem` (the Netmcore shim: Netmcore mapped
+/// it at the same address in every process).
 #[ocaml::func]
-pub fn shmpool_ml_in_place(mem: Value, format: bool) -> (ocaml::Int, String) {
+pub fn shmpool_ml_in_place(mem: Value, mode: ocaml::Int) -> (ocaml::Int, String) {
     cold(panic_pair(), || {
         // SAFETY: `mem` is a char bigarray (its OCaml type); its memory is
         // the Netmcore shm mapping, which stays mapped for the life of the
         // process (Netmcore never unmaps preallocated shm), and the shim
         // formats it once, in the creating process, before any worker
-        // starts.
+        // starts; mode 2 is used only for an object Netmcore just created
+        // (ftruncate'd, so all zeros).
         unsafe {
             let (data, len) = ba_data(mem.raw().0);
-            result(if format {
-                Pool::format_in_place(data as *mut u8, len)
-            } else {
-                Pool::attach_in_place(data as *mut u8, len)
+            result(match mode {
+                0 => Pool::attach_in_place(data as *mut u8, len),
+                m => Pool::format_in_place(data as *mut u8, len, m == 2),
             })
         }
     })

@@ -110,7 +110,8 @@ impl Pool {
             Some(n) => Mapping::create_named(n, geo.total_len, opts.prefault)?,
             None => Mapping::create_anonymous(geo.total_len, opts.prefault)?,
         };
-        let r = Self::format(map, geo, opts.name.clone());
+        // A new object (O_EXCL or memfd) reads as zeros: nothing to clear.
+        let r = Self::format(map, geo, opts.name.clone(), true);
         if r.is_err() {
             if let Some(n) = &opts.name {
                 let _ = mapping::unlink(n);
@@ -120,14 +121,18 @@ impl Pool {
     }
 
     /// Formats a pool in memory mapped by someone else (all of it that fits).
+    /// With `zeroed`, the caller guarantees the memory reads as zeros (a
+    /// freshly created object), and creating a large pool then touches only
+    /// its header.
     ///
     /// # Safety
     /// `ptr..ptr+len` must be a writable shared mapping that outlives the
     /// pool, that nothing else uses as anything but this pool, and that no
-    /// other process uses as a pool until this call returns.
-    pub unsafe fn format_in_place(ptr: *mut u8, len: usize) -> Result<Pool> {
+    /// other process uses as a pool until this call returns; with `zeroed`,
+    /// it must be all zeros.
+    pub unsafe fn format_in_place(ptr: *mut u8, len: usize, zeroed: bool) -> Result<Pool> {
         let geo = Geometry::fitting(len, page_size()).ok_or(Error::BadSize)?;
-        Self::format(Mapping::borrowed(ptr, len)?, geo, None)
+        Self::format(Mapping::borrowed(ptr, len)?, geo, None, zeroed)
     }
 
     /// Opens a pool formatted earlier in memory mapped by someone else.
@@ -143,7 +148,7 @@ impl Pool {
         Self::validate(Mapping::open_named(name)?, Some(name.to_string()))
     }
 
-    fn format(map: Mapping, geo: Geometry, name: Option<String>) -> Result<Pool> {
+    fn format(map: Mapping, geo: Geometry, name: Option<String>, zeroed: bool) -> Result<Pool> {
         if map.len() < geo.total_len || (map.ptr() as usize) % 64 != 0 {
             return Err(Error::BadSize);
         }
@@ -153,7 +158,11 @@ impl Pool {
         // are aligned; nobody else uses the memory until the magic is
         // stored below (contract of the constructors).
         unsafe {
-            std::ptr::write_bytes(map.ptr(), 0, geo.payload_offset);
+            if zeroed {
+                std::ptr::write_bytes(map.ptr(), 0, std::mem::size_of::<Header>());
+            } else {
+                std::ptr::write_bytes(map.ptr(), 0, geo.payload_offset);
+            }
             let h = &mut *hdr;
             h.layout_version = LAYOUT_VERSION;
             h.page_size = geo.page_size as u32;
@@ -166,7 +175,7 @@ impl Pool {
         let pool = Pool::new(map, NonNull::new(hdr).ok_or(Error::BadSize)?, geo, name);
         // SAFETY: not yet published, so this is the only view.
         let mut l = unsafe { pool.view() };
-        l.arena.format();
+        l.arena.format_zeroed(); // the descriptors were zeroed above or were zero
         pool.header().magic.store(MAGIC, Ordering::Release);
         Ok(pool)
     }
@@ -279,7 +288,7 @@ impl Pool {
     }
 
     /// A token for taking slot locks: ours if registered, else computed.
-    fn taker_token(&self) -> u64 {
+    pub(crate) fn taker_token(&self) -> u64 {
         self.my_identity()
             .map_or_else(|| cache::token(&owner::me()), |(_, t)| t)
     }
@@ -467,6 +476,7 @@ impl Pool {
     /// takes them back when it needs them.
     pub fn stats(&self) -> Stats {
         let _ = self.flush_cache();
+        self.settle_slots();
         let (ps, recoveries) = self
             .locked(|l| Ok((l.arena.stats(), *l.recoveries)))
             .unwrap_or((
