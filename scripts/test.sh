@@ -14,6 +14,9 @@ step() {
   echo "== $name: ok ($((SECONDS - t0)) s)"
 }
 step setup            scripts/setup.sh
+shm_before=$(mktemp)
+trap 'rm -f "$shm_before"' EXIT
+scripts/check-shm.sh snapshot "$shm_before"
 step cargo-fmt        cargo fmt --all -- --check
 step cargo-clippy     cargo clippy --all-targets --features crash-points -- -D warnings
 step clippy-stubs     cargo clippy --lib --features ocaml-stubs -- -D warnings
@@ -21,4 +24,5 @@ step cargo-test       cargo test --release --features crash-points
 step dune-build       dune build
 step dune-test        dune test --force
 step opam-test        scripts/opam-test.sh
-step no-shm-leftovers scripts/check-shm.sh
+step no-shm-leftovers scripts/check-shm.sh compare "$shm_before"
+echo "make test: all steps passed"
