@@ -480,3 +480,16 @@ pub fn shmpool_ml_addr_of(mem: Value) -> Value {
     // SAFETY: allocating a boxed nativeint with the runtime lock held.
     unsafe { Value::nativeint(data as isize) }
 }
+
+/// Test builds only (feature `crash-points`): arms crash point `n` (see
+/// `crashpoint.rs`; 0 disarms) in this process.
+#[cfg(feature = "crash-points")]
+#[no_mangle]
+pub extern "C" fn shmpool_ml_arm_crash_point(n: Raw) -> Raw {
+    let point = crate::crashpoint::ALL
+        .iter()
+        .copied()
+        .find(|p| *p as isize == untag(n));
+    crate::crashpoint::arm(point);
+    Raw(ocaml::sys::UNIT)
+}

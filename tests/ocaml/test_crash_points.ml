@@ -1,0 +1,84 @@
+(* Staged death, driven from OCaml: a child stopped at each write step of
+   an alloc and of a free (holding the pool lock), then SIGKILLed. The
+   parent must find the pool repaired (one recovery, check clean) and
+   reclaim_dead must return exactly what the child held. *)
+
+module P = Shmpool_crashtest.Shmpool
+module C = Shmpool_crashtest.Crash_point
+
+let ps = P.page_size
+
+(* wait for [pid] to stop (or end), polling, at most [secs] seconds *)
+let wait_stopped ?(secs = 10.0) pid =
+  let t0 = Unix.gettimeofday () in
+  let rec go () =
+    match Unix.waitpid [ Unix.WNOHANG; Unix.WUNTRACED ] pid with
+    | 0, _ ->
+        if Unix.gettimeofday () -. t0 > secs then `Timeout
+        else (Unix.sleepf 0.002; go ())
+    | _, Unix.WSTOPPED _ -> `Stopped
+    | _, st -> `Ended st
+  in
+  go ()
+
+let kill_and_reap pid =
+  (try Unix.kill pid Sys.sigkill with Unix.Unix_error _ -> ());
+  try ignore (Unix.waitpid [] pid) with Unix.Unix_error _ -> ()
+
+type op = Alloc | Free
+
+let points_of = function
+  | Alloc -> C.[ Locked; Alloc_unlinked; Alloc_committed; Alloc_remainder_filed; Before_unlock ]
+  | Free -> C.[ Locked; Free_committed; Free_neighbours_unlinked; Free_filed; Before_unlock ]
+
+(* pages the child holds when killed at [p] during [op] *)
+let held op p =
+  let warm = 1 and big = 100 in
+  match (op, p) with
+  | Alloc, C.(Alloc_committed | Alloc_remainder_filed | Before_unlock) -> warm + big
+  | Alloc, _ -> warm
+  | Free, C.(Locked) -> warm + big
+  | Free, _ -> warm
+
+let trial op p =
+  let pool = P.create (1024 * ps) in
+  Fun.protect ~finally:(fun () -> P.close pool) @@ fun () ->
+  (* a neighbour on each side, so free coalesces and alloc splits *)
+  let left = P.alloc pool (3 * ps) in
+  let pid =
+    Testutil.fork (fun () ->
+        let _warm = P.alloc pool ps in
+        let big = if op = Free then Some (P.alloc pool (100 * ps)) else None in
+        C.arm p;
+        (match big with
+         | Some m -> P.free pool m
+         | None -> ignore (P.alloc pool (100 * ps)));
+        C.disarm ())
+  in
+  (match wait_stopped pid with
+   | `Stopped -> ()
+   | `Timeout -> kill_and_reap pid; Alcotest.failf "%s: child never stopped" (C.name p)
+   | `Ended _ -> Alcotest.failf "%s: child ended instead of stopping" (C.name p));
+  kill_and_reap pid;
+  Testutil.children := List.filter (( <> ) pid) !Testutil.children;
+  let s = P.stats pool in
+  Alcotest.(check int) (C.name p ^ ": one recovery") 1 s.recoveries;
+  Alcotest.(check (list string)) (C.name p ^ ": check clean") [] (P.check pool);
+  let r = P.reclaim_dead pool in
+  Alcotest.(check int) (C.name p ^ ": reclaimed the child's pages") (held op p) r.pages_freed;
+  P.free pool left;
+  let s = P.stats pool in
+  Alcotest.(check int) (C.name p ^ ": all free") s.payload s.free;
+  Alcotest.(check int) (C.name p ^ ": one run") s.payload s.largest_free;
+  Alcotest.(check (list string)) (C.name p ^ ": check clean at the end") [] (P.check pool)
+
+let () =
+  let cases op =
+    List.map
+      (fun p ->
+        Alcotest.test_case
+          (Printf.sprintf "%s killed at %s" (if op = Alloc then "alloc" else "free") (C.name p))
+          `Quick (fun () -> trial op p))
+      (points_of op)
+  in
+  Alcotest.run "shmpool staged death (OCaml)" [ ("alloc", cases Alloc); ("free", cases Free) ]
