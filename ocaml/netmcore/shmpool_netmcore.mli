@@ -14,7 +14,7 @@ module Netmcore_mempool : sig
       data. It is a Netmcore resource (a preallocated shm object), created
       before the workers are forked, which then inherit it at the same
       address: pass its resource ID (or [`All], the default) as
-      [~inherit_resources] to {!Netmcore.start}.
+      [~inherit_resources] to [Netmcore.start].
 
       {b Deliberate differences from the original} (everything else behaves
       the same, including exception values and messages):
@@ -60,7 +60,7 @@ module Netmcore_mempool : sig
   val create_mempool : ?alloc_really:bool -> int -> Netmcore.res_id
   (** Creates the pool as a shared memory object whose payload holds the
       passed size (rounded up to whole pages), and returns its resource ID.
-      May be called before {!Netmcore.startup}.
+      May be called before [Netmcore.startup].
 
       [alloc_really]: reserve the memory now ([posix_fallocate]), so that a
       machine short of memory fails here rather than with a bus error at
@@ -130,5 +130,5 @@ end
 val shmpool : Netmcore.res_id -> Shmpool.t
 (** The {!Shmpool.t} behind a pool, for what the original cannot do:
     {!Shmpool.check}, {!Shmpool.owners}, {!Shmpool.reclaim_dead},
-    {!Shmpool.stats} (with recoveries).
+    {!val:Shmpool.stats} (with recoveries).
     @raise Netmcore.No_resource for an unknown resource ID. *)

@@ -2,7 +2,7 @@
 
     A pool is a block of shared memory from which any process that maps it
     allocates page-granular blocks, returned as bigarrays of the same type
-    as {!Netsys_mem.memory} (no OCamlnet needed).
+    as [Netsys_mem.memory] (no OCamlnet needed).
 
     A pool is shared with children forked (e.g. [Unix.fork]) after it was
     created, at the same address; a named pool can also be {!attach}ed by an
@@ -11,12 +11,12 @@
     {b Crash safety.} The pool is guarded by a robust process-shared lock:
     a process killed in the middle of an operation (even by [SIGKILL]) never
     leaves the pool locked or corrupt; the next process to use it rebuilds
-    the allocator's derived state and goes on ({!stats}[.recoveries] counts
+    the allocator's derived state and goes on ({!val:stats}[.recoveries] counts
     these). Blocks record their owner process; {!reclaim_dead} frees those
     of processes that no longer exist.
 
     {b Costs.} alloc and free are O(1) for blocks of up to 127 pages and
-    O(log n) in the number of free runs above that; {!stats} is O(1). The
+    O(log n) in the number of free runs above that; {!val:stats} is O(1). The
     metadata lives outside the payload pages (8 bytes per page plus about
     25 KiB), so writing past the end of a block cannot corrupt the pool.
 
@@ -24,9 +24,9 @@
     blocks of each size from 1 to 64 pages (at most a 16th of the pool) and
     reuses them without taking the pool's lock, so that several processes
     allocating at once do not queue on it. Cached blocks count as free in
-    {!stats}; an alloc that finds no large enough free run takes every
+    {!val:stats}; an alloc that finds no large enough free run takes every
     process's cached blocks back first, so caching never makes an alloc
-    fail. A process gives its cache back at a normal exit, in {!stats} and
+    fail. A process gives its cache back at a normal exit, in {!val:stats} and
     {!flush_cache}; a killed one's is freed by {!reclaim_dead}.
 
     {b Thread safety.} Every function may be called from any thread of any
@@ -34,8 +34,8 @@
 
     {b Errors.} Bad sizes raise [Invalid_argument]; an exhausted pool
     raises {!Out_of_pool_memory}; a memory value that is not the start of a
-    live block of this pool raises [Invalid_argument] (for {!free}) or
-    [Not_found] (for {!size}); a failing system call raises [Failure] with
+    live block of this pool raises [Invalid_argument] (for {!val:free}) or
+    [Not_found] (for {!val:size}); a failing system call raises [Failure] with
     the call and the system's message. After any of these the pool is
     exactly as it was. *)
 
@@ -99,7 +99,7 @@ val size : t -> memory -> int
     @raise Not_found if no live block starts there. *)
 
 val size_at_addr : t -> nativeint -> int
-(** Same as {!size}, by address.
+(** Same as {!val:size}, by address.
     @raise Not_found if no live block starts there. *)
 
 (** Pool-wide figures, exact at one instant. *)
@@ -158,11 +158,12 @@ val reclaim_dead : t -> reclaimed
 val flush_cache : t -> unit
 (** Gives this process's cached blocks back to the pool, where they
     coalesce with their free neighbours (see the per-process cache above).
-    {!stats} does it too. *)
+    {!val:stats} does it too. *)
 
 val unlink : t -> unit
 (** Removes a named pool's name (no-op for anonymous pools); mappings stay
-    valid. @raise Failure if the name is already gone. *)
+    valid.
+    @raise Failure if the name is already gone. *)
 
 val name : t -> string option
 (** The pool's shm name, if it has one. *)
