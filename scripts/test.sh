@@ -23,6 +23,7 @@ step clippy-stubs     cargo clippy --lib --features ocaml-stubs -- -D warnings
 step cargo-test       cargo test --release --features crash-points
 step dune-build       dune build
 step dune-test        dune test --force
+step docs             scripts/doc.sh
 step opam-test        scripts/opam-test.sh
 step no-shm-leftovers scripts/check-shm.sh compare "$shm_before"
 echo "make test: all steps passed"
