@@ -119,6 +119,9 @@ unsafe fn ba_data(v: ocaml::sys::Value) -> (usize, usize) {
 }
 
 /// Offset of the first byte of bigarray `v` within pool `p`, if inside it.
+///
+/// # Safety
+/// As for [`ba_data`].
 #[inline]
 unsafe fn offset_in(p: &Pool, v: ocaml::sys::Value) -> Option<usize> {
     let (data, _) = ba_data(v);
