@@ -357,36 +357,44 @@ impl Pool {
     /// live process for too long are reported as busy.
     pub(crate) fn check_slots(&self, l: &Locked, tok: u64, verify: bool) -> Vec<String> {
         let mut v = Vec::new();
+        // Lock the slots first, count their CACHED words after (fix found by
+        // the random-kill test): a live owner flips its words and updates
+        // its counters under its slot lock, without the pool lock, so counts
+        // taken before holding its slot lock may be stale. Compared, that
+        // was a false report; stored (`!verify`), it corrupted the counters
+        // of a live process.
+        let mut held = Vec::new();
+        for s in 0..self.owners_hwm() {
+            if !verify && self.slot_cache(s).lock.load(Ordering::Relaxed) == 0 {
+                continue;
+            }
+            match self.slot_cache(s).lock_as_taker(tok) {
+                None => v.push(format!("owner slot {s}: cache lock held too long")),
+                Some(how) => held.push((s, how)),
+            }
+        }
+        if held.is_empty() {
+            return v;
+        }
         let mut counts = vec![(0u64, 0u64); MAX_OWNERS];
         for (_, len, owner) in l.arena.cached_blocks() {
             let c = &mut counts[owner as usize % MAX_OWNERS];
             c.0 += len as u64;
             c.1 += 1;
         }
-        for s in 0..self.owners_hwm() {
+        for (s, how) in held {
             let sc = self.slot_cache(s);
             let want = counts[s as usize];
-            if !verify && sc.lock.load(Ordering::Relaxed) == 0 {
-                continue;
+            let have = (sc.pages(), sc.blocks());
+            if how == Taken::FromTheDead || !verify {
+                sc.pages.store(want.0, Ordering::Relaxed);
+                sc.blocks.store(want.1, Ordering::Relaxed);
+            } else if have != want {
+                v.push(format!(
+                    "owner slot {s} caches {want:?} (pages, blocks) but counts {have:?}"
+                ));
             }
-            if !verify && (sc.pages(), sc.blocks()) == want {
-                continue;
-            }
-            match sc.lock_as_taker(tok) {
-                None => v.push(format!("owner slot {s}: cache lock held too long")),
-                Some(how) => {
-                    let have = (sc.pages(), sc.blocks());
-                    if how == Taken::FromTheDead || !verify {
-                        sc.pages.store(want.0, Ordering::Relaxed);
-                        sc.blocks.store(want.1, Ordering::Relaxed);
-                    } else if have != want {
-                        v.push(format!(
-                            "owner slot {s} caches {want:?} (pages, blocks) but counts {have:?}"
-                        ));
-                    }
-                    sc.unlock();
-                }
-            }
+            sc.unlock();
         }
         v
     }
