@@ -384,25 +384,26 @@ impl<'a> Arena<'a> {
         Ok(len)
     }
 
-    /// Length of the live block starting at page `p`.
+    /// The `ALLOC` word of the live (not cached) block starting at `p`.
     #[inline]
-    pub fn size(&self, p: u32) -> Result<u32> {
+    fn live_word(&self, p: u32) -> Result<u64> {
         let w = self.w(p);
         if p < self.st.npages && tag(w) == TAG_ALLOC && !is_cached(w) {
-            Ok(alloc_len(w))
+            Ok(w)
         } else {
             Err(Error::NotABlock)
         }
     }
 
+    /// Length of the live block starting at page `p`.
+    #[inline]
+    pub fn size(&self, p: u32) -> Result<u32> {
+        self.live_word(p).map(alloc_len)
+    }
+
     /// Owner slot of the live block starting at page `p`.
     pub fn owner_of(&self, p: u32) -> Result<u16> {
-        let w = self.w(p);
-        if p < self.st.npages && tag(w) == TAG_ALLOC && !is_cached(w) {
-            Ok(alloc_owner(w))
-        } else {
-            Err(Error::NotABlock)
-        }
+        self.live_word(p).map(alloc_owner)
     }
 
     pub fn stats(&self) -> PageStats {

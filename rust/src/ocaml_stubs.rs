@@ -144,16 +144,27 @@ pub extern "C" fn shmpool_ml_alloc_byte(h: Raw, bytes: Raw) -> Raw {
     tag(shmpool_ml_alloc(untag(h), untag(bytes)))
 }
 
-#[no_mangle]
-pub extern "C" fn shmpool_ml_free(h: isize, mem: ocaml::sys::Value) -> isize {
+/// Runs `op` on the offset of bigarray `mem` in pool `h`; the result in
+/// bytes, or an error code.
+#[inline]
+fn on_block(
+    h: isize,
+    mem: ocaml::sys::Value,
+    op: impl FnOnce(&Pool, usize) -> Result<usize, Error>,
+) -> isize {
     guarded(|| {
         let Some(p) = pool(h) else { return CLOSED };
         // SAFETY: `mem` has OCaml type `memory` (a char bigarray).
         match unsafe { offset_in(p, mem) } {
-            Some(off) => p.free(off).map_or_else(fail, |n| n as isize),
+            Some(off) => op(p, off).map_or_else(fail, |n| n as isize),
             None => Error::NotABlock.code(),
         }
     })
+}
+
+#[no_mangle]
+pub extern "C" fn shmpool_ml_free(h: isize, mem: ocaml::sys::Value) -> isize {
+    on_block(h, mem, Pool::free)
 }
 
 #[no_mangle]
@@ -163,14 +174,7 @@ pub extern "C" fn shmpool_ml_free_byte(h: Raw, mem: Raw) -> Raw {
 
 #[no_mangle]
 pub extern "C" fn shmpool_ml_size(h: isize, mem: ocaml::sys::Value) -> isize {
-    guarded(|| {
-        let Some(p) = pool(h) else { return CLOSED };
-        // SAFETY: `mem` has OCaml type `memory` (a char bigarray).
-        match unsafe { offset_in(p, mem) } {
-            Some(off) => p.size(off).map_or_else(fail, |n| n as isize),
-            None => Error::NotABlock.code(),
-        }
-    })
+    on_block(h, mem, Pool::size)
 }
 
 #[no_mangle]
