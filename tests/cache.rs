@@ -190,3 +190,50 @@ fn another_process_can_free_a_block_the_owner_cached_only_once() {
     child.wait_ok(T).unwrap();
     clean(&p);
 }
+
+#[test]
+fn long_blocks_are_cached_by_exact_length() {
+    let p = anon(4096);
+    let pg = p.geometry().page_size;
+    let a = p.alloc(100 * pg).unwrap();
+    let _guard = p.alloc(pg).unwrap();
+    p.free(a).unwrap();
+    assert_eq!(p.size(a), Err(Error::NotABlock));
+    // Another length does not take it...
+    let b = p.alloc(99 * pg).unwrap();
+    assert_ne!(b, a);
+    // ...the same length does.
+    assert_eq!(p.alloc(100 * pg).unwrap(), a);
+    clean(&p);
+    // Longer than a 16th of the pool: never cached.
+    let big = p.alloc(300 * pg).unwrap();
+    p.free(big).unwrap();
+    assert!(p
+        .debug_info()
+        .contains("cached in processes (offs->bsize): {}"));
+    clean(&p);
+}
+
+#[test]
+fn caching_can_be_turned_off() {
+    let p = anon(256);
+    let pg = p.geometry().page_size;
+    let a = p.alloc(pg).unwrap();
+    let b = p.alloc(pg).unwrap();
+    p.free(a).unwrap();
+    assert!(!p
+        .debug_info()
+        .contains("cached in processes (offs->bsize): {}"));
+    // Turning it off gives the cache back.
+    p.set_caching(false).unwrap();
+    assert!(p
+        .debug_info()
+        .contains("cached in processes (offs->bsize): {}"));
+    p.free(b).unwrap();
+    assert!(p
+        .debug_info()
+        .contains("cached in processes (offs->bsize): {}"));
+    assert_eq!(p.stats().largest_free_bytes, 256 * pg);
+    p.set_caching(true).unwrap();
+    clean(&p);
+}

@@ -25,6 +25,15 @@ fn anon(pages: usize) -> Pool {
     Pool::create(pages * pg, &CreateOptions::default()).unwrap()
 }
 
+/// A pool whose processes (this one and children forked later) do not use
+/// their per-process cache: every alloc and free takes the locked path, so
+/// it reaches the crash points.
+fn anon_uncached(pages: usize) -> Pool {
+    let p = anon(pages);
+    p.set_caching(false).unwrap();
+    p
+}
+
 fn me() -> i32 {
     std::process::id() as i32
 }
@@ -187,7 +196,7 @@ fn child(
 
 fn one_crash(state: State, op: Op, point: CrashPoint) {
     let what = format!("{state:?} {op:?} killed at {point:?}");
-    let pool = anon(NPAGES);
+    let pool = anon_uncached(NPAGES);
     let pg = pool.geometry().page_size;
     let s = setup(&pool, state, op);
     // SAFETY: Report is atomics only.
@@ -297,7 +306,7 @@ fn a_crash_point_is_reached_only_where_expected() {
         (CrashPoint::FreeCommitted, Op::Alloc),
         (CrashPoint::AllocCommitted, Op::Free),
     ] {
-        let pool = anon(NPAGES);
+        let pool = anon_uncached(NPAGES);
         let s = setup(&pool, State::Empty, op);
         // SAFETY: Report is atomics only.
         let r: SharedMem<Report> = unsafe { SharedMem::new() };

@@ -42,7 +42,8 @@ module Netmcore_mempool : sig
         runs instead of the original's 64 free lists, then blocks held in
         per-process caches and a few more figures.
       - Each process caches up to 32 of its own freed blocks per size of 1 to
-        64 pages (at most a 16th of the pool) and reuses them without the
+        64 pages and 16 longer ones (at most a 16th of the pool) and reuses
+        them (same length only) without the
         lock. They count as free in [stats]; [contiguous] does not count
         those held by {i other} processes (a process gives its cache back
         in [stats], and at a normal exit); an [alloc_mem] that finds no

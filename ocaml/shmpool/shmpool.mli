@@ -21,7 +21,8 @@
     25 KiB), so writing past the end of a block cannot corrupt the pool.
 
     {b The per-process cache.} A process keeps up to 32 of its own freed
-    blocks of each size from 1 to 64 pages (at most a 16th of the pool) and
+    blocks of each size from 1 to 64 pages, and 16 longer ones (reused for
+    the same length), at most a 16th of the pool in all, and
     reuses them without taking the pool's lock, so that several processes
     allocating at once do not queue on it. Cached blocks count as free in
     {!val:stats}; an alloc that finds no large enough free run takes every

@@ -2,8 +2,9 @@
 //!
 //! One pool lock for every process means that two busy processes spend
 //! their time passing the lock's cache line back and forth. So a process
-//! keeps its own freed blocks of up to [`CACHE_CLASSES`] pages in a small
-//! process-local stack per size: freeing such a block flips the CACHED
+//! keeps its own freed blocks in a small process-local stack per size of
+//! up to [`CACHE_CLASSES`] pages, and a few longer ones in a short list
+//! matched by exact length: freeing such a block flips the CACHED
 //! flag of its `ALLOC` word (the commit, a compare-and-swap) and pushes
 //! its page; allocating pops one and flips the flag back. Neither takes the
 //! pool lock; both touch only this process's slot in the header.
@@ -50,6 +51,9 @@ use std::time::{Duration, Instant};
 pub const CACHE_CLASSES: u32 = 64;
 /// Entries per size class in a process's stacks.
 const CACHE_DEPTH: usize = 32;
+/// Entries for blocks longer than `CACHE_CLASSES` pages (exact-length
+/// matches only: enough for a process that reuses a few large sizes).
+const LARGE_ENTRIES: usize = 16;
 /// How long a taker waits for a slot lock held by a live process before
 /// leaving that slot alone (only a stopped or descheduled holder is slower
 /// than a few hundred nanoseconds).
@@ -151,8 +155,62 @@ pub(crate) struct LocalCache {
 struct Stacks {
     len: [usize; CACHE_CLASSES as usize + 1],
     pages: [[u32; CACHE_DEPTH]; CACHE_CLASSES as usize + 1],
+    /// `(length, page)` of cached blocks longer than `CACHE_CLASSES`.
+    large: [(u32, u32); LARGE_ENTRIES],
+    nlarge: usize,
     /// Pages pushed and not yet popped (entries may have gone stale).
     held: u64,
+}
+
+impl Stacks {
+    /// Whether a block of `len` pages fits (per-class room and the cap).
+    fn has_room(&self, len: u32, cap: u64) -> bool {
+        let room = if len <= CACHE_CLASSES {
+            self.len[len as usize] < CACHE_DEPTH
+        } else {
+            self.nlarge < LARGE_ENTRIES
+        };
+        room && self.held + len as u64 <= cap
+    }
+
+    /// Records a block (the caller checked `has_room`).
+    fn push(&mut self, len: u32, page: u32) {
+        if len <= CACHE_CLASSES {
+            let k = len as usize;
+            self.pages[k][self.len[k]] = page;
+            self.len[k] += 1;
+        } else {
+            self.large[self.nlarge] = (len, page);
+            self.nlarge += 1;
+        }
+        self.held += len as u64;
+    }
+
+    /// Removes and returns an entry of exactly `len` pages (maybe stale).
+    fn pop(&mut self, len: u32) -> Option<u32> {
+        let page = if len <= CACHE_CLASSES {
+            let k = len as usize;
+            if self.len[k] == 0 {
+                return None;
+            }
+            self.len[k] -= 1;
+            self.pages[k][self.len[k]]
+        } else {
+            let i = self.large[..self.nlarge].iter().rposition(|e| e.0 == len)?;
+            self.nlarge -= 1;
+            self.large.swap(i, self.nlarge);
+            self.large[self.nlarge].1
+        };
+        self.held -= len as u64;
+        Some(page)
+    }
+
+    /// Pages of every entry.
+    fn all_pages(&self) -> impl Iterator<Item = u32> + '_ {
+        let small =
+            (1..=CACHE_CLASSES as usize).flat_map(|k| self.pages[k][..self.len[k]].iter().copied());
+        small.chain(self.large[..self.nlarge].iter().map(|e| e.1))
+    }
 }
 
 impl LocalCache {
@@ -161,6 +219,8 @@ impl LocalCache {
             stacks: UnsafeCell::new(Stacks {
                 len: [0; CACHE_CLASSES as usize + 1],
                 pages: [[0; CACHE_DEPTH]; CACHE_CLASSES as usize + 1],
+                large: [(0, 0); LARGE_ENTRIES],
+                nlarge: 0,
                 held: 0,
             }),
         }
@@ -181,6 +241,7 @@ impl LocalCache {
     pub(crate) unsafe fn clear(&self) {
         let s = self.stacks();
         s.len = [0; CACHE_CLASSES as usize + 1];
+        s.nlarge = 0;
         s.held = 0;
     }
 }
@@ -189,7 +250,7 @@ impl Pool {
     /// Takes a cached block of exactly `pages` pages, without the pool lock.
     #[inline]
     pub(crate) fn cache_pop(&self, pages: u32, slot: u16, tok: u64) -> Option<u32> {
-        if pages > CACHE_CLASSES {
+        if !self.caching.load(Ordering::Relaxed) {
             return None;
         }
         let sc = self.slot_cache(slot);
@@ -200,12 +261,8 @@ impl Pool {
         let s = unsafe { self.cache.stacks() };
         let d = self.descriptors();
         let cached = alloc_word(pages, slot) | CACHED;
-        let k = pages as usize;
         let mut got = None;
-        while s.len[k] > 0 {
-            s.len[k] -= 1;
-            s.held -= pages as u64;
-            let p = s.pages[k][s.len[k]];
+        while let Some(p) = s.pop(pages) {
             // The commit: cached -> live. Fails only for a stale entry
             // (the block was taken back, and maybe reused, meanwhile).
             let ok = d.get(p as usize).is_some_and(|w| {
@@ -232,11 +289,14 @@ impl Pool {
     /// returns its length, or `None` to use the locked path.
     #[inline]
     pub(crate) fn cache_push(&self, page: u32) -> Option<u32> {
+        if !self.caching.load(Ordering::Relaxed) {
+            return None;
+        }
         let (slot, tok) = self.my_identity()?;
         let d = self.descriptors().get(page as usize)?;
         let w = d.load(Ordering::Acquire);
         let len = alloc_len(w);
-        if tag(w) != TAG_ALLOC || is_cached(w) || alloc_owner(w) != slot || len > CACHE_CLASSES {
+        if tag(w) != TAG_ALLOC || is_cached(w) || alloc_owner(w) != slot {
             return None;
         }
         let sc = self.slot_cache(slot);
@@ -245,18 +305,14 @@ impl Pool {
         }
         // SAFETY: we hold our slot lock.
         let s = unsafe { self.cache.stacks() };
-        let k = len as usize;
         let mut done = None;
         // The commit: live -> cached. Fails if the block was freed by
         // someone else meanwhile (a double free): the locked path says so.
-        if s.len[k] < CACHE_DEPTH
-            && s.held + len as u64 <= self.cache_cap
+        if s.has_room(len, self.cache_cap)
             && d.compare_exchange(w, w | CACHED, Ordering::AcqRel, Ordering::Relaxed)
                 .is_ok()
         {
-            s.pages[k][s.len[k]] = page;
-            s.len[k] += 1;
-            s.held += len as u64;
+            s.push(len, page);
             sc.pages.fetch_add(len as u64, Ordering::Relaxed);
             sc.blocks.fetch_add(1, Ordering::Relaxed);
             done = Some(len);
@@ -282,13 +338,11 @@ impl Pool {
             };
             // SAFETY: we hold our slot lock.
             let s = unsafe { self.cache.stacks() };
-            for k in 1..=CACHE_CLASSES as usize {
-                for &p in &s.pages[k][..s.len[k]] {
-                    // Stale entries (taken back meanwhile) fail here.
-                    if l.arena.free_cached(p).is_ok() {
-                        sc.pages.fetch_sub(k as u64, Ordering::Relaxed);
-                        sc.blocks.fetch_sub(1, Ordering::Relaxed);
-                    }
+            for p in s.all_pages() {
+                // Stale entries (taken back meanwhile) fail here.
+                if let Ok(len) = l.arena.free_cached(p) {
+                    sc.pages.fetch_sub(len as u64, Ordering::Relaxed);
+                    sc.blocks.fetch_sub(1, Ordering::Relaxed);
                 }
             }
             // SAFETY: we hold our slot lock.

@@ -83,6 +83,8 @@ pub struct Pool {
     /// This process's token (see `cache::token`), set with `my_slot`.
     my_token: AtomicU64,
     pub(crate) cache: LocalCache,
+    /// Whether this process uses its cache (see [`Pool::set_caching`]).
+    pub(crate) caching: std::sync::atomic::AtomicBool,
     /// Most pages the cache may hold: a 16th of the pool (none for tiny
     /// pools), so one process cannot sit on much of it.
     pub(crate) cache_cap: u64,
@@ -232,6 +234,7 @@ impl Pool {
             my_slot: AtomicU64::new(u64::MAX),
             my_token: AtomicU64::new(0),
             cache: LocalCache::new(),
+            caching: std::sync::atomic::AtomicBool::new(true),
             cache_cap: geo.npages as u64 / 16,
         }
     }
@@ -442,6 +445,19 @@ impl Pool {
         self.my_slot
             .store(gen << 16 | slot as u64, Ordering::Release);
         self.alloc_locked(pages, slot, tok)
+    }
+
+    /// Turns this process's cache on (the default) or off, for this `Pool`
+    /// value (and children forked after). Off, every alloc and free takes
+    /// the pool lock, and `stats().largest_free_bytes` is exact again once
+    /// the cache is flushed (which turning it off does).
+    pub fn set_caching(&self, on: bool) -> Result<()> {
+        self.caching.store(on, Ordering::Relaxed);
+        if on {
+            Ok(())
+        } else {
+            self.flush_cache()
+        }
     }
 
     /// Frees the block starting at byte offset `off`; returns its size.
