@@ -339,7 +339,12 @@ impl Pool {
             // SAFETY: we hold our slot lock.
             let s = unsafe { self.cache.stacks() };
             for p in s.all_pages() {
-                // Stale entries (taken back meanwhile) fail here.
+                // Stale entries (taken back meanwhile) fail here. A stale
+                // page may since have become another process's cached
+                // block: never free that one (its owner counts it).
+                if alloc_owner(l.arena.w(p)) != slot {
+                    continue;
+                }
                 if let Ok(len) = l.arena.free_cached(p) {
                     sc.pages.fetch_sub(len as u64, Ordering::Relaxed);
                     sc.blocks.fetch_sub(1, Ordering::Relaxed);
