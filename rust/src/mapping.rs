@@ -79,10 +79,29 @@ fn size_and_prefault(fd: &OwnedFd, len: usize, prefault: bool) -> Result<()> {
     if prefault {
         // Reserve the backing pages now: ENOSPC here instead of a SIGBUS at
         // first touch, and far cheaper than writing a byte per page.
-        nix::fcntl::posix_fallocate(fd.as_fd(), 0, len as libc::off_t)
-            .map_err(io("posix_fallocate"))?;
+        fallocate_whole(fd.as_fd(), len as libc::off_t).map_err(io("posix_fallocate"))?;
     }
     Ok(())
+}
+
+/// `posix_fallocate(fd, 0, len)` with the catchable signals blocked. Before
+/// Linux 6.10, tmpfs abandons a fallocate with `EINTR` as soon as any
+/// signal is pending (a SIGCHLD, a timer tick), and under a periodic timer
+/// shorter than the call even a retry loop never ends; a blocked signal is
+/// not pending for it, and waits until the mask is restored. A fatal
+/// signal still ends the call.
+fn fallocate_whole(fd: std::os::fd::BorrowedFd, len: libc::off_t) -> nix::Result<()> {
+    use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow};
+    let mut old = SigSet::empty();
+    pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&SigSet::all()), Some(&mut old))?;
+    let r = loop {
+        match nix::fcntl::posix_fallocate(fd, 0, len) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            r => break r,
+        }
+    };
+    let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
+    r
 }
 
 impl Mapping {
@@ -176,5 +195,5 @@ pub fn prefault_named(name: &str) -> Result<()> {
     let fd =
         shm_open(name, OFlag::O_RDWR | OFlag::O_CLOEXEC, Mode::empty()).map_err(io("shm_open"))?;
     let st = fstat(&fd).map_err(io("fstat"))?;
-    nix::fcntl::posix_fallocate(fd.as_fd(), 0, st.st_size).map_err(io("posix_fallocate"))
+    fallocate_whole(fd.as_fd(), st.st_size).map_err(io("posix_fallocate"))
 }
