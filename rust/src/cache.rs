@@ -500,7 +500,7 @@ impl Pool {
     pub(crate) fn cached_totals(&self) -> (u64, u64) {
         (0..self.owners_hwm()).fold((0, 0), |(p, b), s| {
             let c = self.slot_cache(s);
-            (p + c.pages(), b + c.blocks())
+            (p.saturating_add(c.pages()), b.saturating_add(c.blocks()))
         })
     }
 }

@@ -317,7 +317,7 @@ impl Pool {
             // are the truth (one commit write per operation), rebuild the
             // rest before anyone reads it, then declare the lock consistent.
             l.arena.rebuild();
-            *l.recoveries += 1;
+            *l.recoveries = l.recoveries.wrapping_add(1);
             // A dead process taking cached blocks back may have died holding
             // slot locks: take them over and recount those slots.
             let _ = self.check_slots(&l, self.taker_token(), false);
@@ -326,12 +326,12 @@ impl Pool {
         let mut r = catch_unwind(AssertUnwindSafe(|| f(&mut l)));
         if matches!(r, Ok(Err(Error::Corrupt(_)))) {
             l.arena.rebuild();
-            *l.recoveries += 1;
+            *l.recoveries = l.recoveries.wrapping_add(1);
             r = catch_unwind(AssertUnwindSafe(|| f(&mut l)));
         }
         let r = r.unwrap_or_else(|_| {
             l.arena.rebuild();
-            *l.recoveries += 1;
+            *l.recoveries = l.recoveries.wrapping_add(1);
             Err(Error::Corrupt("internal panic under the pool lock".into()))
         });
         hit(CrashPoint::BeforeUnlock);
@@ -508,7 +508,8 @@ impl Pool {
         let (cached_pages, cached_blocks) = self.cached_totals();
         Stats {
             total_bytes: self.geo.total_len,
-            free_bytes: (ps.free_pages + cached_pages) as usize * pg,
+            // Saturating: a damaged header must not make stats panic.
+            free_bytes: (ps.free_pages.saturating_add(cached_pages) as usize).saturating_mul(pg),
             largest_free_bytes: ps.largest_free_run as usize * pg,
             payload_bytes: self.geo.npages as usize * pg,
             live_blocks: ps.live_blocks.saturating_sub(cached_blocks),
@@ -622,7 +623,9 @@ impl Pool {
         let _ = writeln!(
             s,
             "pool_free = {}",
-            (ps.free_pages as usize + cached_pages) * pg
+            (ps.free_pages as usize)
+                .saturating_add(cached_pages)
+                .saturating_mul(pg)
         );
         let _ = writeln!(
             s,
