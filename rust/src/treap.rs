@@ -128,8 +128,11 @@ impl Arena<'_> {
             self.set_right(parent, h);
         }
         let ph = priority(h);
-        while self.parent(h) != NIL && priority(self.parent(h)) < ph {
+        // Bounded like every walk here: damaged links may form a cycle.
+        let mut steps = 0u32;
+        while self.parent(h) != NIL && priority(self.parent(h)) < ph && steps <= self.st.npages {
             self.rotate_up(h);
+            steps += 1;
         }
     }
 
