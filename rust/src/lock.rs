@@ -26,6 +26,35 @@ const _: () = assert!(std::mem::size_of::<libc::pthread_mutex_t>() <= 64);
 /// Tries before blocking in `lock` (about 2 µs of backoff in all).
 const SPIN_ROUNDS: u32 = 16;
 
+/// How long a blocked `lock` sleeps before looking at the lock again.
+const RECHECK: std::time::Duration = std::time::Duration::from_millis(10);
+
+extern "C" {
+    /// glibc >= 2.30 (not yet in the `libc` crate): `pthread_mutex_timedlock`
+    /// on a clock of our choice, so a wall-clock step cannot stretch a wait.
+    fn pthread_mutex_clocklock(
+        m: *mut libc::pthread_mutex_t,
+        clock: libc::clockid_t,
+        abstime: *const libc::timespec,
+    ) -> libc::c_int;
+}
+
+/// `CLOCK_MONOTONIC` now plus `d`, as a timespec.
+fn deadline_after(d: std::time::Duration) -> libc::timespec {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec to a valid pointer.
+    unsafe {
+        libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts);
+    }
+    let nsec = ts.tv_nsec as u64 + d.subsec_nanos() as u64;
+    ts.tv_sec += d.as_secs() as libc::time_t + (nsec / 1_000_000_000) as libc::time_t;
+    ts.tv_nsec = (nsec % 1_000_000_000) as libc::c_long;
+    ts
+}
+
 /// How the lock was acquired.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Acquired {
@@ -115,17 +144,32 @@ impl RobustMutex {
                 _ => break, // let the blocking call report it
             }
         }
+        // Never sleep without a deadline. glibc's robust mutex can lose a
+        // wake-up when processes die: an unlock wakes one sleeper, that
+        // sleeper is SIGKILLed before it takes the lock, and a third process
+        // takes and releases the free lock meanwhile, clearing the "waiters"
+        // bit; the kernel's clean-up at the death wakes nobody then, and any
+        // other sleeper would wait forever on a free lock (seen about once in
+        // 300 torture trials). With a deadline it looks again after
+        // `RECHECK` at worst.
         loop {
+            let deadline = deadline_after(RECHECK);
             // SAFETY: `self.m` points into a live mapping (contract of `at`)
-            // and was initialised by `init` before the pool was published.
-            match unsafe { libc::pthread_mutex_lock(self.m) } {
+            // and was initialised by `init` before the pool was published;
+            // `deadline` is a valid timespec on the stack.
+            match unsafe { pthread_mutex_clocklock(self.m, libc::CLOCK_MONOTONIC, &deadline) } {
                 0 => return Ok(Acquired::Clean),
                 libc::EOWNERDEAD => return Ok(Acquired::OwnerDied),
-                libc::EINTR => continue,
+                libc::EINTR | libc::ETIMEDOUT => continue,
                 libc::ENOTRECOVERABLE => {
                     return Err(Error::Corrupt("pool lock is not recoverable".into()))
                 }
-                e => return Err(Error::Io("pthread_mutex_lock".into(), Errno::from_raw(e))),
+                e => {
+                    return Err(Error::Io(
+                        "pthread_mutex_clocklock".into(),
+                        Errno::from_raw(e),
+                    ))
+                }
             }
         }
     }
