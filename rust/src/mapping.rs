@@ -74,12 +74,14 @@ fn map_fd(fd: &OwnedFd, len: usize) -> Result<Mapping> {
     })
 }
 
-fn size_and_prefault(fd: &OwnedFd, len: usize, prefault: bool) -> Result<()> {
+/// Sets the object's length and reserves the backing pages of its first
+/// `reserve` bytes now: ENOSPC here instead of a SIGBUS at first touch, and
+/// far cheaper than writing a byte per page.
+fn size_and_reserve(fd: &OwnedFd, len: usize, reserve: usize) -> Result<()> {
     nix::unistd::ftruncate(fd, len as libc::off_t).map_err(io("ftruncate"))?;
-    if prefault {
-        // Reserve the backing pages now: ENOSPC here instead of a SIGBUS at
-        // first touch, and far cheaper than writing a byte per page.
-        fallocate_whole(fd.as_fd(), len as libc::off_t).map_err(io("posix_fallocate"))?;
+    if reserve > 0 {
+        fallocate_whole(fd.as_fd(), reserve.min(len) as libc::off_t)
+            .map_err(io("posix_fallocate"))?;
     }
     Ok(())
 }
@@ -105,9 +107,10 @@ fn fallocate_whole(fd: std::os::fd::BorrowedFd, len: libc::off_t) -> nix::Result
 }
 
 impl Mapping {
-    /// Creates the shm object `name` (`O_EXCL`, mode 0600) of `len` bytes.
+    /// Creates the shm object `name` (`O_EXCL`, mode 0600) of `len` bytes,
+    /// its first `reserve` bytes backed now (`len` to prefault it all).
     /// On failure nothing is left behind.
-    pub fn create_named(name: &str, len: usize, prefault: bool) -> Result<Mapping> {
+    pub fn create_named(name: &str, len: usize, reserve: usize) -> Result<Mapping> {
         check_name(name)?;
         let fd = shm_open(
             name,
@@ -115,7 +118,7 @@ impl Mapping {
             Mode::S_IRUSR | Mode::S_IWUSR,
         )
         .map_err(io("shm_open"))?;
-        let r = size_and_prefault(&fd, len, prefault).and_then(|()| map_fd(&fd, len));
+        let r = size_and_reserve(&fd, len, reserve).and_then(|()| map_fd(&fd, len));
         if r.is_err() {
             let _ = shm_unlink(name);
         }
@@ -123,11 +126,12 @@ impl Mapping {
     }
 
     /// Creates an anonymous shared object (memfd): visible to this process
-    /// and to children forked after this call, to nobody else.
-    pub fn create_anonymous(len: usize, prefault: bool) -> Result<Mapping> {
+    /// and to children forked after this call, to nobody else. `reserve`
+    /// as for [`Mapping::create_named`].
+    pub fn create_anonymous(len: usize, reserve: usize) -> Result<Mapping> {
         let fd = nix::sys::memfd::memfd_create(c"shmpool", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
             .map_err(io("memfd_create"))?;
-        size_and_prefault(&fd, len, prefault)?;
+        size_and_reserve(&fd, len, reserve)?;
         map_fd(&fd, len)
     }
 

@@ -108,9 +108,18 @@ impl Pool {
     /// Creates a pool whose payload holds at least `bytes` bytes.
     pub fn create(bytes: usize, opts: &CreateOptions) -> Result<Pool> {
         let geo = Geometry::for_payload(bytes, page_size()).ok_or(Error::BadSize)?;
+        // The header and the descriptors always get their backing store
+        // now, the payload only with prefault: when the shm file system
+        // fills up, touching a block may SIGBUS, but the pool's own
+        // operations (check, recovery) never do.
+        let reserve = if opts.prefault {
+            geo.total_len
+        } else {
+            geo.payload_offset
+        };
         let map = match &opts.name {
-            Some(n) => Mapping::create_named(n, geo.total_len, opts.prefault)?,
-            None => Mapping::create_anonymous(geo.total_len, opts.prefault)?,
+            Some(n) => Mapping::create_named(n, geo.total_len, reserve)?,
+            None => Mapping::create_anonymous(geo.total_len, reserve)?,
         };
         // A new object (O_EXCL or memfd) reads as zeros: nothing to clear.
         let r = Self::format(map, geo, opts.name.clone(), true);
