@@ -492,7 +492,12 @@ impl Pool {
     /// (0 if unrecorded).
     pub fn owner_of(&self, off: usize) -> Result<i32> {
         let page = self.page_of_offset(off)?;
-        self.locked(|l| Ok(l.owners[l.arena.owner_of(page)? as usize].pid))
+        self.locked(|l| {
+            let slot = l.arena.owner_of(page)? as usize;
+            // A damaged ALLOC word may name a slot past the table (it would
+            // panic, caught, and rebuild): read it as unrecorded.
+            Ok(l.owners.get(slot).map_or(0, |o| o.pid))
+        })
     }
 
     /// Exact figures. `largest_free_bytes` does not count blocks that
