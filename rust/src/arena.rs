@@ -293,6 +293,9 @@ impl<'a> Arena<'a> {
         if tag(self.w(h)) != TAG_FREE
             || len < pages
             || h as u64 + len as u64 > self.st.npages as u64
+            // D1: a run's last page repeats its length; a damaged length
+            // word or list link shows here before we hand out its pages.
+            || (len >= 2 && self.w(h + len - 1) != len_word(len))
         {
             return Err(Error::Corrupt(format!("free structures point at page {h}")));
         }

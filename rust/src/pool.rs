@@ -151,12 +151,27 @@ impl Pool {
     /// # Safety
     /// As for [`Pool::format_in_place`], except that the pool exists.
     pub unsafe fn attach_in_place(ptr: *mut u8, len: usize) -> Result<Pool> {
-        Self::validate(Mapping::borrowed(ptr, len)?, None)
+        Self::validate(Mapping::borrowed(ptr, len)?, None).map(Self::repaired)
     }
 
     /// Maps and opens the named pool created by another process.
     pub fn attach(name: &str) -> Result<Pool> {
-        Self::validate(Mapping::open_named(name)?, Some(name.to_string()))
+        Self::validate(Mapping::open_named(name)?, Some(name.to_string())).map(Self::repaired)
+    }
+
+    /// A process opening a pool verifies it once (O(pages), about a
+    /// millisecond per GiB) and, if its metadata is damaged (a stray write
+    /// by some program, a bug), rebuilds everything derived from the
+    /// `ALLOC` words before using it, counting a recovery.
+    fn repaired(self) -> Pool {
+        let _ = self.locked(|l| {
+            if !l.arena.check().is_empty() {
+                l.arena.rebuild();
+                *l.recoveries += 1;
+            }
+            Ok(())
+        });
+        self
     }
 
     fn format(map: Mapping, geo: Geometry, name: Option<String>, zeroed: bool) -> Result<Pool> {
