@@ -47,6 +47,9 @@ ls /dev/shm | sort >"$tmp/shm-before"
 
 echo "== build"
 dune build ./bench/bench.exe
+# the code measured (others may commit meanwhile)
+version=$(git describe --always --dirty 2>/dev/null || echo '?')
+dirty=$(git status --porcelain -- rust ocaml Cargo.toml Cargo.lock 2>/dev/null | awk '{print $2}' | tr '\n' ' ')
 
 # The Rust core bench, if its author has written it.
 core_status=absent
@@ -62,14 +65,16 @@ if [ -f rust/benches/core.rs ] && [ "$(grep -cvE '^\s*(//.*)?$|^\s*fn main\(\) \
 fi
 
 echo "== bench.exe (original vs ours, alternating rounds)"
-./_build/default/bench/bench.exe -o "$tmp/table.md" -dat "$tmp/ratios.dat" -shm-log "$tmp/shm.log" "$@" >/dev/null
+./_build/default/bench/bench.exe -o "$tmp/table.md" -dat "$tmp/ratios.dat" -shm-log "$tmp/shm.log" \
+  -sockdir "$tmp/netmcore" "$@" >/dev/null
 
 {
   echo "# shmpool benchmark, $(date '+%Y-%m-%d %H:%M')"
   echo
   echo "Machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')), Linux $(uname -r);"
-  echo "OCaml $(ocamlfind ocamlopt -version), OCamlnet $(ocamlfind query -format %v netmulticore);"
-  echo "shmpool $(git describe --always --dirty 2>/dev/null || echo '?'). Produced by \`make bench\` (bench/bench.ml, scripts/bench.sh)."
+  echo "OCaml $(ocamlfind ocamlopt -version), OCamlnet $(dpkg-query -W -f '${Version}' libocamlnet-ocaml-dev 2>/dev/null || echo '?');"
+  echo "shmpool $version${dirty:+ (uncommitted changes in: ${dirty% })}."
+  echo "Produced by \`make bench\` (bench/bench.ml, scripts/bench.sh)."
   echo
   echo "## Netmcore_mempool: OCamlnet's original against Shmpool_netmcore.Netmcore_mempool"
   echo
