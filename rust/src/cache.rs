@@ -141,6 +141,31 @@ impl SlotCache {
         self.pages.load(Ordering::Relaxed)
     }
 
+    /// Adjusts the counters by `(pages, blocks)`. Only ever called with the
+    /// slot lock held, so a plain load and store suffice (no locked
+    /// instruction on the fast path); readers without the lock only read.
+    #[inline]
+    fn add(&self, pages: u64, blocks: u64) {
+        self.pages
+            .store(self.pages().wrapping_add(pages), Ordering::Relaxed);
+        self.blocks
+            .store(self.blocks().wrapping_add(blocks), Ordering::Relaxed);
+    }
+
+    #[inline]
+    fn sub(&self, pages: u64, blocks: u64) {
+        self.pages
+            .store(self.pages().saturating_sub(pages), Ordering::Relaxed);
+        self.blocks
+            .store(self.blocks().saturating_sub(blocks), Ordering::Relaxed);
+    }
+
+    /// Sets the counters (slot lock held).
+    fn set(&self, pages: u64, blocks: u64) {
+        self.pages.store(pages, Ordering::Relaxed);
+        self.blocks.store(blocks, Ordering::Relaxed);
+    }
+
     pub fn blocks(&self) -> u64 {
         self.blocks.load(Ordering::Relaxed)
     }
@@ -275,8 +300,7 @@ impl Pool {
                 .is_ok()
             });
             if ok {
-                sc.pages.fetch_sub(pages as u64, Ordering::Relaxed);
-                sc.blocks.fetch_sub(1, Ordering::Relaxed);
+                sc.sub(pages as u64, 1);
                 got = Some(p);
                 break;
             }
@@ -306,6 +330,9 @@ impl Pool {
         // SAFETY: we hold our slot lock.
         let s = unsafe { self.cache.stacks() };
         let mut done = None;
+        // Marked before the commit, so a death right after it still leaves
+        // the slot where `stats` looks.
+        self.mark_caching(slot);
         // The commit: live -> cached. Fails if the block was freed by
         // someone else meanwhile (a double free): the locked path says so.
         if s.has_room(len, self.cache_cap)
@@ -313,8 +340,7 @@ impl Pool {
                 .is_ok()
         {
             s.push(len, page);
-            sc.pages.fetch_add(len as u64, Ordering::Relaxed);
-            sc.blocks.fetch_add(1, Ordering::Relaxed);
+            sc.add(len as u64, 1);
             done = Some(len);
         }
         sc.unlock();
@@ -346,14 +372,16 @@ impl Pool {
                     continue;
                 }
                 if let Ok(len) = l.arena.free_cached(p) {
-                    sc.pages.fetch_sub(len as u64, Ordering::Relaxed);
-                    sc.blocks.fetch_sub(1, Ordering::Relaxed);
+                    sc.sub(len as u64, 1);
                 }
             }
             // SAFETY: we hold our slot lock.
             unsafe { self.cache.clear() };
             if how == Taken::FromTheDead {
                 self.recount(l, &[slot]);
+            }
+            if sc.blocks() == 0 {
+                self.unmark_caching(slot);
             }
             sc.unlock();
             Ok(())
@@ -378,8 +406,8 @@ impl Pool {
         }
         for &s in &held {
             let sc = self.slot_cache(s);
-            sc.pages.store(0, Ordering::Relaxed);
-            sc.blocks.store(0, Ordering::Relaxed);
+            sc.set(0, 0);
+            self.unmark_caching(s);
             sc.unlock();
         }
     }
@@ -388,7 +416,7 @@ impl Pool {
     /// from the dead are recounted later by the callers that need exact
     /// counters (take-back zeroes them anyway). Returns the slots held.
     fn lock_slots(&self, tok: u64, want: impl Fn(&SlotCache) -> bool) -> Vec<u16> {
-        (0..self.owners_hwm())
+        self.caching_slots()
             .filter(|&s| want(self.slot_cache(s)))
             .filter(|&s| self.slot_cache(s).lock_as_taker(tok).is_some())
             .collect()
@@ -404,9 +432,8 @@ impl Pool {
             c.1 += 1;
         }
         for &s in slots {
-            let sc = self.slot_cache(s);
-            sc.pages.store(counts[s as usize].0, Ordering::Relaxed);
-            sc.blocks.store(counts[s as usize].1, Ordering::Relaxed);
+            self.slot_cache(s)
+                .set(counts[s as usize].0, counts[s as usize].1);
         }
     }
 
@@ -446,8 +473,7 @@ impl Pool {
             let want = counts[s as usize];
             let have = (sc.pages(), sc.blocks());
             if how == Taken::FromTheDead || !verify {
-                sc.pages.store(want.0, Ordering::Relaxed);
-                sc.blocks.store(want.1, Ordering::Relaxed);
+                sc.set(want.0, want.1);
             } else if have != want {
                 v.push(format!(
                     "owner slot {s} caches {want:?} (pages, blocks) but counts {have:?}"
@@ -463,8 +489,8 @@ impl Pool {
     pub(crate) fn forget_slot(&self, slot: u16, tok: u64) {
         let sc = self.slot_cache(slot);
         let got = sc.lock_as_taker(tok).is_some();
-        sc.pages.store(0, Ordering::Relaxed);
-        sc.blocks.store(0, Ordering::Relaxed);
+        sc.set(0, 0);
+        self.unmark_caching(slot);
         if got {
             sc.unlock();
         }
@@ -477,7 +503,7 @@ impl Pool {
     /// repaired under the pool lock if its holder is gone. Costs a load per
     /// slot when nothing is locked.
     pub(crate) fn settle_slots(&self) {
-        for s in 0..self.owners_hwm() {
+        for s in self.caching_slots() {
             let sc = self.slot_cache(s);
             let mut spins = 0;
             while sc.lock.load(Ordering::Relaxed) != 0 && spins < 2000 {
@@ -496,9 +522,49 @@ impl Pool {
         }
     }
 
+    /// Notes that `slot` may hold cached blocks (its owner, slot lock held).
+    /// Writes the shared bitmap only the first time.
+    #[inline]
+    fn mark_caching(&self, slot: u16) {
+        let (w, bit) = self.caching_bit(slot);
+        if w.load(Ordering::Relaxed) & bit == 0 {
+            w.fetch_or(bit, Ordering::Relaxed);
+        }
+    }
+
+    /// Notes that `slot` holds no cached block (slot lock held, counters 0).
+    fn unmark_caching(&self, slot: u16) {
+        let (w, bit) = self.caching_bit(slot);
+        w.fetch_and(!bit, Ordering::Relaxed);
+    }
+
+    fn caching_bit(&self, slot: u16) -> (&AtomicU64, u64) {
+        let s = slot as usize % MAX_OWNERS;
+        (&self.header().cache_slots[s / 64], 1u64 << (s % 64))
+    }
+
+    /// The slots that may hold cached blocks: every slot with a cached
+    /// block, or whose owner died in the middle of caching one.
+    fn caching_slots(&self) -> impl Iterator<Item = u16> + '_ {
+        self.header()
+            .cache_slots
+            .iter()
+            .enumerate()
+            .flat_map(|(i, w)| {
+                let mut bits = w.load(Ordering::Relaxed);
+                std::iter::from_fn(move || {
+                    (bits != 0).then(|| {
+                        let b = bits.trailing_zeros();
+                        bits &= bits - 1;
+                        (i * 64) as u16 + b as u16
+                    })
+                })
+            })
+    }
+
     /// Pages and blocks in all processes' caches.
     pub(crate) fn cached_totals(&self) -> (u64, u64) {
-        (0..self.owners_hwm()).fold((0, 0), |(p, b), s| {
+        self.caching_slots().fold((0, 0), |(p, b), s| {
             let c = self.slot_cache(s);
             (p.saturating_add(c.pages()), b.saturating_add(c.blocks()))
         })

@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64};
 /// a half-formatted pool is never mistaken for a pool.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"SHMPOOL\x01");
 /// Bumped whenever the meaning or position of any shared field changes.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// The shared header at offset 0 of every pool.
 #[repr(C)]
@@ -42,6 +42,9 @@ pub struct Header {
     /// One more than the highest owner slot ever used (bounds the loops
     /// over `slot_cache`).
     pub owners_hwm: AtomicU32,
+    /// Bit `s` set when owner slot `s` may hold cached blocks (see
+    /// `cache.rs`), so `stats` reads only those slots' counters.
+    pub cache_slots: [AtomicU64; 4],
     pub lock: MutexStorage,
     /// Owner slot identities (slot 0 = "unrecorded owner"). Under the lock.
     pub owners: [OwnerIdentity; MAX_OWNERS],

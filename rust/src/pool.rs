@@ -263,7 +263,7 @@ impl Pool {
         }
     }
 
-    fn header(&self) -> &Header {
+    pub(crate) fn header(&self) -> &Header {
         // SAFETY: hdr points to the validated header of our live mapping;
         // only atomic or immutable fields are read through this reference.
         unsafe { self.hdr.as_ref() }
