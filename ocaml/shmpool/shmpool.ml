@@ -176,6 +176,12 @@ let flush_cache t =
   let r = flush_cache_stub t.h in
   if r < 0 then fail "Shmpool.flush_cache" r
 
+external set_caching_stub : int -> bool -> int = "shmpool_ml_set_caching"
+
+let set_caching t on =
+  let r = set_caching_stub t.h on in
+  if r < 0 then fail "Shmpool.set_caching" r
+
 let name t = name_stub t.h
 let close t = close_stub t.h
 

@@ -28,7 +28,9 @@
     {!val:stats}; an alloc that finds no large enough free run takes every
     process's cached blocks back first, so caching never makes an alloc
     fail. A process gives its cache back at a normal exit, in {!val:stats} and
-    {!flush_cache}; a killed one's is freed by {!reclaim_dead}.
+    {!flush_cache}; a killed one's is freed by {!reclaim_dead}. Because
+    cached blocks coalesce only when given back, a pool run nearly full with
+    blocks of many sizes fragments sooner: {!set_caching} turns it off.
 
     {b Thread safety.} Every function may be called from any thread of any
     process that maps the pool.
@@ -160,6 +162,13 @@ val flush_cache : t -> unit
 (** Gives this process's cached blocks back to the pool, where they
     coalesce with their free neighbours (see the per-process cache above).
     {!val:stats} does it too. *)
+
+val set_caching : t -> bool -> unit
+(** Turns this process's cache on (the default) or off, for this [t] and
+    the children forked afterwards; turning it off gives the cache back.
+    Caching defers the coalescing of the blocks it holds: on a pool that
+    runs nearly full with blocks of many sizes, a process can prefer exact
+    coalescing to speed. *)
 
 val unlink : t -> unit
 (** Removes a named pool's name (no-op for anonymous pools); mappings stay

@@ -463,10 +463,15 @@ fn main() {
             Box::new(|| fragmented(|i| lens_b[i], 64 * (lo_b + 63) + 64)),
         ),
     ] {
+        // These cases measure the allocator's search, so both pools run
+        // with the per-process cache off (it would serve the ring's own
+        // frees without searching).
         let e = pool(RING_POOL);
+        e.set_caching(false).expect("caching off");
         let fe = ring_case(&format!("empty  ring64 {label}"), &e, 64, sz, clock);
         drop(e);
         let p = frag_pool();
+        p.set_caching(false).expect("caching off");
         let ff = ring_case(&format!("frag10k ring64 {label}"), &p, 64, sz, clock);
         let (ra, rf) = (ff.alloc.0 / fe.alloc.0, ff.free.0 / fe.free.0);
         println!("core  fragmented/empty ({label}): alloc {ra:.2}x  free {rf:.2}x");

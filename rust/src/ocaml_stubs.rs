@@ -461,6 +461,16 @@ pub fn shmpool_ml_flush_cache(h: ocaml::Int) -> ocaml::Int {
     })
 }
 
+/// Turns this process's cache on or off (0, or a negative error code).
+#[ocaml::func]
+pub fn shmpool_ml_set_caching(h: ocaml::Int, on: bool) -> ocaml::Int {
+    cold(PANIC, || match pool(h).map(|p| p.set_caching(on)) {
+        None => CLOSED,
+        Some(Ok(())) => 0,
+        Some(Err(e)) => fail(e),
+    })
+}
+
 #[ocaml::func]
 pub fn shmpool_ml_name(h: ocaml::Int) -> Option<String> {
     pool(h).and_then(|p| p.name().map(String::from))

@@ -177,6 +177,25 @@ let test_gc_compact () =
   check_clean pool;
   P.close pool
 
+let test_caching () =
+  let pool = P.create (256 * ps) in
+  let a = P.alloc pool ps and b = P.alloc pool ps in
+  P.free pool a;
+  (* cached: the same page comes back first *)
+  let a' = P.alloc pool ps in
+  Alcotest.(check bool) "reused from the cache" true (P.addr_of a = P.addr_of a');
+  P.free pool a';
+  P.set_caching pool false;
+  let d = P.debug_info pool in
+  Alcotest.(check bool) "turning it off gives the cache back" true
+    (try ignore (Str.search_forward (Str.regexp_string "cached in processes (offs->bsize): {}") d 0); true
+     with Not_found -> false);
+  P.free pool b;
+  Alcotest.(check int) "coalesced" (256 * ps) (P.stats pool).largest_free;
+  P.flush_cache pool;
+  check_clean pool;
+  P.close pool
+
 let test_closed () =
   let pool = P.create ps in
   P.close pool;
@@ -194,6 +213,7 @@ let () =
           Alcotest.test_case "fork: 4 children share, reclaim_dead" `Quick test_fork_shared;
           Alcotest.test_case "named pool, attach, unlink, not a pool" `Quick test_named_attach;
           Alcotest.test_case "Gc.compact with live blocks" `Quick test_gc_compact;
+          Alcotest.test_case "per-process cache, set_caching" `Quick test_caching;
           Alcotest.test_case "closed pool" `Quick test_closed;
         ] );
     ]

@@ -107,9 +107,14 @@ let () =
   let pool = M.create_mempool (4 * 1024 * 1024) in
   let sockdir = Filename.concat (Filename.get_temp_dir_name ()) (Printf.sprintf "shmpool-workers-%d" (Unix.getpid ())) in
   Unix.mkdir sockdir 0o700;
+  (* at_exit also runs in every Netmcore worker (forked from here) when it
+     exits: only the master may clean up. *)
+  let master = Unix.getpid () in
   let cleanup () =
-    (try M.unlink_mempool pool with _ -> ());
-    ignore (Sys.command ("rm -rf " ^ Filename.quote sockdir))
+    if Unix.getpid () = master then begin
+      (try M.unlink_mempool pool with _ -> ());
+      ignore (Sys.command ("rm -rf " ^ Filename.quote sockdir))
+    end
   in
   at_exit cleanup;
   let mb = M.alloc_mem pool ps in
