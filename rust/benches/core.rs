@@ -391,7 +391,7 @@ fn main() {
         pg()
     );
     println!(
-        "core  per-process cache: blocks of <= {CACHE_CLASSES} pages freed by their owner are cached (no lock)"
+        "core  per-process cache: blocks of <= {CACHE_CLASSES} pages (and 16 longer ones, by exact length) freed by their owner are cached (no lock); the fragmented cases run uncached"
     );
     let par0 = cpu_parallelism();
     println!(
