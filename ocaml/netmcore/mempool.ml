@@ -64,7 +64,15 @@ let create_mempool ?(alloc_really = false) size =
   let (`Resource n as id), name, container =
     Netmcore.create_preallocated_shm_sc ~value_area:true "/mempool" total
   in
-  if alloc_really then Shmpool.prefault_shm name;
+  (* Reserve the whole object, or at least the pool's own header and page
+     descriptors: a full /dev/shm then fails here, not with a SIGBUS in
+     whichever process first touches the metadata. *)
+  (try
+     if alloc_really then Shmpool.prefault_shm name
+     else
+       let payload = (size + Shmpool.page_size - 1) / Shmpool.page_size * Shmpool.page_size in
+       Shmpool.prefault_shm ~len:(total - payload) name
+   with e -> (try Netsys_posix.shm_unlink name with _ -> ()); raise e);
   let mem =
     match (Netmcore.get_resource id)#repr with
     | `Posix_shm_preallocated_sc (_, mem, _) -> mem

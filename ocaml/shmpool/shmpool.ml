@@ -64,7 +64,7 @@ external unlink_stub : int -> int * string = "shmpool_ml_unlink"
 external name_stub : int -> string option = "shmpool_ml_name"
 external close_stub : int -> unit = "shmpool_ml_close"
 external total_stub : int -> int = "shmpool_ml_total_for_payload"
-external prefault_stub : string -> int * string = "shmpool_ml_prefault_name"
+external prefault_stub : string -> int -> int * string = "shmpool_ml_prefault_name"
 
 let () =
   Callback.register_exception "Shmpool.Out_of_pool_memory" Out_of_pool_memory;
@@ -193,6 +193,6 @@ let total_for_payload n =
   let r = if n <= 0 then e_bad_size else total_stub n in
   if r < 0 then invalid_arg "Shmpool.total_for_payload: bad size" else r
 
-let prefault_shm name =
-  let code, msg = prefault_stub name in
+let prefault_shm ?(len = 0) name =
+  let code, msg = prefault_stub name len in
   if code < 0 then failwith ("Shmpool.prefault_shm: " ^ msg)

@@ -206,5 +206,6 @@ val total_for_payload : int -> int
 (** Bytes of shared memory a pool with [n] payload bytes needs.
     @raise Invalid_argument if [n <= 0] or too large. *)
 
-val prefault_shm : string -> unit
-(** Reserves the backing store of the named shm object (see [prefault]). *)
+val prefault_shm : ?len:int -> string -> unit
+(** Reserves the backing store of the named shm object (see [prefault]):
+    its first [len] bytes, or all of it (the default). *)

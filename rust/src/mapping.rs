@@ -192,12 +192,14 @@ pub fn unlink(name: &str) -> Result<()> {
     shm_unlink(name).map_err(io("shm_unlink"))
 }
 
-/// Reserves the whole backing store of the existing shm object `name`
-/// (`posix_fallocate`), so that touching its pages later cannot SIGBUS.
-pub fn prefault_named(name: &str) -> Result<()> {
+/// Reserves the backing store of the first `len` bytes (all of it for
+/// `None`) of the existing shm object `name` (`posix_fallocate`), so that
+/// touching those pages later cannot SIGBUS.
+pub fn prefault_named(name: &str, len: Option<usize>) -> Result<()> {
     check_name(name)?;
     let fd =
         shm_open(name, OFlag::O_RDWR | OFlag::O_CLOEXEC, Mode::empty()).map_err(io("shm_open"))?;
     let st = fstat(&fd).map_err(io("fstat"))?;
-    fallocate_whole(fd.as_fd(), st.st_size).map_err(io("posix_fallocate"))
+    let len = len.map_or(st.st_size, |l| (l as libc::off_t).min(st.st_size));
+    fallocate_whole(fd.as_fd(), len).map_err(io("posix_fallocate"))
 }

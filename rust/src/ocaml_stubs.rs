@@ -442,10 +442,12 @@ pub fn shmpool_ml_unlink_name(name: String) -> (ocaml::Int, String) {
     })
 }
 
-/// Reserves the backing store of the named shm object (`alloc_really`).
+/// Reserves the backing store of the named shm object: its first `len`
+/// bytes, or all of it for `len <= 0` (`alloc_really`).
 #[ocaml::func]
-pub fn shmpool_ml_prefault_name(name: String) -> (ocaml::Int, String) {
-    cold(panic_pair(), || match mapping::prefault_named(&name) {
+pub fn shmpool_ml_prefault_name(name: String, len: ocaml::Int) -> (ocaml::Int, String) {
+    let len = usize::try_from(len).ok().filter(|&l| l > 0);
+    cold(panic_pair(), || match mapping::prefault_named(&name, len) {
         Ok(()) => (0, String::new()),
         Err(e) => (e.code(), e.to_string()),
     })
