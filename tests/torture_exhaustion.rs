@@ -29,21 +29,6 @@ use std::time::{Duration, Instant};
 
 const T: Duration = Duration::from_secs(20);
 
-fn scale() -> u64 {
-    std::env::var("SHMPOOL_TORTURE")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .filter(|&n| n >= 1)
-        .unwrap_or(1)
-}
-
-fn die_with_parent() {
-    // SAFETY: prctl with an integer argument.
-    unsafe {
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-    }
-}
-
 // ----- 1. a backing store that cannot grow
 
 /// What the namespaced child found (a skip reason, or the results).

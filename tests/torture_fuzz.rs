@@ -38,11 +38,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
 fn scale() -> u32 {
-    std::env::var("SHMPOOL_TORTURE")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .filter(|&n| n >= 1)
-        .unwrap_or(1)
+    common::scale().min(u32::MAX as u64) as u32
 }
 
 fn runner(cases: u32) -> TestRunner {

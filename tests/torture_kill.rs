@@ -52,21 +52,6 @@ const DEFAULT_TRIALS: u64 = 30;
 const PAUSE: u32 = 1;
 const FINISH: u32 = 2;
 
-fn scale() -> u64 {
-    std::env::var("SHMPOOL_TORTURE")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .filter(|&n| n >= 1)
-        .unwrap_or(1)
-}
-
-fn die_with_parent() {
-    // SAFETY: prctl with an integer argument has no memory effects.
-    unsafe {
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-    }
-}
-
 /// The trial's shared state, outside the pool.
 #[repr(C)]
 struct Board {

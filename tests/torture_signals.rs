@@ -30,14 +30,6 @@ const NPAGES: usize = 4096;
 /// SIGALRM period.
 const TICK_US: i64 = 100;
 
-fn scale() -> u64 {
-    std::env::var("SHMPOOL_TORTURE")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .filter(|&n| n >= 1)
-        .unwrap_or(1)
-}
-
 #[repr(C)]
 struct Board {
     go: AtomicU64,
@@ -141,10 +133,7 @@ fn named_round(name: &str, rng: &mut Rng) -> Result<(), String> {
 }
 
 fn worker(pool: &Pool, b: &Board, i: usize, name: &str, dur: Duration) -> Result<(), String> {
-    // SAFETY: prctl with an integer argument.
-    unsafe {
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-    }
+    die_with_parent();
     let pid = std::process::id() as i32;
     let pg = pool.geometry().page_size;
     b.pids[i].store(pid, SeqCst);

@@ -419,3 +419,22 @@ pub fn marked(pool: &Pool, off: usize, bytes: usize, v: u64) -> bool {
         .step_by(pg)
         .all(|p| unsafe { pool.addr(p).cast::<u64>().read_volatile() } == v)
 }
+
+/// The size multiplier of the torture suites: `SHMPOOL_TORTURE` (default 1,
+/// as in `make test`; `make torture` uses 35).
+pub fn scale() -> u64 {
+    std::env::var("SHMPOOL_TORTURE")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .filter(|&n| n >= 1)
+        .unwrap_or(1)
+}
+
+/// Makes the calling (forked) process die with its parent, so a test that
+/// is killed leaves no workers behind.
+pub fn die_with_parent() {
+    // SAFETY: prctl with integer arguments has no memory effects.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+    }
+}
