@@ -1,14 +1,14 @@
 //! The safe Rust API: a pool in shared memory, usable from any process that
 //! maps it, at any address.
 //!
-//! All shared mutable state is touched only between `RobustMutex::lock`
-//! and `unlock` (see `Pool::locked`), which is also where crash recovery
-//! happens: a holder that died makes the next locker rebuild the derived
-//! state before doing its own operation.
-//!
-//! A process's own small frees and allocs usually skip the lock
-//! altogether: see `cache.rs`.
-//!
+//! The allocator's shared state is touched only between
+//! `RobustMutex::lock` and `unlock` (see `Pool::locked`), which is also
+//! where crash recovery happens: a holder that died makes the next locker
+//! rebuild the derived state before doing its own operation. The one
+//! exception is a process's own cache (`cache.rs`): its allocs and frees of
+//! blocks it cached flip one descriptor with a compare-and-swap under a
+//! per-process slot lock, and skip the pool lock altogether.
+
 use crate::arena::{Arena, OwnerUsage, PageStats, MAX_OWNERS};
 pub use crate::cache::CACHE_CLASSES;
 use crate::cache::{self, LocalCache, SlotCache};
