@@ -363,7 +363,12 @@ impl<'a> Arena<'a> {
                     .checked_sub(left_len)
                     .filter(|&lh| tag(self.w(lh)) == TAG_FREE);
                 let Some(lh) = lh else {
-                    return Err(Error::Corrupt(format!("bad free run before page {p}")));
+                    // Damaged derived words, found after the commit: the
+                    // block *is* free now, so repair everything derived
+                    // from the truth and report success (an error here
+                    // would make the caller retry and hear "not a block").
+                    self.rebuild();
+                    return Ok(len);
                 };
                 self.unfile_run(lh, left_len);
                 start = lh;

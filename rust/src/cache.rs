@@ -40,7 +40,7 @@
 
 use crate::arena::MAX_OWNERS;
 use crate::desc::{alloc_len, alloc_owner, alloc_word, is_cached, tag, CACHED, TAG_ALLOC};
-use crate::owner::{start_time_of, OwnerIdentity};
+use crate::owner::{probe, Liveness, OwnerIdentity};
 use crate::pool::{Locked, Pool};
 use crate::Result;
 use std::cell::UnsafeCell;
@@ -77,8 +77,13 @@ pub fn token(id: &OwnerIdentity) -> u64 {
     ((id.start_time as u32 as u64) << 32) | (id.pid as u32 as u64)
 }
 
+/// Whether the holder of token `t` may still run (unknown counts as alive).
 fn token_alive(t: u64) -> bool {
-    start_time_of(t as u32 as i32).is_some_and(|s| s as u32 == (t >> 32) as u32)
+    match probe(t as u32 as i32) {
+        Liveness::Alive(s) => s as u32 == (t >> 32) as u32,
+        Liveness::Gone => false,
+        Liveness::Unknown => true,
+    }
 }
 
 /// How a taker got a slot lock.
@@ -100,9 +105,13 @@ impl SlotCache {
                 .is_ok()
     }
 
+    /// Releases the lock if we still hold it: a holder wrongly taken for
+    /// dead and robbed of it must not release the new holder's lock.
     #[inline]
-    fn unlock(&self) {
-        self.lock.store(0, Ordering::Release);
+    fn unlock(&self, tok: u64) {
+        let _ = self
+            .lock
+            .compare_exchange(tok, 0, Ordering::Release, Ordering::Relaxed);
     }
 
     /// Waits for the slot lock (the caller holds the pool lock), taking it
@@ -175,6 +184,9 @@ impl SlotCache {
 /// by a thread holding this process's slot lock with this process's token.
 pub(crate) struct LocalCache {
     stacks: UnsafeCell<Stacks>,
+    /// The fork generation the stacks belong to (a child inherits its
+    /// parent's, naming the parent's blocks, and must start empty).
+    gen: AtomicU64,
 }
 
 struct Stacks {
@@ -248,6 +260,7 @@ impl LocalCache {
                 nlarge: 0,
                 held: 0,
             }),
+            gen: AtomicU64::new(crate::owner::fork_generation()),
         }
     }
 
@@ -259,11 +272,11 @@ impl LocalCache {
         &mut *self.stacks.get()
     }
 
-    /// Forgets every entry (a forked child's copy names its parent's blocks).
+    /// Forgets every entry.
     ///
     /// # Safety
     /// As for `stacks`.
-    pub(crate) unsafe fn clear(&self) {
+    unsafe fn clear(&self) {
         let s = self.stacks();
         s.len = [0; CACHE_CLASSES as usize + 1];
         s.nlarge = 0;
@@ -272,6 +285,29 @@ impl LocalCache {
 }
 
 impl Pool {
+    /// Makes this process's stacks its own, once per fork generation: in a
+    /// forked child they still name the parent's blocks. Called at
+    /// registration with the new slot and token; waits for the slot lock
+    /// (another thread of ours may be registering too) without holding the
+    /// pool lock, so it cannot deadlock with a taker.
+    pub(crate) fn adopt_stacks(&self, slot: u16, tok: u64, gen: u64) {
+        let sc = self.slot_cache(slot);
+        let Some(how) = sc.lock_as_taker(tok) else {
+            return; // stale entries would only fail their CAS
+        };
+        if how == Taken::FromTheDead {
+            // A reused slot (its dead owner held no block, so it caches
+            // none) whose lock its owner died holding.
+            sc.set(0, 0);
+        }
+        if self.cache.gen.load(Ordering::Relaxed) != gen {
+            // SAFETY: we hold our slot lock.
+            unsafe { self.cache.clear() };
+            self.cache.gen.store(gen, Ordering::Relaxed);
+        }
+        sc.unlock(tok);
+    }
+
     /// Takes a cached block of exactly `pages` pages, without the pool lock.
     #[inline]
     pub(crate) fn cache_pop(&self, pages: u32, slot: u16, tok: u64) -> Option<u32> {
@@ -305,7 +341,7 @@ impl Pool {
                 break;
             }
         }
-        sc.unlock();
+        sc.unlock(tok);
         got
     }
 
@@ -343,7 +379,7 @@ impl Pool {
             sc.add(len as u64, 1);
             done = Some(len);
         }
-        sc.unlock();
+        sc.unlock(tok);
         done
     }
 
@@ -383,7 +419,7 @@ impl Pool {
             if sc.blocks() == 0 {
                 self.unmark_caching(slot);
             }
-            sc.unlock();
+            sc.unlock(tok);
             Ok(())
         })
     }
@@ -408,7 +444,7 @@ impl Pool {
             let sc = self.slot_cache(s);
             sc.set(0, 0);
             self.unmark_caching(s);
-            sc.unlock();
+            sc.unlock(tok);
         }
     }
 
@@ -479,7 +515,7 @@ impl Pool {
                     "owner slot {s} caches {want:?} (pages, blocks) but counts {have:?}"
                 ));
             }
-            sc.unlock();
+            sc.unlock(tok);
         }
         v
     }
@@ -492,7 +528,7 @@ impl Pool {
         sc.set(0, 0);
         self.unmark_caching(slot);
         if got {
-            sc.unlock();
+            sc.unlock(tok);
         }
     }
 

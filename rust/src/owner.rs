@@ -14,34 +14,87 @@ pub struct OwnerIdentity {
     pub start_time: u64,
 }
 
-/// Start time of `pid`, or `None` if it does not exist or is a zombie
-/// (a zombie never runs again, so its blocks are as dead as it is).
-pub fn start_time_of(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+/// What the system says about a pid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Liveness {
+    /// Running (or stopped), started at this time.
+    Alive(u64),
+    /// No such process, or a zombie (which never runs again, so its blocks
+    /// are as dead as it is).
+    Gone,
+    /// Could not tell (`/proc` unreadable: out of file descriptors or
+    /// memory, a `hidepid` mount, ...). Callers must treat it as alive:
+    /// taking a live process for dead would free blocks it still uses.
+    Unknown,
+}
+
+/// Probes `pid` through `/proc/<pid>/stat` (field 22: start time in clock
+/// ticks since boot), confirming a missing entry with `kill(pid, 0)`.
+pub fn probe(pid: i32) -> Liveness {
+    if pid <= 0 {
+        return Liveness::Gone;
+    }
+    let stat = match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // SAFETY: kill with signal 0 only checks for existence.
+            let r = unsafe { libc::kill(pid, 0) };
+            let gone =
+                r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+            return if gone {
+                Liveness::Gone
+            } else {
+                Liveness::Unknown
+            };
+        }
+        Err(_) => return Liveness::Unknown,
+    };
     // The command name (field 2) is in parentheses and may contain spaces
     // or parentheses: parse after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_ascii_whitespace();
-    let state = fields.next()?; // field 3
-    if state == "Z" || state == "X" {
-        return None;
+    let Some(close) = stat.rfind(')') else {
+        return Liveness::Unknown;
+    };
+    let mut fields = stat[close + 1..].split_ascii_whitespace();
+    match fields.next() {
+        Some("Z") | Some("X") => return Liveness::Gone,
+        Some(_) => {}
+        None => return Liveness::Unknown,
     }
-    fields.nth(18)?.parse().ok() // field 22
+    match fields.nth(18).and_then(|f| f.parse().ok()) {
+        Some(t) => Liveness::Alive(t),
+        None => Liveness::Unknown,
+    }
 }
 
-/// Identity of the calling process.
-pub fn me() -> OwnerIdentity {
+/// Start time of `pid` if it is known to run.
+pub fn start_time_of(pid: i32) -> Option<u64> {
+    match probe(pid) {
+        Liveness::Alive(t) => Some(t),
+        _ => None,
+    }
+}
+
+/// Identity of the calling process, or `None` if its start time cannot be
+/// read now (the process then allocates as an unrecorded owner, slot 0,
+/// rather than under an identity that would look dead to everyone).
+pub fn me() -> Option<OwnerIdentity> {
     let pid = std::process::id() as i32;
-    OwnerIdentity {
+    start_time_of(pid).map(|start_time| OwnerIdentity {
         pid,
         _pad: 0,
-        start_time: start_time_of(pid).unwrap_or(0),
-    }
+        start_time,
+    })
 }
 
-/// Whether the process recorded in `id` still runs.
+/// Whether the process recorded in `id` may still run: only a process
+/// known to be gone, or a different process under a reused pid, is dead.
 pub fn is_alive(id: &OwnerIdentity) -> bool {
-    id.pid > 0 && start_time_of(id.pid) == Some(id.start_time)
+    id.pid > 0
+        && match probe(id.pid) {
+            Liveness::Alive(t) => t == id.start_time,
+            Liveness::Gone => false,
+            Liveness::Unknown => true,
+        }
 }
 
 /// Incremented in every child right after `fork`, so cached per-process
@@ -83,7 +136,7 @@ mod tests {
 
     #[test]
     fn me_is_alive_and_a_bogus_start_time_is_not() {
-        let m = me();
+        let m = me().expect("/proc/self/stat");
         assert!(m.start_time > 0);
         assert!(is_alive(&m));
         assert!(!is_alive(&OwnerIdentity {

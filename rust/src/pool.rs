@@ -317,7 +317,18 @@ impl Pool {
     /// A token for taking slot locks: ours if registered, else computed.
     pub(crate) fn taker_token(&self) -> u64 {
         self.my_identity()
-            .map_or_else(|| cache::token(&owner::me()), |(_, t)| t)
+            .map(|(_, t)| t)
+            .filter(|&t| t != 0)
+            .unwrap_or_else(|| {
+                // Holding a slot lock as a taker needs some nonzero token;
+                // takers also hold the pool lock, so a pid-only one is safe.
+                let pid = std::process::id() as i32;
+                cache::token(&owner::me().unwrap_or(OwnerIdentity {
+                    pid,
+                    _pad: 0,
+                    start_time: 0,
+                }))
+            })
     }
 
     fn mutex(&self) -> RobustMutex {
@@ -456,15 +467,14 @@ impl Pool {
     #[cold]
     fn alloc_registering(&self, pages: u32) -> Result<u32> {
         let gen = owner::fork_generation();
+        // Without a readable identity the process allocates as the
+        // unrecorded owner (slot 0) and does not cache (token 0).
         let me = owner::me();
-        let tok = cache::token(&me);
-        let slot = self.locked(|l| Ok(Self::owner_slot(l, &me)))?;
-        // A forked child inherits its parent's stacks, naming the parent's
-        // blocks: forget them (they would fail their CAS anyway).
-        // SAFETY: in a child right after fork we are its only thread; in any
-        // other process the stacks are still empty, and clearing empty
-        // stacks races with nothing.
-        unsafe { self.cache.clear() };
+        let slot = self.locked(|l| Ok(me.as_ref().map_or(0, |m| Self::owner_slot(l, m))))?;
+        let tok = me.as_ref().map_or(0, cache::token);
+        if tok != 0 {
+            self.adopt_stacks(slot, tok, gen);
+        }
         self.my_token.store(tok, Ordering::Relaxed);
         self.my_slot
             .store(gen << 16 | slot as u64, Ordering::Release);
