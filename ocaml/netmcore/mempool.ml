@@ -21,7 +21,17 @@ let () =
   Netlog.Debug.register_module "Netmcore_mempool" Debug.enable;
   Netlog.Debug.register_module "Netmcore_mempool.alloc" Debug.enable_alloc
 
-type entry = { pool : Shmpool.t; name : string; container : Netsys_sem.container }
+(* [gen]: the fork generation the entry was looked up in. A worker
+   inherits its master's table through fork, but a pool it did not inherit
+   (~inherit_resources) is unmapped in it: entries of another generation
+   are looked up again through Netmcore, which raises as the original
+   does. *)
+type entry = {
+  pool : Shmpool.t;
+  name : string;
+  container : Netsys_sem.container;
+  gen : int;
+}
 
 let pools : (int, entry) Hashtbl.t = Hashtbl.create 7
 let last_id = ref (-1)
@@ -33,27 +43,30 @@ let remember n e =
   last_id := n;
   last := Some e
 
+(* Like the original, a failed lookup does not release the resource (in
+   Netmcore the last release destroys it: a wrong id must not). *)
 let lookup_slow (`Resource n as id) =
+  let gen = Shmpool.fork_generation () in
   match Hashtbl.find_opt pools n with
-  | Some e ->
+  | Some e when e.gen = gen ->
       last_id := n;
       last := Some e;
       e
-  | None -> (
+  | stale -> (
       let res = Netmcore.get_resource id in
       match res#repr with
       | `Posix_shm_preallocated_sc (name, mem, container) ->
-          let pool =
-            try Shmpool.attach_in_place mem
-            with Shmpool.Not_a_pool _ -> res#release (); not_a_pool ()
-          in
-          let e = { pool; name; container } in
+          let pool = try Shmpool.attach_in_place mem with Shmpool.Not_a_pool _ -> not_a_pool () in
+          (match stale with Some old -> Shmpool.close old.pool | None -> ());
+          let e = { pool; name; container; gen } in
           remember n e;
           e
-      | _ -> res#release (); not_a_pool ())
+      | _ -> not_a_pool ())
 
 let lookup (`Resource n as id) =
-  match !last with Some e when !last_id = n -> e | _ -> lookup_slow id
+  match !last with
+  | Some e when !last_id = n && e.gen = Shmpool.fork_generation () -> e
+  | _ -> lookup_slow id
 
 let shmpool id = (lookup id).pool
 
@@ -80,7 +93,7 @@ let create_mempool ?(alloc_really = false) size =
   in
   (* Netmcore just created the object (shm_create + ftruncate): all zeros *)
   let pool = Shmpool.format_in_place ~zeroed:true mem in
-  remember n { pool; name; container };
+  remember n { pool; name; container; gen = Shmpool.fork_generation () };
   dlog (Printf.sprintf "create_mempool (id=%d) size=%d shm=%s" n size name);
   id
 
@@ -122,4 +135,8 @@ let stats id =
 let debug_info id = Shmpool.debug_info (lookup id).pool
 let shm_name id = (lookup id).name
 let sem_container id = (lookup id).container
-let unlink_mempool id = Netsys_posix.shm_unlink (lookup id).name
+let unlink_mempool id =
+  let e = lookup id in
+  Netsys_posix.shm_unlink e.name;
+  (* the semaphore container too, as the original *)
+  try Netsys_sem.unlink (Netsys_sem.prefix e.container) with _ -> ()

@@ -14,6 +14,10 @@ type t = {
   h : int;  (** handle in the Rust pool table *)
   mem : memory;  (** the whole mapping (unmanaged: never freed by the GC) *)
   payload : int;  (** payload bytes: larger requests cannot succeed *)
+  source : memory option;
+      (** for [format_in_place]/[attach_in_place]: the caller's bigarray,
+          kept reachable so that a GC-managed mapping (e.g. from
+          [Unix.map_file]) is not unmapped under the pool *)
 }
 
 (* Error codes of rust/src/error.rs and rust/src/ocaml_stubs.rs *)
@@ -82,7 +86,7 @@ let fail fn code =
   else if code = e_not_a_pool then raise (Not_a_pool (last_error ()))
   else failwith (fn ^ ": " ^ last_error ())
 
-let of_handle fn (code, msg) =
+let of_handle ?source fn (code, msg) =
   if code < 0 then
     if code = e_not_a_pool then raise (Not_a_pool msg)
     else if code = e_bad_size then invalid_arg (fn ^ ": bad size")
@@ -91,7 +95,7 @@ let of_handle fn (code, msg) =
     let mem = mapping_stub code in
     let st = Array.make 7 0 in
     ignore (stats_fill code st);
-    { h = code; mem; payload = st.(3) }
+    { h = code; mem; payload = st.(3); source }
 
 let create ?name ?(prefault = false) size =
   if size <= 0 then invalid_arg "Shmpool.create: bad size";
@@ -99,9 +103,13 @@ let create ?name ?(prefault = false) size =
 
 let attach name = of_handle "Shmpool.attach" (attach_stub name)
 let format_in_place ?(zeroed = false) m =
-  of_handle "Shmpool.format_in_place" (in_place_stub m (if zeroed then 2 else 1))
+  of_handle ~source:m "Shmpool.format_in_place" (in_place_stub m (if zeroed then 2 else 1))
 
-let attach_in_place m = of_handle "Shmpool.attach_in_place" (in_place_stub m 0)
+let attach_in_place m = of_handle ~source:m "Shmpool.attach_in_place" (in_place_stub m 0)
+
+external fork_generation : unit -> (int[@untagged])
+  = "shmpool_ml_fork_generation_byte" "shmpool_ml_fork_generation"
+  [@@noalloc]
 
 let alloc t n =
   if n <= 0 then invalid_arg "Shmpool.alloc: bad size";

@@ -202,6 +202,11 @@ val attach_in_place : memory -> t
 (** Opens the pool previously formatted in [m].
     @raise Not_a_pool if [m] holds no pool. *)
 
+val fork_generation : unit -> int
+(** A number that changes in a child process right after [fork]: state
+    looked up before a fork (such as which pools a process may use) can be
+    looked up again in the child. Cheap ([@@noalloc]). *)
+
 val total_for_payload : int -> int
 (** Bytes of shared memory a pool with [n] payload bytes needs.
     @raise Invalid_argument if [n <= 0] or too large. *)

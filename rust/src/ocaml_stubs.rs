@@ -240,6 +240,19 @@ pub extern "C" fn shmpool_ml_stats_byte(h: Raw, arr: Raw) -> Raw {
     tag(shmpool_ml_stats(untag(h), arr.0))
 }
 
+/// This process's fork generation (see `owner.rs`): changes in a child
+/// right after `fork`, so the Netmcore shim can tell that a pool it looked
+/// up belongs to its parent's view.
+#[no_mangle]
+pub extern "C" fn shmpool_ml_fork_generation(_unit: Raw) -> isize {
+    crate::owner::fork_generation() as isize
+}
+
+#[no_mangle]
+pub extern "C" fn shmpool_ml_fork_generation_byte(unit: Raw) -> Raw {
+    tag(shmpool_ml_fork_generation(unit))
+}
+
 // ----- cold path ----------------------------------------------------------
 
 extern "C" {

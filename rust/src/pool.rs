@@ -532,8 +532,10 @@ impl Pool {
     pub fn stats(&self) -> Stats {
         let _ = self.flush_cache();
         self.settle_slots();
-        let (ps, recoveries) = self
-            .locked(|l| Ok((l.arena.stats(), *l.recoveries)))
+        // The caches' counters are read under the pool lock too, so that a
+        // take-back (which holds it) is seen whole or not at all.
+        let (ps, recoveries, (cached_pages, cached_blocks)) = self
+            .locked(|l| Ok((l.arena.stats(), *l.recoveries, self.cached_totals())))
             .unwrap_or((
                 PageStats {
                     npages: self.geo.npages,
@@ -542,9 +544,9 @@ impl Pool {
                     live_blocks: 0,
                 },
                 0,
+                (0, 0),
             ));
         let pg = self.geo.page_size;
-        let (cached_pages, cached_blocks) = self.cached_totals();
         Stats {
             total_bytes: self.geo.total_len,
             // Saturating: a damaged header must not make stats panic.

@@ -89,6 +89,17 @@ let test_bad_input () =
       Alcotest.check_raises "not a pool" (Failure "Netmcore_mempool: this resource is not a pool")
         (fun () -> ignore (M.alloc_mem rid ps)))
 
+let test_wrong_id_leaves_it_alone () =
+  (* an OCamlnet pool passed to ours by mistake: an error, and the
+     resource must survive (in Netmcore the last release destroys it) *)
+  let o = Orig.create_mempool (64 * ps) in
+  Fun.protect ~finally:(fun () -> try Orig.unlink_mempool o with _ -> ()) (fun () ->
+      let name = Orig.shm_name o in
+      Alcotest.check_raises "not a pool" (Failure "Netmcore_mempool: this resource is not a pool")
+        (fun () -> ignore (M.stats o));
+      Alcotest.(check bool) "its shm object is still there" true (Sys.file_exists ("/dev/shm" ^ name));
+      Alcotest.(check string) "and still a Netmcore resource" name (Orig.shm_name o))
+
 let test_exception_identity () =
   let id = create ps in
   let _m = M.alloc_mem id ps in
@@ -158,6 +169,8 @@ let () =
           Alcotest.test_case "create/alloc/size/free/stats/names" `Quick test_basic;
           Alcotest.test_case "bad input leaves the pool unchanged" `Quick test_bad_input;
           Alcotest.test_case "Out_of_pool_memory is the original's" `Quick test_exception_identity;
+          Alcotest.test_case "a wrong id does not destroy the resource" `Quick
+            test_wrong_id_leaves_it_alone;
           Alcotest.test_case "filled with 1-page blocks (no cap)" `Quick test_one_page_blocks;
           Alcotest.test_case "1- and 2-page pools" `Quick test_tiny;
           Alcotest.test_case "alloc_really" `Quick test_alloc_really;

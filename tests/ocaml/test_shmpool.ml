@@ -196,6 +196,29 @@ let test_caching () =
   check_clean pool;
   P.close pool
 
+let test_in_place_keeps_its_memory () =
+  (* a GC-managed mapping formatted as a pool must stay mapped while the
+     pool is used, even when the caller drops it *)
+  let file = Filename.temp_file "shmpool-inplace" ".bin" in
+  Fun.protect ~finally:(fun () -> Sys.remove file) @@ fun () ->
+  let fd = Unix.openfile file [ Unix.O_RDWR ] 0o600 in
+  let pool =
+    let m =
+      Bigarray.array1_of_genarray
+        (Unix.map_file fd Bigarray.char Bigarray.c_layout true [| 64 * ps |])
+    in
+    P.format_in_place m
+  in
+  Unix.close fd;
+  Gc.full_major ();
+  Gc.compact ();
+  let b = P.alloc pool (2 * ps) in
+  Bigarray.Array1.fill b 'k';
+  Alcotest.(check char) "still mapped" 'k' b.{(2 * ps) - 1};
+  P.free pool b;
+  check_clean pool;
+  P.close pool
+
 let test_closed () =
   let pool = P.create ps in
   P.close pool;
@@ -214,6 +237,8 @@ let () =
           Alcotest.test_case "named pool, attach, unlink, not a pool" `Quick test_named_attach;
           Alcotest.test_case "Gc.compact with live blocks" `Quick test_gc_compact;
           Alcotest.test_case "per-process cache, set_caching" `Quick test_caching;
+          Alcotest.test_case "format_in_place keeps its memory alive" `Quick
+            test_in_place_keeps_its_memory;
           Alcotest.test_case "closed pool" `Quick test_closed;
         ] );
     ]

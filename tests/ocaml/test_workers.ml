@@ -82,7 +82,23 @@ let victim (pool, mb_addr) =
 
 let victim_fork, victim_join = Netmcore_process.def_process victim
 
-type outcome = { results : string list; victim_result : int option; after : string }
+(* A worker that did not inherit the pool must get an error (as with the
+   original: Netmcore refuses the resource), not a crash on its unmapped
+   memory. *)
+let outsider pool =
+  match M.alloc_mem pool ps with
+  | _ -> "allocated in a pool it did not inherit"
+  | exception Failure msg -> "Failure: " ^ msg
+  | exception e -> Printexc.to_string e
+
+let outsider_fork, outsider_join = Netmcore_process.def_process outsider
+
+type outcome = {
+  results : string list;
+  victim_result : int option;
+  after : string;
+  outsider_said : string;
+}
 
 let first (pool, mb_addr) =
   let start f arg = Netmcore_process.start ~inherit_resources:`All f arg in
@@ -99,7 +115,11 @@ let first (pool, mb_addr) =
   (* a process started after the kill must find the pool usable *)
   let w = start worker_fork (pool, mb_addr, 0, true) in
   let after = match Netmcore_process.join worker_join w with Some r -> r | None -> "no result" in
-  { results; victim_result; after }
+  let o = Netmcore_process.start ~inherit_resources:(`Resources []) outsider_fork pool in
+  let outsider_said =
+    match Netmcore_process.join outsider_join o with Some r -> r | None -> "no result (crashed?)"
+  in
+  { results; victim_result; after; outsider_said }
 
 let first_fork, first_join = Netmcore_process.def_process first
 
@@ -144,7 +164,11 @@ let () =
               | Some o ->
                   check (list string) "workers" (List.init nworkers (fun _ -> "ok")) o.results;
                   check bool "the victim returned nothing" true (o.victim_result = None);
-                  check string "a worker started after the kill" "ok" o.after);
+                  check string "a worker started after the kill" "ok" o.after;
+                  check bool
+                    ("a worker without the pool gets Netmcore's error: " ^ o.outsider_said)
+                    true
+                    (String.length o.outsider_said > 9 && String.sub o.outsider_said 0 9 = "Failure: "));
           test_case "pool sound after the kill" `Quick (fun () -> check (list string) "check" [] check_list);
           test_case "victim held its 4 blocks (+ maybe 1)" `Quick (fun () ->
               check bool "reclaimed victim's blocks" true (r.blocks_freed = 4 || r.blocks_freed = 5);
