@@ -47,8 +47,8 @@ module Netmcore_mempool : sig
         lock. They count as free in [stats]; [contiguous] does not count
         those held by {i other} processes (a process gives its cache back
         in [stats], and at a normal exit); an [alloc_mem] that finds no
-        large enough free run takes all caches back first, so it never fails
-        because of them. See {!Shmpool}.
+        large enough free run takes all caches back first, so it does not
+        fail because of them. See {!Shmpool}.
 
       {b Limitation.} OCamlnet's own [Netmcore_heap] (and the structures
       built on it: [Netmcore_array], [Netmcore_hashtbl], ...) is compiled

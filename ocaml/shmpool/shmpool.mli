@@ -26,8 +26,9 @@
     reuses them without taking the pool's lock, so that several processes
     allocating at once do not queue on it. Cached blocks count as free in
     {!val:stats}; an alloc that finds no large enough free run takes every
-    process's cached blocks back first, so caching never makes an alloc
-    fail. A process gives its cache back at a normal exit, in {!val:stats} and
+    process's cached blocks back first, so caching does not make an alloc
+    fail (unless a cache's owner is frozen, by a debugger or [SIGSTOP], in
+    the middle of a cache operation: that cache is then skipped). A process gives its cache back at a normal exit, in {!val:stats} and
     {!flush_cache}; a killed one's is freed by {!reclaim_dead}. Because
     cached blocks coalesce only when given back, a pool run nearly full with
     blocks of many sizes fragments sooner: {!set_caching} turns it off.
