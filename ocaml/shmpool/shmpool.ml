@@ -107,9 +107,11 @@ let format_in_place ?(zeroed = false) m =
 
 let attach_in_place m = of_handle ~source:m "Shmpool.attach_in_place" (in_place_stub m 0)
 
-external fork_generation : unit -> (int[@untagged])
-  = "shmpool_ml_fork_generation_byte" "shmpool_ml_fork_generation"
-  [@@noalloc]
+external fork_generation_cell : unit -> (int, int_elt, c_layout) Array1.t
+  = "shmpool_ml_fork_generation_cell"
+
+let fork_cell = fork_generation_cell ()
+let fork_generation () = Array1.unsafe_get fork_cell 0
 
 let alloc t n =
   if n <= 0 then invalid_arg "Shmpool.alloc: bad size";

@@ -240,19 +240,6 @@ pub extern "C" fn shmpool_ml_stats_byte(h: Raw, arr: Raw) -> Raw {
     tag(shmpool_ml_stats(untag(h), arr.0))
 }
 
-/// This process's fork generation (see `owner.rs`): changes in a child
-/// right after `fork`, so the Netmcore shim can tell that a pool it looked
-/// up belongs to its parent's view.
-#[no_mangle]
-pub extern "C" fn shmpool_ml_fork_generation(_unit: Raw) -> isize {
-    crate::owner::fork_generation() as isize
-}
-
-#[no_mangle]
-pub extern "C" fn shmpool_ml_fork_generation_byte(unit: Raw) -> Raw {
-    tag(shmpool_ml_fork_generation(unit))
-}
-
 // ----- cold path ----------------------------------------------------------
 
 extern "C" {
@@ -345,6 +332,29 @@ pub fn shmpool_ml_in_place(mem: Value, mode: ocaml::Int) -> (ocaml::Int, String)
             })
         }
     })
+}
+
+/// The fork generation (see `owner.rs`) as a one-element int bigarray over
+/// the counter itself: the Netmcore shim reads it on every call, with a
+/// plain load instead of a C call, to notice that it runs in a child
+/// forked since it looked a pool up.
+#[ocaml::func]
+pub fn shmpool_ml_fork_generation_cell() -> Value {
+    let flags =
+        ba::Kind::CAML_INT as i32 | ba::Layout::C_LAYOUT as i32 | ba::Managed::EXTERNAL as i32;
+    let p = crate::owner::FORK_GENERATION.as_ptr();
+    // SAFETY: a static (never freed) 8-byte-aligned counter read as one
+    // OCaml `int` element (an i64 on 64-bit); EXTERNAL: the GC never frees
+    // it. OCaml only reads it; the fork hook writes it in the child before
+    // any OCaml code runs there.
+    unsafe {
+        Value::new(ba::caml_ba_alloc_dims(
+            flags,
+            1,
+            p.cast(),
+            1 as ocaml::sys::Intnat,
+        ))
+    }
 }
 
 /// The whole mapping as an unmanaged char bigarray (the GC never frees or

@@ -100,7 +100,7 @@ pub fn is_alive(id: &OwnerIdentity) -> bool {
 /// Incremented in every child right after `fork`, so cached per-process
 /// state (the owner slot and token) is looked up again instead of being
 /// inherited.
-static FORK_GENERATION: AtomicU64 = AtomicU64::new(0);
+pub(crate) static FORK_GENERATION: AtomicU64 = AtomicU64::new(0);
 static HOOKED: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn after_fork_in_child() {
