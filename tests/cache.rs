@@ -5,19 +5,11 @@
 mod common;
 
 use common::*;
-use shmpool::{CreateOptions, Error, Pool};
+use shmpool::{Error, Pool};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(20);
-
-fn anon(pages: usize) -> Pool {
-    Pool::create(
-        pages * shmpool::mapping::page_size(),
-        &CreateOptions::default(),
-    )
-    .unwrap()
-}
 
 fn clean(p: &Pool) {
     assert_eq!(p.check(), Vec::<String>::new());

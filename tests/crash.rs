@@ -13,17 +13,12 @@ mod common;
 use common::*;
 use shmpool::crashpoint::{self, CrashPoint, ALL};
 use shmpool::pool::CACHE_CLASSES;
-use shmpool::{CreateOptions, Error, Pool};
+use shmpool::{Error, Pool};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 const T: Duration = Duration::from_secs(10);
 const NPAGES: usize = 2048;
-
-fn anon(pages: usize) -> Pool {
-    let pg = shmpool::mapping::page_size();
-    Pool::create(pages * pg, &CreateOptions::default()).unwrap()
-}
 
 /// A pool whose processes (this one and children forked later) do not use
 /// their per-process cache: every alloc and free takes the locked path, so

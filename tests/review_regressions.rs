@@ -5,18 +5,10 @@
 mod common;
 
 use common::*;
-use shmpool::{CreateOptions, Error, Pool};
+use shmpool::Error;
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(20);
-
-fn anon(pages: usize) -> Pool {
-    Pool::create(
-        pages * shmpool::mapping::page_size(),
-        &CreateOptions::default(),
-    )
-    .unwrap()
-}
 
 /// Opens file descriptors until the process has none left; returns them.
 fn exhaust_fds() -> Vec<i32> {
@@ -28,6 +20,18 @@ fn exhaust_fds() -> Vec<i32> {
             return fds;
         }
         fds.push(fd);
+    }
+}
+
+/// Lowers this (child) process's descriptor limit, so it can run out.
+fn limit_fds() {
+    // SAFETY: setrlimit on this process only, with a valid struct.
+    unsafe {
+        let lim = libc::rlimit {
+            rlim_cur: 64,
+            rlim_max: 64,
+        };
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
     }
 }
 
@@ -46,14 +50,7 @@ fn reclaim_dead_without_file_descriptors_frees_no_live_block() {
     let p = anon(64);
     let pg = p.geometry().page_size;
     let mut c = fork_child(|| {
-        // SAFETY: lowers this child's own descriptor limit.
-        unsafe {
-            let lim = libc::rlimit {
-                rlim_cur: 64,
-                rlim_max: 64,
-            };
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
+        limit_fds();
         let a = p.alloc(3 * pg).map_err(|e| e.to_string())?;
         let fds = exhaust_fds();
         // /proc cannot be read now: nobody may be taken for dead.
@@ -77,14 +74,7 @@ fn registering_without_file_descriptors_records_no_dead_identity() {
     let p = anon(64);
     let pg = p.geometry().page_size;
     let mut c = fork_child(|| {
-        // SAFETY: lowers this child's own descriptor limit.
-        unsafe {
-            let lim = libc::rlimit {
-                rlim_cur: 64,
-                rlim_max: 64,
-            };
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
+        limit_fds();
         let fds = exhaust_fds();
         let a = p.alloc(2 * pg).map_err(|e| e.to_string());
         release(fds);

@@ -438,3 +438,10 @@ pub fn die_with_parent() {
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
     }
 }
+
+/// An anonymous pool of `pages` payload pages (shared with children forked
+/// later, gone with the last of them).
+pub fn anon(pages: usize) -> Pool {
+    let bytes = pages * shmpool::mapping::page_size();
+    Pool::create(bytes, &shmpool::CreateOptions::default()).expect("create anonymous pool")
+}
