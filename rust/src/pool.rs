@@ -351,11 +351,16 @@ impl Pool {
             // The holder died somewhere inside an operation: the ALLOC words
             // are the truth (one commit write per operation), rebuild the
             // rest before anyone reads it, then declare the lock consistent.
-            l.arena.rebuild();
-            *l.recoveries = l.recoveries.wrapping_add(1);
-            // A dead process taking cached blocks back may have died holding
-            // slot locks: take them over and recount those slots.
-            let _ = self.check_slots(&l, self.taker_token(), false);
+            // Nothing here is expected to panic; if it did, unwinding out
+            // of `locked` would leave the lock held by a live process
+            // forever, so it is caught like `f` below.
+            let _ = catch_unwind(AssertUnwindSafe(|| {
+                l.arena.rebuild();
+                *l.recoveries = l.recoveries.wrapping_add(1);
+                // A dead process taking cached blocks back may have died
+                // holding slot locks: take them over and recount them.
+                let _ = self.check_slots(&l, self.taker_token(), false);
+            }));
             m.mark_consistent();
         }
         let mut r = catch_unwind(AssertUnwindSafe(|| f(&mut l)));
