@@ -70,9 +70,14 @@ external close_stub : int -> unit = "shmpool_ml_close"
 external total_stub : int -> int = "shmpool_ml_total_for_payload"
 external prefault_stub : string -> int -> int * string = "shmpool_ml_prefault_name"
 
+external flush_all : unit -> unit = "shmpool_ml_flush_all"
+
 let () =
   Callback.register_exception "Shmpool.Out_of_pool_memory" Out_of_pool_memory;
-  if not (init ()) then failwith "Shmpool: boxroot_setup failed"
+  if not (init ()) then failwith "Shmpool: boxroot_setup failed";
+  (* give this process's cached blocks back at exit (Netmcore workers run
+     OCaml's at_exit, then leave with _exit, skipping C's atexit) *)
+  at_exit flush_all
 
 let page_size = page_size_stub ()
 

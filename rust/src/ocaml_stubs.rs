@@ -68,6 +68,15 @@ fn register(p: Pool) -> Result<isize, Error> {
     Ok(h as isize)
 }
 
+/// Gives this process's cached blocks of every open pool back. Registered
+/// both with C `atexit` and, by `Shmpool`, with OCaml's `at_exit` (Netmcore
+/// workers run the latter but leave with `_exit`).
+#[no_mangle]
+pub extern "C" fn shmpool_ml_flush_all(_unit: Raw) -> Raw {
+    flush_all_at_exit();
+    Raw(ocaml::sys::UNIT)
+}
+
 /// At a normal exit (OCaml's `exit`, not `Unix._exit` or a signal), give
 /// this process's cached blocks back, so that pools do not keep them until
 /// someone calls `reclaim_dead`.
