@@ -1,6 +1,8 @@
 //! Unit tests of the allocator on plain memory (no mapping, no lock):
 //! `AllocState` + a `Vec<u64>` of descriptors viewed as an `Arena`.
 
+mod common;
+use common::Rng;
 use shmpool::arena::SMALL_MAX;
 use shmpool::desc::{self, NIL};
 use shmpool::{AllocState, Arena, Error, PageStats};
@@ -88,21 +90,6 @@ impl Mem {
         }
         m.assert_ok();
         (m, pages)
-    }
-}
-
-/// SplitMix64: a small deterministic generator.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
     }
 }
 

@@ -19,7 +19,7 @@
 //! process that dies *during* recovery leaves the truth intact and the next
 //! locker simply runs it again. It is O(pages): about 1 ms per GiB of pool.
 
-use crate::arena::{AllocState, Arena, OwnerUsage, MAX_OWNERS, SMALL_MAX};
+use crate::arena::{Arena, OwnerUsage, MAX_OWNERS, SMALL_MAX};
 use crate::desc::*;
 
 /// What one rebuild found.
@@ -81,7 +81,3 @@ impl Arena<'_> {
         rep
     }
 }
-
-// Keep the type name reachable for docs of callers.
-#[allow(dead_code)]
-fn _assert_state_is_plain(_: &AllocState) {}
