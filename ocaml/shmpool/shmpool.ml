@@ -81,6 +81,11 @@ let () =
 
 let page_size = page_size_stub ()
 
+(* Page sizes are powers of two: round with a mask, not a division, on the
+   alloc path. *)
+let () = assert (page_size land (page_size - 1) = 0)
+let round_to_pages n = (n + page_size - 1) land lnot (page_size - 1)
+
 (* Raise the exception for a failed operation [fn]; the common codes have
    fixed exceptions, the rare ones carry the Rust error's message. *)
 let fail fn code =
@@ -122,7 +127,7 @@ let alloc t n =
   if n <= 0 then invalid_arg "Shmpool.alloc: bad size";
   if n > t.payload then raise Out_of_pool_memory;
   let off = alloc_off t.h n in
-  if off >= 0 then Array1.sub t.mem off ((n + page_size - 1) / page_size * page_size)
+  if off >= 0 then Array1.sub t.mem off (round_to_pages n)
   else fail "Shmpool.alloc" off
 
 let free t m =
