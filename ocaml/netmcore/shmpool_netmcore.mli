@@ -4,7 +4,9 @@
     {[
       module Netmcore_mempool = Shmpool_netmcore.Netmcore_mempool
     ]}
-    and add [shmpool.netmcore] to its libraries (after [threads.posix]). *)
+    or [open Shmpool_netmcore] (which also brings {!Netmcore_process} and
+    {!Netmcore}, see there), and add [shmpool.netmcore] to its libraries
+    (after [threads.posix]). *)
 
 module Netmcore_mempool : sig
   (** Memory pools, as OCamlnet 4.1.9's [Netmcore_mempool], backed by
@@ -133,3 +135,41 @@ val shmpool : Netmcore.res_id -> Shmpool.t
     {!Shmpool.check}, {!Shmpool.owners}, {!Shmpool.reclaim_dead},
     {!val:Shmpool.stats} (with recoveries).
     @raise Netmcore.No_resource for an unknown resource ID. *)
+
+(** {2 Workers that give their cache back when their function returns}
+
+    A process keeps some of the blocks it freed in a per-process cache (see
+    {!Shmpool}) and gives them back at its exit. A Netmcore worker, though,
+    delivers its result, and [Netmcore_process.join] returns, before the
+    worker exits: a [stats] right after [join] may still see the blocks
+    that worker cached (they count as free, and [alloc_mem] takes them back
+    when it needs them, but they are not part of a contiguous free run).
+    Processes defined with the two modules below give their cache back as
+    soon as their function returns or raises, so [stats] after [join] is
+    what it was before the worker started (if the worker freed everything
+    it allocated). [open Shmpool_netmcore] is enough to get them. *)
+
+module Netmcore : sig
+  include module type of struct
+    include Netmcore
+  end
+  (** OCamlnet's [Netmcore]: the same types, exceptions and values, but
+      for [def_process]. *)
+
+  val def_process : (Netplex_encap.encap -> Netplex_encap.encap) -> res_id * res_id
+  (** As OCamlnet's, and the process gives its cached blocks back when the
+      function returns or raises. *)
+end
+
+module Netmcore_process : sig
+  include module type of struct
+    include Netmcore_process
+  end
+  (** OCamlnet's [Netmcore_process]: the same types (fork and join points
+      mix with the original's functions) and values, but for
+      [def_process]. *)
+
+  val def_process : ('a -> 'b) -> 'a fork_point * 'b join_point
+  (** As OCamlnet's, and the process gives its cached blocks back when the
+      function returns or raises. *)
+end
