@@ -128,9 +128,10 @@ val stats : t -> stats
 (** O(1). *)
 
 val debug_info : t -> string
-(** A multi-line picture: sizes, then [allocations (offs->bsize): {...}]
-    with each live block's offset in the mapping and size, then the free
-    runs likewise. *)
+(** A multi-line picture: sizes ([pool_size] is the payload), then
+    [allocations (offs->bsize): {...}] with each live block's offset in the
+    mapping and size, then the free runs and the blocks cached in processes
+    likewise, then a few figures ([header_size] among them). *)
 
 val check : t -> string list
 (** Verifies every invariant of the pool's metadata (every page accounted

@@ -17,11 +17,16 @@ let ps = Shmpool.page_size
 let pool_of = Shmpool_netmcore.shmpool
 let clean id = Alcotest.(check (list string)) "check clean" [] (Shmpool.check (pool_of id))
 
-(* Every pool made here is unlinked at exit, even when a test fails. *)
+(* Every pool made here is unlinked at exit, even when a test fails (by
+   the name Netmcore knows: our lookup may be what failed). *)
 let made = ref []
 
+let unlink_any unlink_mempool id =
+  try unlink_mempool id with _ -> ( try Netsys_posix.shm_unlink (Netmcore.get_shm id) with _ -> ())
+
 let () =
-  at_exit (fun () -> List.iter (fun id -> try M.unlink_mempool id with _ -> ()) !made)
+  at_exit (fun () ->
+      List.iter (unlink_any M.unlink_mempool) !made)
 
 let create ?alloc_really size =
   let id = M.create_mempool ?alloc_really size in
@@ -183,7 +188,7 @@ module Totals (P : MEMPOOL) = struct
       (fun size ->
         let rounded = (size + ps - 1) / ps * ps in
         let id = P.create_mempool size in
-        Fun.protect ~finally:(fun () -> try P.unlink_mempool id with _ -> ()) (fun () ->
+        Fun.protect ~finally:(fun () -> unlink_any P.unlink_mempool id) (fun () ->
             let total, free, contiguous = P.stats id in
             let what = Printf.sprintf "create_mempool %d" size in
             Alcotest.(check int) (what ^ ": total") rounded total;
@@ -191,7 +196,7 @@ module Totals (P : MEMPOOL) = struct
             if fresh_is_all_free then Alcotest.(check (pair int int)) (what ^ ": free, contiguous") (total, total) (free, contiguous)
             else Alcotest.(check bool) (what ^ ": free <= total") true (free <= total && contiguous <= free);
             let id2 = P.create_mempool total in
-            Fun.protect ~finally:(fun () -> try P.unlink_mempool id2 with _ -> ()) (fun () ->
+            Fun.protect ~finally:(fun () -> unlink_any P.unlink_mempool id2) (fun () ->
                 let total2, _, _ = P.stats id2 in
                 Alcotest.(check int) (what ^ ": a pool of the first's total") total total2)))
       [ 3 * ps; 10_000; 64 * ps; (1024 * 1024) + 1 ]
