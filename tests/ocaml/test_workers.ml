@@ -208,8 +208,16 @@ module In_worker_ours = In_worker (Shmpool_netmcore.Netmcore_mempool)
    returns, so stats after join are those of before it started. *)
 module type DEF_PROCESS = sig
   val name : string
-  val def_process : ('a -> 'b) -> 'a Netmcore_process.fork_point * 'b Netmcore_process.join_point
+
+  (* [def f] at module initialisation defines a process (with one of the
+     def_process under test); the result starts it with `All and joins it *)
+  val def : (Netmcore.res_id * nativeint -> string) -> Netmcore.res_id * nativeint -> string option
 end
+
+(* a [def] over a typed def_process of Netmcore_process's type *)
+let typed def_process f =
+  let fp, jp = def_process f in
+  fun arg -> Netmcore_process.join jp (Netmcore_process.start ~inherit_resources:`All fp arg)
 
 (* The blocks debug_info lists as held in per-process caches (ours only). *)
 let cached_in_processes id =
@@ -230,7 +238,7 @@ struct
     List.iter (P.free_mem id) ms;
     "ok"
 
-  let churn_fork, churn_join = D.def_process churn
+  let churn_run = D.def churn
 
   type outcome = {
     result : string option;
@@ -242,8 +250,7 @@ struct
   let orchestrate (id, mb_addr) =
     let mb = Netsys_mem.grab mb_addr ps in
     let before = P.stats id in
-    let pid = Netmcore_process.start ~inherit_resources:`All churn_fork (id, mb_addr) in
-    let result = Netmcore_process.join churn_join pid in
+    let result = churn_run (id, mb_addr) in
     let after_join = P.stats id in
     let cached_after_join = C.cached id in
     set mb 1 1;
@@ -254,12 +261,32 @@ end
 
 module Plain = struct
   let name = "OCamlnet's Netmcore_process"
-  let def_process = Netmcore_process.def_process
+  let def f = typed Netmcore_process.def_process f
 end
 
 module Flushing = struct
   let name = "Shmpool_netmcore.Netmcore_process"
-  let def_process = Shmpool_netmcore.Netmcore_process.def_process
+  let def f = typed Shmpool_netmcore.Netmcore_process.def_process f
+end
+
+(* the untyped layer underneath: Netmcore.def_process on encapsulated
+   values *)
+module Flushing_raw = struct
+  module Arg = Netplex_encap.Make_encap (struct
+    type t = Netmcore.res_id * nativeint
+  end)
+
+  module Res = Netplex_encap.Make_encap (struct
+    type t = string
+  end)
+
+  let name = "Shmpool_netmcore.Netmcore"
+
+  let def f =
+    let fp, jp = Shmpool_netmcore.Netmcore.def_process (fun e -> Res.wrap (f (Arg.unwrap e))) in
+    fun arg ->
+      let pid = Netmcore.start ~inherit_resources:`All fp (Arg.wrap arg) in
+      Option.map Res.unwrap (Netmcore.join jp pid)
 end
 
 module No_cache = struct
@@ -272,6 +299,7 @@ end
 
 module Cache_orig = Cache_at_join (Netmcore_mempool) (Plain) (No_cache)
 module Cache_ours = Cache_at_join (M) (Flushing) (Ours_cache)
+module Cache_ours_raw = Cache_at_join (M) (Flushing_raw) (Ours_cache)
 module Cache_ours_plain = Cache_at_join (M) (Plain) (Ours_cache)
 
 (* Runs [first arg] as Netmcore's first process in a socket directory of
@@ -346,6 +374,10 @@ let () =
   let cache_ours =
     cache_case sockdir M.create_mempool M.alloc_mem M.free_mem M.stats M.unlink_mempool
       Cache_ours.orchestrate_fork Cache_ours.orchestrate_join
+  in
+  let cache_ours_raw =
+    cache_case sockdir M.create_mempool M.alloc_mem M.free_mem M.stats M.unlink_mempool
+      Cache_ours_raw.orchestrate_fork Cache_ours_raw.orchestrate_join
   in
   let cache_ours_plain =
     cache_case sockdir M.create_mempool M.alloc_mem M.free_mem M.stats M.unlink_mempool
@@ -430,7 +462,10 @@ let () =
                 (fun o -> o.Cache_orig.after_join) (fun o -> o.Cache_orig.cached_after_join);
               check_case ("ours, " ^ Flushing.name) cache_ours
                 (fun o -> o.Cache_ours.result) (fun o -> o.Cache_ours.before)
-                (fun o -> o.Cache_ours.after_join) (fun o -> o.Cache_ours.cached_after_join));
+                (fun o -> o.Cache_ours.after_join) (fun o -> o.Cache_ours.cached_after_join);
+              check_case ("ours, " ^ Flushing_raw.name) cache_ours_raw
+                (fun o -> o.Cache_ours_raw.result) (fun o -> o.Cache_ours_raw.before)
+                (fun o -> o.Cache_ours_raw.after_join) (fun o -> o.Cache_ours_raw.cached_after_join));
           test_case "with OCamlnet's Netmcore_process: given back at exit" `Quick (fun () ->
               (* the control: the worker's frees did go to its cache, which
                  it then holds until it exits *)
