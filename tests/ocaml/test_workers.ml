@@ -2,7 +2,9 @@
    before Netmcore.startup, workers started with ~inherit_resources that
    allocate, stamp, exchange addresses, verify and free each other's blocks;
    then a worker SIGKILLed in the middle of its alloc/free loop while the
-   others go on, and a fresh worker after it. *)
+   others go on, and a fresh worker after it. Then, side by side with
+   OCamlnet's own pool: a pool created by a worker, and stats after joining
+   a worker that freed what it allocated. *)
 
 module M = Shmpool_netmcore.Netmcore_mempool
 
