@@ -70,6 +70,28 @@ let lookup (`Resource n as id) =
 
 let shmpool id = (lookup id).pool
 
+(* Is the caller a Netmcore worker (a Netplex container)? There Netmcore
+   creates a preallocated object on the worker's behalf in the master, which
+   maps it (as do the workers it starts later with the pool in
+   ~inherit_resources), but the calling worker does not get a mapping. *)
+let in_worker () =
+  match Netplex_cenv.self_obj () with
+  | `Container _ -> true
+  | `Controller _ -> false
+  | exception Not_found -> false
+
+(* Formats the pool from a worker, through a mapping of our own that is
+   dropped afterwards: the pool holds offsets only, so formatting it at
+   another address than the master's is fine. *)
+let format_by_name name total =
+  let fd = Netsys_posix.shm_open name [ Netsys_posix.SHM_O_RDWR ] 0 in
+  let mem =
+    Fun.protect ~finally:(fun () -> Unix.close fd) (fun () -> Netsys_mem.memory_map_file fd true total)
+  in
+  Fun.protect
+    ~finally:(fun () -> Netsys_mem.memory_unmap_file mem)
+    (fun () -> Shmpool.close (Shmpool.format_in_place ~zeroed:true mem))
+
 let create_mempool ?(alloc_really = false) size =
   let bad () = invalid_arg "Netmcore_mempool.create_mempool: bad size" in
   if size <= 0 then bad ();
@@ -77,30 +99,34 @@ let create_mempool ?(alloc_really = false) size =
   let (`Resource n as id), name, container =
     Netmcore.create_preallocated_shm_sc ~value_area:true "/mempool" total
   in
-  (* Reserve the whole object, or at least the pool's own header and page
-     descriptors: a full /dev/shm then fails here, not with a SIGBUS in
-     whichever process first touches the metadata. *)
-  (try
-     if alloc_really then Shmpool.prefault_shm name
-     else
-       let payload = (size + Shmpool.page_size - 1) / Shmpool.page_size * Shmpool.page_size in
-       Shmpool.prefault_shm ~len:(total - payload) name
-   with e -> (try Netsys_posix.shm_unlink name with _ -> ()); raise e);
-  let mem =
-    match (Netmcore.get_resource id)#repr with
-    | `Posix_shm_preallocated_sc (_, mem, _) -> mem
-    | _ -> not_a_pool ()
-  in
   (* Netmcore just created the object (shm_create + ftruncate): all zeros *)
-  let pool = Shmpool.format_in_place ~zeroed:true mem in
-  remember n { pool; name; container; gen = Shmpool.fork_generation () };
+  (try
+     (* Reserve the whole object, or at least the pool's own header and page
+        descriptors: a full /dev/shm then fails here, not with a SIGBUS in
+        whichever process first touches the metadata. *)
+     let payload = (size + Shmpool.page_size - 1) / Shmpool.page_size * Shmpool.page_size in
+     Shmpool.prefault_shm ?len:(if alloc_really then None else Some (total - payload)) name;
+     if in_worker () then
+       (* As with the original, the creating worker cannot use the pool
+          (Netmcore.get_resource refuses it there); the master and the
+          workers started later that inherit it can. *)
+       format_by_name name total
+     else
+       let mem =
+         match (Netmcore.get_resource id)#repr with
+         | `Posix_shm_preallocated_sc (_, mem, _) -> mem
+         | _ -> not_a_pool ()
+       in
+       let pool = Shmpool.format_in_place ~zeroed:true mem in
+       remember n { pool; name; container; gen = Shmpool.fork_generation () }
+   with e -> (try Netsys_posix.shm_unlink name with _ -> ()); raise e);
   dlog (Printf.sprintf "create_mempool (id=%d) size=%d shm=%s" n size name);
   id
 
 let log_stats (`Resource n) e =
   let s = Shmpool.stats e.pool in
   dlog_alloc
-    (Printf.sprintf "stats (id=%d): total=%d free=%d contiguous=%d" n s.total s.free
+    (Printf.sprintf "stats (id=%d): total=%d free=%d contiguous=%d" n s.payload s.free
        s.largest_free)
 
 let alloc_mem id size =
@@ -129,8 +155,10 @@ let size_mem id m = Shmpool.size (lookup id).pool m
 let size_mem_at_addr id a = Shmpool.size_at_addr (lookup id).pool a
 
 let stats id =
+  (* total: the size asked for, rounded to pages, as the original; the
+     header lives outside it (Shmpool.stats has both) *)
   let s = Shmpool.stats (lookup id).pool in
-  (s.total, s.free, s.largest_free)
+  (s.payload, s.free, s.largest_free)
 
 let debug_info id = Shmpool.debug_info (lookup id).pool
 let shm_name id = (lookup id).name

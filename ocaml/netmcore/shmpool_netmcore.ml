@@ -1,3 +1,21 @@
 module Netmcore_mempool = Mempool
 
 let shmpool = Mempool.shmpool
+
+(* Runs a worker's process function, then gives this process's cached blocks
+   back, whether it returned or raised: Netmcore delivers the result (and
+   [join] returns) before the worker exits, which is when Shmpool would give
+   them back otherwise. *)
+let flushing f x = Fun.protect ~finally:Shmpool.flush_caches (fun () -> f x)
+
+module Netmcore = struct
+  include Netmcore
+
+  let def_process f = Netmcore.def_process (flushing f)
+end
+
+module Netmcore_process = struct
+  include Netmcore_process
+
+  let def_process f = Netmcore_process.def_process (flushing f)
+end

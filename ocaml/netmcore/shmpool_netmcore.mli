@@ -4,7 +4,9 @@
     {[
       module Netmcore_mempool = Shmpool_netmcore.Netmcore_mempool
     ]}
-    and add [shmpool.netmcore] to its libraries (after [threads.posix]). *)
+    or [open Shmpool_netmcore] (which also brings {!Netmcore_process} and
+    {!Netmcore}, see there), and add [shmpool.netmcore] to its libraries
+    (after [threads.posix]). *)
 
 module Netmcore_mempool : sig
   (** Memory pools, as OCamlnet 4.1.9's [Netmcore_mempool], backed by
@@ -29,9 +31,10 @@ module Netmcore_mempool : sig
         each time); a pool can be filled entirely with 1-page blocks.
       - 1- and 2-page pools work (the original corrupts memory).
       - The size given to [create_mempool] is the payload: the shared object
-        is larger by the header (8 bytes per page plus about 9 KiB), and
-        [stats]' [total] includes it. The original carves its header out of
-        the given size.
+        is larger by the header (8 bytes per page plus about 25 KiB), so a
+        fresh pool has all of [stats]' [total] (the size given, rounded up
+        to pages, as the original's) free. The original carves its header
+        out of the given size.
       - A worker that dies (even by [SIGKILL]) in the middle of an operation
         never leaves the pool locked or corrupt; its blocks can be freed
         with [Shmpool.reclaim_dead (Shmpool_netmcore.shmpool id)].
@@ -46,9 +49,10 @@ module Netmcore_mempool : sig
         them (same length only) without the
         lock. They count as free in [stats]; [contiguous] does not count
         those held by {i other} processes (a process gives its cache back
-        in [stats], and at a normal exit); an [alloc_mem] that finds no
-        large enough free run takes all caches back first, so it does not
-        fail because of them. See {!Shmpool}.
+        in [stats], at a normal exit, and when its function returns if it
+        was defined with {!Shmpool_netmcore.Netmcore_process}); an
+        [alloc_mem] that finds no large enough free run takes all caches
+        back first, so it does not fail because of them. See {!Shmpool}.
 
       {b Limitation.} OCamlnet's own [Netmcore_heap] (and the structures
       built on it: [Netmcore_array], [Netmcore_hashtbl], ...) is compiled
@@ -62,6 +66,14 @@ module Netmcore_mempool : sig
   (** Creates the pool as a shared memory object whose payload holds the
       passed size (rounded up to whole pages), and returns its resource ID.
       May be called before [Netmcore.startup].
+
+      Called in a worker, as with the original: Netmcore creates the object
+      in the master on the worker's behalf; the workers started afterwards
+      with the pool in [~inherit_resources] use it (at the master's
+      address), but the calling worker cannot (every function but this one
+      raises [Failure "Netmcore.get_resource: The `Posix_shm_preallocated_sc
+      resource exists but is not shared with this worker"] there), and
+      Netmcore destroys the object when that worker ends.
 
       [alloc_really]: reserve the memory now ([posix_fallocate]), so that a
       machine short of memory fails here rather than with a bus error at
@@ -101,9 +113,11 @@ module Netmcore_mempool : sig
       memory); the pool is unchanged. *)
 
   val stats : Netmcore.res_id -> int * int * int
-  (** Returns [(total, free, contiguous)]: [total] is the size of the
-      shared object (header included), [free] the number of free bytes,
-      [contiguous] the size of the largest contiguous free block. *)
+  (** Returns [(total, free, contiguous)]: [total] is the size given to
+      [create_mempool] rounded up to whole pages (as the original's; the
+      header is not part of it, {!val:Shmpool.stats} has its size), [free] the
+      number of free bytes, [contiguous] the size of the largest contiguous
+      free block. *)
 
   val debug_info : Netmcore.res_id -> string
   (** Returns a string describing the allocations etc. *)
@@ -133,3 +147,41 @@ val shmpool : Netmcore.res_id -> Shmpool.t
     {!Shmpool.check}, {!Shmpool.owners}, {!Shmpool.reclaim_dead},
     {!val:Shmpool.stats} (with recoveries).
     @raise Netmcore.No_resource for an unknown resource ID. *)
+
+(** {2 Workers that give their cache back when their function returns}
+
+    A process keeps some of the blocks it freed in a per-process cache (see
+    {!Shmpool}) and gives them back at its exit. A Netmcore worker, though,
+    delivers its result, and [Netmcore_process.join] returns, before the
+    worker exits: a [stats] right after [join] may still see the blocks
+    that worker cached (they count as free, and [alloc_mem] takes them back
+    when it needs them, but they are not part of a contiguous free run).
+    Processes defined with the two modules below give their cache back as
+    soon as their function returns or raises, so [stats] after [join] is
+    what it was before the worker started (if the worker freed everything
+    it allocated). [open Shmpool_netmcore] is enough to get them. *)
+
+module Netmcore : sig
+  include module type of struct
+    include Netmcore
+  end
+  (** OCamlnet's [Netmcore]: the same types, exceptions and values, but
+      for [def_process]. *)
+
+  val def_process : (Netplex_encap.encap -> Netplex_encap.encap) -> res_id * res_id
+  (** As OCamlnet's, and the process gives its cached blocks back when the
+      function returns or raises. *)
+end
+
+module Netmcore_process : sig
+  include module type of struct
+    include Netmcore_process
+  end
+  (** OCamlnet's [Netmcore_process]: the same types (fork and join points
+      mix with the original's functions) and values, but for
+      [def_process]. *)
+
+  val def_process : ('a -> 'b) -> 'a fork_point * 'b join_point
+  (** As OCamlnet's, and the process gives its cached blocks back when the
+      function returns or raises. *)
+end

@@ -196,6 +196,8 @@ let flush_cache t =
   let r = flush_cache_stub t.h in
   if r < 0 then fail "Shmpool.flush_cache" r
 
+let flush_caches () = flush_all ()
+
 external set_caching_stub : int -> bool -> int = "shmpool_ml_set_caching"
 
 let set_caching t on =

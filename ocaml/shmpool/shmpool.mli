@@ -108,7 +108,9 @@ val size_at_addr : t -> nativeint -> int
 
 (** Pool-wide figures, exact at one instant. *)
 type stats = {
-  total : int;  (** bytes of the whole mapping, header included *)
+  total : int;
+      (** bytes of the whole mapping: the payload plus the header (which
+          takes [total - payload] bytes) *)
   free : int;  (** free payload bytes *)
   largest_free : int;
       (** bytes of the largest free run, not counting blocks that other
@@ -126,9 +128,10 @@ val stats : t -> stats
 (** O(1). *)
 
 val debug_info : t -> string
-(** A multi-line picture: sizes, then [allocations (offs->bsize): {...}]
-    with each live block's offset in the mapping and size, then the free
-    runs likewise. *)
+(** A multi-line picture: sizes ([pool_size] is the payload), then
+    [allocations (offs->bsize): {...}] with each live block's offset in the
+    mapping and size, then the free runs and the blocks cached in processes
+    likewise, then a few figures ([header_size] among them). *)
 
 val check : t -> string list
 (** Verifies every invariant of the pool's metadata (every page accounted
@@ -163,6 +166,12 @@ val flush_cache : t -> unit
 (** Gives this process's cached blocks back to the pool, where they
     coalesce with their free neighbours (see the per-process cache above).
     {!val:stats} does it too. *)
+
+val flush_caches : unit -> unit
+(** {!flush_cache} for every pool this process has open: what a normal
+    exit does. For a child process that lives on after its work is done
+    (a worker whose task function returned), so that its cached blocks do
+    not wait for its exit. Never raises. *)
 
 val set_caching : t -> bool -> unit
 (** Turns this process's cache on (the default) or off, for this [t] and

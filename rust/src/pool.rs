@@ -663,9 +663,10 @@ impl Pool {
         let pg = self.geo.page_size;
         let mut s = String::new();
         let cached_pages: usize = cached.iter().map(|&(_, n, _)| n as usize).sum();
-        // The original's lines first, in its order and meaning
-        // (pool_start is the payload's offset in the shared object).
-        let _ = writeln!(s, "pool_size = {}", self.geo.total_len);
+        // The original's lines first, in its order and meaning: pool_size
+        // is the payload (the size asked for), as `stats`' total in the
+        // shim; pool_start is the payload's offset in the shared object.
+        let _ = writeln!(s, "pool_size = {}", self.geo.npages as usize * pg);
         let _ = writeln!(
             s,
             "pool_free = {}",
@@ -700,6 +701,7 @@ impl Pool {
         );
         let _ = writeln!(s, "page_size = {pg}");
         let _ = writeln!(s, "payload_pages = {}", self.geo.npages);
+        let _ = writeln!(s, "header_size = {}", self.geo.payload_offset);
         let _ = writeln!(s, "live_blocks = {}", live.len());
         let _ = writeln!(s, "recoveries = {recoveries}");
         s

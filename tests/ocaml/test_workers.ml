@@ -2,7 +2,9 @@
    before Netmcore.startup, workers started with ~inherit_resources that
    allocate, stamp, exchange addresses, verify and free each other's blocks;
    then a worker SIGKILLed in the middle of its alloc/free loop while the
-   others go on, and a fresh worker after it. *)
+   others go on, and a fresh worker after it. Then, side by side with
+   OCamlnet's own pool: a pool created by a worker, and stats after joining
+   a worker that freed what it allocated. *)
 
 module M = Shmpool_netmcore.Netmcore_mempool
 
@@ -123,6 +125,210 @@ let first (pool, mb_addr) =
 
 let first_fork, first_join = Netmcore_process.def_process first
 
+(* Side by side with the original (one functor over the module, two
+   instances): what a user's program can see through Netmcore workers. *)
+module type MEMPOOL = module type of Netmcore_mempool
+
+let show f = try f () with Failure m -> "Failure: " ^ m | e -> Printexc.to_string e
+let not_shared =
+  "Failure: Netmcore.get_resource: The `Posix_shm_preallocated_sc resource exists but is not \
+   shared with this worker"
+
+(* A pool created by a worker: Netmcore creates the object in the master on
+   the worker's request, so the workers started later that inherit it (`All
+   or `Resources [p]) see it at the master's address; the creating worker
+   does not (the original's gets Netmcore's error: so does ours). *)
+module In_worker (P : MEMPOOL) = struct
+  let writer (id, c) =
+    match P.alloc_mem id (2 * ps) with
+    | m ->
+        fill m c;
+        Ok (Netsys_mem.memory_address m, Bigarray.Array1.dim m, P.shm_name id)
+    | exception e -> Error (Printexc.to_string e)
+
+  let writer_fork, writer_join = Netmcore_process.def_process writer
+
+  (* the block the writer reported, at the same address, with its contents *)
+  let reader (id, addr, len, c) =
+    show (fun () ->
+        if P.size_mem_at_addr id addr <> len then failwith "size_mem_at_addr";
+        let m = Netsys_mem.grab addr len in
+        verify m c "the writer's block";
+        P.free_mem id m;
+        "read and freed")
+
+  let reader_fork, reader_join = Netmcore_process.def_process reader
+
+  let stats id = match P.stats id with s -> Ok s | exception e -> Error (show (fun () -> raise e))
+  let stats_fork, stats_join = Netmcore_process.def_process stats
+
+  type outcome = {
+    creator_alloc : string;
+    creator_stats : string;
+    fresh : (int * int * int, string) result;  (** from a later worker *)
+    read_all : string;  (** by a later worker with `All *)
+    read_res : string;  (** by a later worker with `Resources [p] *)
+    outsider : (int * int * int, string) result;  (** `Resources [] *)
+    final : (int * int * int, string) result;
+    shm : string;
+  }
+
+  let creator () =
+    let id = P.create_mempool (64 * ps) in
+    let creator_alloc = show (fun () -> ignore (P.alloc_mem id ps); "allocated") in
+    let creator_stats = show (fun () -> ignore (P.stats id); "stats") in
+    let run inh fp jp arg =
+      Netmcore_process.join jp (Netmcore_process.start ~inherit_resources:inh fp arg)
+    in
+    let stats_in inh = Option.value (run inh stats_fork stats_join id) ~default:(Error "no result") in
+    let fresh = stats_in `All in
+    let write c = Option.value (run `All writer_fork writer_join (id, c)) ~default:(Error "no result") in
+    let read inh w c =
+      match w with
+      | Ok (addr, len, _) -> Option.value (run inh reader_fork reader_join (id, addr, len, c)) ~default:"no result"
+      | Error e -> "writer: " ^ e
+    in
+    let w1 = write 'a' in
+    let read_all = read `All w1 'a' in
+    let w2 = write 'b' in
+    let read_res = read (`Resources [ id ]) w2 'b' in
+    let outsider = stats_in (`Resources []) in
+    let final = stats_in `All in
+    let shm = match w1 with Ok (_, _, n) -> n | Error _ -> "" in
+    { creator_alloc; creator_stats; fresh; read_all; read_res; outsider; final; shm }
+
+  let creator_fork, creator_join = Netmcore_process.def_process creator
+end
+
+module In_worker_orig = In_worker (Netmcore_mempool)
+module In_worker_ours = In_worker (Shmpool_netmcore.Netmcore_mempool)
+
+(* The blocks a worker freed wait in its cache (ours). The worker's exit,
+   where a cache is given back at the latest, is held back by an at_exit
+   gate until the check after join is done; a worker defined with
+   Shmpool_netmcore.Netmcore_process gives its cache back when its function
+   returns, so stats after join are those of before it started. *)
+module type DEF_PROCESS = sig
+  val name : string
+
+  (* [def f] at module initialisation defines a process (with one of the
+     def_process under test); the result starts it with `All and joins it *)
+  val def : (Netmcore.res_id * nativeint -> string) -> Netmcore.res_id * nativeint -> string option
+end
+
+(* a [def] over a typed def_process of Netmcore_process's type *)
+let typed def_process f =
+  let fp, jp = def_process f in
+  fun arg -> Netmcore_process.join jp (Netmcore_process.start ~inherit_resources:`All fp arg)
+
+(* The blocks debug_info lists as held in per-process caches (ours only). *)
+let cached_in_processes id =
+  let d = Shmpool.debug_info (Shmpool_netmcore.shmpool id) in
+  let k = "cached in processes (offs->bsize): {" in
+  let i = Str.search_forward (Str.regexp_string k) d 0 + String.length k in
+  String.sub d i (String.index_from d i '}' - i)
+
+module Cache_at_join (P : MEMPOOL) (D : DEF_PROCESS) (C : sig
+  val cached : Netmcore.res_id -> string
+end) =
+struct
+  let churn (id, mb_addr) =
+    let mb = Netsys_mem.grab mb_addr ps in
+    at_exit (fun () -> try wait_until "the check after join" (fun () -> get mb 1 = 1) with _ -> ());
+    let ms = List.init 12 (fun i -> P.alloc_mem id ((i mod 3 + 1) * ps)) in
+    List.iter (fun m -> fill m 'c') ms;
+    List.iter (P.free_mem id) ms;
+    "ok"
+
+  let churn_run = D.def churn
+
+  type outcome = {
+    result : string option;
+    before : int * int * int;
+    after_join : int * int * int;
+    cached_after_join : string;
+  }
+
+  let orchestrate (id, mb_addr) =
+    let mb = Netsys_mem.grab mb_addr ps in
+    let before = P.stats id in
+    let result = churn_run (id, mb_addr) in
+    let after_join = P.stats id in
+    let cached_after_join = C.cached id in
+    set mb 1 1;
+    { result; before; after_join; cached_after_join }
+
+  let orchestrate_fork, orchestrate_join = Netmcore_process.def_process orchestrate
+end
+
+module Plain = struct
+  let name = "OCamlnet's Netmcore_process"
+  let def f = typed Netmcore_process.def_process f
+end
+
+module Flushing = struct
+  let name = "Shmpool_netmcore.Netmcore_process"
+  let def f = typed Shmpool_netmcore.Netmcore_process.def_process f
+end
+
+(* the untyped layer underneath: Netmcore.def_process on encapsulated
+   values *)
+module Flushing_raw = struct
+  module Arg = Netplex_encap.Make_encap (struct
+    type t = Netmcore.res_id * nativeint
+  end)
+
+  module Res = Netplex_encap.Make_encap (struct
+    type t = string
+  end)
+
+  let name = "Shmpool_netmcore.Netmcore"
+
+  let def f =
+    let fp, jp = Shmpool_netmcore.Netmcore.def_process (fun e -> Res.wrap (f (Arg.unwrap e))) in
+    fun arg ->
+      let pid = Netmcore.start ~inherit_resources:`All fp (Arg.wrap arg) in
+      Option.map Res.unwrap (Netmcore.join jp pid)
+end
+
+module No_cache = struct
+  let cached _ = ""
+end
+
+module Ours_cache = struct
+  let cached = cached_in_processes
+end
+
+module Cache_orig = Cache_at_join (Netmcore_mempool) (Plain) (No_cache)
+module Cache_ours = Cache_at_join (M) (Flushing) (Ours_cache)
+module Cache_ours_raw = Cache_at_join (M) (Flushing_raw) (Ours_cache)
+module Cache_ours_plain = Cache_at_join (M) (Plain) (Ours_cache)
+
+(* Runs [first arg] as Netmcore's first process in a socket directory of
+   its own, and returns its result. *)
+let runs = ref 0
+
+let netmcore_run sockdir fp jp arg =
+  incr runs;
+  let dir = Filename.concat sockdir (string_of_int !runs) in
+  Unix.mkdir dir 0o700;
+  Netmcore.run ~socket_directory:dir
+    ~first_process:(fun () -> Netmcore_process.start ~inherit_resources:`All fp arg)
+    ~extract_result:(fun _ pid -> Netmcore_process.join_nowait jp pid)
+    ()
+
+(* [create], a mailbox page, [orchestrate]; then the stats once every
+   worker has exited, and the pool freed and unlinked. *)
+let cache_case sockdir create alloc free stats unlink fp jp =
+  let id = create (4 * 1024 * 1024) in
+  Fun.protect ~finally:(fun () -> try unlink id with _ -> ()) (fun () ->
+      let mb = alloc id ps in
+      fill mb '\000';
+      let o = netmcore_run sockdir fp jp (id, Netsys_mem.memory_address mb) in
+      let after_exit = stats id in
+      free id mb;
+      (o, after_exit))
+
 let () =
   let pool = M.create_mempool (4 * 1024 * 1024) in
   let sockdir = Filename.concat (Filename.get_temp_dir_name ()) (Printf.sprintf "shmpool-workers-%d" (Unix.getpid ())) in
@@ -146,6 +352,38 @@ let () =
         Netmcore_process.start ~inherit_resources:`All first_fork (pool, mb_addr))
       ~extract_result:(fun _ pid -> Netmcore_process.join_nowait first_join pid)
       ()
+  in
+  let in_worker_orig = netmcore_run sockdir In_worker_orig.creator_fork In_worker_orig.creator_join () in
+  let in_worker_ours = netmcore_run sockdir In_worker_ours.creator_fork In_worker_ours.creator_join () in
+  (* Netmcore destroys a resource when the last process that asked for it
+     ends: here, the creating worker. Remove what would remain. *)
+  let shm_left =
+    List.filter_map
+      (fun o ->
+        match o with
+        | Some n when n <> "" && Sys.file_exists ("/dev/shm" ^ n) ->
+            (try Netsys_posix.shm_unlink n with _ -> ());
+            Some n
+        | _ -> None)
+      [ Option.map (fun o -> o.In_worker_orig.shm) in_worker_orig;
+        Option.map (fun o -> o.In_worker_ours.shm) in_worker_ours ]
+  in
+  let module O = Netmcore_mempool in
+  let cache_orig =
+    cache_case sockdir O.create_mempool O.alloc_mem O.free_mem O.stats O.unlink_mempool
+      Cache_orig.orchestrate_fork Cache_orig.orchestrate_join
+  in
+  let cache_ours =
+    cache_case sockdir M.create_mempool M.alloc_mem M.free_mem M.stats M.unlink_mempool
+      Cache_ours.orchestrate_fork Cache_ours.orchestrate_join
+  in
+  let cache_ours_raw =
+    cache_case sockdir M.create_mempool M.alloc_mem M.free_mem M.stats M.unlink_mempool
+      Cache_ours_raw.orchestrate_fork Cache_ours_raw.orchestrate_join
+  in
+  let cache_ours_plain =
+    cache_case sockdir M.create_mempool M.alloc_mem M.free_mem M.stats M.unlink_mempool
+      Cache_ours_plain.orchestrate_fork Cache_ours_plain.orchestrate_join
   in
   let sp = Shmpool_netmcore.shmpool pool in
   let before_reclaim = Shmpool.stats sp in
@@ -176,6 +414,69 @@ let () =
               check int "one dead owner with blocks" 1 (List.length (List.filter (fun (_, p) -> p > 0) r.dead));
               check bool "the rest was freed by the workers" true
                 (before_reclaim.live_blocks = r.blocks_freed + 1));
+          test_case "a pool created in a worker, as the original's" `Quick (fun () ->
+              let total = 64 * ps in
+              let open In_worker_ours in
+              (match in_worker_orig, in_worker_ours with
+              | None, _ -> fail "original: the creating worker returned nothing"
+              | _, None -> fail "ours: the creating worker returned nothing"
+              | Some o, Some s ->
+                  let tf = function Ok (t, f, _) -> Ok (t, f) | Error e -> Error e in
+                  List.iter
+                    (fun (what, o, s) -> check string ("the same as the original: " ^ what) o s)
+                    [
+                      ("creator's alloc_mem", o.In_worker_orig.creator_alloc, s.creator_alloc);
+                      ("creator's stats", o.In_worker_orig.creator_stats, s.creator_stats);
+                      ("read by a later `All worker", o.In_worker_orig.read_all, s.read_all);
+                      ("read by a later `Resources [p] worker", o.In_worker_orig.read_res, s.read_res);
+                    ];
+                  check string "the creating worker gets Netmcore's error" not_shared s.creator_alloc;
+                  check string "for stats too" not_shared s.creator_stats;
+                  check (result (triple int int int) string) "fresh, seen from a later worker"
+                    (Ok (total, total, total)) s.fresh;
+                  check string "written by a later worker, read at its address by another (`All)"
+                    "read and freed" s.read_all;
+                  check string "... and by a `Resources [p] worker" "read and freed" s.read_res;
+                  check (result (triple int int int) string) "a `Resources [] worker gets Netmcore's error"
+                    (Error not_shared) s.outsider;
+                  check (result (triple int int int) string) "the original's too" (Error not_shared)
+                    o.In_worker_orig.outsider;
+                  check (result (pair int int) string) "everything freed (total, free)" (tf s.fresh) (tf s.final);
+                  check (result (pair int int) string) "the original: everything freed"
+                    (tf o.In_worker_orig.fresh) (tf o.In_worker_orig.final);
+                  check (result int string) "the same total as the original's"
+                    (Result.map (fun (t, _, _) -> t) o.In_worker_orig.fresh)
+                    (Result.map (fun (t, _, _) -> t) s.fresh));
+              check (list string) "both destroyed by Netmcore when the creating worker ended" [] shm_left);
+          test_case "stats after join are those of before the worker" `Quick (fun () ->
+              let stats3 = triple int int int in
+              let check_case name (o, after_exit) result before after_join cached =
+                match o with
+                | None -> fail (name ^ ": the first process returned nothing")
+                | Some o ->
+                    check (option string) (name ^ ": worker") (Some "ok") (result o);
+                    check stats3 (name ^ ": after join") (before o) (after_join o);
+                    check string (name ^ ": no blocks cached in processes after join") "" (cached o);
+                    check stats3 (name ^ ": once the worker has exited") (before o) after_exit
+              in
+              check_case "original" cache_orig
+                (fun o -> o.Cache_orig.result) (fun o -> o.Cache_orig.before)
+                (fun o -> o.Cache_orig.after_join) (fun o -> o.Cache_orig.cached_after_join);
+              check_case ("ours, " ^ Flushing.name) cache_ours
+                (fun o -> o.Cache_ours.result) (fun o -> o.Cache_ours.before)
+                (fun o -> o.Cache_ours.after_join) (fun o -> o.Cache_ours.cached_after_join);
+              check_case ("ours, " ^ Flushing_raw.name) cache_ours_raw
+                (fun o -> o.Cache_ours_raw.result) (fun o -> o.Cache_ours_raw.before)
+                (fun o -> o.Cache_ours_raw.after_join) (fun o -> o.Cache_ours_raw.cached_after_join));
+          test_case "with OCamlnet's Netmcore_process: given back at exit" `Quick (fun () ->
+              (* the control: the worker's frees did go to its cache, which
+                 it then holds until it exits *)
+              match cache_ours_plain with
+              | None, _ -> fail "the first process returned nothing"
+              | Some o, after_exit ->
+                  check (option string) "worker" (Some "ok") o.Cache_ours_plain.result;
+                  check bool "blocks still cached after join" true (o.Cache_ours_plain.cached_after_join <> "");
+                  check (triple int int int) "once the worker has exited" o.Cache_ours_plain.before after_exit);
           test_case "everything back" `Quick (fun () ->
               check int "free" (4 * 1024 * 1024) free;
               check int "contiguous" free contiguous;
