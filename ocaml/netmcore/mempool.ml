@@ -73,24 +73,28 @@ let shmpool id = (lookup id).pool
 (* Is the caller a Netmcore worker (a Netplex container)? There Netmcore
    creates a preallocated object on the worker's behalf in the master, which
    maps it (as do the workers it starts later with the pool in
-   ~inherit_resources), but the calling worker does not get a mapping. *)
+   ~inherit_resources), but the calling worker does not get a mapping:
+   with the original, every use of the pool in the creating worker fails. *)
 let in_worker () =
   match Netplex_cenv.self_obj () with
   | `Container _ -> true
   | `Controller _ -> false
   | exception Not_found -> false
 
-(* Formats the pool from a worker, through a mapping of our own that is
-   dropped afterwards: the pool holds offsets only, so formatting it at
-   another address than the master's is fine. *)
-let format_by_name name total =
+(* Formats the pool from a worker through a mapping of its own, and keeps
+   that mapping so that the creating worker can use the pool at once (a
+   deliberate difference: the original's creating worker cannot). The pool
+   holds offsets only, so working at another address than the master's is
+   fine; block addresses seen in this worker are its own, though. *)
+let format_in_worker name total =
   let fd = Netsys_posix.shm_open name [ Netsys_posix.SHM_O_RDWR ] 0 in
   let mem =
     Fun.protect ~finally:(fun () -> Unix.close fd) (fun () -> Netsys_mem.memory_map_file fd true total)
   in
-  Fun.protect
-    ~finally:(fun () -> Netsys_mem.memory_unmap_file mem)
-    (fun () -> Shmpool.close (Shmpool.format_in_place ~zeroed:true mem))
+  try Shmpool.format_in_place ~zeroed:true mem
+  with e ->
+    Netsys_mem.memory_unmap_file mem;
+    raise e
 
 let create_mempool ?(alloc_really = false) size =
   let bad () = invalid_arg "Netmcore_mempool.create_mempool: bad size" in
@@ -106,19 +110,14 @@ let create_mempool ?(alloc_really = false) size =
         whichever process first touches the metadata. *)
      let payload = (size + Shmpool.page_size - 1) / Shmpool.page_size * Shmpool.page_size in
      Shmpool.prefault_shm ?len:(if alloc_really then None else Some (total - payload)) name;
-     if in_worker () then
-       (* As with the original, the creating worker cannot use the pool
-          (Netmcore.get_resource refuses it there); the master and the
-          workers started later that inherit it can. *)
-       format_by_name name total
-     else
-       let mem =
+     let pool =
+       if in_worker () then format_in_worker name total
+       else
          match (Netmcore.get_resource id)#repr with
-         | `Posix_shm_preallocated_sc (_, mem, _) -> mem
+         | `Posix_shm_preallocated_sc (_, mem, _) -> Shmpool.format_in_place ~zeroed:true mem
          | _ -> not_a_pool ()
-       in
-       let pool = Shmpool.format_in_place ~zeroed:true mem in
-       remember n { pool; name; container; gen = Shmpool.fork_generation () }
+     in
+     remember n { pool; name; container; gen = Shmpool.fork_generation () }
    with e -> (try Netsys_posix.shm_unlink name with _ -> ()); raise e);
   dlog (Printf.sprintf "create_mempool (id=%d) size=%d shm=%s" n size name);
   id

@@ -67,13 +67,15 @@ module Netmcore_mempool : sig
       passed size (rounded up to whole pages), and returns its resource ID.
       May be called before [Netmcore.startup].
 
-      Called in a worker, as with the original: Netmcore creates the object
+      Called in a worker: as with the original, Netmcore creates the object
       in the master on the worker's behalf; the workers started afterwards
       with the pool in [~inherit_resources] use it (at the master's
-      address), but the calling worker cannot (every function but this one
-      raises [Failure "Netmcore.get_resource: The `Posix_shm_preallocated_sc
-      resource exists but is not shared with this worker"] there), and
-      Netmcore destroys the object when that worker ends.
+      address), and Netmcore destroys the object when the creating worker
+      ends. Unlike the original (whose creating worker gets [Failure
+      "Netmcore.get_resource: The `Posix_shm_preallocated_sc resource
+      exists but is not shared with this worker"] on every use), the
+      creating worker can use the pool at once, through a mapping of its
+      own at its own address: pass blocks to other processes by offset.
 
       [alloc_really]: reserve the memory now ([posix_fallocate]), so that a
       machine short of memory fails here rather than with a bus error at

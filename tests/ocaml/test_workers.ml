@@ -136,8 +136,10 @@ let not_shared =
 
 (* A pool created by a worker: Netmcore creates the object in the master on
    the worker's request, so the workers started later that inherit it (`All
-   or `Resources [p]) see it at the master's address; the creating worker
-   does not (the original's gets Netmcore's error: so does ours). *)
+   or `Resources [p]) see it at the master's address. The original's creating
+   worker gets Netmcore's error on every use; ours uses the pool at once,
+   through a mapping of its own (at its own address: blocks are passed to
+   later workers by offset). *)
 module In_worker (P : MEMPOOL) = struct
   let writer (id, c) =
     match P.alloc_mem id (2 * ps) with
@@ -159,12 +161,41 @@ module In_worker (P : MEMPOOL) = struct
 
   let reader_fork, reader_join = Netmcore_process.def_process reader
 
+  (* The only allocation's offset, from debug_info (both pools list
+     "allocations (offs->bsize): {off->size,...}"). *)
+  let only_allocation id =
+    let d = P.debug_info id in
+    let k = "allocations (offs->bsize): {" in
+    let i = Str.search_forward (Str.regexp_string k) d 0 + String.length k in
+    match String.split_on_char ',' (String.sub d i (String.index_from d i '}' - i)) with
+    | [ a ] -> Scanf.sscanf a "%d->%d" (fun off _ -> off)
+    | l -> failwith (Printf.sprintf "%d allocations" (List.length l))
+
+  (* A block the creating worker wrote, found by its offset at this
+     worker's address of the pool (Netmcore's mapping). *)
+  let peek (id, off, len, c, free) =
+    show (fun () ->
+        let base =
+          match (Netmcore.get_resource id)#repr with
+          | `Posix_shm_preallocated_sc (_, mem, _) -> Netsys_mem.memory_address mem
+          | _ -> failwith "not a preallocated shm"
+        in
+        let addr = Nativeint.add base (Nativeint.of_int off) in
+        if P.size_mem_at_addr id addr <> len then failwith "size_mem_at_addr";
+        let m = Netsys_mem.grab addr len in
+        verify m c "the creator's block";
+        if free then (P.free_mem id m; "read and freed") else "read")
+
+  let peek_fork, peek_join = Netmcore_process.def_process peek
+
   let stats id = match P.stats id with s -> Ok s | exception e -> Error (show (fun () -> raise e))
   let stats_fork, stats_join = Netmcore_process.def_process stats
 
   type outcome = {
     creator_alloc : string;
     creator_stats : string;
+    creator_read_all : string;  (** the creator's block, read by a later `All worker *)
+    creator_read_res : string;  (** ... and freed by a `Resources [p] worker *)
     fresh : (int * int * int, string) result;  (** from a later worker *)
     read_all : string;  (** by a later worker with `All *)
     read_res : string;  (** by a later worker with `Resources [p] *)
@@ -175,18 +206,38 @@ module In_worker (P : MEMPOOL) = struct
 
   let creator () =
     let id = P.create_mempool (64 * ps) in
-    let creator_alloc = show (fun () -> ignore (P.alloc_mem id ps); "allocated") in
-    let creator_stats = show (fun () -> ignore (P.stats id); "stats") in
     let run inh fp jp arg =
       Netmcore_process.join jp (Netmcore_process.start ~inherit_resources:inh fp arg)
     in
     let stats_in inh = Option.value (run inh stats_fork stats_join id) ~default:(Error "no result") in
     let fresh = stats_in `All in
+    let creator_alloc =
+      show (fun () ->
+          let m = P.alloc_mem id ps in
+          fill m 'z';
+          verify m 'z' "the creator's own block";
+          if P.size_mem id m <> ps then failwith "size_mem";
+          P.free_mem id m;
+          "allocated")
+    in
+    let creator_stats = show (fun () -> ignore (P.stats id); "stats") in
     let write c = Option.value (run `All writer_fork writer_join (id, c)) ~default:(Error "no result") in
     let read inh w c =
       match w with
       | Ok (addr, len, _) -> Option.value (run inh reader_fork reader_join (id, addr, len, c)) ~default:"no result"
       | Error e -> "writer: " ^ e
+    in
+    let creator_read_all, creator_read_res =
+      match P.alloc_mem id (3 * ps) with
+      | exception e -> (show (fun () -> raise e), show (fun () -> raise e))
+      | m ->
+          fill m 'k';
+          let off = only_allocation id in
+          let peek inh free =
+            Option.value (run inh peek_fork peek_join (id, off, 3 * ps, 'k', free)) ~default:"no result"
+          in
+          let a = peek `All false in
+          (a, peek (`Resources [ id ]) true)
     in
     let w1 = write 'a' in
     let read_all = read `All w1 'a' in
@@ -195,7 +246,7 @@ module In_worker (P : MEMPOOL) = struct
     let outsider = stats_in (`Resources []) in
     let final = stats_in `All in
     let shm = match w1 with Ok (_, _, n) -> n | Error _ -> "" in
-    { creator_alloc; creator_stats; fresh; read_all; read_res; outsider; final; shm }
+    { creator_alloc; creator_stats; creator_read_all; creator_read_res; fresh; read_all; read_res; outsider; final; shm }
 
   let creator_fork, creator_join = Netmcore_process.def_process creator
 end
@@ -414,7 +465,7 @@ let () =
               check int "one dead owner with blocks" 1 (List.length (List.filter (fun (_, p) -> p > 0) r.dead));
               check bool "the rest was freed by the workers" true
                 (before_reclaim.live_blocks = r.blocks_freed + 1));
-          test_case "a pool created in a worker, as the original's" `Quick (fun () ->
+          test_case "a pool created in a worker, used by it and later workers" `Quick (fun () ->
               let total = 64 * ps in
               let open In_worker_ours in
               (match in_worker_orig, in_worker_ours with
@@ -422,16 +473,21 @@ let () =
               | _, None -> fail "ours: the creating worker returned nothing"
               | Some o, Some s ->
                   let tf = function Ok (t, f, _) -> Ok (t, f) | Error e -> Error e in
+                  (* the original's creating worker cannot use its pool; ours can *)
+                  check string "the original's creator gets Netmcore's error" not_shared
+                    o.In_worker_orig.creator_alloc;
+                  check string "for stats too" not_shared o.In_worker_orig.creator_stats;
+                  check string "our creator allocates, writes, frees" "allocated" s.creator_alloc;
+                  check string "and reads stats" "stats" s.creator_stats;
+                  check string "the creator's block, read by a later `All worker" "read" s.creator_read_all;
+                  check string "... and read and freed by a `Resources [p] worker" "read and freed"
+                    s.creator_read_res;
                   List.iter
                     (fun (what, o, s) -> check string ("the same as the original: " ^ what) o s)
                     [
-                      ("creator's alloc_mem", o.In_worker_orig.creator_alloc, s.creator_alloc);
-                      ("creator's stats", o.In_worker_orig.creator_stats, s.creator_stats);
                       ("read by a later `All worker", o.In_worker_orig.read_all, s.read_all);
                       ("read by a later `Resources [p] worker", o.In_worker_orig.read_res, s.read_res);
                     ];
-                  check string "the creating worker gets Netmcore's error" not_shared s.creator_alloc;
-                  check string "for stats too" not_shared s.creator_stats;
                   check (result (triple int int int) string) "fresh, seen from a later worker"
                     (Ok (total, total, total)) s.fresh;
                   check string "written by a later worker, read at its address by another (`All)"
