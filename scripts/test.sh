@@ -16,8 +16,8 @@ step() {
 step setup            scripts/setup.sh
 shm_before=$(mktemp)
 # A test that cannot run here (not root, no mount namespace...) appends a
-# line "SKIPPED: <test>: <reason>" to this file (tests/common/mod.rs,
-# tests/ocaml/util/testutil.ml); they are listed at the end, pass or fail,
+# line "SKIPPED: <test>: <reason>" to this file (common::skipped in
+# tests/common/mod.rs); they are listed at the end, pass or fail,
 # so that a skip never reads as a pass.
 SHMPOOL_SKIP_LOG=$(mktemp)
 export SHMPOOL_SKIP_LOG
