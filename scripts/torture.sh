@@ -10,7 +10,10 @@ export PATH="$HOME/.cargo/bin:$PATH"
 export SHMPOOL_TORTURE=${SHMPOOL_TORTURE:-35}
 rust_log=$(mktemp)
 ocaml_log=$(mktemp)
-trap 'rm -f "$rust_log" "$ocaml_log"' EXIT
+# Parts that cannot run here say so in this file (see scripts/test.sh).
+SHMPOOL_SKIP_LOG=$(mktemp)
+export SHMPOOL_SKIP_LOG
+trap 'rm -f "$rust_log" "$ocaml_log" "$SHMPOOL_SKIP_LOG"' EXIT
 t0=$SECONDS
 failed=""
 
@@ -41,6 +44,10 @@ grep -oE 'torture (kill|signals|fuzz|exhaustion): .*' "$rust_log" || echo "(no s
 if [ -x scripts/torture-ocaml.sh ]; then
   echo "-- OCaml (${ocaml_secs} s)"
   grep -E '^torture[ -]' "$ocaml_log" || echo "(no summary lines)"
+fi
+if [ -s "$SHMPOOL_SKIP_LOG" ]; then
+  echo "-- SKIPPED (could not run here):"
+  sort -u "$SHMPOOL_SKIP_LOG"
 fi
 if [ -n "$failed" ]; then
   echo "make torture: FAILED:$failed ($((SECONDS - t0)) s)" >&2

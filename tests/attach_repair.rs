@@ -3,8 +3,10 @@
 
 mod common;
 
-use common::ShmName;
+use common::*;
 use shmpool::{CreateOptions, Pool};
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::time::Duration;
 
 fn named(name: &ShmName, bytes: usize) -> Pool {
     let opts = CreateOptions {
@@ -60,4 +62,55 @@ fn attach_repairs_damaged_derived_state_and_keeps_blocks() {
     q.free(a).unwrap();
     q.flush_cache().unwrap();
     assert_eq!(q.stats().free_bytes, 64 * pg);
+}
+
+/// The recovery counter is a damaged header word like any other: a repair
+/// on attach counts one more recovery with wrap-around, never an overflow
+/// (a panic in the dev profile, caught under the lock, that rebuilt twice).
+#[test]
+fn attach_repair_counts_a_recovery_past_a_damaged_counter() {
+    let _w = Watchdog::new("attach_repair past u64::MAX", 30);
+    let name = ShmName::new();
+    let pg = shmpool::mapping::page_size();
+    let p = named(&name, 64 * pg);
+    let a = p.alloc(3 * pg).unwrap();
+    let hdr = p.base();
+    let off = std::mem::offset_of!(shmpool::layout::Header, recoveries);
+    let free_pages = p.stats().free_bytes as u64 / pg as u64;
+    // SAFETY: words of our own pool's header, in bounds and aligned; no
+    // other process uses the pool.
+    unsafe {
+        hdr.add(off).cast::<u64>().write(u64::MAX);
+        let words = std::mem::size_of::<shmpool::layout::Header>() / 8;
+        let w = hdr.cast::<u64>();
+        let hits = (0..words)
+            .filter(|&i| *w.add(i) == free_pages)
+            .inspect(|&i| *w.add(i) = 7)
+            .count();
+        assert!(hits >= 1, "free_pages counter not found");
+    }
+    assert!(!p.check().is_empty());
+    // In a child, whose panic hook counts every panic, caught or not.
+    // SAFETY: atomics only.
+    let panics: SharedMem<AtomicU64> = unsafe { SharedMem::new() };
+    let n = name.as_str().to_string();
+    let mut c = fork_child(|| {
+        let count = &*panics as *const AtomicU64 as usize;
+        std::panic::set_hook(Box::new(move |info| {
+            // SAFETY: the shared counter stays mapped while this child lives.
+            unsafe { &*(count as *const AtomicU64) }.fetch_add(1, SeqCst);
+            say(&format!("panic: {info}"));
+        }));
+        let q = Pool::attach(&n).map_err(|e| e.to_string())?;
+        let (v, r) = (q.check(), q.stats().recoveries);
+        if !v.is_empty() || r != 0 {
+            return Err(format!("after the repair: check {v:?}, recoveries {r}"));
+        }
+        Ok(())
+    });
+    c.wait_ok(Duration::from_secs(10)).unwrap();
+    assert_eq!(panics.load(SeqCst), 0, "a panic while repairing");
+    assert_eq!(p.size(a), Ok(3 * pg));
+    p.free(a).unwrap();
+    assert!(p.check().is_empty());
 }

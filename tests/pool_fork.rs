@@ -548,13 +548,46 @@ fn a_child_inherits_an_anonymous_pool_and_registers_itself() {
     ok(&pool);
 }
 
+/// A named pool's object is in /dev/shm from `create` until `unlink`, and
+/// gone after it. Only this test's own names are looked at (other tests
+/// run alongside), and all of it before the name guards unlink them: the
+/// guards' cleanup cannot make it pass.
 #[test]
 fn no_shm_left_behind() {
-    // Runs alongside the others: only names of finished tests count.
-    let name = ShmName::new();
-    {
-        let _p = named(&name, 1 << 16);
+    let pg = shmpool::mapping::page_size();
+    let names: Vec<ShmName> = (0..2).map(|_| ShmName::new()).collect();
+    for (name, prefault) in names.iter().zip([false, true]) {
+        let n = name.as_str();
+        let opts = CreateOptions {
+            name: Some(n.to_string()),
+            prefault,
+        };
+        let p = Pool::create(64 * pg, &opts).unwrap();
+        // The check below can see objects: this one is there.
+        assert!(shm_exists(n), "{n}: created, but not in /dev/shm");
+        // Creating it again fails and leaves it alone.
+        assert!(matches!(
+            Pool::create(pg, &opts),
+            Err(Error::Io(_, nix::errno::Errno::EEXIST))
+        ));
+        assert!(shm_exists(n), "{n}: removed by a failed create");
+        let a = p.alloc(3 * pg).unwrap();
+        p.free(a).unwrap();
+        // Closing a pool keeps its name, for processes attaching later.
+        drop(p);
+        assert!(shm_exists(n), "{n}: removed by closing the pool");
+        let q = Pool::attach(n).unwrap();
+        q.unlink().unwrap();
+        assert!(!shm_exists(n), "{n}: still in /dev/shm after unlink");
+        // The mapping outlives the name; the name is not unlinked twice.
+        let b = q.alloc(pg).unwrap();
+        q.free(b).unwrap();
+        ok(&q);
+        assert!(matches!(
+            q.unlink(),
+            Err(Error::Io(_, nix::errno::Errno::ENOENT))
+        ));
+        drop(q);
+        assert!(!shm_exists(n), "{n}: back in /dev/shm");
     }
-    drop(name);
-    assert_no_leftover_shm();
 }

@@ -13,8 +13,11 @@
 //! tmpfs abandoned with EINTR on any signal before Linux 6.10). No
 //! operation may fail (out of memory aside), no lock may be lost (no
 //! recovery ever runs), `check()` must be clean and the pool empty at the
-//! end. `SHMPOOL_TORTURE=n` runs n times
-//! longer (at most a minute).
+//! end. Each worker goes on until it has done `OPS` operations, received
+//! `MIN_ALRM` SIGALRM and some SIGCHLD and created `MIN_NAMED` named pools:
+//! what is tested is counted, never timed, so a slow or loaded machine
+//! tests as much as a fast one. `SHMPOOL_TORTURE=n` multiplies those
+//! counts by n (at most 60).
 
 mod common;
 
@@ -22,6 +25,14 @@ use common::*;
 use shmpool::{CreateOptions, Error, Pool};
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering::SeqCst};
 use std::time::{Duration, Instant};
+
+/// Per worker and per unit of `SHMPOOL_TORTURE` (about 1 s here).
+const OPS: u64 = 100_000;
+const MIN_ALRM: u64 = 2_000;
+const MIN_NAMED: u64 = 5;
+/// A worker that has done this many times `OPS` without the signals or
+/// named pools it needs fails (rather than looping forever).
+const GIVE_UP: u64 = 50;
 
 const WORKERS: usize = 2;
 const SLOTS: usize = 32;
@@ -132,7 +143,7 @@ fn named_round(name: &str, rng: &mut Rng) -> Result<(), String> {
     r
 }
 
-fn worker(pool: &Pool, b: &Board, i: usize, name: &str, dur: Duration) -> Result<(), String> {
+fn worker(pool: &Pool, b: &Board, i: usize, name: &str, units: u64) -> Result<(), String> {
     die_with_parent();
     let pid = std::process::id() as i32;
     let pg = pool.geometry().page_size;
@@ -144,9 +155,17 @@ fn worker(pool: &Pool, b: &Board, i: usize, name: &str, dur: Duration) -> Result
     let mut rng = Rng(0x516 + i as u64);
     let mut offs = [0usize; SLOTS];
     let mut pages = [0usize; SLOTS];
-    let t0 = Instant::now();
+    let (ops, min_alrm, min_named) = (OPS * units, MIN_ALRM * units, MIN_NAMED * units);
     let mut n = 0u64;
-    while t0.elapsed() < dur {
+    let mut named = 0u64;
+    while n < ops || ALRM.load(SeqCst) < min_alrm || CHLD.load(SeqCst) == 0 || named < min_named {
+        if n >= GIVE_UP * ops {
+            return Err(format!(
+                "after {n} operations: only {} SIGALRM, {} SIGCHLD, {named} named pools",
+                ALRM.load(SeqCst),
+                CHLD.load(SeqCst)
+            ));
+        }
         n += 1;
         let s = rng.below(SLOTS as u64) as usize;
         if pages[s] == 0 {
@@ -235,6 +254,7 @@ fn worker(pool: &Pool, b: &Board, i: usize, name: &str, dur: Duration) -> Result
                 }
                 _ => {
                     named_round(name, &mut rng)?;
+                    named += 1;
                     b.named[i].fetch_add(1, SeqCst);
                 }
             }
@@ -265,9 +285,9 @@ fn worker(pool: &Pool, b: &Board, i: usize, name: &str, dur: Duration) -> Result
 
 #[test]
 fn torture_signals() {
-    let secs = scale().min(60);
-    let dur = Duration::from_secs(secs);
-    let _w = Watchdog::new("torture_signals", 60 + 2 * secs);
+    let units = scale().min(60);
+    // A safety net only: the workers stop by counts.
+    let _w = Watchdog::new("torture_signals", 120 + 10 * units);
     let t0 = Instant::now();
     let pg = shmpool::mapping::page_size();
     let pool = Pool::create(NPAGES * pg, &CreateOptions::default()).unwrap();
@@ -275,7 +295,7 @@ fn torture_signals() {
     let b: SharedMem<Board> = unsafe { SharedMem::new() };
     let names: Vec<ShmName> = (0..WORKERS).map(|_| ShmName::new()).collect();
     let mut kids: Vec<Child> = (0..WORKERS)
-        .map(|i| fork_child(|| worker(&pool, &b, i, names[i].as_str(), dur)))
+        .map(|i| fork_child(|| worker(&pool, &b, i, names[i].as_str(), units)))
         .collect();
     wait_until(Duration::from_secs(10), || {
         (0..WORKERS).all(|i| b.pids[i].load(SeqCst) != 0)
@@ -284,7 +304,7 @@ fn torture_signals() {
     b.go.store(1, SeqCst);
     let mut failed = Vec::new();
     for (i, k) in kids.iter_mut().enumerate() {
-        if let Err(e) = k.wait_ok(dur + Duration::from_secs(30)) {
+        if let Err(e) = k.wait_ok(Duration::from_secs(100 + 10 * units)) {
             failed.push(format!("worker {i}: {e}"));
         }
     }
@@ -322,8 +342,24 @@ fn torture_signals() {
         (s.payload_bytes, s.payload_bytes, 0)
     );
     assert_eq!(r.pages, 0);
-    assert!(sum(&b.alrm) > 1000 * secs, "too few SIGALRM");
-    assert!(sum(&b.chld) > 0, "no SIGCHLD");
+    // What each worker went through (it also checked this itself).
+    for i in 0..WORKERS {
+        let (n, a, c, k) = (
+            b.ops[i].load(SeqCst),
+            b.alrm[i].load(SeqCst),
+            b.chld[i].load(SeqCst),
+            b.named[i].load(SeqCst),
+        );
+        assert!(
+            n >= OPS * units && a >= MIN_ALRM * units && c > 0 && k >= MIN_NAMED * units,
+            "worker {i}: {n} ops, {a} SIGALRM, {c} SIGCHLD, {k} named pools"
+        );
+    }
+    // Every named pool was unlinked by the worker that made it: look before
+    // the guards unlink the names themselves.
+    for n in &names {
+        assert!(!shm_exists(n.as_str()), "{} left in /dev/shm", n.as_str());
+    }
     drop(names);
     assert_no_leftover_shm();
 }

@@ -1,4 +1,7 @@
-(* The crash points of rust/src/crashpoint.rs, in their order. *)
+(* The crash points of rust/src/crashpoint.rs. Their names and numbers come
+   from the Rust list itself (shmpool_ml_crash_points); the variant below is
+   there for pattern matching, and tests/ocaml/test_crash_points.ml fails
+   unless [all] names exactly the Rust points, in the Rust order. *)
 type t =
   | Locked
   | Alloc_unlinked
@@ -13,25 +16,25 @@ let all =
   [ Locked; Alloc_unlinked; Alloc_committed; Alloc_remainder_filed; Free_committed;
     Free_neighbours_unlinked; Free_filed; Before_unlock ]
 
-let number = function
-  | Locked -> 1
-  | Alloc_unlinked -> 2
-  | Alloc_committed -> 3
-  | Alloc_remainder_filed -> 4
-  | Free_committed -> 5
-  | Free_neighbours_unlinked -> 6
-  | Free_filed -> 7
-  | Before_unlock -> 8
-
+(* Spelled as in Rust, so a point is found in the Rust list by its name. *)
 let name = function
   | Locked -> "Locked"
-  | Alloc_unlinked -> "Alloc_unlinked"
-  | Alloc_committed -> "Alloc_committed"
-  | Alloc_remainder_filed -> "Alloc_remainder_filed"
-  | Free_committed -> "Free_committed"
-  | Free_neighbours_unlinked -> "Free_neighbours_unlinked"
-  | Free_filed -> "Free_filed"
-  | Before_unlock -> "Before_unlock"
+  | Alloc_unlinked -> "AllocUnlinked"
+  | Alloc_committed -> "AllocCommitted"
+  | Alloc_remainder_filed -> "AllocRemainderFiled"
+  | Free_committed -> "FreeCommitted"
+  | Free_neighbours_unlinked -> "FreeNeighboursUnlinked"
+  | Free_filed -> "FreeFiled"
+  | Before_unlock -> "BeforeUnlock"
+
+external rust_points : unit -> (string * int) array = "shmpool_ml_crash_points"
+
+let in_rust = Array.to_list (rust_points ())
+
+let number p =
+  match List.assoc_opt (name p) in_rust with
+  | Some n -> n
+  | None -> invalid_arg ("Crash_point.number: no crash point " ^ name p ^ " in the Rust core")
 
 external arm_stub : int -> unit = "shmpool_ml_arm_crash_point"
 

@@ -11,10 +11,18 @@ type t =
   | Before_unlock
 
 val all : t list
+(** Every point, in the order of the Rust list. *)
+
 val name : t -> string
+(** The point's name in the Rust core ([Alloc_unlinked] is ["AllocUnlinked"]). *)
+
+val in_rust : (string * int) list
+(** The Rust core's crash points (rust/src/crashpoint.rs), names and
+    numbers, in order: the one source [all] must match. *)
 
 val arm : t -> unit
 (** The next time this process reaches the point, it stops itself with
-    [SIGSTOP] (holding the pool lock). *)
+    [SIGSTOP] (holding the pool lock).
+    @raise Invalid_argument if the Rust core has no such point. *)
 
 val disarm : unit -> unit

@@ -5,10 +5,34 @@
 //! exactly that step while it holds the pool lock. Without the feature,
 //! [`hit`] is an empty inline function and costs nothing.
 
-/// The steps of alloc and free, in the order they happen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u32)]
-pub enum CrashPoint {
+/// Declares the crash points once: the enum, [`ALL`] and
+/// [`CrashPoint::name`] all come from this one list, and the OCaml test
+/// library reads names and numbers from it (`shmpool_ml_crash_points`;
+/// `tests/ocaml/test_crash_points.ml` fails if its own list differs).
+macro_rules! crash_points {
+    ($($(#[doc = $doc:literal])* $point:ident = $n:literal,)*) => {
+        /// The steps of alloc and free, in the order they happen.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        #[repr(u32)]
+        pub enum CrashPoint {
+            $($(#[doc = $doc])* $point = $n,)*
+        }
+
+        /// Every crash point, in order, for tests that visit each one.
+        pub const ALL: [CrashPoint; [$($n),*].len()] = [$(CrashPoint::$point),*];
+
+        impl CrashPoint {
+            /// The point's name, as written here (`"AllocUnlinked"`).
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(CrashPoint::$point => stringify!($point),)*
+                }
+            }
+        }
+    };
+}
+
+crash_points! {
     /// Lock held, nothing written yet.
     Locked = 1,
     /// Alloc: the chosen run is unlinked from its list or tree, not committed.
@@ -26,18 +50,6 @@ pub enum CrashPoint {
     /// Operation complete, lock still held.
     BeforeUnlock = 8,
 }
-
-/// Every crash point, for tests that visit each one.
-pub const ALL: [CrashPoint; 8] = [
-    CrashPoint::Locked,
-    CrashPoint::AllocUnlinked,
-    CrashPoint::AllocCommitted,
-    CrashPoint::AllocRemainderFiled,
-    CrashPoint::FreeCommitted,
-    CrashPoint::FreeNeighboursUnlinked,
-    CrashPoint::FreeFiled,
-    CrashPoint::BeforeUnlock,
-];
 
 #[cfg(feature = "crash-points")]
 mod imp {
@@ -74,3 +86,21 @@ mod imp {
 }
 
 pub use imp::{arm, hit};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_are_distinct_and_nonzero_and_names_unique() {
+        // 0 means "disarmed" to `arm` and to the OCaml stub.
+        for (i, a) in ALL.iter().enumerate() {
+            assert_ne!(*a as u32, 0, "{a:?}");
+            for b in &ALL[i + 1..] {
+                assert_ne!(*a as u32, *b as u32, "{a:?} and {b:?}");
+                assert_ne!(a.name(), b.name());
+            }
+        }
+        assert_eq!(CrashPoint::AllocUnlinked.name(), "AllocUnlinked");
+    }
+}

@@ -544,3 +544,17 @@ pub extern "C" fn shmpool_ml_arm_crash_point(n: Raw) -> Raw {
     crate::crashpoint::arm(point);
     Raw(ocaml::sys::UNIT)
 }
+
+/// Test builds only (feature `crash-points`): every crash point's name and
+/// number, in order: the one list the OCaml test library checks its own
+/// against (`ocaml/crashtest/crash_point.ml`).
+#[cfg(feature = "crash-points")]
+#[ocaml::func]
+pub fn shmpool_ml_crash_points() -> Vec<(String, ocaml::Int)> {
+    cold(Vec::new(), || {
+        crate::crashpoint::ALL
+            .iter()
+            .map(|&p| (p.name().to_string(), p as ocaml::Int))
+            .collect()
+    })
+}

@@ -167,7 +167,7 @@ impl Pool {
         let _ = self.locked(|l| {
             if !l.arena.check().is_empty() {
                 l.arena.rebuild();
-                *l.recoveries += 1;
+                *l.recoveries = l.recoveries.wrapping_add(1);
             }
             Ok(())
         });

@@ -33,6 +33,43 @@ pub fn say(msg: &str) {
     }
 }
 
+/// Reports that `test` could not run here (a missing capability: root,
+/// a mount namespace...), so that it never passes silently: prints
+/// `SKIPPED: <test>: <reason>` on stderr (past the harness's capture) and
+/// appends that line to the file named by `SHMPOOL_SKIP_LOG`, if set, where
+/// `scripts/test.sh` collects every skip and lists them at the end. The
+/// caller then returns without asserting anything.
+pub fn skipped(test: &str, reason: &str) {
+    use std::io::Write;
+    let line = format!("SKIPPED: {test}: {reason}\n");
+    // SAFETY: writes a valid buffer to fd 2.
+    unsafe {
+        libc::write(2, line.as_ptr().cast(), line.len());
+    }
+    if let Some(path) = std::env::var_os("SHMPOOL_SKIP_LOG") {
+        // One write of one short line with O_APPEND: lines of tests running
+        // at once do not interleave.
+        let logged = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| f.write_all(line.as_bytes()));
+        if let Err(e) = logged {
+            panic!("cannot record the skip in {path:?}: {e}");
+        }
+    }
+}
+
+/// Whether the shm object `name` (with its leading `/`) exists.
+pub fn shm_exists(name: &str) -> bool {
+    let path = format!("/dev/shm/{}", name.trim_start_matches('/'));
+    match std::fs::symlink_metadata(&path) {
+        Ok(_) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => panic!("cannot tell whether {path} exists: {e}"),
+    }
+}
+
 /// A unique POSIX shm name, unlinked on drop (ignoring "not found").
 pub struct ShmName {
     name: String,
@@ -342,14 +379,17 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> Result<(
 /// Asserts that no shm object named by this process is left in /dev/shm.
 pub fn assert_no_leftover_shm() {
     let prefix = format!("shmpool-test-{}-", pid());
+    // An unreadable /dev/shm must fail the check, not pass it.
     let left: Vec<String> = std::fs::read_dir("/dev/shm")
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with(&prefix))
-                .collect()
+        .expect("read /dev/shm")
+        .map(|e| {
+            e.expect("read /dev/shm")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
         })
-        .unwrap_or_default();
+        .filter(|n| n.starts_with(&prefix))
+        .collect();
     // Names of tests still running in other threads are allowed.
     let live = NAMES.lock().unwrap().clone();
     let stray: Vec<&String> = left

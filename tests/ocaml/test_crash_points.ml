@@ -72,6 +72,19 @@ let trial op p =
   Alcotest.(check int) (C.name p ^ ": one run") s.payload s.largest_free;
   Alcotest.(check (list string)) (C.name p ^ ": check clean at the end") [] (P.check pool)
 
+(* One list of crash points, the Rust one: a point added there and not
+   here (or the other way round, or renamed, or reordered) fails this. *)
+let test_same_points_as_rust () =
+  Alcotest.(check (list string))
+    "the OCaml crash points are rust/src/crashpoint.rs's, in order"
+    (List.map fst C.in_rust) (List.map C.name C.all)
+
+let test_every_point_visited () =
+  let visited = points_of Alloc @ points_of Free in
+  List.iter
+    (fun p -> Alcotest.(check bool) (C.name p ^ " is visited by a trial") true (List.mem p visited))
+    C.all
+
 let () =
   let cases op =
     List.map
@@ -81,4 +94,13 @@ let () =
           `Quick (fun () -> trial op p))
       (points_of op)
   in
-  Alcotest.run "shmpool staged death (OCaml)" [ ("alloc", cases Alloc); ("free", cases Free) ]
+  Alcotest.run "shmpool staged death (OCaml)"
+    [
+      ( "points",
+        [
+          Alcotest.test_case "same points as the Rust core" `Quick test_same_points_as_rust;
+          Alcotest.test_case "every point visited" `Quick test_every_point_visited;
+        ] );
+      ("alloc", cases Alloc);
+      ("free", cases Free);
+    ]
