@@ -39,3 +39,8 @@ external arm_stub : int -> unit = "shmpool_ml_arm_crash_point"
    holding the pool lock for every point). *)
 let arm p = arm_stub (number p)
 let disarm () = arm_stub 0
+
+external arm_panic_stub : unit -> unit = "shmpool_ml_arm_panic"
+
+(* The next Shmpool stub this process runs panics inside its guard. *)
+let arm_panic () = arm_panic_stub ()

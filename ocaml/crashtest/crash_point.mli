@@ -18,3 +18,8 @@ val arm : t -> unit
     [SIGSTOP] (holding the pool lock). *)
 
 val disarm : unit -> unit
+
+val arm_panic : unit -> unit
+(** The next call into the Rust core this process makes panics there (a
+    stand-in for an internal bug): the call must raise [Failure "<fn>:
+    internal error: induced by a test"] and leave the process usable. *)
