@@ -95,3 +95,29 @@ pub type Result<T> = std::result::Result<T, Error>;
 pub(crate) fn io(what: &str) -> impl FnOnce(nix::errno::Errno) -> Error + '_ {
     move |e| Error::Io(what.to_string(), e)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_distinct_negative_and_cover_every_error() {
+        let mut seen = std::collections::HashSet::new();
+        for (name, c) in code::ALL {
+            assert!(c < 0, "{name}");
+            assert!(seen.insert(c), "{name}: duplicate code {c}");
+        }
+        let errors = [
+            Error::OutOfMemory,
+            Error::BadSize,
+            Error::NotABlock,
+            Error::BadName(String::new()),
+            Error::NotAPool(String::new()),
+            Error::Corrupt(String::new()),
+            Error::Io(String::new(), nix::errno::Errno::EIO),
+        ];
+        for e in errors {
+            assert!(seen.contains(&e.code()), "{e:?} has no entry in code::ALL");
+        }
+    }
+}

@@ -630,7 +630,15 @@ unsafe extern "C" fn finalize_mapping(v: ocaml::sys::Value) {
         // held, as are all increments, so `refcount` is exact.
         unsafe {
             let proxy = (*ba_struct(v)).proxy as *mut MappingProxy;
-            if !proxy.is_null() && (*proxy).refcount.fetch_sub(1, Ordering::AcqRel) == 1 {
+            if proxy.is_null() {
+                return;
+            }
+            // A plain decrement, as OCaml's own increments are: both run
+            // under the runtime lock (an atomic read-modify-write would
+            // add its cost to every block's collection).
+            let n = (*proxy).refcount.load(Ordering::Relaxed) - 1;
+            (*proxy).refcount.store(n, Ordering::Relaxed);
+            if n == 0 {
                 drop(Box::from_raw(proxy));
             }
         }
