@@ -362,7 +362,8 @@ pub extern "C" fn shmpool_ml_stats_byte(h: Raw, arr: Raw) -> Raw {
     tag(shmpool_ml_stats(untag(h), arr.0))
 }
 
-/// Address of the first byte of a bigarray (`[@unboxed] nativeint`).
+/// Address of the first byte of a bigarray (`[@unboxed] nativeint`). Two
+/// loads: nothing here can panic, so there is nothing to guard.
 #[no_mangle]
 pub extern "C" fn shmpool_ml_addr_of(mem: ocaml::sys::Value) -> isize {
     // SAFETY: `mem` has OCaml type `memory` (a char bigarray); reading its
@@ -377,7 +378,8 @@ pub extern "C" fn shmpool_ml_addr_of_byte(mem: Raw) -> Raw {
     Raw(unsafe { ocaml::sys::caml_copy_nativeint(shmpool_ml_addr_of(mem.0)) })
 }
 
-/// The code of this thread's last failure (`[@@noalloc]`).
+/// The code of this thread's last failure (`[@@noalloc]`). Cannot panic
+/// (`try_with`, a `Cell` read).
 #[no_mangle]
 pub extern "C" fn shmpool_ml_last_code(_unit: Raw) -> isize {
     LAST.try_with(|(c, _)| c.get()).unwrap_or(code::INTERNAL)
@@ -818,11 +820,13 @@ pub extern "C" fn shmpool_ml_close(h: Raw) -> Raw {
 #[cfg(feature = "crash-points")]
 #[no_mangle]
 pub extern "C" fn shmpool_ml_arm_crash_point(n: Raw) -> Raw {
-    let point = crate::crashpoint::ALL
-        .iter()
-        .copied()
-        .find(|p| *p as isize == untag(n));
-    crate::crashpoint::arm(point);
+    let _ = catch_unwind(|| {
+        let point = crate::crashpoint::ALL
+            .iter()
+            .copied()
+            .find(|p| *p as isize == untag(n));
+        crate::crashpoint::arm(point);
+    });
     Raw(ocaml::sys::UNIT)
 }
 

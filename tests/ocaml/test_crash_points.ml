@@ -100,6 +100,8 @@ let test_induced_panics () =
   internal "Shmpool.create" (fun () -> ignore (P.create ps));
   internal "Shmpool.prefault_shm" (fun () -> P.prefault_shm name);
   internal "Shmpool.flush_cache" (fun () -> P.flush_cache pool);
+  (* a hot-path panic after cold-path ones (the hook made this one abort) *)
+  internal "Shmpool.free" (fun () -> P.free pool m);
   (* nothing changed, and everything still works *)
   Alcotest.(check int) "live" 1 (P.stats pool).live_blocks;
   Alcotest.(check int) "size" ps (P.size pool m);
