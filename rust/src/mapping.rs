@@ -49,7 +49,7 @@ struct Region {
 
 /// Keeps a [`Mapping`]'s memory mapped after the `Mapping` itself is gone.
 #[derive(Debug, Clone)]
-pub struct KeepAlive(#[allow(dead_code)] Arc<Region>);
+pub struct KeepAlive(#[allow(dead_code)] Arc<Region>); // held for its Drop only
 
 // SAFETY: the mapping is plain shared memory; all mutation of the pool data
 // in it is serialised by the pool lock.
