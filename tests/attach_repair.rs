@@ -10,7 +10,7 @@ use std::time::Duration;
 
 fn named(name: &ShmName, bytes: usize) -> Pool {
     let opts = CreateOptions {
-        name: Some(name.as_str().to_string()),
+        name: Some(name.as_str().into()),
         prefault: false,
     };
     Pool::create(bytes, &opts).unwrap()

@@ -1,7 +1,14 @@
 //! Bad input to a real `Pool`: each is an `Err` and leaves the pool exactly
-//! as it was (stats, check and debug_info identical before and after).
+//! as it was (stats, check and debug_info identical before and after). Bad
+//! shm names are refused and create nothing; good ones are any bytes. A
+//! pool's memory stays mapped while a `KeepAlive` of it lives (what keeps
+//! OCaml's blocks of a closed pool from landing in another pool).
 
-use shmpool::{CreateOptions, Error, Pool};
+mod common;
+
+use shmpool::{mapping, CreateOptions, Error, Pool};
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
 
 fn pool(bytes: usize) -> Pool {
     Pool::create(bytes, &CreateOptions::default()).unwrap()
@@ -145,4 +152,151 @@ fn sizes_round_up_to_pages() {
         assert_eq!(p.free(o), Ok(pages * pg));
     }
     assert!(p.check().is_empty());
+}
+
+/// Names `shm_open` would misread or refuse: empty, no slash, nothing
+/// after it, extra slashes, NUL bytes, longer than 254 bytes after the
+/// slash. Not UTF-8 is not a reason.
+fn bad_names() -> Vec<Vec<u8>> {
+    let mut v: Vec<Vec<u8>> = [
+        &b""[..],
+        b"noslash",
+        b"/",
+        b"//a",
+        b"/a/",
+        b"/a/b",
+        b"/a\0b",
+        b"\0",
+        b"/\0",
+        b"/\xff/\xfe",
+    ]
+    .iter()
+    .map(|b| b.to_vec())
+    .collect();
+    v.push([&b"/"[..], &[b'x'; 255]].concat());
+    v.push(vec![b'/'; 300]);
+    v
+}
+
+#[test]
+fn bad_names_are_refused_and_create_nothing() {
+    // glibc would take "//x" and "x" for "/x": refused, nothing appears.
+    let unique = common::ShmName::new();
+    let bare = &unique.as_str()[1..];
+    let mut names = bad_names();
+    names.push(format!("/{}", unique.as_str()).into_bytes());
+    names.push(bare.as_bytes().to_vec());
+    for n in names {
+        let name = OsStr::from_bytes(&n);
+        let bad = |r: Result<(), Error>, what: &str| {
+            assert!(
+                matches!(r, Err(Error::BadName(_))),
+                "{what}({name:?}): {r:?}"
+            );
+        };
+        bad(Pool::attach(name).map(drop), "attach");
+        let opts = CreateOptions {
+            name: Some(name.to_owned()),
+            prefault: false,
+        };
+        bad(Pool::create(1, &opts).map(drop), "create");
+        bad(mapping::unlink(name), "unlink");
+        bad(mapping::prefault_named(name, None), "prefault_named");
+    }
+    assert!(!std::path::Path::new("/dev/shm").join(bare).exists());
+}
+
+/// Unlinks a byte name on drop.
+struct Unlink(OsString);
+
+impl Drop for Unlink {
+    fn drop(&mut self) {
+        let _ = nix::sys::mman::shm_unlink(self.0.as_os_str());
+    }
+}
+
+#[test]
+fn names_are_bytes() {
+    let base = common::ShmName::new();
+    // Not UTF-8, control bytes, and the longest name.
+    let odd = Unlink(
+        OsStr::from_bytes(&[base.as_str().as_bytes(), b"\xff\xc3(\x01"].concat()).to_owned(),
+    );
+    let pad = 255 - base.as_str().len();
+    let longest = Unlink(
+        OsStr::from_bytes(&[base.as_str().as_bytes(), &vec![b'x'; pad]].concat()).to_owned(),
+    );
+    assert_eq!(longest.0.len(), 255);
+    for n in [&odd.0, &longest.0] {
+        let opts = CreateOptions {
+            name: Some(n.clone()),
+            prefault: true,
+        };
+        let p = Pool::create(1, &opts).unwrap();
+        assert_eq!(p.name(), Some(n.as_os_str()));
+        let q = Pool::attach(n).unwrap();
+        assert_eq!(q.name(), Some(n.as_os_str()));
+        let o = q.alloc(1).unwrap();
+        assert_eq!(p.stats().live_blocks, 1);
+        assert!(q.free(o).is_ok());
+        assert_eq!(mapping::prefault_named(n, None), Ok(()));
+        assert_eq!(p.unlink(), Ok(()));
+        assert!(matches!(
+            Pool::attach(n),
+            Err(Error::Io(_, nix::errno::Errno::ENOENT))
+        ));
+    }
+}
+
+/// Whether the line of /proc/self/maps covering `addr` mentions `what`.
+fn mapped_as(addr: *const u8, what: &str) -> bool {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    maps.lines().any(|l| {
+        let range = l.split_whitespace().next().unwrap_or("");
+        let (lo, hi) = range.split_once('-').unwrap_or(("0", "0"));
+        let lo = usize::from_str_radix(lo, 16).unwrap_or(0);
+        let hi = usize::from_str_radix(hi, 16).unwrap_or(0);
+        (lo..hi).contains(&(addr as usize)) && l.contains(what)
+    })
+}
+
+#[test]
+fn keep_alive_outlives_the_pool() {
+    let name = common::ShmName::new();
+    let opts = CreateOptions {
+        name: Some(name.as_str().into()),
+        prefault: true,
+    };
+    let p = Pool::create(4 << 12, &opts).unwrap();
+    let a = p.addr(p.alloc(1).unwrap());
+    let keep = p.keep_alive().expect("a pool we mapped");
+    let keep2 = keep.clone();
+    drop(p);
+    // SAFETY: the KeepAlives keep the page mapped (what this test checks).
+    unsafe {
+        a.write_volatile(7);
+        assert_eq!(a.read_volatile(), 7);
+    }
+    drop(keep);
+    assert!(
+        mapped_as(a, &name.as_str()[1..]),
+        "unmapped under a KeepAlive"
+    );
+    drop(keep2);
+    assert!(
+        !mapped_as(a, &name.as_str()[1..]),
+        "still mapped after the last holder"
+    );
+    // Memory someone else mapped is never ours to keep.
+    let len = 64 << 12;
+    let lay = std::alloc::Layout::from_size_align(len, 1 << 16).unwrap();
+    // SAFETY: a non-zero size; freed below with the same layout.
+    let buf = unsafe { std::alloc::alloc_zeroed(lay) };
+    assert!(!buf.is_null());
+    // SAFETY: `buf` is zeroed, outlives `q` and nothing else uses it.
+    let q = unsafe { Pool::format_in_place(buf, len, true) }.unwrap();
+    assert!(q.keep_alive().is_none());
+    drop(q);
+    // SAFETY: allocated above with `lay`; `q` is gone.
+    unsafe { std::alloc::dealloc(buf, lay) };
 }

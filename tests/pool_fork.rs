@@ -17,7 +17,7 @@ fn anon(bytes: usize) -> Pool {
 
 fn named(name: &ShmName, bytes: usize) -> Pool {
     let opts = CreateOptions {
-        name: Some(name.as_str().to_string()),
+        name: Some(name.as_str().into()),
         prefault: false,
     };
     Pool::create(bytes, &opts).expect("create named pool")
@@ -238,7 +238,7 @@ fn named_pool_attached_by_a_child() {
     let _w = Watchdog::new("named_pool_attached_by_a_child", 30);
     let name = ShmName::new();
     let pool = named(&name, 4 << 20);
-    assert_eq!(pool.name(), Some(name.as_str()));
+    assert_eq!(pool.name(), Some(name.as_str().as_ref()));
     let pg = pool.geometry().page_size;
     let mbox = pool.alloc(pg).unwrap();
     let initial = shape(&pool);
@@ -247,7 +247,7 @@ fn named_pool_attached_by_a_child() {
     let mut child = fork_child(move || {
         // A fresh mapping of the object, at another address.
         let p = Pool::attach(&n).map_err(|e| format!("attach: {e}"))?;
-        if p.geometry() != geo || p.name() != Some(n.as_str()) {
+        if p.geometry() != geo || p.name() != Some(n.as_str().as_ref()) {
             return Err("attached geometry differs".into());
         }
         // SAFETY: the parent's mailbox block, zeroed.
@@ -378,11 +378,14 @@ fn attach_rejects_what_is_not_a_pool() {
         Err(Error::Io(_, nix::errno::Errno::ENOENT))
     ));
     for bad in ["noslash", "/a/b", "/", ""] {
-        assert!(matches!(Pool::attach(bad), Err(Error::Io(..))), "{bad:?}");
+        assert!(
+            matches!(Pool::attach(bad), Err(Error::BadName(_))),
+            "{bad:?}"
+        );
     }
     // Creating over an existing name fails and leaves it alone.
     let opts = CreateOptions {
-        name: Some(name2.as_str().to_string()),
+        name: Some(name2.as_str().into()),
         prefault: true,
     };
     assert!(matches!(

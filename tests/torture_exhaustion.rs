@@ -113,7 +113,7 @@ fn no_room(r: &Tmpfs) -> Result<(), String> {
     }
     let name = ShmName::new();
     let mut opts = CreateOptions {
-        name: Some(name.as_str().to_string()),
+        name: Some(name.as_str().into()),
         prefault: true,
     };
     match Pool::create(8 << 20, &opts) {

@@ -538,7 +538,7 @@ fn damaged_pools() -> (String, Result<(), String>) {
         // A pool with live and cached blocks of a process that exited.
         let mut c = fork_child(|| {
             let opts = CreateOptions {
-                name: Some(name.as_str().to_string()),
+                name: Some(name.as_str().into()),
                 prefault: false,
             };
             let p = Pool::create(DPAGES as usize * pg, &opts).map_err(|e| e.to_string())?;

@@ -117,7 +117,7 @@ fn must<T>(what: &str, r: Result<T, Error>) -> Result<T, String> {
 fn named_round(name: &str, rng: &mut Rng) -> Result<(), String> {
     let pg = shmpool::mapping::page_size();
     let opts = CreateOptions {
-        name: Some(name.to_string()),
+        name: Some(name.into()),
         prefault: true,
     };
     let pages = 2048 + rng.below(6144) as usize; // 8 to 32 MiB

@@ -27,9 +27,12 @@ let name = function
   | Free_filed -> "FreeFiled"
   | Before_unlock -> "BeforeUnlock"
 
-external rust_points : unit -> (string * int) array = "shmpool_ml_crash_points"
+external rust_points : unit -> (string * int) array option = "shmpool_ml_crash_points"
 
-let in_rust = Array.to_list (rust_points ())
+let in_rust =
+  match rust_points () with
+  | Some a -> Array.to_list a
+  | None -> failwith "Crash_point.in_rust: internal error"
 
 let number p =
   match List.assoc_opt (name p) in_rust with
@@ -42,3 +45,8 @@ external arm_stub : int -> unit = "shmpool_ml_arm_crash_point"
    holding the pool lock for every point). *)
 let arm p = arm_stub (number p)
 let disarm () = arm_stub 0
+
+external arm_panic_stub : unit -> unit = "shmpool_ml_arm_panic"
+
+(* The next Shmpool stub this process runs panics inside its guard. *)
+let arm_panic () = arm_panic_stub ()

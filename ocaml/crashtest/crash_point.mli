@@ -26,3 +26,8 @@ val arm : t -> unit
     @raise Invalid_argument if the Rust core has no such point. *)
 
 val disarm : unit -> unit
+
+val arm_panic : unit -> unit
+(** The next call into the Rust core this process makes panics there (a
+    stand-in for an internal bug): the call must raise [Failure "<fn>:
+    internal error: induced by a test"] and leave the process usable. *)

@@ -1,7 +1,10 @@
-(* The hot path (alloc, free, size, stats) goes through [@@noalloc] stubs on
-   untagged ints that return a byte offset or a negative error code; the
-   bigarray is an Array1.sub of the pool's mapping made here, and exceptions
-   are raised here (raising from Rust through ocaml-rs leaks GC roots). *)
+(* The hot path (alloc, free, size, stats, addr_of) goes through [@@noalloc]
+   stubs on untagged ints that return a byte offset or a negative error code;
+   the bigarray is an Array1.sub of the pool's mapping made here, and
+   exceptions are raised here (raising from Rust through ocaml-rs leaks GC
+   roots). The cold stubs return a code or an option, [None] meaning "see
+   [last_code ()] and [last_error ()]". No stub lets a Rust panic through:
+   it comes back as the code "internal" (raised as Failure). *)
 
 open Bigarray
 
@@ -12,22 +15,37 @@ exception Not_a_pool of string
 
 type t = {
   h : int;  (** handle in the Rust pool table *)
-  mem : memory;  (** the whole mapping (unmanaged: never freed by the GC) *)
+  mutable mem : memory;
+      (** the whole mapping (for [format_in_place]/[attach_in_place]: the
+          caller's bigarray); blocks are [Array1.sub]s of it, and it and
+          every block keep the mapping alive (see [close]). [close] replaces
+          it with an empty array, so that only blocks still in use keep a
+          closed pool's memory mapped. *)
   payload : int;  (** payload bytes: larger requests cannot succeed *)
-  source : memory option;
-      (** for [format_in_place]/[attach_in_place]: the caller's bigarray,
-          kept reachable so that a GC-managed mapping (e.g. from
-          [Unix.map_file]) is not unmapped under the pool *)
+  name : string option;
 }
 
-(* Error codes of rust/src/error.rs and rust/src/ocaml_stubs.rs *)
-let e_oom = -1
-let e_bad_size = -2
-let e_not_a_block = -3
-let e_not_a_pool = -4
-let e_closed = -7
-
 external init : unit -> bool = "shmpool_ml_init"
+
+(* boxroot (GC roots of the Rust side) first: the other stubs need it *)
+let () = if not (init ()) then failwith "Shmpool: boxroot_setup failed"
+
+(* The error codes are defined once, in rust/src/error.rs ([code::ALL]);
+   look each one up by name so that the two sides cannot disagree. *)
+external error_code : string -> int = "shmpool_ml_error_code"
+
+let code name =
+  let c = error_code name in
+  if c >= 0 then failwith ("Shmpool: the Rust stubs define no error code " ^ name) else c
+
+let e_oom = code "out_of_memory"
+let e_bad_size = code "bad_size"
+let e_not_a_block = code "not_a_block"
+let e_not_a_pool = code "not_a_pool"
+let e_closed = code "closed"
+let e_bad_name = code "bad_name"
+let () = ignore (code "corrupt", code "io", code "internal")
+
 external page_size_stub : unit -> int = "shmpool_ml_page_size"
 
 external alloc_off : (int[@untagged]) -> (int[@untagged]) -> (int[@untagged])
@@ -50,77 +68,95 @@ external stats_fill : (int[@untagged]) -> int array -> (int[@untagged])
   = "shmpool_ml_stats_byte" "shmpool_ml_stats"
   [@@noalloc]
 
-external create_stub : int -> string option -> bool -> int * string = "shmpool_ml_create"
-external attach_stub : string -> int * string = "shmpool_ml_attach"
-external in_place_stub : memory -> int -> int * string = "shmpool_ml_in_place"
-external mapping_stub : int -> memory = "shmpool_ml_mapping"
-external last_error : unit -> string = "shmpool_ml_last_error"
-external debug_info_stub : int -> string = "shmpool_ml_debug_info"
-external check_stub : int -> string array = "shmpool_ml_check"
+external addr_of : memory -> (nativeint[@unboxed])
+  = "shmpool_ml_addr_of_byte" "shmpool_ml_addr_of"
+  [@@noalloc]
 
-external owners_stub : int -> int * (int * int * bool * int * int) array
+external last_code : unit -> (int[@untagged])
+  = "shmpool_ml_last_code_byte" "shmpool_ml_last_code"
+  [@@noalloc]
+
+external last_error_stub : unit -> string option = "shmpool_ml_last_error"
+external create_stub : int -> string option -> bool -> int = "shmpool_ml_create"
+external attach_stub : string -> int = "shmpool_ml_attach"
+external in_place_stub : memory -> int -> int = "shmpool_ml_in_place"
+external mapping_stub : int -> memory option = "shmpool_ml_mapping"
+external debug_info_stub : int -> string option = "shmpool_ml_debug_info"
+external check_stub : int -> string array option = "shmpool_ml_check"
+
+external owners_stub : int -> (int * int * bool * int * int) array option
   = "shmpool_ml_owners"
 
-external reclaim_stub : int -> int * int * int * (int * int) array
+external reclaim_stub : int -> (int * int * (int * int) array) option
   = "shmpool_ml_reclaim_dead"
 
-external unlink_stub : int -> int * string = "shmpool_ml_unlink"
-external name_stub : int -> string option = "shmpool_ml_name"
+external unlink_stub : int -> int = "shmpool_ml_unlink"
 external close_stub : int -> unit = "shmpool_ml_close"
 external total_stub : int -> int = "shmpool_ml_total_for_payload"
-external prefault_stub : string -> int -> int * string = "shmpool_ml_prefault_name"
-
+external prefault_stub : string -> int -> int = "shmpool_ml_prefault_name"
 external flush_all : unit -> unit = "shmpool_ml_flush_all"
 
 let () =
   Callback.register_exception "Shmpool.Out_of_pool_memory" Out_of_pool_memory;
-  if not (init ()) then failwith "Shmpool: boxroot_setup failed";
   (* give this process's cached blocks back at exit (Netmcore workers run
      OCaml's at_exit, then leave with _exit, skipping C's atexit) *)
   at_exit flush_all
 
-let page_size = page_size_stub ()
+let last_error () = match last_error_stub () with Some m -> m | None -> "unknown error"
+
+(* Raise the exception for a failed operation [fn]; the common codes have
+   fixed exceptions, the rare ones (and internal errors) carry the Rust
+   error's message. *)
+let fail fn code =
+  if code = e_oom then raise Out_of_pool_memory
+  else if code = e_bad_size then invalid_arg (fn ^ ": bad size")
+  else if code = e_not_a_block then invalid_arg (fn ^ ": not the start of a live block")
+  else if code = e_closed then failwith (fn ^ ": pool is closed")
+  else if code = e_bad_name then invalid_arg (fn ^ ": bad shm name")
+  else if code = e_not_a_pool then raise (Not_a_pool (last_error ()))
+  else failwith (fn ^ ": " ^ last_error ())
+
+(* The result of a cold stub returning an option. *)
+let get fn = function Some v -> v | None -> fail fn (last_code ())
+
+let page_size =
+  let p = page_size_stub () in
+  if p <= 0 then fail "Shmpool.page_size" p else p
 
 (* Page sizes are powers of two: round with a mask, not a division, on the
    alloc path. *)
 let () = assert (page_size land (page_size - 1) = 0)
 let round_to_pages n = (n + page_size - 1) land lnot (page_size - 1)
 
-(* Raise the exception for a failed operation [fn]; the common codes have
-   fixed exceptions, the rare ones carry the Rust error's message. *)
-let fail fn code =
-  if code = e_oom then raise Out_of_pool_memory
-  else if code = e_bad_size then invalid_arg (fn ^ ": bad size")
-  else if code = e_not_a_block then invalid_arg (fn ^ ": not the start of a live block")
-  else if code = e_closed then failwith (fn ^ ": pool is closed")
-  else if code = e_not_a_pool then raise (Not_a_pool (last_error ()))
-  else failwith (fn ^ ": " ^ last_error ())
-
-let of_handle ?source fn (code, msg) =
-  if code < 0 then
-    if code = e_not_a_pool then raise (Not_a_pool msg)
-    else if code = e_bad_size then invalid_arg (fn ^ ": bad size")
-    else failwith (fn ^ ": " ^ msg)
+let of_handle ?source ?name fn h =
+  if h < 0 then fail fn h
   else
-    let mem = mapping_stub code in
+    let release_and_fail code = close_stub h; fail fn code in
+    let mem =
+      match source with
+      | Some m -> m
+      | None -> ( match mapping_stub h with Some m -> m | None -> release_and_fail (last_code ()))
+    in
     let st = Array.make 7 0 in
-    ignore (stats_fill code st);
-    { h = code; mem; payload = st.(3); source }
+    let r = stats_fill h st in
+    if r < 0 then release_and_fail r;
+    { h; mem; payload = st.(3); name }
 
 let create ?name ?(prefault = false) size =
   if size <= 0 then invalid_arg "Shmpool.create: bad size";
-  of_handle "Shmpool.create" (create_stub size name prefault)
+  of_handle ?name "Shmpool.create" (create_stub size name prefault)
 
-let attach name = of_handle "Shmpool.attach" (attach_stub name)
+let attach name = of_handle ~name "Shmpool.attach" (attach_stub name)
+
 let format_in_place ?(zeroed = false) m =
   of_handle ~source:m "Shmpool.format_in_place" (in_place_stub m (if zeroed then 2 else 1))
 
 let attach_in_place m = of_handle ~source:m "Shmpool.attach_in_place" (in_place_stub m 0)
 
-external fork_generation_cell : unit -> (int, int_elt, c_layout) Array1.t
+external fork_generation_cell : unit -> (int, int_elt, c_layout) Array1.t option
   = "shmpool_ml_fork_generation_cell"
 
-let fork_cell = fork_generation_cell ()
+let fork_cell = get "Shmpool.fork_generation" (fork_generation_cell ())
 let fork_generation () = Array1.unsafe_get fork_cell 0
 
 let alloc t n =
@@ -168,27 +204,25 @@ let stats t =
     recoveries = a.(6);
   }
 
-let debug_info t = debug_info_stub t.h
-let check t = Array.to_list (check_stub t.h)
+let debug_info t = get "Shmpool.debug_info" (debug_info_stub t.h)
+let check t = Array.to_list (get "Shmpool.check" (check_stub t.h))
 
 type owner = { pid : int; alive : bool; pages : int; blocks : int }
 
 let owners t =
-  let code, a = owners_stub t.h in
-  if code < 0 then fail "Shmpool.owners" code;
-  Array.to_list a
+  get "Shmpool.owners" (owners_stub t.h)
+  |> Array.to_list
   |> List.map (fun (pid, _start, alive, pages, blocks) -> { pid; alive; pages; blocks })
 
 type reclaimed = { blocks_freed : int; pages_freed : int; dead : (int * int) list }
 
 let reclaim_dead t =
-  let code, blocks_freed, pages_freed, dead = reclaim_stub t.h in
-  if code < 0 then fail "Shmpool.reclaim_dead" code;
+  let blocks_freed, pages_freed, dead = get "Shmpool.reclaim_dead" (reclaim_stub t.h) in
   { blocks_freed; pages_freed; dead = Array.to_list dead }
 
 let unlink t =
-  let code, msg = unlink_stub t.h in
-  if code < 0 then failwith ("Shmpool.unlink: " ^ msg)
+  let r = unlink_stub t.h in
+  if r < 0 then fail "Shmpool.unlink" r
 
 external flush_cache_stub : int -> int = "shmpool_ml_flush_cache"
 
@@ -204,17 +238,21 @@ let set_caching t on =
   let r = set_caching_stub t.h on in
   if r < 0 then fail "Shmpool.set_caching" r
 
-let name t = name_stub t.h
-let close t = close_stub t.h
+let name t = t.name
 
-external addr_of_stub : memory -> nativeint = "shmpool_ml_addr_of"
+(* An empty array, so that a closed [t] keeps no mapping alive. *)
+let closed_mem = Array1.create char c_layout 0
 
-let addr_of m = addr_of_stub m
+let close t =
+  t.mem <- closed_mem;
+  close_stub t.h
 
 let total_for_payload n =
   let r = if n <= 0 then e_bad_size else total_stub n in
-  if r < 0 then invalid_arg "Shmpool.total_for_payload: bad size" else r
+  if r = e_bad_size then invalid_arg "Shmpool.total_for_payload: bad size"
+  else if r < 0 then fail "Shmpool.total_for_payload" r
+  else r
 
 let prefault_shm ?(len = 0) name =
-  let code, msg = prefault_stub name len in
-  if code < 0 then failwith ("Shmpool.prefault_shm: " ^ msg)
+  let r = prefault_stub name len in
+  if r < 0 then fail "Shmpool.prefault_shm" r

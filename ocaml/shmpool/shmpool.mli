@@ -16,9 +16,12 @@
     of processes that no longer exist.
 
     {b Costs.} alloc and free are O(1) for blocks of up to 127 pages and
-    O(log n) in the number of free runs above that; {!val:stats} is O(1). The
-    metadata lives outside the payload pages (8 bytes per page plus about
-    25 KiB), so writing past the end of a block cannot corrupt the pool.
+    O(log n) in the number of free runs above that. {!val:stats} is not a
+    hot-path call: it gives this process's cache back first (see
+    {!val:stats}). The metadata lives outside the payload pages, in a header
+    of about 25 KiB plus 8 bytes per payload page, rounded up to whole pages
+    ({!total_for_payload} gives the exact size), so writing past the end of
+    a block cannot corrupt the pool.
 
     {b The per-process cache.} A process keeps up to 32 of its own freed
     blocks of each size from 1 to 64 pages, and 16 longer ones (reused for
@@ -36,12 +39,19 @@
     {b Thread safety.} Every function may be called from any thread of any
     process that maps the pool.
 
-    {b Errors.} Bad sizes raise [Invalid_argument]; an exhausted pool
-    raises {!Out_of_pool_memory}; a memory value that is not the start of a
-    live block of this pool raises [Invalid_argument] (for {!val:free}) or
+    {b Errors.} Bad sizes raise [Invalid_argument]; bad shm names raise
+    [Invalid_argument "<function>: bad shm name"]; an exhausted pool raises
+    {!Out_of_pool_memory}; a memory value that is not the start of a live
+    block of this pool raises [Invalid_argument] (for {!val:free}) or
     [Not_found] (for {!val:size}); a failing system call raises [Failure] with
-    the call and the system's message. After any of these the pool is
-    exactly as it was. *)
+    the call and the system's message; any use of a closed pool raises
+    [Failure "<function>: pool is closed"]. After any of these the pool is
+    exactly as it was. An internal error of the Rust core (a bug) raises
+    [Failure "<function>: internal error: <message>"] (its message is also
+    printed on stderr); it never aborts the process.
+
+    {b Shm names} are bytes, not text: a ['/'] followed by 1 to 254 bytes,
+    none of them ['/'] or NUL (any other byte, UTF-8 or not, is fine). *)
 
 type memory = (char, Bigarray.int8_unsigned_elt, Bigarray.c_layout) Bigarray.Array1.t
 (** The type of blocks; the same type as [Netsys_mem.memory]. *)
@@ -63,7 +73,8 @@ val create : ?name:string -> ?prefault:bool -> int -> t
 (** [create size] makes a pool whose payload holds at least [size] bytes
     (rounded up to whole pages; the header comes on top of that).
 
-    @param name a POSIX shared memory name (["/something"]): the pool is
+    @param name a POSIX shared memory name (["/something"], see {e Shm
+    names} above): the pool is
     then visible as [/dev/shm/something] and can be {!attach}ed by other
     processes; it outlives this process until {!unlink}ed. Without a name
     the pool is anonymous: visible to this process and to the children it
@@ -72,12 +83,13 @@ val create : ?name:string -> ?prefault:bool -> int -> t
     short of memory then fails here, with [Failure], instead of killing a
     process with [SIGBUS] when it first touches a page. Default [false].
     @raise Invalid_argument if [size <= 0] or the pool would exceed the
-    format's limit (2{^30} pages).
+    format's limit (2{^30} pages), or if [name] is not a valid shm name.
     @raise Failure if the shared memory cannot be created (e.g. the name
     exists). *)
 
 val attach : string -> t
 (** [attach name] maps the named pool created by another process.
+    @raise Invalid_argument if [name] is not a valid shm name.
     @raise Not_a_pool if the object is not a pool of this layout.
     @raise Failure if it cannot be opened. *)
 
@@ -125,7 +137,11 @@ type stats = {
 }
 
 val stats : t -> stats
-(** O(1). *)
+(** Takes the pool lock. It first gives this process's cached blocks back
+    (as {!flush_cache}: one free per cached block)
+    and looks at every process's cache slot, so that the figures are exact;
+    the figures themselves are counters, read in O(1). Cheap enough for
+    monitoring, not for a hot loop. *)
 
 val debug_info : t -> string
 (** A multi-line picture: sizes ([pool_size] is the payload), then
@@ -186,36 +202,46 @@ val unlink : t -> unit
     @raise Failure if the name is already gone. *)
 
 val name : t -> string option
-(** The pool's shm name, if it has one. *)
+(** The pool's shm name, if it has one (also after {!close}). *)
 
 val close : t -> unit
-(** Unmaps the pool in this process (when this process mapped it). Every
-    block of it becomes invalid here; using [t] afterwards raises
-    [Failure]. Other processes are not affected. *)
+(** Closes the pool in this process: using [t] afterwards raises
+    [Failure] (except {!name}; closing again does nothing). Blocks of the pool that are
+    still reachable stay valid memory of {e this} pool (never of a pool
+    created or attached later): the mapping is removed only once the GC has
+    collected the last of them. Writing into such a block after [close] is
+    still a bug (another process may have been given that memory). Other
+    processes are not affected. *)
 
 val addr_of : memory -> nativeint
-(** The address of the first byte of a memory value. *)
+(** The address of the first byte of a memory value ([[@@noalloc]] in
+    native code). *)
 
 (** {2 For the Netmcore shim} *)
 
 val format_in_place : ?zeroed:bool -> memory -> t
 (** [format_in_place m] makes a new pool in [m], memory mapped by someone
     else (e.g. a Netmcore preallocated shm object), at the same address in
-    every process that will use it. [m] must stay mapped, and the call must
-    happen before any other process uses [m]. With [~zeroed:true] (default
+    every process that will use it. The pool keeps [m] reachable until it
+    is closed, and its blocks keep [m] reachable as long as they are, so a
+    GC-managed [m] (e.g. from [Unix.map_file]) is not unmapped under them;
+    [m] must not be unmapped by other means while they are in use. The call
+    must happen before any other process uses [m]. With [~zeroed:true] (default
     [false]) the caller promises that [m] is all zeros, as a freshly created
     object is; the pool's page descriptors are then not written, which
     makes creating a large pool much cheaper.
     @raise Invalid_argument if [m] cannot hold one payload page. *)
 
 val attach_in_place : memory -> t
-(** Opens the pool previously formatted in [m].
+(** Opens the pool previously formatted in [m] (kept reachable as by
+    {!format_in_place}).
     @raise Not_a_pool if [m] holds no pool. *)
 
 val fork_generation : unit -> int
 (** A number that changes in a child process right after [fork]: state
     looked up before a fork (such as which pools a process may use) can be
-    looked up again in the child. Cheap ([@@noalloc]). *)
+    looked up again in the child. Cheap: a load from memory (a bigarray over
+    the counter the fork hook bumps), no call into C. *)
 
 val total_for_payload : int -> int
 (** Bytes of shared memory a pool with [n] payload bytes needs.
@@ -223,4 +249,6 @@ val total_for_payload : int -> int
 
 val prefault_shm : ?len:int -> string -> unit
 (** Reserves the backing store of the named shm object (see [prefault]):
-    its first [len] bytes, or all of it (the default). *)
+    its first [len] bytes, or all of it (the default).
+    @raise Invalid_argument if the name is not a valid shm name.
+    @raise Failure if the object cannot be opened or the memory reserved. *)

@@ -7,9 +7,12 @@ use crate::error::{io, Error, Result};
 use nix::fcntl::OFlag;
 use nix::sys::mman::{mmap, munmap, shm_open, shm_unlink, MapFlags, ProtFlags};
 use nix::sys::stat::{fstat, Mode};
+use std::ffi::OsStr;
 use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::ptr::NonNull;
+use std::sync::Arc;
 
 /// The system page size (`sysconf(_SC_PAGESIZE)`), never assumed.
 pub fn page_size() -> usize {
@@ -22,33 +25,62 @@ pub fn page_size() -> usize {
     }
 }
 
-/// A mapped region. Unmapped on drop when this process mapped it.
+/// A mapped region: the pool's view of its memory.
+///
+/// Memory this process mapped is unmapped only when both the `Mapping` and
+/// every [`KeepAlive`] taken from it are dropped: the OCaml stubs hand a
+/// `KeepAlive` to the bigarrays over the pool, so that a block used after
+/// `close` still reads and writes the old pool's pages instead of whatever
+/// the kernel maps next at that address.
 #[derive(Debug)]
 pub struct Mapping {
     ptr: NonNull<u8>,
     len: usize,
-    owned: bool,
+    /// `None` for memory mapped by someone else (never unmapped by us).
+    region: Option<Arc<Region>>,
 }
+
+/// The `mmap`ed range itself; `munmap`ed when the last holder lets go.
+#[derive(Debug)]
+struct Region {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+/// Keeps a [`Mapping`]'s memory mapped after the `Mapping` itself is gone.
+#[derive(Debug, Clone)]
+pub struct KeepAlive(#[allow(dead_code)] Arc<Region>); // held for its Drop only
 
 // SAFETY: the mapping is plain shared memory; all mutation of the pool data
 // in it is serialised by the pool lock.
 unsafe impl Send for Mapping {}
 unsafe impl Sync for Mapping {}
+// SAFETY: a Region is only an address range; nothing reads through it, and
+// its Drop (munmap) runs once, for the last Arc.
+unsafe impl Send for Region {}
+unsafe impl Sync for Region {}
 
-/// Checks a POSIX shm name: one leading '/', no other '/', not empty.
-pub fn check_name(name: &str) -> Result<()> {
-    let ok = name.len() > 1
-        && name.len() < 250
-        && name.starts_with('/')
-        && !name[1..].contains('/')
-        && !name.contains('\0');
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::Io(
-            format!("bad shm name {name:?}"),
-            nix::errno::Errno::EINVAL,
-        ))
+/// Longest name component glibc's `shm_open` accepts (below `NAME_MAX`).
+pub const MAX_NAME_BYTES: usize = 254;
+
+/// Checks a POSIX shm name: a '/' then 1 to [`MAX_NAME_BYTES`] bytes, none
+/// of them '/' or NUL. Any other byte is fine (names are bytes, not text).
+/// glibc would also take names without the slash or with several, but
+/// those alias other names ("//a" is "/a"), so they are refused here.
+pub fn check_name(name: &OsStr) -> Result<()> {
+    let b = name.as_bytes();
+    let why = match b.split_first() {
+        None => Some("empty"),
+        Some((&c, _)) if c != b'/' => Some("does not start with '/'"),
+        Some((_, [])) => Some("nothing after '/'"),
+        Some((_, rest)) if rest.len() > MAX_NAME_BYTES => Some("longer than 254 bytes after '/'"),
+        Some((_, rest)) if rest.contains(&b'/') => Some("a '/' after the first byte"),
+        Some((_, rest)) if rest.contains(&0) => Some("contains a NUL byte"),
+        Some(_) => None,
+    };
+    match why {
+        None => Ok(()),
+        Some(why) => Err(Error::BadName(format!("{why}: \"{}\"", b.escape_ascii()))),
     }
 }
 
@@ -67,10 +99,11 @@ fn map_fd(fd: &OwnedFd, len: usize) -> Result<Mapping> {
         )
     }
     .map_err(io("mmap"))?;
+    let ptr = p.cast();
     Ok(Mapping {
-        ptr: p.cast(),
+        ptr,
         len,
-        owned: true,
+        region: Some(Arc::new(Region { ptr, len })),
     })
 }
 
@@ -110,7 +143,7 @@ impl Mapping {
     /// Creates the shm object `name` (`O_EXCL`, mode 0600) of `len` bytes,
     /// its first `reserve` bytes backed now (`len` to prefault it all).
     /// On failure nothing is left behind.
-    pub fn create_named(name: &str, len: usize, reserve: usize) -> Result<Mapping> {
+    pub fn create_named(name: &OsStr, len: usize, reserve: usize) -> Result<Mapping> {
         check_name(name)?;
         let fd = shm_open(
             name,
@@ -136,13 +169,16 @@ impl Mapping {
     }
 
     /// Maps the existing shm object `name` whole.
-    pub fn open_named(name: &str) -> Result<Mapping> {
+    pub fn open_named(name: &OsStr) -> Result<Mapping> {
         check_name(name)?;
         let fd = shm_open(name, OFlag::O_RDWR | OFlag::O_CLOEXEC, Mode::empty())
             .map_err(io("shm_open"))?;
         let st = fstat(&fd).map_err(io("fstat"))?;
         if st.st_size <= 0 {
-            return Err(Error::NotAPool(format!("{name} is empty")));
+            return Err(Error::NotAPool(format!(
+                "{} is empty",
+                name.as_bytes().escape_ascii()
+            )));
         }
         map_fd(&fd, st.st_size as usize)
     }
@@ -157,8 +193,14 @@ impl Mapping {
         Ok(Mapping {
             ptr,
             len,
-            owned: false,
+            region: None,
         })
+    }
+
+    /// A handle that keeps this memory mapped after `self` is dropped;
+    /// `None` for memory someone else mapped (see [`Mapping::borrowed`]).
+    pub fn keep_alive(&self) -> Option<KeepAlive> {
+        self.region.clone().map(KeepAlive)
     }
 
     pub fn ptr(&self) -> *mut u8 {
@@ -174,20 +216,20 @@ impl Mapping {
     }
 }
 
-impl Drop for Mapping {
+impl Drop for Region {
     fn drop(&mut self) {
-        if self.owned {
-            // SAFETY: we mapped exactly this range in map_fd and nothing in
-            // this crate hands out references that outlive the Mapping.
-            unsafe {
-                let _ = munmap(self.ptr.cast(), self.len);
-            }
+        // SAFETY: we mapped exactly this range in map_fd, and this is the
+        // last holder: the Mapping and every KeepAlive (whose owners, the
+        // OCaml bigarrays, are all gone) have let go of it.
+        unsafe {
+            let _ = munmap(self.ptr.cast(), self.len);
         }
     }
 }
 
 /// Removes the name `name`; existing mappings stay valid.
-pub fn unlink(name: &str) -> Result<()> {
+pub fn unlink(name: impl AsRef<OsStr>) -> Result<()> {
+    let name = name.as_ref();
     check_name(name)?;
     shm_unlink(name).map_err(io("shm_unlink"))
 }
@@ -195,7 +237,8 @@ pub fn unlink(name: &str) -> Result<()> {
 /// Reserves the backing store of the first `len` bytes (all of it for
 /// `None`) of the existing shm object `name` (`posix_fallocate`), so that
 /// touching those pages later cannot SIGBUS.
-pub fn prefault_named(name: &str, len: Option<usize>) -> Result<()> {
+pub fn prefault_named(name: impl AsRef<OsStr>, len: Option<usize>) -> Result<()> {
+    let name = name.as_ref();
     check_name(name)?;
     let fd =
         shm_open(name, OFlag::O_RDWR | OFlag::O_CLOEXEC, Mode::empty()).map_err(io("shm_open"))?;

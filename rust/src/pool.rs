@@ -18,6 +18,7 @@ use crate::layout::{Geometry, Header, LAYOUT_VERSION, MAGIC};
 use crate::lock::{Acquired, RobustMutex};
 use crate::mapping::{self, page_size, Mapping};
 use crate::owner::{self, OwnerIdentity};
+use std::ffi::{OsStr, OsString};
 use std::fmt::Write as _;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr::NonNull;
@@ -64,9 +65,10 @@ pub struct Reclaimed {
 /// How to create a pool.
 #[derive(Debug, Clone, Default)]
 pub struct CreateOptions {
-    /// POSIX shm name (`/name`); `None` for an anonymous (memfd) pool that
-    /// only this process and its later children see.
-    pub name: Option<String>,
+    /// POSIX shm name (`/name`, any bytes but '/' and NUL after the slash:
+    /// see [`mapping::check_name`]); `None` for an anonymous (memfd) pool
+    /// that only this process and its later children see.
+    pub name: Option<OsString>,
     /// Reserve the backing store now (`posix_fallocate`).
     pub prefault: bool,
 }
@@ -76,7 +78,7 @@ pub struct Pool {
     map: Mapping,
     hdr: NonNull<Header>,
     geo: Geometry,
-    name: Option<String>,
+    name: Option<OsString>,
     /// This process's owner slot: `fork_generation << 16 | slot`, or
     /// `u64::MAX` before the first alloc (and in a forked child).
     my_slot: AtomicU64,
@@ -155,8 +157,9 @@ impl Pool {
     }
 
     /// Maps and opens the named pool created by another process.
-    pub fn attach(name: &str) -> Result<Pool> {
-        Self::validate(Mapping::open_named(name)?, Some(name.to_string())).map(Self::repaired)
+    pub fn attach(name: impl AsRef<OsStr>) -> Result<Pool> {
+        let name = name.as_ref();
+        Self::validate(Mapping::open_named(name)?, Some(name.to_owned())).map(Self::repaired)
     }
 
     /// A process opening a pool verifies it once (O(pages), about a
@@ -174,7 +177,7 @@ impl Pool {
         self
     }
 
-    fn format(map: Mapping, geo: Geometry, name: Option<String>, zeroed: bool) -> Result<Pool> {
+    fn format(map: Mapping, geo: Geometry, name: Option<OsString>, zeroed: bool) -> Result<Pool> {
         if map.len() < geo.total_len || (map.ptr() as usize) % 64 != 0 {
             return Err(Error::BadSize);
         }
@@ -206,7 +209,7 @@ impl Pool {
         Ok(pool)
     }
 
-    fn validate(map: Mapping, name: Option<String>) -> Result<Pool> {
+    fn validate(map: Mapping, name: Option<OsString>) -> Result<Pool> {
         let bad = |why: String| Err(Error::NotAPool(why));
         if map.len() < std::mem::size_of::<Header>() || (map.ptr() as usize) % 64 != 0 {
             return bad(format!("{} bytes is too small for a header", map.len()));
@@ -248,7 +251,7 @@ impl Pool {
         }
     }
 
-    fn new(map: Mapping, hdr: NonNull<Header>, geo: Geometry, name: Option<String>) -> Pool {
+    fn new(map: Mapping, hdr: NonNull<Header>, geo: Geometry, name: Option<OsString>) -> Pool {
         owner::ensure_fork_hook();
         Pool {
             map,
@@ -715,8 +718,14 @@ impl Pool {
         }
     }
 
-    pub fn name(&self) -> Option<&str> {
+    pub fn name(&self) -> Option<&OsStr> {
         self.name.as_deref()
+    }
+
+    /// Keeps this pool's memory mapped after the pool is dropped (see
+    /// [`Mapping::keep_alive`]); `None` for a pool in borrowed memory.
+    pub fn keep_alive(&self) -> Option<mapping::KeepAlive> {
+        self.map.keep_alive()
     }
 
     /// Address of the first byte of the mapping.

@@ -85,6 +85,48 @@ let test_every_point_visited () =
     (fun p -> Alcotest.(check bool) (C.name p ^ " is visited by a trial") true (List.mem p visited))
     C.all
 
+(* An internal panic in any stub, hot or cold, becomes the documented
+   Failure, twice in a row (ocaml-rs's panic hook aborted the process on the
+   second), and the process goes on working. *)
+let test_induced_panics () =
+  Testutil.with_name "shmpool" @@ fun name ->
+  let pool = P.create ~name (16 * ps) in
+  let m = P.alloc pool ps in
+  let internal fn f =
+    for _ = 1 to 2 do
+      C.arm_panic ();
+      match f () with
+      | _ -> Alcotest.failf "%s: no exception after an internal panic" fn
+      | exception Failure msg ->
+          Alcotest.(check string) fn (fn ^ ": internal error: induced by a test") msg
+    done
+  in
+  internal "Shmpool.alloc" (fun () -> ignore (P.alloc pool ps));
+  internal "Shmpool.free" (fun () -> P.free pool m);
+  internal "Shmpool.size" (fun () -> ignore (P.size pool m));
+  internal "Shmpool.stats" (fun () -> ignore (P.stats pool));
+  internal "Shmpool.check" (fun () -> ignore (P.check pool));
+  internal "Shmpool.debug_info" (fun () -> ignore (P.debug_info pool));
+  internal "Shmpool.owners" (fun () -> ignore (P.owners pool));
+  internal "Shmpool.reclaim_dead" (fun () -> ignore (P.reclaim_dead pool));
+  internal "Shmpool.attach" (fun () -> ignore (P.attach name));
+  internal "Shmpool.create" (fun () -> ignore (P.create ps));
+  internal "Shmpool.prefault_shm" (fun () -> P.prefault_shm name);
+  internal "Shmpool.flush_cache" (fun () -> P.flush_cache pool);
+  (* a hot-path panic after cold-path ones (the hook made this one abort) *)
+  internal "Shmpool.free" (fun () -> P.free pool m);
+  (* nothing changed, and everything still works *)
+  Alcotest.(check int) "live" 1 (P.stats pool).live_blocks;
+  Alcotest.(check int) "size" ps (P.size pool m);
+  let q = P.attach name in
+  let m2 = P.alloc q (2 * ps) in
+  P.free q m2;
+  P.close q;
+  P.free pool m;
+  Alcotest.(check (list string)) "check clean" [] (P.check pool);
+  P.unlink pool;
+  P.close pool
+
 let () =
   let cases op =
     List.map
@@ -103,4 +145,5 @@ let () =
         ] );
       ("alloc", cases Alloc);
       ("free", cases Free);
+      ("panic", [ Alcotest.test_case "induced internal panics" `Quick test_induced_panics ]);
     ]
