@@ -562,7 +562,7 @@ fn no_shm_left_behind() {
     for (name, prefault) in names.iter().zip([false, true]) {
         let n = name.as_str();
         let opts = CreateOptions {
-            name: Some(n.to_string()),
+            name: Some(n.into()),
             prefault,
         };
         let p = Pool::create(64 * pg, &opts).unwrap();
