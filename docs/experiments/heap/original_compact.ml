@@ -5,6 +5,8 @@ let (start, len) = let (_, m, _) = match (Netmcore.get_resource pool)#repr with 
   (Netsys_mem.memory_address m, Bigarray.Array1.dim m)
 let in_pool v = let a = Netsys_mem.obj_address (Obj.repr v) in a >= start && a < Nativeint.add start (Nativeint.of_int len)
 let () =
+  (* the segfault leaves the pool behind: probe.sh unlinks it by this name *)
+  Printf.printf "shm %s\n%!" (Netmcore_mempool.shm_name pool);
   let mode = Sys.argv.(1) in
   let keep = ref (Netmcore_ref.deref_ro r) in
   Printf.printf "held value in pool: %b, colour white: %b\n%!" (in_pool !keep) (Netsys_mem.color (Obj.repr !keep) = Netsys_mem.White);

@@ -10,6 +10,10 @@ cd "$D"
 ocamlfind ocamlopt -package threads.posix,netmulticore -linkpkg original_probe.ml -o probe.exe 2>/dev/null
 ocamlfind ocamlopt -package threads.posix,netmulticore -linkpkg original_compact.ml -o compact.exe
 timeout 60 ./probe.exe || true
-./compact.exe one || echo "exit=$?"
-timeout 120 ./compact.exe loop || echo "exit=$?"
+for mode in one loop; do
+  timeout 120 ./compact.exe $mode > out.txt 2>&1 || echo "exit=$?" >> out.txt
+  cat out.txt
+  # the crash leaves the pool's shm object behind
+  name=$(sed -n 's/^shm //p' out.txt); [ -n "$name" ] && rm -f "/dev/shm/${name#/}"
+done
 rm -rf "$D"
