@@ -59,17 +59,8 @@ const LARGE_ENTRIES: usize = 16;
 /// than a few hundred nanoseconds).
 const TAKER_PATIENCE: Duration = Duration::from_millis(100);
 
-/// One owner slot's cache state in the shared header, on its own cache
-/// line so that processes do not share one.
-#[repr(C, align(64))]
-#[derive(Default)]
-pub struct SlotCache {
-    /// 0 = free, else the holder's token (see [`token`]).
-    lock: AtomicU64,
-    /// Pages and blocks the slot's owner holds cached.
-    pages: AtomicU64,
-    blocks: AtomicU64,
-}
+// The per-slot counters and lock live in the shared header.
+pub use crate::layout::SlotCache;
 
 /// A process's token: its pid and the low 32 bits of its start time, so a
 /// reused pid is not taken for a dead holder. Never 0.
@@ -268,11 +259,15 @@ impl LocalCache {
     }
 
     /// # Safety
-    /// The caller holds this process's slot lock (with its token), or is
-    /// the only thread of a freshly forked child.
+    /// The caller holds this process's slot lock (with its token) for as
+    /// long as the returned reference lives, and makes no other call to
+    /// `stacks` or `clear` meanwhile.
     #[allow(clippy::mut_from_ref)]
     unsafe fn stacks(&self) -> &mut Stacks {
-        &mut *self.stacks.get()
+        // SAFETY: the slot lock is taken by compare-and-swap from 0 and our
+        // threads all use one token, so at most one thread of this process
+        // holds it; with the caller's promise, this is the only reference.
+        unsafe { &mut *self.stacks.get() }
     }
 
     /// Forgets every entry.
@@ -280,7 +275,8 @@ impl LocalCache {
     /// # Safety
     /// As for `stacks`.
     unsafe fn clear(&self) {
-        let s = self.stacks();
+        // SAFETY: the caller's contract is ours.
+        let s = unsafe { self.stacks() };
         s.len = [0; CACHE_CLASSES as usize + 1];
         s.nlarge = 0;
         s.held = 0;

@@ -9,19 +9,10 @@
 //! unlocking; if it dies first, the next locker gets `EOWNERDEAD` again.
 
 use crate::error::{Error, Result};
+pub use crate::layout::MutexStorage;
 use nix::errno::Errno;
-use std::cell::UnsafeCell;
+use std::marker::PhantomData;
 use std::sync::atomic::Ordering;
-
-/// Space reserved in the header for the mutex; larger than glibc's
-/// `pthread_mutex_t` (40 bytes on x86_64) so the layout stays the same if
-/// a libc needs more.
-#[repr(C, align(64))]
-pub struct MutexStorage {
-    bytes: UnsafeCell<[u8; 64]>,
-}
-
-const _: () = assert!(std::mem::size_of::<libc::pthread_mutex_t>() <= 64);
 
 /// Tries before blocking in `lock` (about 2 µs of backoff in all).
 const SPIN_ROUNDS: u32 = 16;
@@ -64,29 +55,40 @@ pub enum Acquired {
     OwnerDied,
 }
 
-/// A robust mutex living in shared memory.
-pub struct RobustMutex {
+/// A robust mutex living in shared memory (in `storage`, borrowed for
+/// `'a`, so the mapping outlives it).
+pub struct RobustMutex<'a> {
     m: *mut libc::pthread_mutex_t,
+    _storage: PhantomData<&'a MutexStorage>,
 }
 
-impl RobustMutex {
+/// Proof that the calling thread holds a [`RobustMutex`]: what
+/// `Header::exclusive` asks for before lending the lock-protected fields.
+/// Unlocks when dropped. Not `Send` (it holds a `&RobustMutex`, which is
+/// not `Sync`): a pthread mutex must be unlocked by the thread that locked it.
+#[must_use = "dropping the guard unlocks"]
+pub struct LockGuard<'a> {
+    m: &'a RobustMutex<'a>,
+}
+
+impl<'a> RobustMutex<'a> {
     /// Views the mutex stored in `storage`.
-    ///
-    /// # Safety
-    /// `storage` must stay mapped for the life of the returned value.
-    pub unsafe fn at(storage: *const MutexStorage) -> Self {
+    pub fn at(storage: &'a MutexStorage) -> Self {
         RobustMutex {
-            m: (*storage).bytes.get().cast(),
+            m: storage.bytes.get().cast(),
+            _storage: PhantomData,
         }
     }
 
-    /// Initialises the mutex as process-shared and robust. Only the creator
-    /// calls this, before anyone else can see the pool.
-    pub fn init(&self) -> Result<()> {
+    /// Initialises the mutex as process-shared and robust.
+    ///
+    /// # Safety
+    /// Nobody else may use the mutex until this returns (only the creator
+    /// calls it, before the pool's magic is published).
+    pub unsafe fn init(&self) -> Result<()> {
         // SAFETY: `attr` is a local initialised by pthread_mutexattr_init
         // before use and destroyed after; `self.m` points to 64 writable,
-        // suitably aligned bytes that nobody else uses yet (the pool is not
-        // published until its magic is written, after this).
+        // suitably aligned bytes that nobody else uses yet (contract above).
         unsafe {
             let mut attr = std::mem::MaybeUninit::<libc::pthread_mutexattr_t>::uninit();
             check(
@@ -121,7 +123,13 @@ impl RobustMutex {
     /// microseconds with exponential backoff (the holder is most likely
     /// running on another core).
     #[inline]
-    pub fn lock(&self) -> Result<Acquired> {
+    pub fn lock(&self) -> Result<(LockGuard<'_>, Acquired)> {
+        let how = self.acquire()?;
+        Ok((LockGuard { m: self }, how))
+    }
+
+    #[inline]
+    fn acquire(&self) -> Result<Acquired> {
         for round in 0..SPIN_ROUNDS {
             // Test before test-and-set: while the lock word reads as taken,
             // wait on our cached copy of its line instead of stealing the
@@ -132,7 +140,9 @@ impl RobustMutex {
                 }
                 continue;
             }
-            // SAFETY: as below.
+            // SAFETY: `self.m` points into a live mapping (the borrow of
+            // `at`) and was initialised by `init` before the pool was
+            // published.
             match unsafe { libc::pthread_mutex_trylock(self.m) } {
                 0 => return Ok(Acquired::Clean),
                 libc::EOWNERDEAD => return Ok(Acquired::OwnerDied),
@@ -154,7 +164,7 @@ impl RobustMutex {
         // `RECHECK` at worst.
         loop {
             let deadline = deadline_after(RECHECK);
-            // SAFETY: `self.m` points into a live mapping (contract of `at`)
+            // SAFETY: `self.m` points into a live mapping (the borrow in `at`)
             // and was initialised by `init` before the pool was published;
             // `deadline` is a valid timespec on the stack.
             match unsafe { pthread_mutex_clocklock(self.m, libc::CLOCK_MONOTONIC, &deadline) } {
@@ -186,18 +196,34 @@ impl RobustMutex {
     }
 
     /// Declares the protected data repaired after `Acquired::OwnerDied`.
+    /// Meant for the current holder (anyone else gets `EINVAL`, ignored).
     pub fn mark_consistent(&self) {
-        // SAFETY: as in `lock`; called only by the current holder.
+        // SAFETY: as in `acquire`.
         unsafe {
             libc::pthread_mutex_consistent(self.m);
         }
     }
+}
 
+impl LockGuard<'_> {
+    /// Whether this guard holds the mutex stored in `storage`.
     #[inline]
-    pub fn unlock(&self) {
-        // SAFETY: as in `lock`; called only by the current holder.
+    pub fn guards(&self, storage: &MutexStorage) -> bool {
+        std::ptr::eq(self.m.m, storage.bytes.get().cast())
+    }
+
+    /// Unlocks (the same as dropping the guard, spelled out).
+    #[inline]
+    pub fn unlock(self) {}
+}
+
+impl Drop for LockGuard<'_> {
+    #[inline]
+    fn drop(&mut self) {
+        // SAFETY: as in `acquire`; the guard exists only while this thread
+        // holds the mutex.
         unsafe {
-            libc::pthread_mutex_unlock(self.m);
+            libc::pthread_mutex_unlock(self.m.m);
         }
     }
 }

@@ -30,9 +30,11 @@ pub struct Mapping {
     owned: bool,
 }
 
-// SAFETY: the mapping is plain shared memory; all mutation of the pool data
-// in it is serialised by the pool lock.
+// SAFETY: a Mapping is an address and a length: it reads or writes none of
+// the memory itself, only hands out raw pointers (whose users synchronise,
+// see `Pool`), and unmapping on drop works from any thread.
 unsafe impl Send for Mapping {}
+// SAFETY: as for Send; `&Mapping` only gives the address and length.
 unsafe impl Sync for Mapping {}
 
 /// Checks a POSIX shm name: one leading '/', no other '/', not empty.

@@ -123,8 +123,12 @@ fn tag(n: isize) -> Raw {
 /// `caml_ba_array`), which the OCaml types of the externals guarantee.
 #[inline]
 unsafe fn ba_data(v: ocaml::sys::Value) -> (usize, usize) {
-    let b = (v as *const ocaml::sys::Value).add(1) as *const ba::Bigarray;
-    ((*b).data as usize, *(*b).dim.as_ptr() as usize)
+    // SAFETY: the caller's contract: the custom block's data (after its
+    // one-word ops pointer) is a live `caml_ba_array` with one dimension.
+    unsafe {
+        let b = (v as *const ocaml::sys::Value).add(1) as *const ba::Bigarray;
+        ((*b).data as usize, *(*b).dim.as_ptr() as usize)
+    }
 }
 
 /// Offset of the first byte of bigarray `v` within pool `p`, if inside it.
@@ -133,7 +137,8 @@ unsafe fn ba_data(v: ocaml::sys::Value) -> (usize, usize) {
 /// As for [`ba_data`].
 #[inline]
 unsafe fn offset_in(p: &Pool, v: ocaml::sys::Value) -> Option<usize> {
-    let (data, _) = ba_data(v);
+    // SAFETY: the caller's contract is `ba_data`'s.
+    let (data, _) = unsafe { ba_data(v) };
     data.checked_sub(p.base() as usize).filter(|&o| o < p.len())
 }
 

@@ -4,15 +4,8 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-/// One slot of the shared owner table (the truth about who a slot is).
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct OwnerIdentity {
-    /// 0 = slot unused.
-    pub pid: i32,
-    pub _pad: u32,
-    pub start_time: u64,
-}
+// The owner table lives in the shared header.
+pub use crate::layout::OwnerIdentity;
 
 /// What the system says about a pid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

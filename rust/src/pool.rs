@@ -1,8 +1,8 @@
 //! The safe Rust API: a pool in shared memory, usable from any process that
 //! maps it, at any address.
 //!
-//! The allocator's shared state is touched only between
-//! `RobustMutex::lock` and `unlock` (see `Pool::locked`), which is also
+//! The allocator's shared state is touched only while a `LockGuard` of the
+//! pool's `RobustMutex` is held (see `Pool::locked`), which is also
 //! where crash recovery happens: a holder that died makes the next locker
 //! rebuild the derived state before doing its own operation. The one
 //! exception is a process's own cache (`cache.rs`): its allocs and frees of
@@ -15,7 +15,7 @@ use crate::cache::{self, LocalCache, SlotCache};
 use crate::crashpoint::{hit, CrashPoint};
 use crate::error::{Error, Result};
 use crate::layout::{Geometry, Header, LAYOUT_VERSION, MAGIC};
-use crate::lock::{Acquired, RobustMutex};
+use crate::lock::{Acquired, LockGuard, RobustMutex};
 use crate::mapping::{self, page_size, Mapping};
 use crate::owner::{self, OwnerIdentity};
 use std::fmt::Write as _;
@@ -90,10 +90,17 @@ pub struct Pool {
     pub(crate) cache_cap: u64,
 }
 
-// SAFETY: the shared state behind `hdr` is only mutated under the robust
-// mutex (Pool::locked); the immutable geometry fields are written once
-// before the magic is published. `my_slot` is atomic.
+// SAFETY: nothing in a Pool is tied to the thread that made it: `hdr` and
+// the mapping are plain shared memory, and a `LockGuard` (which is) never
+// outlives the call that took it.
 unsafe impl Send for Pool {}
+// SAFETY: `&self` methods reach shared memory only through `Header` (atomics,
+// `LockCell`s lent by `Header::exclusive` to the pool lock's holder, and the
+// mutex via pthread: `Header` is `Sync`), and the descriptors as atomics;
+// `geo` and `name` are immutable. The one non-`Sync` field, `cache`'s
+// stacks, is only touched by a thread holding this process's slot lock
+// (taken by compare-and-swap from 0, so by one thread at a time; see
+// `cache.rs`).
 unsafe impl Sync for Pool {}
 
 /// The exclusive view handed to code running under the lock.
@@ -143,7 +150,9 @@ impl Pool {
     /// it must be all zeros.
     pub unsafe fn format_in_place(ptr: *mut u8, len: usize, zeroed: bool) -> Result<Pool> {
         let geo = Geometry::fitting(len, page_size()).ok_or(Error::BadSize)?;
-        Self::format(Mapping::borrowed(ptr, len)?, geo, None, zeroed)
+        // SAFETY: the caller's contract covers `borrowed`'s.
+        let map = unsafe { Mapping::borrowed(ptr, len)? };
+        Self::format(map, geo, None, zeroed)
     }
 
     /// Opens a pool formatted earlier in memory mapped by someone else.
@@ -151,7 +160,9 @@ impl Pool {
     /// # Safety
     /// As for [`Pool::format_in_place`], except that the pool exists.
     pub unsafe fn attach_in_place(ptr: *mut u8, len: usize) -> Result<Pool> {
-        Self::validate(Mapping::borrowed(ptr, len)?, None).map(Self::repaired)
+        // SAFETY: the caller's contract covers `borrowed`'s.
+        let map = unsafe { Mapping::borrowed(ptr, len)? };
+        Self::validate(map, None).map(Self::repaired)
     }
 
     /// Maps and opens the named pool created by another process.
@@ -178,30 +189,40 @@ impl Pool {
         if map.len() < geo.total_len || (map.ptr() as usize) % 64 != 0 {
             return Err(Error::BadSize);
         }
-        let hdr = map.ptr().cast::<Header>();
+        let hdr = NonNull::new(map.ptr().cast::<Header>()).ok_or(Error::BadSize)?;
         // SAFETY: the mapping is at least geo.total_len bytes (checked) and
         // 64-byte aligned, so the header and the descriptor array fit and
         // are aligned; nobody else uses the memory until the magic is
-        // stored below (contract of the constructors).
+        // stored below (contract of the constructors), so plain writes
+        // race with nothing. All zeros is a valid `Header` (atomics, cells of
+        // integers, mutex bytes that `init` sets up next).
         unsafe {
             if zeroed {
                 std::ptr::write_bytes(map.ptr(), 0, std::mem::size_of::<Header>());
             } else {
                 std::ptr::write_bytes(map.ptr(), 0, geo.payload_offset);
             }
-            let h = &mut *hdr;
-            h.layout_version = LAYOUT_VERSION;
-            h.page_size = geo.page_size as u32;
-            h.total_len = geo.total_len as u64;
-            h.desc_offset = geo.desc_offset as u64;
-            h.payload_offset = geo.payload_offset as u64;
-            RobustMutex::at(&h.lock).init()?;
-            h.alloc = crate::arena::AllocState::new(geo.npages);
         }
-        let pool = Pool::new(map, NonNull::new(hdr).ok_or(Error::BadSize)?, geo, name);
-        // SAFETY: not yet published, so this is the only view.
-        let mut l = unsafe { pool.view() };
-        l.arena.format_zeroed(); // the descriptors were zeroed above or were zero
+        let pool = Pool::new(map, hdr, geo, name);
+        let h = pool.header();
+        h.layout_version.store(LAYOUT_VERSION, Ordering::Relaxed);
+        h.page_size.store(geo.page_size as u32, Ordering::Relaxed);
+        h.total_len.store(geo.total_len as u64, Ordering::Relaxed);
+        h.desc_offset
+            .store(geo.desc_offset as u64, Ordering::Relaxed);
+        h.payload_offset
+            .store(geo.payload_offset as u64, Ordering::Relaxed);
+        let m = pool.mutex();
+        // SAFETY: not yet published: nobody else uses the mutex.
+        unsafe { m.init()? };
+        {
+            // The fresh lock proves exclusive access like any other time.
+            let (mut g, _) = m.lock()?;
+            let mut l = pool.view(&mut g);
+            l.arena.st.npages = geo.npages; // set once, before the magic
+            l.arena.format_zeroed(); // the descriptors were zeroed above or were zero
+        }
+        // Publishes everything above (Release; attachers load it Acquire).
         pool.header().magic.store(MAGIC, Ordering::Release);
         Ok(pool)
     }
@@ -212,30 +233,39 @@ impl Pool {
             return bad(format!("{} bytes is too small for a header", map.len()));
         }
         // SAFETY: the mapping holds at least a header (checked above) and is
-        // aligned; only immutable fields are read before the checks pass.
+        // aligned. `&Header` is sound even while another process is still
+        // formatting it: every field is an atomic or a cell (see layout.rs).
         let h = unsafe { &*map.ptr().cast::<Header>() };
         if h.magic.load(Ordering::Acquire) != MAGIC {
             return bad("no shmpool magic".into());
         }
-        if h.layout_version != LAYOUT_VERSION {
+        // The geometry was written before the magic was (Release), so the
+        // Acquire above makes it visible; it never changes after.
+        let version = h.layout_version.load(Ordering::Relaxed);
+        if version != LAYOUT_VERSION {
             return bad(format!(
-                "layout version {} (this is {LAYOUT_VERSION})",
-                h.layout_version
+                "layout version {version} (this is {LAYOUT_VERSION})"
             ));
         }
-        if h.page_size as usize != page_size() {
-            return bad(format!(
-                "page size {} (this machine {})",
-                h.page_size,
-                page_size()
-            ));
+        let ps = h.page_size.load(Ordering::Relaxed);
+        if ps as usize != page_size() {
+            return bad(format!("page size {ps} (this machine {})", page_size()));
         }
-        let npages = h.alloc.npages;
+        // SAFETY: `npages` lies inside the header; it was written before the
+        // magic and is never written again (see `AllocState`), so this read
+        // races with no write, even while a lock holder has the allocator
+        // state lent as `&mut`. An atomic load all the same, for form.
+        let npages = unsafe {
+            std::sync::atomic::AtomicU32::from_ptr(std::ptr::addr_of_mut!(
+                (*h.alloc.as_ptr()).npages
+            ))
+            .load(Ordering::Relaxed)
+        };
         match Geometry::for_pages(npages, page_size()) {
             Some(g)
-                if g.total_len as u64 == h.total_len
-                    && g.desc_offset as u64 == h.desc_offset
-                    && g.payload_offset as u64 == h.payload_offset
+                if g.total_len as u64 == h.total_len.load(Ordering::Relaxed)
+                    && g.desc_offset as u64 == h.desc_offset.load(Ordering::Relaxed)
+                    && g.payload_offset as u64 == h.payload_offset.load(Ordering::Relaxed)
                     && g.total_len <= map.len() =>
             {
                 let hdr = NonNull::new(map.ptr().cast::<Header>()).ok_or(Error::BadSize)?;
@@ -264,28 +294,27 @@ impl Pool {
     }
 
     pub(crate) fn header(&self) -> &Header {
-        // SAFETY: hdr points to the validated header of our live mapping;
-        // only atomic or immutable fields are read through this reference.
+        // SAFETY: hdr points to the header of our mapping, which lives as
+        // long as self, aligned (checked by the constructors); every field
+        // of `Header` is an atomic or a cell, so a shared reference asserts
+        // nothing that other processes' writes could break.
         unsafe { self.hdr.as_ref() }
     }
 
-    /// Builds the mutable view of the shared state.
-    ///
-    /// # Safety
-    /// The caller holds the pool lock (or the pool is not yet published),
-    /// and drops the view before unlocking.
-    unsafe fn view(&self) -> Locked<'_> {
-        let h = self.hdr.as_ptr();
-        let d = self.descriptors();
+    /// The mutable view of the shared state, for the holder of the pool
+    /// lock, for as long as its guard stays borrowed.
+    fn view<'a>(&'a self, g: &'a mut LockGuard<'_>) -> Locked<'a> {
+        let h = self.header();
+        let x = h.exclusive(g);
         Locked {
             // npages and d.len() agree by construction (geometry validated).
             arena: Arena {
-                st: &mut (*h).alloc,
-                d,
+                st: x.alloc,
+                d: self.descriptors(),
             },
-            owners: &mut (*h).owners,
-            recoveries: &mut (*h).recoveries,
-            owners_hwm: &(*h).owners_hwm,
+            owners: x.owners,
+            recoveries: x.recoveries,
+            owners_hwm: &h.owners_hwm,
         }
     }
 
@@ -331,9 +360,8 @@ impl Pool {
             })
     }
 
-    fn mutex(&self) -> RobustMutex {
-        // SAFETY: the lock storage lives in our mapping for as long as self.
-        unsafe { RobustMutex::at(&self.header().lock) }
+    fn mutex(&self) -> RobustMutex<'_> {
+        RobustMutex::at(&self.header().lock)
     }
 
     /// Runs `f` under the pool lock. Recovers first if the previous holder
@@ -342,11 +370,9 @@ impl Pool {
     /// with the pool in a consistent state.
     pub(crate) fn locked<R>(&self, mut f: impl FnMut(&mut Locked) -> Result<R>) -> Result<R> {
         let m = self.mutex();
-        let acquired = m.lock()?;
+        let (mut guard, acquired) = m.lock()?;
         hit(CrashPoint::Locked);
-        // SAFETY: we hold the lock until `m.unlock()` below, after the last
-        // use of `l`.
-        let mut l = unsafe { self.view() };
+        let mut l = self.view(&mut guard);
         if acquired == Acquired::OwnerDied {
             // The holder died somewhere inside an operation: the ALLOC words
             // are the truth (one commit write per operation), rebuild the
@@ -375,7 +401,7 @@ impl Pool {
             Err(Error::Corrupt("internal panic under the pool lock".into()))
         });
         hit(CrashPoint::BeforeUnlock);
-        m.unlock();
+        guard.unlock();
         r
     }
 
