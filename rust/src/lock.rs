@@ -7,6 +7,11 @@
 //! the lock held. The caller must then repair the data (see
 //! `recovery.rs`) and call [`RobustMutex::mark_consistent`] before
 //! unlocking; if it dies first, the next locker gets `EOWNERDEAD` again.
+//!
+//! Holding the lock is a [`LockGuard`] value: `Header::exclusive` asks for
+//! one before it lends the lock-protected header fields, so safe code
+//! cannot reach them without the lock. A thread that locks again while it
+//! holds the lock gets no second guard: glibc makes it wait (or fail).
 
 use crate::error::{Error, Result};
 pub use crate::layout::MutexStorage;

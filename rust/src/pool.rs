@@ -254,7 +254,8 @@ impl Pool {
         // SAFETY: `npages` lies inside the header; it was written before the
         // magic and is never written again (see `AllocState`), so this read
         // races with no write, even while a lock holder has the allocator
-        // state lent as `&mut`. An atomic load all the same, for form.
+        // state lent as `&mut` (which it never uses to write `npages`).
+        // Atomic all the same, so a stray writer cannot make it a race.
         let npages = unsafe {
             std::sync::atomic::AtomicU32::from_ptr(std::ptr::addr_of_mut!(
                 (*h.alloc.as_ptr()).npages
