@@ -264,7 +264,9 @@ impl<'a> Arena<'a> {
         }
         self.unfile_run(h, len);
         hit(CrashPoint::AllocUnlinked);
-        self.set(h, alloc_word(pages, owner)); // commit
+        let epoch = self.st.alloc_epoch;
+        self.st.alloc_epoch = epoch.wrapping_add(1);
+        self.set(h, alloc_word_at(pages, owner, epoch)); // commit
         hit(CrashPoint::AllocCommitted);
         if len > pages {
             self.file_run(h + pages, len - pages);
@@ -281,7 +283,19 @@ impl<'a> Arena<'a> {
     /// Frees the live block starting at page `p`; returns its length.
     /// A block sitting in its owner's cache is not live: `NotABlock`.
     pub fn free(&mut self, p: u32) -> Result<u32> {
-        self.free_block(p, Some(false))
+        let w = self.w(p);
+        self.free_exact(p, w)
+    }
+
+    /// Frees the live block at `p` only if its `ALLOC` word is still
+    /// exactly `w` (read by the caller when its free began): a block freed
+    /// and allocated again meanwhile has another generation, and is
+    /// `NotABlock` to this free (see `desc.rs`).
+    pub fn free_exact(&mut self, p: u32, w: u64) -> Result<u32> {
+        if is_cached(w) {
+            return Err(Error::NotABlock);
+        }
+        self.free_word(p, w)
     }
 
     /// Frees the block at `p` only if it sits in its owner's cache (taking
@@ -298,7 +312,15 @@ impl<'a> Arena<'a> {
 
     fn free_block(&mut self, p: u32, cached: Option<bool>) -> Result<u32> {
         let w = self.w(p);
-        if p >= self.st.npages || tag(w) != TAG_ALLOC || cached.is_some_and(|c| c != is_cached(w)) {
+        if cached.is_some_and(|c| c != is_cached(w)) {
+            return Err(Error::NotABlock);
+        }
+        self.free_word(p, w)
+    }
+
+    /// Frees the block at `p` whose word the caller read as `w`.
+    fn free_word(&mut self, p: u32, w: u64) -> Result<u32> {
+        if p >= self.st.npages || tag(w) != TAG_ALLOC || self.w(p) != w {
             return Err(Error::NotABlock);
         }
         let (len, owner) = (alloc_len(w), alloc_owner(w));

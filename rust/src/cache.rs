@@ -39,7 +39,8 @@
 //! process-local stacks.
 
 use crate::arena::MAX_OWNERS;
-use crate::desc::{alloc_len, alloc_owner, alloc_word, is_cached, tag, CACHED, TAG_ALLOC};
+use crate::crashpoint::{hit, CrashPoint};
+use crate::desc::{alloc_len, alloc_owner, is_cached, reused, tag, CACHED, TAG_ALLOC};
 use crate::owner::{probe, Liveness, OwnerIdentity};
 use crate::pool::{Locked, Pool};
 use crate::Result;
@@ -320,19 +321,20 @@ impl Pool {
         // SAFETY: we hold our slot lock.
         let s = unsafe { self.cache.stacks() };
         let d = self.descriptors();
-        let cached = alloc_word(pages, slot) | CACHED;
         let mut got = None;
         while let Some(p) = s.pop(pages) {
-            // The commit: cached -> live. Fails only for a stale entry
-            // (the block was taken back, and maybe reused, meanwhile).
+            // The commit: cached -> live, with the next generation (so a
+            // free that read the block's word before it was cached cannot
+            // free this allocation; see `desc.rs`). Fails only for a stale
+            // entry (the block was taken back, and maybe reused, meanwhile).
             let ok = d.get(p as usize).is_some_and(|w| {
-                w.compare_exchange(
-                    cached,
-                    cached & !CACHED,
-                    Ordering::AcqRel,
-                    Ordering::Relaxed,
-                )
-                .is_ok()
+                let cur = w.load(Ordering::Relaxed);
+                tag(cur) == TAG_ALLOC
+                    && is_cached(cur)
+                    && alloc_len(cur) == pages
+                    && alloc_owner(cur) == slot
+                    && w.compare_exchange(cur, reused(cur), Ordering::AcqRel, Ordering::Relaxed)
+                        .is_ok()
             });
             if ok {
                 sc.sub(pages as u64, 1);
@@ -344,16 +346,16 @@ impl Pool {
         got
     }
 
-    /// Puts our own live block at `page` into the cache if it belongs there;
-    /// returns its length, or `None` to use the locked path.
+    /// Puts our own live block at `page`, whose word the caller read as
+    /// `w`, into the cache if it belongs there; returns its length, or
+    /// `None` to use the locked path.
     #[inline]
-    pub(crate) fn cache_push(&self, page: u32) -> Option<u32> {
+    pub(crate) fn cache_push(&self, page: u32, w: u64) -> Option<u32> {
         if !self.caching.load(Ordering::Relaxed) {
             return None;
         }
         let (slot, tok) = self.my_identity()?;
         let d = self.descriptors().get(page as usize)?;
-        let w = d.load(Ordering::Acquire);
         let len = alloc_len(w);
         if tag(w) != TAG_ALLOC || is_cached(w) || alloc_owner(w) != slot {
             return None;
@@ -365,11 +367,14 @@ impl Pool {
         // SAFETY: we hold our slot lock.
         let s = unsafe { self.cache.stacks() };
         let mut done = None;
+        hit(CrashPoint::CachePushLocked);
         // Marked before the commit, so a death right after it still leaves
         // the slot where `stats` looks.
         self.mark_caching(slot);
-        // The commit: live -> cached. Fails if the block was freed by
-        // someone else meanwhile (a double free): the locked path says so.
+        // The commit: live -> cached, from exactly the word the free read.
+        // Fails if the block was freed by someone else meanwhile (and
+        // maybe allocated again: a new generation): the locked path then
+        // says `NotABlock`, as it requires the same word.
         if s.has_room(len, self.cache_cap)
             && d.compare_exchange(w, w | CACHED, Ordering::AcqRel, Ordering::Relaxed)
                 .is_ok()

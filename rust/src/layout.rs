@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64};
 pub const MAGIC: u64 = u64::from_le_bytes(*b"SHMPOOL\x01");
 /// Bumped whenever the meaning or position of any shared field changes
 /// (the assertions at the end of this file fail until it is).
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Runs of up to this many pages have exact-size free lists.
 pub const SMALL_MAX: u32 = 127;
@@ -194,7 +194,10 @@ pub struct AllocState {
     pub tree_root: u32,
     /// Length of the longest run in the treap (0 when empty).
     pub tree_max: u32,
-    pub _pad: u32,
+    /// Advanced by every allocation from the free runs; its low bits go
+    /// into the new block's `ALLOC` word (the generation, see `desc.rs`).
+    /// Not derived: recovery leaves it alone (any value does).
+    pub alloc_epoch: u32,
     pub free_pages: u64,
     pub live_blocks: u64,
     /// Bit n set ⇔ `small_head[n] != NIL` (n in 1..=SMALL_MAX).
@@ -212,7 +215,7 @@ impl AllocState {
             npages,
             tree_root: NIL,
             tree_max: 0,
-            _pad: 0,
+            alloc_epoch: 0,
             free_pages: 0,
             live_blocks: 0,
             small_bitmap: [0; 2],
@@ -240,7 +243,7 @@ pub struct SlotCache {
 // changes the format: bump LAYOUT_VERSION (here too) so that old and new
 // code refuse each other's pools instead of misreading them.
 const _: () = assert!(
-    LAYOUT_VERSION == 3
+    LAYOUT_VERSION == 4
         && size_of::<Header>() == 25344
         && align_of::<Header>() == 64
         && offset_of!(Header, magic) == 0

@@ -13,6 +13,7 @@ use crate::arena::{Arena, OwnerUsage, PageStats, MAX_OWNERS};
 pub use crate::cache::CACHE_CLASSES;
 use crate::cache::{self, LocalCache, SlotCache};
 use crate::crashpoint::{hit, CrashPoint};
+use crate::desc::{is_cached, tag, TAG_ALLOC};
 use crate::error::{Error, Result};
 use crate::layout::{Geometry, Header, LAYOUT_VERSION, MAGIC};
 use crate::lock::{Acquired, LockGuard, RobustMutex};
@@ -528,11 +529,22 @@ impl Pool {
 
     /// Frees the block starting at byte offset `off`; returns its size.
     #[inline]
+    ///
+    /// The block's descriptor is read once, here, and every later step
+    /// requires exactly the word read: a free that raced with another free
+    /// of the same block and its re-allocation (which gives the word a new
+    /// generation, see `desc.rs`) fails with `NotABlock` and changes
+    /// nothing, instead of freeing the new allocation.
     pub fn free(&self, off: usize) -> Result<usize> {
         let page = self.page_of_offset(off)?;
-        let pages = match self.cache_push(page) {
+        let w = self.descriptors()[page as usize].load(Ordering::Acquire);
+        hit(CrashPoint::FreeLoaded);
+        if tag(w) != TAG_ALLOC || is_cached(w) {
+            return Err(Error::NotABlock);
+        }
+        let pages = match self.cache_push(page, w) {
             Some(n) => n,
-            None => self.locked(|l| l.arena.free(page))?,
+            None => self.locked(|l| l.arena.free_exact(page, w))?,
         };
         Ok(pages as usize * self.geo.page_size)
     }
