@@ -7,7 +7,8 @@
 //! | [`mapping`] | the shared memory: named shm, memfd, or borrowed |
 //! | [`layout`] | every on-shm type, its byte layout, and the geometry (offsets only) |
 //! | [`lock`] | the robust process-shared mutex |
-//! | [`owner`] | process identities (pid + start time) |
+//! | [`owner`] | process identities (pid + start time + PID namespace) |
+//! | [`liveness`] | whether a slot's process lives: keeper threads holding robust mutexes |
 //! | [`desc`] | page descriptors: the truth and the derived words |
 //! | [`arena`], `treap`, `recovery`, `check` | the allocator, pure logic |
 //! | `cache` | the per-process cache of small freed blocks |
@@ -25,6 +26,7 @@ pub mod crashpoint;
 pub mod desc;
 pub mod error;
 pub mod layout;
+pub mod liveness;
 pub mod lock;
 pub mod mapping;
 pub mod owner;

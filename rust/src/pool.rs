@@ -16,13 +16,14 @@ use crate::crashpoint::{hit, CrashPoint};
 use crate::desc::{is_cached, tag, TAG_ALLOC};
 use crate::error::{Error, Result};
 use crate::layout::{Geometry, Header, LAYOUT_VERSION, MAGIC};
+use crate::liveness::{self, Keeper};
 use crate::lock::{Acquired, LockGuard, RobustMutex};
 use crate::mapping::{self, page_size, Mapping};
 use crate::owner::{self, OwnerIdentity};
 use std::fmt::Write as _;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 
 /// `(total, free, largest)` and more, all exact at one instant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,6 +90,11 @@ pub struct Pool {
     /// Most pages the cache may hold: a 16th of the pool (none for tiny
     /// pools), so one process cannot sit on much of it.
     pub(crate) cache_cap: u64,
+    /// The thread holding our slot's keeper mutex (see `liveness.rs`), as a
+    /// `Box<Keeper>` pointer, null if none. An atomic pointer rather than a
+    /// lock, so that a child forked while another thread replaced it cannot
+    /// block on it.
+    keeper: AtomicPtr<Keeper>,
 }
 
 // SAFETY: nothing in a Pool is tied to the thread that made it: `hdr` and
@@ -111,6 +117,10 @@ pub(crate) struct Locked<'a> {
     pub recoveries: &'a mut u64,
     pub owners_hwm: &'a std::sync::atomic::AtomicU32,
 }
+
+/// Rounds of take-back an alloc tries when a live owner held its cache's
+/// lock (waiting 0.1, 0.2, 0.4 ms between them, without the pool lock).
+const TAKE_BACK_ROUNDS: u32 = 4;
 
 impl Pool {
     /// Creates a pool whose payload holds at least `bytes` bytes.
@@ -214,8 +224,13 @@ impl Pool {
         h.payload_offset
             .store(geo.payload_offset as u64, Ordering::Relaxed);
         let m = pool.mutex();
-        // SAFETY: not yet published: nobody else uses the mutex.
-        unsafe { m.init()? };
+        // SAFETY: not yet published: nobody else uses the mutexes.
+        unsafe {
+            m.init()?;
+            for k in &h.keepers {
+                k.init()?;
+            }
+        }
         {
             // The fresh lock proves exclusive access like any other time.
             let (mut g, _) = m.lock()?;
@@ -292,6 +307,7 @@ impl Pool {
             cache: LocalCache::new(),
             caching: std::sync::atomic::AtomicBool::new(true),
             cache_cap: geo.npages as u64 / 16,
+            keeper: AtomicPtr::new(std::ptr::null_mut()),
         }
     }
 
@@ -354,11 +370,12 @@ impl Pool {
                 // Holding a slot lock as a taker needs some nonzero token;
                 // takers also hold the pool lock, so a pid-only one is safe.
                 let pid = std::process::id() as i32;
-                cache::token(&owner::me().unwrap_or(OwnerIdentity {
+                let id = owner::me().unwrap_or(OwnerIdentity {
                     pid,
-                    _pad: 0,
+                    pidns: 0,
                     start_time: 0,
-                }))
+                });
+                cache::token(&id, 0)
             })
     }
 
@@ -391,6 +408,9 @@ impl Pool {
             }));
             m.mark_consistent();
         }
+        // The caches of processes that died go back to the free runs now
+        // (about one load per caching slot when nobody died).
+        let _ = catch_unwind(AssertUnwindSafe(|| self.reap_dead_caches(&mut l)));
         let mut r = catch_unwind(AssertUnwindSafe(|| f(&mut l)));
         if matches!(r, Ok(Err(Error::Corrupt(_)))) {
             l.arena.rebuild();
@@ -408,24 +428,43 @@ impl Pool {
     }
 
     /// This process's owner slot, registering it on first use (and again
-    /// in a forked child). Called under the lock with `me` computed outside.
-    fn owner_slot(l: &mut Locked, me: &OwnerIdentity) -> u16 {
-        let mut free = None;
-        for (i, o) in l.owners.iter().enumerate().skip(1) {
-            if o.pid == me.pid && o.start_time == me.start_time {
-                return i as u16;
+    /// in a forked child), with `keeper` (if any) holding its keeper mutex
+    /// before the identity is published: a mark left by the slot's previous
+    /// process must never be read as news of this one. Called under the
+    /// lock with `me` computed outside. Slot 0 if the table is full.
+    fn owner_slot(&self, l: &mut Locked, me: &OwnerIdentity, keeper: Option<&Keeper>) -> u16 {
+        let keepers = &self.header().keepers;
+        let hwm = (self.owners_hwm() as usize).max(1);
+        let hold = |i: usize| {
+            if let Some(k) = keeper {
+                k.hold(&keepers[i]);
             }
-            if o.pid == 0 && free.is_none() {
-                free = Some(i);
-            }
+        };
+        if let Some(i) = (1..hwm).find(|&i| l.owners[i] == *me) {
+            // Registered already (another `Pool` value of ours): its keeper
+            // holds the mutex, or none does and ours takes it.
+            hold(i);
+            return i as u16;
         }
-        let slot = free.or_else(|| {
-            // Table full: reuse the slot of a dead process that holds nothing.
-            (1..MAX_OWNERS)
-                .find(|&i| l.arena.st.usage[i].blocks == 0 && !owner::is_alive(&l.owners[i]))
-        });
+        let empty = |l: &Locked, i: usize| l.arena.st.usage[i].blocks == 0;
+        // A free slot, or one whose process the kernel saw die and which
+        // holds nothing; else a never used one; else one that `/proc` says
+        // is dead and holds nothing.
+        let slot = (1..hwm)
+            .find(|&i| {
+                empty(l, i)
+                    && (l.owners[i].pid == 0
+                        || keepers[i].state() == liveness::KeeperState::OwnerDied)
+            })
+            .or_else(|| (hwm < MAX_OWNERS).then_some(hwm))
+            .or_else(|| {
+                (1..MAX_OWNERS)
+                    .find(|&i| empty(l, i) && !liveness::slot_alive(&keepers[i], &l.owners[i]))
+            });
         match slot {
             Some(i) => {
+                hold(i);
+                self.reset_slot(i as u16);
                 l.owners[i] = *me;
                 l.owners_hwm.fetch_max(i as u32 + 1, Ordering::Relaxed);
                 i as u16
@@ -487,12 +526,28 @@ impl Pool {
 
     /// The locked path; when no free run is large enough, takes the
     /// processes' cached blocks back and tries once more.
+    ///
+    /// A cache whose owner holds its slot lock (mid-operation) is left
+    /// alone; if the alloc still fails, it tries again a few times after
+    /// yielding without the pool lock (the owner finishes in nanoseconds
+    /// unless it is stopped), then reports `OutOfMemory`.
     fn alloc_locked(&self, pages: u32, slot: u16, tok: u64) -> Result<u32> {
         match self.locked(|l| l.arena.alloc(pages, slot)) {
-            Err(Error::OutOfMemory) => self.locked(|l| {
-                self.take_back_cached(l, tok);
-                l.arena.alloc(pages, slot)
-            }),
+            Err(Error::OutOfMemory) => {
+                for round in 0..TAKE_BACK_ROUNDS {
+                    let mut skipped = 0;
+                    let r = self.locked(|l| {
+                        skipped = self.take_back_cached(l, tok, |_, _| true);
+                        l.arena.alloc(pages, slot)
+                    });
+                    if r != Err(Error::OutOfMemory) || skipped == 0 || round + 1 == TAKE_BACK_ROUNDS
+                    {
+                        return r;
+                    }
+                    std::thread::sleep(std::time::Duration::from_micros(100 << round));
+                }
+                Err(Error::OutOfMemory)
+            }
             r => r,
         }
     }
@@ -503,15 +558,38 @@ impl Pool {
         // Without a readable identity the process allocates as the
         // unrecorded owner (slot 0) and does not cache (token 0).
         let me = owner::me();
-        let slot = self.locked(|l| Ok(me.as_ref().map_or(0, |m| Self::owner_slot(l, m))))?;
-        let tok = me.as_ref().map_or(0, cache::token);
-        if tok != 0 {
-            self.adopt_stacks(slot, tok, gen);
+        // Outside the pool lock: creating a thread takes tens of µs.
+        let keeper = me.as_ref().and_then(|_| Keeper::spawn());
+        let mut tok = 0;
+        let slot = self.locked(|l| {
+            let Some(m) = me.as_ref() else { return Ok(0) };
+            let slot = self.owner_slot(l, m, keeper.as_ref());
+            if slot != 0 {
+                tok = cache::token(m, slot);
+                self.adopt_stacks(l, slot, tok, gen);
+            }
+            Ok(slot)
+        })?;
+        if let Some(k) = keeper.filter(|k| k.holding()) {
+            self.set_keeper(k);
         }
         self.my_token.store(tok, Ordering::Relaxed);
         self.my_slot
             .store(gen << 16 | slot as u64, Ordering::Release);
         self.alloc_locked(pages, slot, tok)
+    }
+
+    /// Keeps `k` as this `Pool`'s keeper; a previous one is released (if
+    /// it is this fork generation's) or forgotten (a parent's).
+    fn set_keeper(&self, k: Keeper) {
+        let old = self
+            .keeper
+            .swap(Box::into_raw(Box::new(k)), Ordering::AcqRel);
+        if !old.is_null() {
+            // SAFETY: non-null values of `keeper` come from Box::into_raw
+            // above, and the swap gave us sole ownership of this one.
+            drop(unsafe { Box::from_raw(old) });
+        }
     }
 
     /// Turns this process's cache on (the default) or off, for this `Pool`
@@ -569,17 +647,35 @@ impl Pool {
         })
     }
 
-    /// Exact figures. `largest_free_bytes` does not count blocks that
-    /// *other* processes hold in their caches (this process's are given back
-    /// first): it is what alloc can get without taking them back, and alloc
-    /// takes them back when it needs them.
+    /// Exact figures. `free_bytes` counts the blocks processes hold in their
+    /// caches (this process's are given back first, and those of dead
+    /// processes are taken back). `largest_free_bytes` is the longest free
+    /// run, after taking back every cache that may hold a longer block: a
+    /// size alloc can always satisfy, and allocating it until it is 0
+    /// obtains `free_bytes` in all (unless a cache's owner is frozen in the
+    /// middle of a cache operation: see `cache.rs`).
     pub fn stats(&self) -> Stats {
         let _ = self.flush_cache();
         self.settle_slots();
+        let tok = self.taker_token();
         // The caches' counters are read under the pool lock too, so that a
         // take-back (which holds it) is seen whole or not at all.
         let (ps, recoveries, (cached_pages, cached_blocks)) = self
-            .locked(|l| Ok((l.arena.stats(), *l.recoveries, self.cached_totals())))
+            .locked(|l| {
+                self.reap_keeperless_dead(l);
+                // `largest_free_bytes` must be a size alloc gets from the
+                // free runs, and allocating it until it is 0 must obtain
+                // every free page: take back the caches that may hold a
+                // block longer than the longest run (they coalesce).
+                let longest = l.arena.stats().largest_free_run as u64;
+                if self
+                    .caching_slots()
+                    .any(|s| self.slot_cache(s).max_len() > longest)
+                {
+                    self.take_back_cached(l, tok, |_, sc| sc.max_len() > longest);
+                }
+                Ok((l.arena.stats(), *l.recoveries, self.cached_totals()))
+            })
             .unwrap_or((
                 PageStats {
                     npages: self.geo.npages,
@@ -628,7 +724,7 @@ impl Pool {
                 slot: i as u16,
                 pid: ids[i].pid,
                 start_time: ids[i].start_time,
-                alive: i == 0 || owner::is_alive(&ids[i]),
+                alive: i == 0 || liveness::slot_alive(&self.header().keepers[i], &ids[i]),
                 pages: usage[i]
                     .pages
                     .saturating_sub(self.slot_cache(i as u16).pages()),
@@ -648,7 +744,10 @@ impl Pool {
         // identities under the lock so a slot reused meanwhile is spared.
         let snapshot = self.locked(|l| Ok(*l.owners))?;
         let dead: Vec<(usize, OwnerIdentity)> = (1..MAX_OWNERS)
-            .filter(|&i| snapshot[i].pid != 0 && !owner::is_alive(&snapshot[i]))
+            .filter(|&i| {
+                snapshot[i].pid != 0
+                    && !liveness::slot_alive(&self.header().keepers[i], &snapshot[i])
+            })
             .map(|i| (i, snapshot[i]))
             .collect();
         self.locked(|l| {
@@ -678,7 +777,7 @@ impl Pool {
             }
             for &i in &dead_now {
                 l.owners[i] = OwnerIdentity::default();
-                self.forget_slot(i as u16, tok);
+                self.forget_slot(l, i as u16, tok);
             }
             Ok(out)
         })
@@ -783,7 +882,14 @@ impl Pool {
 
 impl Drop for Pool {
     /// Gives this process's cached blocks back before the pool is closed.
+    /// Then releases this process's keeper (before the mapping goes: the
+    /// kernel must not find the mutex in its robust list once unmapped).
     fn drop(&mut self) {
         let _ = self.flush_cache();
+        let k = self.keeper.swap(std::ptr::null_mut(), Ordering::AcqRel);
+        if !k.is_null() {
+            // SAFETY: as in `set_keeper`.
+            drop(unsafe { Box::from_raw(k) });
+        }
     }
 }
