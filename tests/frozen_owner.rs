@@ -52,7 +52,11 @@ fn a_stopped_cache_owner_makes_no_allocation_wait() {
         wait_until(Duration::from_secs(3600), || ready.load(SeqCst) == 2)
     });
     wait_until(T, || ready.load(SeqCst) == 1).unwrap();
-    assert_eq!(p.stats().free_bytes, (256 - 1) * pg, "A's 3 and B's 8 cached pages count as free");
+    assert_eq!(
+        p.stats().free_bytes,
+        (256 - 1) * pg,
+        "A's 3 and B's 8 cached pages count as free"
+    );
 
     // Take every page we can, one at a time: the free runs (244 pages),
     // then B's cache (8 pages), taken back; never A's 3.
@@ -67,7 +71,11 @@ fn a_stopped_cache_owner_makes_no_allocation_wait() {
     }
     assert_eq!(got.len(), 244 + 8);
     let s = p.stats();
-    assert_eq!(s.free_bytes, 3 * pg, "A's cached pages stay counted as free");
+    assert_eq!(
+        s.free_bytes,
+        3 * pg,
+        "A's cached pages stay counted as free"
+    );
     assert_eq!(s.largest_free_bytes, 0, "and are not offered");
     let c = p.check();
     assert_eq!(c.len(), 1, "{c:?}");
@@ -89,7 +97,11 @@ fn a_stopped_cache_owner_makes_no_allocation_wait() {
     }
     assert_eq!(p.alloc(pg), Err(Error::OutOfMemory));
     let r = p.reclaim_dead().unwrap();
-    assert_eq!((r.blocks, r.pages), (1, 1), "A's live block, being cached when it stopped");
+    assert_eq!(
+        (r.blocks, r.pages),
+        (1, 1),
+        "A's live block, being cached when it stopped"
+    );
     assert_eq!(p.check(), Vec::<String>::new());
     ready.store(2, SeqCst);
     b.wait_ok(T).unwrap();

@@ -29,7 +29,7 @@ module Netmcore_mempool : sig
         each time); a pool can be filled entirely with 1-page blocks.
       - 1- and 2-page pools work (the original corrupts memory).
       - The size given to [create_mempool] is the payload: the shared object
-        is larger by the header (8 bytes per page plus about 9 KiB), and
+        is larger by the header (8 bytes per page plus about 35 KiB), and
         [stats]' [total] includes it. The original carves its header out of
         the given size.
       - A worker that dies (even by [SIGKILL]) in the middle of an operation
@@ -44,9 +44,12 @@ module Netmcore_mempool : sig
       - Each process caches up to 32 of its own freed blocks per size of 1 to
         64 pages and 16 longer ones (at most a 16th of the pool) and reuses
         them (same length only) without the
-        lock. They count as free in [stats]; [contiguous] does not count
-        those held by {i other} processes (a process gives its cache back
-        in [stats], and at a normal exit); an [alloc_mem] that finds no
+        lock. They count as free in [stats], and [contiguous] is the largest
+        free run after [stats] takes back any cache that may hold a longer
+        block: always a size [alloc_mem] can satisfy, and allocating it
+        until it is 0 obtains [free] in all. A process gives its cache back
+        in [stats] and at a normal exit; a killed one's goes back at the
+        next lock acquisition by any process; an [alloc_mem] that finds no
         large enough free run takes all caches back first, so it does not
         fail because of them. See {!Shmpool}.
 

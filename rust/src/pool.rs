@@ -49,6 +49,7 @@ pub struct OwnerInfo {
     /// 0 for slot 0: blocks of processes that found the table full.
     pub pid: i32,
     pub start_time: u64,
+    /// Still running, as far as anyone can tell (see [`Pool::reclaim_dead`]).
     pub alive: bool,
     pub pages: u64,
     pub blocks: u64,
@@ -735,9 +736,12 @@ impl Pool {
             .collect())
     }
 
-    /// Frees every block whose owner process no longer exists (a pid that
-    /// was reused counts as dead: the start time differs). Never automatic:
-    /// a dead worker's block may hold a result another process still reads.
+    /// Frees every block whose owner process no longer exists, as its
+    /// keeper mutex says (see `liveness.rs`), or, for a process without a
+    /// keeper, `/proc` in our own PID namespace (a pid that was reused
+    /// counts as dead: the start time differs; a process of another
+    /// namespace counts as alive). Never automatic: a dead worker's block
+    /// may hold a result another process still reads.
     pub fn reclaim_dead(&self) -> Result<Reclaimed> {
         let tok = self.taker_token();
         // Read liveness outside the lock (it reads /proc), then re-check the
