@@ -351,8 +351,12 @@ fn a_process_of_another_pid_namespace_that_dies_is_reclaimed() {
     // parent-death signal), which is our grandchild.
     child.kill();
     // The grandchild may outlive the child by a moment: wait for the kernel
-    // to mark its keeper, as seen through the cache going back.
-    wait_until(T, || p.stats().free_bytes == 253 * pg).unwrap();
+    // to mark its keeper.
+    wait_until(T, || p.owners().unwrap().iter().all(|o| !o.alive)).unwrap();
+    // Its cache went back at the next lock acquisition.
+    let d = p.debug_info();
+    assert!(d.contains("cached in processes (offs->bsize): {}"), "{d}");
+    assert_eq!(p.stats().largest_free_bytes, 253 * pg);
     let r = p.reclaim_dead().unwrap();
     assert_eq!((r.blocks, r.pages), (1, 3));
     let s = p.stats();

@@ -109,6 +109,27 @@ impl KeeperMutex {
         }
     }
 
+    /// Erases a dead holder's mark (taking the mutex and giving it back at
+    /// once), so that a slot given to a process without a keeper does not
+    /// read as dead. The caller holds the pool lock (nobody else locks a
+    /// keeper mutex but its keeper, and a keeper only a free mutex, which
+    /// this one then is again). False if a live thread holds it.
+    pub(crate) fn clear_mark(&self) -> bool {
+        // SAFETY: an initialised keeper mutex in our live mapping; this
+        // thread unlocks it right after taking it.
+        unsafe {
+            match libc::pthread_mutex_trylock(self.raw()) {
+                0 => {}
+                libc::EOWNERDEAD => {
+                    libc::pthread_mutex_consistent(self.raw());
+                }
+                _ => return false,
+            }
+            libc::pthread_mutex_unlock(self.raw());
+        }
+        true
+    }
+
     /// Reads the futex word (glibc keeps it as the mutex's first `int` on
     /// every architecture; its bits are the kernel's robust-futex ABI: the
     /// holder's TID, `FUTEX_WAITERS`, `FUTEX_OWNER_DIED`). One load; never
@@ -422,6 +443,26 @@ mod tests {
         assert_eq!(km.state(), KeeperState::Held);
         drop(k);
         assert_eq!(km.state(), KeeperState::Unheld);
+    }
+
+    #[test]
+    fn a_dead_mark_can_be_cleared_but_not_a_live_hold() {
+        let s = Shared::new();
+        let km = s.km();
+        let child = fork_and(|| {
+            let k = Keeper::spawn().expect("thread");
+            assert!(k.hold(km));
+            std::mem::forget(k);
+        });
+        // SAFETY: reaps our own child.
+        unsafe { libc::waitpid(child, std::ptr::null_mut(), 0) };
+        assert_eq!(km.state(), KeeperState::OwnerDied);
+        assert!(km.clear_mark());
+        assert_eq!(km.state(), KeeperState::Unheld);
+        let k = Keeper::spawn().expect("thread");
+        assert!(k.hold(km));
+        assert!(!km.clear_mark());
+        assert_eq!(km.state(), KeeperState::Held);
     }
 
     #[test]

@@ -436,9 +436,14 @@ impl Pool {
     fn owner_slot(&self, l: &mut Locked, me: &OwnerIdentity, keeper: Option<&Keeper>) -> u16 {
         let keepers = &self.header().keepers;
         let hwm = (self.owners_hwm() as usize).max(1);
+        // Our keeper takes the slot's mutex; without one, a mark left by
+        // the slot's dead previous process is erased, so that it is not
+        // read as news of this one.
         let hold = |i: usize| {
-            if let Some(k) = keeper {
-                k.hold(&keepers[i]);
+            if !keeper.is_some_and(|k| k.hold(&keepers[i]))
+                && keepers[i].state() == liveness::KeeperState::OwnerDied
+            {
+                keepers[i].clear_mark();
             }
         };
         if let Some(i) = (1..hwm).find(|&i| l.owners[i] == *me) {
