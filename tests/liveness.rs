@@ -187,7 +187,7 @@ fn after_many_kills_contiguous_allocations_obtain_exactly_free() {
     assert_eq!(s.largest_free_bytes, s.payload_bytes);
     clean(&p);
     println!(
-        "liveness kills: {done} workers SIGKILLed, {greedy_checks} greedy checks exact, \
+        "torture liveness: {done} workers SIGKILLed, {greedy_checks} greedy checks exact, \
          at most {max_slots} owner slots in use"
     );
 }
