@@ -612,13 +612,13 @@ impl Pool {
     }
 
     /// Frees the block starting at byte offset `off`; returns its size.
-    #[inline]
     ///
     /// The block's descriptor is read once, here, and every later step
     /// requires exactly the word read: a free that raced with another free
     /// of the same block and its re-allocation (which gives the word a new
     /// generation, see `desc.rs`) fails with `NotABlock` and changes
     /// nothing, instead of freeing the new allocation.
+    #[inline]
     pub fn free(&self, off: usize) -> Result<usize> {
         let page = self.page_of_offset(off)?;
         let w = self.descriptors()[page as usize].load(Ordering::Acquire);
