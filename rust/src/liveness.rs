@@ -88,6 +88,9 @@ impl KeeperMutex {
         // yet (contract above).
         unsafe {
             check(libc::pthread_mutexattr_init(a), "pthread_mutexattr_init")?;
+            // Miri (scripts/miri.sh) has neither attribute, and no keepers
+            // run there (see `Keeper::spawn`).
+            #[cfg(not(miri))]
             let r = check(
                 libc::pthread_mutexattr_setpshared(a, libc::PTHREAD_PROCESS_SHARED),
                 "pthread_mutexattr_setpshared",
@@ -97,8 +100,10 @@ impl KeeperMutex {
                     libc::pthread_mutexattr_setrobust(a, libc::PTHREAD_MUTEX_ROBUST),
                     "pthread_mutexattr_setrobust",
                 )
-            })
-            .and_then(|()| {
+            });
+            #[cfg(miri)]
+            let r: Result<()> = Ok(());
+            let r = r.and_then(|()| {
                 check(
                     libc::pthread_mutex_init(self.raw(), a),
                     "pthread_mutex_init",
@@ -137,6 +142,10 @@ impl KeeperMutex {
     /// a holder.
     #[inline]
     pub fn state(&self) -> KeeperState {
+        // Miri keeps its own data in a mutex's bytes, and runs no keepers.
+        if cfg!(miri) {
+            return KeeperState::Unheld;
+        }
         // SAFETY: the mutex lies in our live mapping, 4-byte aligned, and
         // its first 4 bytes are only ever accessed atomically (by glibc and
         // the kernel) once initialised; an atomic load races with nothing.
@@ -219,6 +228,10 @@ impl Keeper {
     /// module doc). Called without the pool lock (creating a thread takes
     /// tens of microseconds).
     pub(crate) fn spawn() -> Option<Keeper> {
+        // Miri runs one process (nobody dies) and has no signal masks.
+        if cfg!(miri) {
+            return None;
+        }
         let ctl = Arc::new(Ctl {
             st: Mutex::new(Cmd {
                 target: 0,
@@ -400,6 +413,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "forks and starts keepers")]
     fn a_keeper_holds_until_dropped() {
         let s = Shared::new();
         assert_eq!(s.km().state(), KeeperState::Unheld);
@@ -417,6 +431,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "forks and starts keepers")]
     fn a_killed_keepers_process_reads_as_dead_and_the_mutex_is_reusable() {
         let s = Shared::new();
         let km = s.km();
@@ -446,6 +461,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "forks and starts keepers")]
     fn a_dead_mark_can_be_cleared_but_not_a_live_hold() {
         let s = Shared::new();
         let km = s.km();
@@ -466,6 +482,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "forks and starts keepers")]
     fn a_stopped_keepers_process_is_alive_and_a_forked_child_has_no_keeper() {
         let s = Shared::new();
         let km = s.km();
@@ -499,6 +516,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "forks and starts keepers")]
     fn slot_alive_reads_the_keeper_first() {
         let s = Shared::new();
         let km = s.km();
