@@ -77,9 +77,9 @@ fn a_stopped_cache_owner_makes_no_allocation_wait() {
         "A's cached pages stay counted as free"
     );
     assert_eq!(s.largest_free_bytes, 0, "and are not offered");
-    let c = p.check();
-    assert_eq!(c.len(), 1, "{c:?}");
-    assert!(c[0].ends_with("cache lock held too long"), "{c:?}");
+    // A cache in the middle of an operation cannot be verified: check
+    // leaves it out (and does not wait on it either).
+    assert_eq!(p.check(), Vec::<String>::new());
     // Allocations that only A's cache could satisfy fail, each after a
     // bounded number of tries, without waiting on A.
     for _ in 0..300 {

@@ -34,7 +34,10 @@
 //!   it is always a size `alloc` can satisfy from the free runs, and
 //!   allocating it again and again until it is 0 obtains exactly
 //!   `free_bytes` in all, whatever other processes hold in their caches
-//!   (save a frozen one, below).
+//!   (save a frozen one, below). That take-back walks the descriptors
+//!   (O(pages), about 1 ms per GiB, under the pool lock), so it only
+//!   happens when a cache may hold a block longer than every free run:
+//!   in a pool nearly full, or badly fragmented.
 //!
 //! # The slot lock
 //!
@@ -617,8 +620,10 @@ impl Pool {
 
     /// Under the pool lock: repairs every slot whose lock a dead process
     /// left held (it died mid-operation), and with `verify` reports slots
-    /// whose counters disagree with their CACHED words. Slots held by a
-    /// live process for too long are reported as busy.
+    /// whose counters disagree with their CACHED words. A slot whose live
+    /// owner is in the middle of a cache operation (its lock held past our
+    /// patience: preempted, or stopped) cannot be verified now and is left
+    /// out: that is no violation.
     pub(crate) fn check_slots(&self, l: &Locked, tok: u64, verify: bool) -> Vec<String> {
         let mut v = Vec::new();
         // Lock the slots first, count their CACHED words after (fix found by
@@ -632,9 +637,8 @@ impl Pool {
             if !verify && self.slot_cache(s).lock.load(Ordering::Relaxed) == 0 {
                 continue;
             }
-            match self.lock_slot(l, s, tok) {
-                None => v.push(format!("owner slot {s}: cache lock held too long")),
-                Some(how) => held.push((s, how)),
+            if let Some(how) = self.lock_slot(l, s, tok) {
+                held.push((s, how));
             }
         }
         if held.is_empty() {

@@ -285,6 +285,7 @@ impl Keeper {
     }
 
     /// Whether the thread holds a mutex.
+    #[cfg(test)]
     pub(crate) fn holding(&self) -> bool {
         self.ctl.lock().phase == Phase::Holding
     }

@@ -120,8 +120,10 @@ pub(crate) struct Locked<'a> {
 }
 
 /// Rounds of take-back an alloc tries when a live owner held its cache's
-/// lock (waiting 0.1, 0.2, 0.4 ms between them, without the pool lock).
-const TAKE_BACK_ROUNDS: u32 = 4;
+/// lock: it waits 0.1, 0.2, ... 3.2 ms between them (6.3 ms in all, more
+/// than a scheduler time slice, so a preempted owner gets to finish),
+/// without the pool lock.
+const TAKE_BACK_ROUNDS: u32 = 7;
 
 impl Pool {
     /// Creates a pool whose payload holds at least `bytes` bytes.
@@ -429,28 +431,20 @@ impl Pool {
     }
 
     /// This process's owner slot, registering it on first use (and again
-    /// in a forked child), with `keeper` (if any) holding its keeper mutex
-    /// before the identity is published: a mark left by the slot's previous
-    /// process must never be read as news of this one. Called under the
-    /// lock with `me` computed outside. Slot 0 if the table is full.
-    fn owner_slot(&self, l: &mut Locked, me: &OwnerIdentity, keeper: Option<&Keeper>) -> u16 {
+    /// in a forked child). Called under the lock with `me` computed
+    /// outside. Slot 0 if the table is full.
+    ///
+    /// A mark left on the slot's keeper mutex by its dead previous process
+    /// is erased before the identity is published (it must never be read
+    /// as news of this one); our keeper takes the mutex after the pool lock
+    /// is released (waiting for a new thread to run must not hold up every
+    /// process). In between, the slot has no keeper and reads as alive
+    /// (`/proc` in its namespace, "maybe" elsewhere).
+    fn owner_slot(&self, l: &mut Locked, me: &OwnerIdentity) -> u16 {
         let keepers = &self.header().keepers;
         let hwm = (self.owners_hwm() as usize).max(1);
-        // Our keeper takes the slot's mutex; without one, a mark left by
-        // the slot's dead previous process is erased, so that it is not
-        // read as news of this one.
-        let hold = |i: usize| {
-            if !keeper.is_some_and(|k| k.hold(&keepers[i]))
-                && keepers[i].state() == liveness::KeeperState::OwnerDied
-            {
-                keepers[i].clear_mark();
-            }
-        };
         if let Some(i) = (1..hwm).find(|&i| l.owners[i] == *me) {
-            // Registered already (another `Pool` value of ours): its keeper
-            // holds the mutex, or none does and ours takes it.
-            hold(i);
-            return i as u16;
+            return i as u16; // registered already (another `Pool` value of ours)
         }
         let empty = |l: &Locked, i: usize| l.arena.st.usage[i].blocks == 0;
         // A free slot, or one whose process the kernel saw die and which
@@ -469,7 +463,9 @@ impl Pool {
             });
         match slot {
             Some(i) => {
-                hold(i);
+                if keepers[i].state() == liveness::KeeperState::OwnerDied {
+                    keepers[i].clear_mark();
+                }
                 self.reset_slot(i as u16);
                 l.owners[i] = *me;
                 l.owners_hwm.fetch_max(i as u32 + 1, Ordering::Relaxed);
@@ -569,14 +565,18 @@ impl Pool {
         let mut tok = 0;
         let slot = self.locked(|l| {
             let Some(m) = me.as_ref() else { return Ok(0) };
-            let slot = self.owner_slot(l, m, keeper.as_ref());
+            let slot = self.owner_slot(l, m);
             if slot != 0 {
                 tok = cache::token(m, slot);
                 self.adopt_stacks(l, slot, tok, gen);
             }
             Ok(slot)
         })?;
-        if let Some(k) = keeper.filter(|k| k.holding()) {
+        // Our keeper takes the slot's keeper mutex (it fails if another
+        // `Pool` value of ours has one holding it already).
+        if let Some(k) =
+            keeper.filter(|k| slot != 0 && k.hold(&self.header().keepers[slot as usize]))
+        {
             self.set_keeper(k);
         }
         self.my_token.store(tok, Ordering::Relaxed);
