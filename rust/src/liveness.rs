@@ -22,15 +22,16 @@
 //!
 //! - owner TID set, no `OWNER_DIED`: the keeper holds it, the process lives
 //!   (or is stopped: a stopped process is alive);
-//! - `OWNER_DIED`: the holder died; nobody has taken the mutex since
-//!   (a new registrant's keeper takes it, with `EOWNERDEAD`, before the slot
-//!   is published under a new identity, so the mark always speaks of the
-//!   identity in the table);
+//! - `OWNER_DIED`: the holder died; nobody has taken the mutex since (a
+//!   process given the slot erases the mark under the pool lock before it
+//!   publishes its identity, and its keeper takes the mutex once the pool
+//!   lock is released, so the mark always speaks of the identity in the
+//!   table);
 //! - 0: no keeper holds it: the slot is unused, or its process closed the
 //!   pool (it drops its keeper before unmapping), or could not start a
-//!   keeper (no thread), or registered the slot through a second `Pool`
-//!   value of the same pool whose keeper found the mutex taken by the
-//!   first. Only then does the old test apply, and only within one PID
+//!   keeper (no thread), or is between publishing its identity and its
+//!   keeper taking the mutex (microseconds, but a process killed right then
+//!   stays without one). Only then does the old test apply, and only within one PID
 //!   namespace: the slot records the namespace of the process that
 //!   registered it (the inode of `/proc/self/ns/pid`), and `/proc` is asked
 //!   only when it is the reader's; across namespaces the answer is "maybe
