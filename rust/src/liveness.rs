@@ -28,10 +28,12 @@
 //!   lock is released, so the mark always speaks of the identity in the
 //!   table);
 //! - 0: no keeper holds it: the slot is unused, or its process closed the
-//!   pool (it drops its keeper before unmapping), or could not start a
-//!   keeper (no thread), or is between publishing its identity and its
-//!   keeper taking the mutex (microseconds, but a process killed right then
-//!   stays without one). Only then does the old test apply, and only within one PID
+//!   `Pool` whose keeper held it (it drops its keeper before unmapping;
+//!   another `Pool` value of the same pool in that process does not take
+//!   over), or could not start a keeper (no thread), or is between
+//!   publishing its identity and its keeper taking the mutex (microseconds;
+//!   a process killed right then stays without one). Only then does the
+//!   old test apply, and only within one PID
 //!   namespace: the slot records the namespace of the process that
 //!   registered it (the inode of `/proc/self/ns/pid`), and `/proc` is asked
 //!   only when it is the reader's; across namespaces the answer is "maybe
