@@ -14,7 +14,7 @@
 //! Each owner slot has a robust, process-shared pthread mutex in the header
 //! (its *keeper mutex*, [`KeeperMutex`]). A process registering a slot has
 //! a small thread of its own, the *keeper*, lock that mutex and hold it
-//! for as long as the process keeps the pool open ([`Keeper`]). When the
+//! for as long as the process keeps the pool open (`Keeper`). When the
 //! process dies, however it dies, the kernel walks the keeper thread's
 //! robust list and marks the mutex `FUTEX_OWNER_DIED` in shared memory; that
 //! works whatever namespace the reader is in, and no pid is involved. So,
