@@ -5,14 +5,19 @@
 //! | module | mechanism |
 //! |---|---|
 //! | [`mapping`] | the shared memory: named shm, memfd, or borrowed |
-//! | [`layout`] | the on-shm header and geometry (offsets only) |
+//! | [`layout`] | every on-shm type, its byte layout, and the geometry (offsets only) |
 //! | [`lock`] | the robust process-shared mutex |
-//! | [`owner`] | process identities (pid + start time) |
+//! | [`owner`] | process identities (pid + start time + PID namespace) |
+//! | [`liveness`] | whether a slot's process lives: keeper threads holding robust mutexes |
 //! | [`desc`] | page descriptors: the truth and the derived words |
 //! | [`arena`], `treap`, `recovery`, `check` | the allocator, pure logic |
 //! | `cache` | the per-process cache of small freed blocks |
 //! | [`pool`] | the safe API tying them together |
 //! | `ocaml_stubs` | the OCaml FFI (feature `ocaml-stubs`) |
+
+// Every unsafe operation sits in its own block with a `// SAFETY:` note,
+// also inside `unsafe fn`s (see the README's "Soundness" rules).
+#![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 
 pub mod arena;
 mod cache;
@@ -21,6 +26,7 @@ pub mod crashpoint;
 pub mod desc;
 pub mod error;
 pub mod layout;
+pub mod liveness;
 pub mod lock;
 pub mod mapping;
 pub mod owner;
