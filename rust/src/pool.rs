@@ -452,7 +452,15 @@ impl Pool {
         let keepers = &self.header().keepers;
         let hwm = (self.owners_hwm() as usize).max(1);
         if let Some(i) = (1..hwm).find(|&i| l.owners[i] == *me) {
-            return i as u16; // registered already (another `Pool` value of ours)
+            // Registered already: by another `Pool` value of ours, or by
+            // this process before an `execve` (pid and start time survive
+            // it), whose keeper the exec killed. That mark speaks of the
+            // old program: erase it, or a process that cannot start a
+            // keeper would read as dead for as long as it lives.
+            if keepers[i].state() == liveness::KeeperState::OwnerDied {
+                keepers[i].clear_mark();
+            }
+            return i as u16;
         }
         let empty = |l: &Locked, i: usize| l.arena.st.usage[i].blocks == 0;
         // A free slot, or one whose process the kernel saw die and which
