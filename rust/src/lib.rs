@@ -19,6 +19,13 @@
 // also inside `unsafe fn`s (see the README's "Soundness" rules).
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 
+// `liveness.rs` and `lock.rs` read the first word of a pthread mutex (the
+// lock word, with the holder's TID and the kernel's OWNER_DIED bit) without
+// taking the mutex: that is glibc's layout. Another C library would need
+// its own reading; refuse to build rather than misjudge liveness.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+compile_error!("shmpool supports Linux with glibc only (it reads glibc's robust mutex word)");
+
 pub mod arena;
 mod cache;
 mod check;

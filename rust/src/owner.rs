@@ -82,9 +82,18 @@ pub fn pid_namespace() -> u32 {
         return c as u32;
     }
     use std::os::unix::fs::MetadataExt;
+    // A `/proc` mounted for another PID namespace than ours (e.g. after
+    // `unshare -pf` without a new mount) names other processes by our pids:
+    // then nothing read there speaks of us, so the namespace is "unknown"
+    // (0), and no verdict of `/proc` is ever trusted for this process.
+    let own_proc = std::fs::read_link("/proc/self")
+        .ok()
+        .and_then(|p| p.to_str().and_then(|s| s.parse::<u32>().ok()))
+        == Some(std::process::id());
     // Namespace inodes are 32-bit in the kernel (`ns_common.inum`).
     let ns = std::fs::metadata("/proc/self/ns/pid")
         .ok()
+        .filter(|_| own_proc)
         .and_then(|m| u32::try_from(m.ino()).ok())
         .unwrap_or(0);
     CACHED.store((gen & 0xFFFF_FFFF) << 32 | ns as u64, Ordering::Relaxed);

@@ -457,7 +457,14 @@ impl Pool {
             // it), whose keeper the exec killed. That mark speaks of the
             // old program: erase it, or a process that cannot start a
             // keeper would read as dead for as long as it lives.
+            // The old program's cache died with it too (its stacks were
+            // process memory; a thread of it may even have died holding
+            // the slot lock, under the very token we would use): take its
+            // blocks back while the mark still says its holder is gone,
+            // then start the slot afresh.
             if keepers[i].state() == liveness::KeeperState::OwnerDied {
+                self.take_back_cached(l, self.taker_token(), |s, _| s as usize == i);
+                self.reset_slot(i as u16);
                 keepers[i].clear_mark();
             }
             return i as u16;
