@@ -13,7 +13,7 @@ use crate::arena::{Arena, OwnerUsage, PageStats, MAX_OWNERS};
 pub use crate::cache::CACHE_CLASSES;
 use crate::cache::{self, LocalCache, SlotCache};
 use crate::crashpoint::{hit, CrashPoint};
-use crate::desc::{is_cached, tag, TAG_ALLOC};
+use crate::desc::{alloc_owner, is_cached, tag, TAG_ALLOC};
 use crate::error::{Error, Result};
 use crate::layout::{Geometry, Header, LAYOUT_VERSION, MAGIC};
 use crate::liveness::{self, Keeper};
@@ -415,7 +415,7 @@ impl Pool {
                 *l.recoveries = l.recoveries.wrapping_add(1);
                 // A dead process taking cached blocks back may have died
                 // holding slot locks: take them over and recount them.
-                let _ = self.check_slots(&l, self.taker_token(), false);
+                let _ = self.check_slots(&mut l, self.taker_token(), false);
             }));
             m.mark_consistent();
         }
@@ -557,7 +557,11 @@ impl Pool {
     /// yielding without the pool lock (the owner finishes in nanoseconds
     /// unless it is stopped), then reports `OutOfMemory`.
     fn alloc_locked(&self, pages: u32, slot: u16, tok: u64) -> Result<u32> {
-        match self.locked(|l| l.arena.alloc(pages, slot)) {
+        let r = self.locked(|l| {
+            self.repair_own_inbox(l, slot, tok);
+            l.arena.alloc(pages, slot)
+        });
+        match r {
             Err(Error::OutOfMemory) => {
                 for round in 0..TAKE_BACK_ROUNDS {
                     let mut skipped = 0;
@@ -581,6 +585,17 @@ impl Pool {
 
     #[cold]
     fn alloc_registering(&self, pages: u32) -> Result<u32> {
+        let (slot, tok) = self.register()?;
+        self.alloc_locked(pages, slot, tok)
+    }
+
+    /// Gives this process an owner slot (and a keeper) in this fork
+    /// generation; returns `(slot, token)`.
+    #[cold]
+    fn register(&self) -> Result<(u16, u64)> {
+        if let Some(id) = self.my_identity() {
+            return Ok(id);
+        }
         let gen = owner::fork_generation();
         // Without a readable identity the process allocates as the
         // unrecorded owner (slot 0) and does not cache (token 0).
@@ -607,7 +622,7 @@ impl Pool {
         self.my_token.store(tok, Ordering::Relaxed);
         self.my_slot
             .store(gen << 16 | slot as u64, Ordering::Release);
-        self.alloc_locked(pages, slot, tok)
+        Ok((slot, tok))
     }
 
     /// Keeps `k` as this `Pool`'s keeper; a previous one is released (if
@@ -651,11 +666,27 @@ impl Pool {
         if tag(w) != TAG_ALLOC || is_cached(w) {
             return Err(Error::NotABlock);
         }
-        let pages = match self.cache_push(page, w) {
+        let pages = match self.cache_free(page, w) {
             Some(n) => n,
             None => self.locked(|l| l.arena.free_exact(page, w))?,
         };
         Ok(pages as usize * self.geo.page_size)
+    }
+
+    /// The lock-free part of a free: our own block into our cache, another
+    /// owner's into that owner's inbox (registering us first if we never
+    /// allocated: a freer needs a slot, so that its death is seen).
+    #[inline]
+    fn cache_free(&self, page: u32, w: u64) -> Option<u32> {
+        match self.my_identity() {
+            Some((slot, _)) if alloc_owner(w) == slot => self.cache_push(page, w),
+            Some((_, tok)) => self.inbox_push(page, w, tok),
+            None if alloc_owner(w) != 0 && self.caching.load(Ordering::Relaxed) => {
+                let (_, tok) = self.register().ok()?;
+                self.inbox_push(page, w, tok)
+            }
+            None => None,
+        }
     }
 
     /// Size in bytes of the block starting at byte offset `off`.
@@ -694,6 +725,8 @@ impl Pool {
         let (ps, recoveries, (cached_pages, cached_blocks)) = self
             .locked(|l| {
                 self.reap_keeperless_dead(l);
+                // Blocks other processes freed into inboxes coalesce now.
+                self.take_back_inboxes(l, tok);
                 // `largest_free_bytes` must be a size alloc gets from the
                 // free runs, and allocating it until it is 0 must obtain
                 // every free page: take back the caches that may hold a
@@ -701,9 +734,9 @@ impl Pool {
                 let longest = l.arena.stats().largest_free_run as u64;
                 if self
                     .caching_slots()
-                    .any(|s| self.slot_cache(s).max_len() > longest)
+                    .any(|s| self.slot_cache(s).max_held() > longest)
                 {
-                    self.take_back_cached(l, tok, |_, sc| sc.max_len() > longest);
+                    self.take_back_cached(l, tok, |_, sc| sc.max_held() > longest);
                 }
                 Ok((l.arena.stats(), *l.recoveries, self.cached_totals()))
             })
@@ -758,10 +791,10 @@ impl Pool {
                 alive: i == 0 || liveness::slot_alive(&self.header().keepers[i], &ids[i]),
                 pages: usage[i]
                     .pages
-                    .saturating_sub(self.slot_cache(i as u16).pages()),
+                    .saturating_sub(self.slot_cache(i as u16).held().0),
                 blocks: usage[i]
                     .blocks
-                    .saturating_sub(self.slot_cache(i as u16).blocks()),
+                    .saturating_sub(self.slot_cache(i as u16).held().1),
             })
             .collect())
     }
@@ -792,7 +825,7 @@ impl Pool {
                 .map(|(i, _)| *i)
                 .collect();
             for &i in &dead_now {
-                let cached = self.slot_cache(i as u16).pages();
+                let cached = self.slot_cache(i as u16).held().0;
                 let held = l.arena.st.usage[i].pages.saturating_sub(cached);
                 out.owners.push((l.owners[i].pid, held));
             }
