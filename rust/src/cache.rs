@@ -64,6 +64,50 @@
 //! The order is always pool lock, then slot lock, so there is no deadlock;
 //! and the slot lock also serialises the threads of one process over its
 //! process-local stacks.
+//!
+//! # Frees by another process: the owner's inbox
+//!
+//! A block is often filled by one process and freed by another (a
+//! producer hands it to a consumer). Such a free cannot go into the
+//! freer's cache (the block is the owner's, and the owner is the one that
+//! will allocate again), and through the pool lock it makes both processes
+//! fight over the lock's and the allocator's cache lines. The best
+//! concurrent allocators send remote frees back to the owner without a
+//! global lock: mimalloc pushes them on a per-page "thread free" list the
+//! owner collects in one swap, snmalloc batches them as messages to the
+//! owning allocator's queue. Both keep their lists in the freed objects;
+//! here the metadata never lives in user pages (a write past a block must
+//! not corrupt the pool) and everything must stay derivable from the
+//! descriptors after a SIGKILL, so:
+//!
+//! - each owner slot has an *inbox* in the header ([`Inbox`], on its own
+//!   cache line, so freers do not take the owner's line on every free):
+//!   its own lock word, counters, and a short list of pages;
+//! - a remote free takes the owner's inbox lock (token marked [`REMOTE`]),
+//!   flips the block's `ALLOC` word to CACHED from exactly the word it read
+//!   (the commit, so double frees are caught as for any free), appends the
+//!   page and bumps the inbox's counters. To the descriptors an inbox block
+//!   is simply a block its owner caches: recovery keeps it, `reclaim_dead`
+//!   and the dead-cache reaping free it with the owner's other cached
+//!   blocks, `stats` counts it as free through the inbox's counters;
+//! - the owner, on a cache miss, takes its inbox lock under its slot lock
+//!   and moves the blocks into its stacks (no pool lock): the next allocs
+//!   hit. A full inbox (or a block longer than [`CACHE_CLASSES`]) sends the
+//!   free to the locked path, so nothing waits and the inbox stays bounded;
+//! - `stats` frees what waits in inboxes (they list their blocks: O(entries)),
+//!   so that it coalesces; `flush_cache` gives back the caller's inbox too.
+//!
+//! A freer that dies holding an inbox lock may have committed a block
+//! without listing or counting it. Whoever takes that lock over (a taker
+//! holding the pool lock: the owner's next locked alloc, `stats`, a
+//! take-back) knows it from the token (a REMOTE token whose slot's process
+//! is dead) and takes every block the slot caches back to the free runs
+//! (one O(pages) walk per such death), which leaves the records exact.
+//! An owner that dies while draining holds both its locks: its whole cache
+//! is reaped, as for any dead owner. The lock order is pool lock, slot
+//! lock, inbox lock; freers and owners only *try* the locks they need
+//! without the pool lock (a few spins, then the locked path), so nothing
+//! waits in a cycle, and nothing waits for a dead process.
 
 use crate::arena::MAX_OWNERS;
 use crate::crashpoint::{hit, CrashPoint};
