@@ -12,6 +12,7 @@
 //! | [`arena`], `treap`, `recovery`, `check` | the allocator, pure logic |
 //! | `cache` | the per-process cache of small freed blocks |
 //! | [`pool`] | the safe API tying them together |
+//! | [`heap`] | shared heaps of OCaml values on a pool (`Netmcore_heap`) |
 //! | `ocaml_stubs` | the OCaml FFI (feature `ocaml-stubs`) |
 
 pub mod arena;
@@ -20,6 +21,7 @@ mod check;
 pub mod crashpoint;
 pub mod desc;
 pub mod error;
+pub mod heap;
 pub mod layout;
 pub mod lock;
 pub mod mapping;

@@ -1,0 +1,42 @@
+//! The heap's lock: the core's robust, process-shared mutex (`lock.rs`),
+//! one per heap in its descriptor, held across calls (OCaml's `modify`
+//! locks in one stub, runs OCaml code, unlocks in another), so it is used
+//! here through explicit acquire/release rather than a scoped guard. This
+//! file is the only place the heap touches `lock.rs`.
+
+use crate::error::Result;
+use crate::lock::{Acquired, MutexStorage, RobustMutex};
+
+/// Initialises the mutex in `m`.
+///
+/// # Safety
+/// Nobody else may use `m` until the heap's magic is published.
+pub(crate) unsafe fn init(m: &MutexStorage) -> Result<()> {
+    // SAFETY: `m` lives in the heap's first block, mapped for as long as
+    // the borrow.
+    unsafe { RobustMutex::at(m) }.init()
+}
+
+/// Locks `m`; `Acquired::OwnerDied` when the holder died with it.
+pub(crate) fn acquire(m: &MutexStorage) -> Result<Acquired> {
+    // SAFETY: as in `init`.
+    unsafe { RobustMutex::at(m) }.lock()
+}
+
+/// Declares the heap repaired after `OwnerDied` (holder only).
+pub(crate) fn mark_consistent(m: &MutexStorage) {
+    // SAFETY: as in `init`.
+    unsafe { RobustMutex::at(m) }.mark_consistent()
+}
+
+/// Unlocks `m` (holder only).
+pub(crate) fn release(m: &MutexStorage) {
+    // SAFETY: as in `init`.
+    unsafe { RobustMutex::at(m) }.unlock()
+}
+
+/// The calling thread's kernel id (what "held by this thread" compares).
+pub(crate) fn tid() -> i64 {
+    // SAFETY: gettid has no arguments and cannot fail.
+    unsafe { libc::syscall(libc::SYS_gettid) as i64 }
+}
