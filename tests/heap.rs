@@ -481,3 +481,31 @@ fn random_kills_never_wedge_or_corrupt_the_heap() {
     assert_eq!(pool.stats().free_bytes, before.free_bytes);
     assert_eq!(pool.stats().live_blocks, 0);
 }
+
+#[test]
+fn disowned_blocks_outlive_their_allocator() {
+    let pool = anon(64);
+    // SAFETY: a u64 cell made of an atomic, valid when zero.
+    let out = unsafe { SharedMem::<AtomicU64>::new() };
+    let mut c = fork_child(|| {
+        let a = pool.alloc(4096).map_err(|e| e.to_string())?;
+        let b = pool.alloc(4096).map_err(|e| e.to_string())?;
+        pool.disown(b).map_err(|e| e.to_string())?;
+        out.store((a as u64) << 32 | b as u64, SeqCst);
+        Ok(())
+    });
+    c.wait_ok(Duration::from_secs(10)).unwrap();
+    let (a, b) = (
+        (out.load(SeqCst) >> 32) as usize,
+        out.load(SeqCst) as u32 as usize,
+    );
+    assert_eq!(pool.owner_of(b).unwrap(), 0);
+    let r = pool.reclaim_dead().unwrap();
+    assert_eq!(r.blocks, 1, "only the block still owned by the dead child");
+    assert_eq!(pool.size(a), Err(shmpool::Error::NotABlock));
+    assert_eq!(pool.size(b), Ok(4096));
+    assert_eq!(pool.disown(a), Err(shmpool::Error::NotABlock));
+    assert!(pool.check().is_empty(), "{:?}", pool.check());
+    pool.free(b).unwrap();
+    assert_eq!(pool.stats().live_blocks, 0);
+}

@@ -32,6 +32,7 @@
 mod alloc;
 mod check;
 mod chunks;
+pub mod copy;
 mod gc;
 mod hlock;
 pub mod layout;

@@ -1,0 +1,294 @@
+//! Copy-in: a deep copy of an OCaml value graph into the heap, keeping
+//! sharing and cycles, in one allocation.
+//!
+//! 1. **Validation and size pass** over the source, depth first with an
+//!    explicit stack. Each distinct block gets its place in one span (a
+//!    map keyed by source address, which keeps sharing and cycles).
+//!    Refused before anything is allocated, so a refused value changes
+//!    nothing: closures, objects, unforced lazies, infix and abstract
+//!    blocks, custom blocks other than int32/int64/nativeint/bigarray, and
+//!    pointers the caller does not recognise as OCaml values (naked
+//!    pointers). A forced lazy (`Forward_tag`) is replaced by its value.
+//!    Atoms (zero-size blocks, in the runtime's static table: the same
+//!    address in every forked worker) are kept as they are, and so are
+//!    blocks already in this heap when sharing is asked (`add_immutable`).
+//! 2. **One span** of the total size is allocated (out of pool memory is
+//!    reported here, still before any write).
+//! 3. **Copy pass**: every block is written at its place with a black
+//!    header, pointer fields translated through the map, other blocks
+//!    copied word for word. A bigarray's data is copied inside its own
+//!    custom block, after its dimensions, flagged `CAML_BA_EXTERNAL`
+//!    without a proxy, so no finaliser ever runs on it and the heap's GC
+//!    sees one block.
+//!
+//! Nothing reachable points into the span until the caller stores the
+//! result (a single word store): a death during the copy leaves garbage
+//! that the next GC or recovery reclaims. The span is rooted until the
+//! outermost unlock ([`Heap::keep`]).
+
+use super::chunks::find_in;
+use super::value::*;
+use super::{HResult, Heap, HeapError};
+use std::collections::HashMap;
+
+/// Why a value cannot be copied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CopyError {
+    /// A closure, object, lazy, abstract or unknown custom block, or a
+    /// pointer outside OCaml's memory.
+    Uncopyable(&'static str),
+    Heap(HeapError),
+}
+
+impl From<HeapError> for CopyError {
+    fn from(e: HeapError) -> Self {
+        CopyError::Heap(e)
+    }
+}
+
+// caml/bigarray.h
+const BA_KIND_MASK: u64 = 0xFF;
+const BA_MANAGED_MASK: u64 = 0x600;
+/// Words of `struct caml_ba_array` before `dim[]`: data, num_dims, flags,
+/// proxy.
+const BA_FIXED_WORDS: u64 = 4;
+
+fn ba_elt_size(kind: u64) -> Option<u64> {
+    Some(match kind {
+        0 => 4,     // float32
+        1 => 8,     // float64
+        2 | 3 => 1, // (u)int8
+        4 | 5 => 2, // (u)int16
+        6 => 4,     // int32
+        7..=9 => 8, // int64, caml_int, nativeint
+        10 => 8,    // complex32
+        11 => 16,   // complex64
+        12 => 1,    // char
+        _ => return None,
+    })
+}
+
+/// Reads the word at address `a` of the source graph.
+///
+/// # Safety
+/// `a` is a header or field address of a block the caller's `is_value`
+/// accepted (OCaml memory, readable), and the graph does not change during
+/// the copy (the OCaml stub does not allocate).
+#[inline]
+unsafe fn src(a: u64) -> u64 {
+    // SAFETY: contract above.
+    unsafe { std::ptr::read(a as *const u64) }
+}
+
+/// What the copy does with one source block.
+struct Plan {
+    /// Where its header goes, in words from the start of the span.
+    at: u64,
+    /// Words in the copy (header included).
+    words: u64,
+}
+
+/// The identifier of a custom block's operations (`ops->identifier`).
+///
+/// # Safety
+/// `v` is a custom block of OCaml memory.
+unsafe fn custom_id(v: u64) -> &'static [u8] {
+    // SAFETY: field 0 of a custom block points to its custom_operations,
+    // whose first member is a NUL-terminated identifier (runtime data,
+    // static for the life of the process).
+    unsafe {
+        let ops = src(v) as *const *const libc::c_char;
+        if ops.is_null() || (*ops).is_null() {
+            return b"";
+        }
+        std::ffi::CStr::from_ptr(*ops).to_bytes()
+    }
+}
+
+impl Heap<'_> {
+    /// Copies `v` into the heap (lock held) and returns the copy (or `v`
+    /// itself for an immediate, an atom, or with `share` a value of this
+    /// heap). `is_value(a)` tells whether the address `a` is a block of
+    /// OCaml memory (the stub asks the runtime's page table).
+    pub fn copy_in(
+        &self,
+        v: u64,
+        share: bool,
+        is_value: &dyn Fn(u64) -> bool,
+    ) -> Result<u64, CopyError> {
+        self.local()?;
+        let ranges = if share { self.ranges() } else { Vec::new() };
+        let base = self.base();
+        // The value a source word stands for, after its forwards, and
+        // whether it is a block to copy (else it is stored as it is).
+        let resolve = |mut x: u64| -> Result<(u64, bool), CopyError> {
+            for _ in 0..64 {
+                if !is_block(x) {
+                    return Ok((x, false));
+                }
+                if share && find_in(&ranges, x.wrapping_sub(base).wrapping_sub(8)).is_some() {
+                    return Ok((x, false));
+                }
+                if !is_value(x) {
+                    return Err(CopyError::Uncopyable("pointer outside OCaml memory"));
+                }
+                // SAFETY: x is a block of OCaml memory (is_value).
+                let hd = unsafe { src(x - 8) };
+                if wosize(hd) == 0 {
+                    return Ok((x, false));
+                }
+                match tag(hd) {
+                    FORWARD_TAG => {
+                        // SAFETY: as above, wosize >= 1.
+                        x = unsafe { src(x) };
+                        continue;
+                    }
+                    CLOSURE_TAG | INFIX_TAG => return Err(CopyError::Uncopyable("closure")),
+                    OBJECT_TAG => return Err(CopyError::Uncopyable("object")),
+                    LAZY_TAG => return Err(CopyError::Uncopyable("lazy")),
+                    ABSTRACT_TAG => return Err(CopyError::Uncopyable("abstract")),
+                    _ => return Ok((x, true)),
+                }
+            }
+            Err(CopyError::Uncopyable("chain of forwards"))
+        };
+        let (top, enter) = resolve(v)?;
+        if !enter {
+            return Ok(top);
+        }
+        // Pass 1.
+        let mut map: HashMap<u64, Plan> = HashMap::new();
+        let mut order: Vec<u64> = Vec::new();
+        let mut stack = vec![top];
+        let mut total = 0u64;
+        while let Some(x) = stack.pop() {
+            if map.contains_key(&x) {
+                continue;
+            }
+            // SAFETY: x came from resolve: a block of OCaml memory.
+            let hd = unsafe { src(x - 8) };
+            let n = wosize(hd);
+            let words = match tag(hd) {
+                CUSTOM_TAG => self.custom_words(x, n)?,
+                t if t < NO_SCAN_TAG => {
+                    for k in (0..n).rev() {
+                        // SAFETY: k < wosize of an OCaml block.
+                        let (y, enter) = resolve(unsafe { src(x + 8 * k) })?;
+                        if enter && !map.contains_key(&y) {
+                            stack.push(y);
+                        }
+                    }
+                    n + 1
+                }
+                _ => n + 1,
+            };
+            map.insert(x, Plan { at: total, words });
+            order.push(x);
+            total = total
+                .checked_add(words)
+                .ok_or(CopyError::Uncopyable("too large"))?;
+        }
+        // Pass 2.
+        let span = self.alloc_span(total)?;
+        // Pass 3.
+        let dst = |x: u64| base + span + map[&x].at * 8 + 8;
+        for &x in &order {
+            let p = &map[&x];
+            let to = span + p.at * 8;
+            // SAFETY: x is an OCaml block (pass 1); `to` starts p.words
+            // words of our fresh span (pass 2); lock held.
+            unsafe {
+                let hd = src(x - 8);
+                let n = wosize(hd);
+                self.wr(to, make_header(p.words - 1, tag(hd)));
+                if tag(hd) < NO_SCAN_TAG {
+                    for k in 0..n {
+                        // Validated by pass 1: resolve cannot fail here.
+                        let t = match resolve(src(x + 8 * k)) {
+                            Ok((y, true)) => dst(y),
+                            Ok((y, false)) => y,
+                            Err(_) => VAL_UNIT,
+                        };
+                        self.wr(to + 8 + 8 * k, t);
+                    }
+                } else {
+                    std::ptr::copy_nonoverlapping(
+                        x as *const u8,
+                        self.pool.addr(to as usize + 8),
+                        n as usize * 8,
+                    );
+                    if tag(hd) == CUSTOM_TAG && p.words > n + 1 {
+                        self.fix_bigarray(x, to + 8, n);
+                    }
+                }
+            }
+        }
+        let out = dst(top);
+        self.keep(out)?;
+        Ok(out)
+    }
+
+    /// Words of the copy of custom block `x` (wosize `n`), or a refusal.
+    fn custom_words(&self, x: u64, n: u64) -> Result<u64, CopyError> {
+        // SAFETY: x is a custom block of OCaml memory.
+        let id = unsafe { custom_id(x) };
+        match id {
+            b"_i" | b"_j" | b"_n" => Ok(n + 1),
+            _ if id.starts_with(b"_bigarr") => {
+                // SAFETY: a bigarray's custom block holds a caml_ba_array.
+                let (ndims, flags) = unsafe { (src(x + 16), src(x + 24)) };
+                if ndims > 16 || n < 1 + BA_FIXED_WORDS + ndims {
+                    return Err(CopyError::Uncopyable("bigarray"));
+                }
+                let elt = ba_elt_size(flags & BA_KIND_MASK)
+                    .ok_or(CopyError::Uncopyable("bigarray kind"))?;
+                let mut count = 1u64;
+                for i in 0..ndims {
+                    // SAFETY: i < ndims, inside the block (checked above).
+                    let d = unsafe { src(x + 8 * (1 + BA_FIXED_WORDS + i)) };
+                    count = count
+                        .checked_mul(d)
+                        .ok_or(CopyError::Uncopyable("bigarray size"))?;
+                }
+                let bytes = count
+                    .checked_mul(elt)
+                    .ok_or(CopyError::Uncopyable("bigarray size"))?;
+                Ok(1 + BA_FIXED_WORDS + ndims + bytes.div_ceil(8) + 1)
+            }
+            _ => Err(CopyError::Uncopyable("custom block")),
+        }
+    }
+
+    /// Points the copied bigarray at `fields` (its copy's first field) to
+    /// its data, copied right after its dimensions.
+    ///
+    /// # Safety
+    /// `x` is the source bigarray, `fields` its copy in our span, sized by
+    /// `custom_words`; lock held.
+    unsafe fn fix_bigarray(&self, x: u64, fields: u64, _n: u64) {
+        // SAFETY: contract above.
+        unsafe {
+            let ndims = src(x + 16);
+            let flags = src(x + 24);
+            let data_at = fields + 8 * (1 + BA_FIXED_WORDS + ndims);
+            let elt = ba_elt_size(flags & BA_KIND_MASK).unwrap_or(1);
+            let mut count = 1u64;
+            for i in 0..ndims {
+                count *= src(x + 8 * (1 + BA_FIXED_WORDS + i));
+            }
+            std::ptr::copy_nonoverlapping(
+                src(x + 8) as *const u8,
+                self.pool.addr(data_at as usize),
+                (count * elt) as usize,
+            );
+            self.wr(fields + 8, self.base() + data_at); // data
+            self.wr(fields + 24, flags & !BA_MANAGED_MASK); // CAML_BA_EXTERNAL
+            self.wr(fields + 32, 0); // no proxy
+        }
+    }
+
+    /// Roots a value of this heap obtained otherwise (lock held).
+    pub fn add_root(&self, v: u64) -> HResult<()> {
+        self.keep(v)
+    }
+}
