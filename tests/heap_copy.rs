@@ -6,9 +6,8 @@
 mod common;
 
 use common::*;
-use shmpool::heap::copy::CopyError;
 use shmpool::heap::value::*;
-use shmpool::heap::Heap;
+use shmpool::heap::{Heap, HeapError};
 use std::ffi::c_char;
 
 /// A private arena of source blocks.
@@ -155,16 +154,16 @@ fn refused_values_change_nothing() {
             let both = |a: u64| s.contains(a) || s2.contains(a);
             assert_eq!(
                 h.copy_in(v, false, &is_value),
-                Err(CopyError::Uncopyable(what))
+                Err(HeapError::Uncopyable(what))
             );
             assert_eq!(
                 h.copy_in(wrap, false, &both),
-                Err(CopyError::Uncopyable(what))
+                Err(HeapError::Uncopyable(what))
             );
         }
         assert_eq!(
             h.copy_in(naked, false, &is_value),
-            Err(CopyError::Uncopyable("pointer outside OCaml memory"))
+            Err(HeapError::Uncopyable("pointer outside OCaml memory"))
         );
         Ok(())
     })

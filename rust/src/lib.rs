@@ -31,6 +31,8 @@ mod recovery;
 mod treap;
 
 #[cfg(feature = "ocaml-stubs")]
+mod ocaml_heap_stubs;
+#[cfg(feature = "ocaml-stubs")]
 mod ocaml_stubs;
 
 pub use arena::{AllocState, Arena, PageStats};

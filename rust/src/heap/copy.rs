@@ -31,21 +31,6 @@ use super::value::*;
 use super::{HResult, Heap, HeapError};
 use std::collections::HashMap;
 
-/// Why a value cannot be copied.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CopyError {
-    /// A closure, object, lazy, abstract or unknown custom block, or a
-    /// pointer outside OCaml's memory.
-    Uncopyable(&'static str),
-    Heap(HeapError),
-}
-
-impl From<HeapError> for CopyError {
-    fn from(e: HeapError) -> Self {
-        CopyError::Heap(e)
-    }
-}
-
 // caml/bigarray.h
 const BA_KIND_MASK: u64 = 0xFF;
 const BA_MANAGED_MASK: u64 = 0x600;
@@ -105,6 +90,138 @@ unsafe fn custom_id(v: u64) -> &'static [u8] {
     }
 }
 
+/// The result of the validation and size pass.
+struct Layout {
+    /// The value to return when nothing is entered (an immediate, an
+    /// atom, a shared value), else the top block.
+    top: u64,
+    enter: bool,
+    map: HashMap<u64, Plan>,
+    order: Vec<u64>,
+    total: u64,
+}
+
+/// The value a source word stands for, after its forwards, and whether it
+/// is a block to copy (else it is stored as it is).
+fn resolve(
+    mut x: u64,
+    keep: &dyn Fn(u64) -> bool,
+    is_value: &dyn Fn(u64) -> bool,
+) -> Result<(u64, bool), HeapError> {
+    for _ in 0..64 {
+        if !is_block(x) || keep(x) {
+            return Ok((x, false));
+        }
+        if !is_value(x) {
+            return Err(HeapError::Uncopyable("pointer outside OCaml memory"));
+        }
+        // SAFETY: x is a block of OCaml memory (is_value).
+        let hd = unsafe { src(x - 8) };
+        if wosize(hd) == 0 {
+            return Ok((x, false));
+        }
+        match tag(hd) {
+            FORWARD_TAG => {
+                // SAFETY: as above, wosize >= 1.
+                x = unsafe { src(x) };
+                continue;
+            }
+            CLOSURE_TAG | INFIX_TAG => return Err(HeapError::Uncopyable("closure")),
+            OBJECT_TAG => return Err(HeapError::Uncopyable("object")),
+            LAZY_TAG => return Err(HeapError::Uncopyable("lazy")),
+            ABSTRACT_TAG => return Err(HeapError::Uncopyable("abstract")),
+            _ => return Ok((x, true)),
+        }
+    }
+    Err(HeapError::Uncopyable("chain of forwards"))
+}
+
+/// Words of the copy of custom block `x` (wosize `n`), or a refusal.
+fn custom_words(x: u64, n: u64) -> Result<u64, HeapError> {
+    // SAFETY: x is a custom block of OCaml memory.
+    let id = unsafe { custom_id(x) };
+    match id {
+        b"_i" | b"_j" | b"_n" => Ok(n + 1),
+        _ if id.starts_with(b"_bigarr") => {
+            // SAFETY: a bigarray's custom block holds a caml_ba_array.
+            let (ndims, flags) = unsafe { (src(x + 16), src(x + 24)) };
+            if ndims > 16 || n < 1 + BA_FIXED_WORDS + ndims {
+                return Err(HeapError::Uncopyable("bigarray"));
+            }
+            let elt =
+                ba_elt_size(flags & BA_KIND_MASK).ok_or(HeapError::Uncopyable("bigarray kind"))?;
+            let mut count = 1u64;
+            for i in 0..ndims {
+                // SAFETY: i < ndims, inside the block (checked above).
+                let d = unsafe { src(x + 8 * (1 + BA_FIXED_WORDS + i)) };
+                count = count
+                    .checked_mul(d)
+                    .ok_or(HeapError::Uncopyable("bigarray size"))?;
+            }
+            let bytes = count
+                .checked_mul(elt)
+                .ok_or(HeapError::Uncopyable("bigarray size"))?;
+            Ok(1 + BA_FIXED_WORDS + ndims + bytes.div_ceil(8) + 1)
+        }
+        _ => Err(HeapError::Uncopyable("custom block")),
+    }
+}
+
+/// Pass 1: validates `v` and places every block to copy.
+fn plan(
+    v: u64,
+    keep: &dyn Fn(u64) -> bool,
+    is_value: &dyn Fn(u64) -> bool,
+) -> Result<Layout, HeapError> {
+    let (top, enter) = resolve(v, keep, is_value)?;
+    let mut l = Layout {
+        top,
+        enter,
+        map: HashMap::new(),
+        order: Vec::new(),
+        total: 0,
+    };
+    if !enter {
+        return Ok(l);
+    }
+    let mut stack = vec![top];
+    while let Some(x) = stack.pop() {
+        if l.map.contains_key(&x) {
+            continue;
+        }
+        // SAFETY: x came from resolve: a block of OCaml memory.
+        let hd = unsafe { src(x - 8) };
+        let n = wosize(hd);
+        let words = match tag(hd) {
+            CUSTOM_TAG => custom_words(x, n)?,
+            t if t < NO_SCAN_TAG => {
+                for k in (0..n).rev() {
+                    // SAFETY: k < wosize of an OCaml block.
+                    let (y, enter) = resolve(unsafe { src(x + 8 * k) }, keep, is_value)?;
+                    if enter && !l.map.contains_key(&y) {
+                        stack.push(y);
+                    }
+                }
+                n + 1
+            }
+            _ => n + 1,
+        };
+        l.map.insert(x, Plan { at: l.total, words });
+        l.order.push(x);
+        l.total = l
+            .total
+            .checked_add(words)
+            .ok_or(HeapError::Uncopyable("too large"))?;
+    }
+    Ok(l)
+}
+
+/// Words a copy of `v` takes in a heap (0 for a value nothing is copied
+/// of), or why it cannot be copied.
+pub fn measure(v: u64, is_value: &dyn Fn(u64) -> bool) -> Result<u64, HeapError> {
+    plan(v, &|_| false, is_value).map(|l| l.total)
+}
+
 impl Heap<'_> {
     /// Copies `v` into the heap (lock held) and returns the copy (or `v`
     /// itself for an immediate, an atom, or with `share` a value of this
@@ -115,88 +232,23 @@ impl Heap<'_> {
         v: u64,
         share: bool,
         is_value: &dyn Fn(u64) -> bool,
-    ) -> Result<u64, CopyError> {
+    ) -> Result<u64, HeapError> {
         self.local()?;
         let ranges = if share { self.ranges() } else { Vec::new() };
         let base = self.base();
-        // The value a source word stands for, after its forwards, and
-        // whether it is a block to copy (else it is stored as it is).
-        let resolve = |mut x: u64| -> Result<(u64, bool), CopyError> {
-            for _ in 0..64 {
-                if !is_block(x) {
-                    return Ok((x, false));
-                }
-                if share && find_in(&ranges, x.wrapping_sub(base).wrapping_sub(8)).is_some() {
-                    return Ok((x, false));
-                }
-                if !is_value(x) {
-                    return Err(CopyError::Uncopyable("pointer outside OCaml memory"));
-                }
-                // SAFETY: x is a block of OCaml memory (is_value).
-                let hd = unsafe { src(x - 8) };
-                if wosize(hd) == 0 {
-                    return Ok((x, false));
-                }
-                match tag(hd) {
-                    FORWARD_TAG => {
-                        // SAFETY: as above, wosize >= 1.
-                        x = unsafe { src(x) };
-                        continue;
-                    }
-                    CLOSURE_TAG | INFIX_TAG => return Err(CopyError::Uncopyable("closure")),
-                    OBJECT_TAG => return Err(CopyError::Uncopyable("object")),
-                    LAZY_TAG => return Err(CopyError::Uncopyable("lazy")),
-                    ABSTRACT_TAG => return Err(CopyError::Uncopyable("abstract")),
-                    _ => return Ok((x, true)),
-                }
-            }
-            Err(CopyError::Uncopyable("chain of forwards"))
-        };
-        let (top, enter) = resolve(v)?;
-        if !enter {
-            return Ok(top);
+        let keep =
+            |x: u64| share && find_in(&ranges, x.wrapping_sub(base).wrapping_sub(8)).is_some();
+        let l = plan(v, &keep, is_value)?;
+        if !l.enter {
+            return Ok(l.top);
         }
-        // Pass 1.
-        let mut map: HashMap<u64, Plan> = HashMap::new();
-        let mut order: Vec<u64> = Vec::new();
-        let mut stack = vec![top];
-        let mut total = 0u64;
-        while let Some(x) = stack.pop() {
-            if map.contains_key(&x) {
-                continue;
-            }
-            // SAFETY: x came from resolve: a block of OCaml memory.
-            let hd = unsafe { src(x - 8) };
-            let n = wosize(hd);
-            let words = match tag(hd) {
-                CUSTOM_TAG => self.custom_words(x, n)?,
-                t if t < NO_SCAN_TAG => {
-                    for k in (0..n).rev() {
-                        // SAFETY: k < wosize of an OCaml block.
-                        let (y, enter) = resolve(unsafe { src(x + 8 * k) })?;
-                        if enter && !map.contains_key(&y) {
-                            stack.push(y);
-                        }
-                    }
-                    n + 1
-                }
-                _ => n + 1,
-            };
-            map.insert(x, Plan { at: total, words });
-            order.push(x);
-            total = total
-                .checked_add(words)
-                .ok_or(CopyError::Uncopyable("too large"))?;
-        }
-        // Pass 2.
-        let span = self.alloc_span(total)?;
-        // Pass 3.
-        let dst = |x: u64| base + span + map[&x].at * 8 + 8;
-        for &x in &order {
-            let p = &map[&x];
+        let span = self.alloc_span(l.total)?;
+        let dst = |x: u64| base + span + l.map[&x].at * 8 + 8;
+        for &x in &l.order {
+            let p = &l.map[&x];
             let to = span + p.at * 8;
             // SAFETY: x is an OCaml block (pass 1); `to` starts p.words
-            // words of our fresh span (pass 2); lock held.
+            // words of our fresh span; lock held.
             unsafe {
                 let hd = src(x - 8);
                 let n = wosize(hd);
@@ -204,7 +256,7 @@ impl Heap<'_> {
                 if tag(hd) < NO_SCAN_TAG {
                     for k in 0..n {
                         // Validated by pass 1: resolve cannot fail here.
-                        let t = match resolve(src(x + 8 * k)) {
+                        let t = match resolve(src(x + 8 * k), &keep, is_value) {
                             Ok((y, true)) => dst(y),
                             Ok((y, false)) => y,
                             Err(_) => VAL_UNIT,
@@ -218,45 +270,14 @@ impl Heap<'_> {
                         n as usize * 8,
                     );
                     if tag(hd) == CUSTOM_TAG && p.words > n + 1 {
-                        self.fix_bigarray(x, to + 8, n);
+                        self.fix_bigarray(x, to + 8);
                     }
                 }
             }
         }
-        let out = dst(top);
+        let out = dst(l.top);
         self.keep(out)?;
         Ok(out)
-    }
-
-    /// Words of the copy of custom block `x` (wosize `n`), or a refusal.
-    fn custom_words(&self, x: u64, n: u64) -> Result<u64, CopyError> {
-        // SAFETY: x is a custom block of OCaml memory.
-        let id = unsafe { custom_id(x) };
-        match id {
-            b"_i" | b"_j" | b"_n" => Ok(n + 1),
-            _ if id.starts_with(b"_bigarr") => {
-                // SAFETY: a bigarray's custom block holds a caml_ba_array.
-                let (ndims, flags) = unsafe { (src(x + 16), src(x + 24)) };
-                if ndims > 16 || n < 1 + BA_FIXED_WORDS + ndims {
-                    return Err(CopyError::Uncopyable("bigarray"));
-                }
-                let elt = ba_elt_size(flags & BA_KIND_MASK)
-                    .ok_or(CopyError::Uncopyable("bigarray kind"))?;
-                let mut count = 1u64;
-                for i in 0..ndims {
-                    // SAFETY: i < ndims, inside the block (checked above).
-                    let d = unsafe { src(x + 8 * (1 + BA_FIXED_WORDS + i)) };
-                    count = count
-                        .checked_mul(d)
-                        .ok_or(CopyError::Uncopyable("bigarray size"))?;
-                }
-                let bytes = count
-                    .checked_mul(elt)
-                    .ok_or(CopyError::Uncopyable("bigarray size"))?;
-                Ok(1 + BA_FIXED_WORDS + ndims + bytes.div_ceil(8) + 1)
-            }
-            _ => Err(CopyError::Uncopyable("custom block")),
-        }
     }
 
     /// Points the copied bigarray at `fields` (its copy's first field) to
@@ -265,7 +286,7 @@ impl Heap<'_> {
     /// # Safety
     /// `x` is the source bigarray, `fields` its copy in our span, sized by
     /// `custom_words`; lock held.
-    unsafe fn fix_bigarray(&self, x: u64, fields: u64, _n: u64) {
+    unsafe fn fix_bigarray(&self, x: u64, fields: u64) {
         // SAFETY: contract above.
         unsafe {
             let ndims = src(x + 16);

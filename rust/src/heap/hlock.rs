@@ -23,6 +23,23 @@ pub(crate) fn acquire(m: &MutexStorage) -> Result<Acquired> {
     unsafe { RobustMutex::at(m) }.lock()
 }
 
+/// Locks `m` if it is free, without waiting: `None` when it is held.
+pub(crate) fn try_acquire(m: &MutexStorage) -> Option<Result<Acquired>> {
+    // SAFETY: MutexStorage is #[repr(C)] with the pthread mutex bytes as
+    // its only field, at offset 0, initialised by `init` before the heap
+    // was published; `m` is mapped for the borrow.
+    let r = unsafe {
+        libc::pthread_mutex_trylock(m as *const MutexStorage as *mut libc::pthread_mutex_t)
+    };
+    match r {
+        0 => Some(Ok(Acquired::Clean)),
+        libc::EOWNERDEAD => Some(Ok(Acquired::OwnerDied)),
+        libc::EBUSY => None,
+        // Anything else: let the blocking path report it.
+        _ => Some(acquire(m)),
+    }
+}
+
 /// Declares the heap repaired after `OwnerDied` (holder only).
 pub(crate) fn mark_consistent(m: &MutexStorage) {
     // SAFETY: as in `init`.

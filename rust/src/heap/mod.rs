@@ -61,6 +61,28 @@ pub enum HeapError {
     NotLocked,
     /// Every pin entry is in use (`with_value` nested too deep).
     TooManyPins,
+    /// `destroy` called by the thread holding the heap's lock.
+    InUse,
+    /// A value that cannot be copied into a heap, and what it is: a
+    /// closure, object, lazy, abstract or unknown custom block, or a
+    /// pointer outside OCaml's memory.
+    Uncopyable(&'static str),
+}
+
+impl HeapError {
+    /// The FFI code (see [`crate::error::code`]).
+    pub fn code(&self) -> isize {
+        use crate::error::code;
+        match self {
+            HeapError::Pool(e) => e.code(),
+            HeapError::NotAHeap(_) => code::NOT_A_HEAP,
+            HeapError::Destroyed => code::HEAP_DESTROYED,
+            HeapError::NotLocked => code::NOT_LOCKED,
+            HeapError::TooManyPins => code::TOO_MANY_PINS,
+            HeapError::InUse => code::HEAP_IN_USE,
+            HeapError::Uncopyable(_) => code::UNCOPYABLE,
+        }
+    }
 }
 
 impl From<Error> for HeapError {
@@ -77,6 +99,8 @@ impl std::fmt::Display for HeapError {
             HeapError::Destroyed => write!(f, "heap destroyed"),
             HeapError::NotLocked => write!(f, "heap not locked by this thread"),
             HeapError::TooManyPins => write!(f, "too many values pinned at once"),
+            HeapError::InUse => write!(f, "heap in use by this thread"),
+            HeapError::Uncopyable(what) => write!(f, "cannot copy into a heap: {what}"),
         }
     }
 }
@@ -340,6 +364,13 @@ impl<'p> Heap<'p> {
     /// Locks the heap for the calling thread (re-entrant). A heap whose
     /// previous holder died is rebuilt from its root first.
     pub fn lock(&self) -> HResult<LockInfo> {
+        self.lock_waiting(&mut |wait| wait())
+    }
+
+    /// [`Heap::lock`], where waiting for another holder runs inside
+    /// `around` (the OCaml stub releases the runtime lock there, so other
+    /// threads, maybe the holder, can run).
+    pub fn lock_waiting(&self, around: &mut dyn FnMut(&mut dyn FnMut())) -> HResult<LockInfo> {
         if self.held() {
             self.local()?.depth += 1;
             return Ok(LockInfo {
@@ -349,7 +380,14 @@ impl<'p> Heap<'p> {
         }
         self.check_live()?;
         let d = self.desc();
-        let how = hlock::acquire(&d.lock)?;
+        let how = match hlock::try_acquire(&d.lock) {
+            Some(r) => r?,
+            None => {
+                let mut r = None;
+                around(&mut || r = Some(hlock::acquire(&d.lock)));
+                r.unwrap_or_else(|| hlock::acquire(&d.lock))?
+            }
+        };
         self.holder.store(hlock::tid(), Relaxed);
         {
             let l = self.local()?;
@@ -505,6 +543,57 @@ impl<'p> Heap<'p> {
         })
     }
 
+    /// `(needs_repair, repaired)`: structures built on the heap recompute
+    /// their own counters when they differ (lock held).
+    pub fn repair_state(&self) -> HResult<(u64, u64)> {
+        self.local()?;
+        let d = self.desc();
+        Ok((d.needs_repair.load(Relaxed), d.repaired.load(Relaxed)))
+    }
+
+    /// Records that the structures are repaired (lock held): the commit of
+    /// a repair.
+    pub fn mark_repaired(&self) -> HResult<()> {
+        self.local()?;
+        let d = self.desc();
+        d.repaired.store(d.needs_repair.load(Relaxed), Relaxed);
+        Ok(())
+    }
+
+    /// A multi-line description: the root, chunks, free lists and
+    /// counters.
+    pub fn debug_info(&self) -> String {
+        use std::fmt::Write as _;
+        let mut s = String::new();
+        let _ = writeln!(s, "pool = {}", self.pool.base() as u64);
+        let _ = writeln!(s, "value = @0x{:x}", self.root());
+        let r = self.with_lock(|h| {
+            let d = h.desc();
+            for (i, r) in h.ranges().iter().enumerate() {
+                let _ = writeln!(
+                    s,
+                    "chunk[{i}] = @0x{:x}, words {}",
+                    h.base() + r.area,
+                    r.words
+                );
+            }
+            for c in 0..=SMALL_WORDS {
+                let head = d.free_heads[c].load(Relaxed);
+                if head != 0 {
+                    let _ = writeln!(s, "fl[{c}] = @0x{:x}", h.base() + head);
+                }
+            }
+            Ok(())
+        });
+        if let Err(e) = r {
+            let _ = writeln!(s, "error = {e}");
+        }
+        if let Ok(st) = self.stats() {
+            let _ = writeln!(s, "{st:?}");
+        }
+        s
+    }
+
     /// Whether the address `v` is a block inside this heap's areas.
     pub fn contains(&self, v: u64) -> HResult<bool> {
         self.with_lock(|h| {
@@ -517,10 +606,13 @@ impl<'p> Heap<'p> {
     /// first (the commit): any later use of any handle fails with
     /// `Destroyed`; a process dying in the middle leaves a heap that a
     /// second `destroy` finishes.
-    pub fn destroy(self) -> HResult<()> {
+    pub fn destroy(&self) -> HResult<()> {
         let d = self.desc();
         if d.magic.load(Acquire) != HEAP_MAGIC {
             return Err(HeapError::Destroyed);
+        }
+        if self.held() {
+            return Err(HeapError::InUse);
         }
         let how = hlock::acquire(&d.lock)?;
         if how == crate::lock::Acquired::OwnerDied {
