@@ -151,6 +151,77 @@ val shmpool : Netmcore.res_id -> Shmpool.t
     {!val:Shmpool.stats} (with recoveries).
     @raise Netmcore.No_resource for an unknown resource ID. *)
 
+(** {2 Shared heaps}
+
+    [Netmcore_heap] and [Netmcore_ref] with OCamlnet 4.1.9's signatures,
+    on a pool of {!Netmcore_mempool} (a heap's memory is blocks of the
+    pool). Switch with [open Shmpool_netmcore] or
+    [module Netmcore_heap = Shmpool_netmcore.Netmcore_heap] (and the same
+    for [Netmcore_ref]).
+
+    Every value in a heap has a black header and the pool is registered
+    with the runtime as static data, so OCaml's own GC never scans, moves
+    or frees heap values, and a heap value held in private data survives
+    [Gc.compact] (with the original, the compactor corrupts such a value:
+    the process later crashes). The heap has its own mark-sweep collector:
+    values unreachable from the root, from the values pinned by
+    [with_value] and from those added during the running [modify] are
+    reclaimed by [gc] and before the heap grows; blocks the heap no longer
+    needs go back to the pool, and [destroy] returns the pool's [stats] to
+    what they were before [create_heap].
+
+    Its lock is robust: a worker killed anywhere inside [modify],
+    [with_value]'s [find], [add] or [gc] never blocks the others (with the
+    original, every later [modify] hangs). The next process to lock the
+    heap rebuilds the heap's bookkeeping from what the root reaches: a
+    value half-copied by the dead process is never reachable.
+
+    {b Deliberate differences} (everything else as the original, including
+    exception values and messages):
+    - [modify] is re-entrant in the thread that runs it: a nested [modify],
+      [gc] inside [modify], and [modify] from [with_value]'s [find] work
+      (the original deadlocks).
+    - Every value added during a [modify] stays alive until it returns,
+      even if not yet attached to the root (the original may reclaim it at
+      the next [add]); [pin] is still accepted.
+    - [add_uniform_array] and [add_init_array] with [n = 0] return [[||]]
+      (the original: [Assert_failure]); negative sizes, and [add_string]
+      with a negative length, raise [Invalid_argument].
+    - [add_immutable] shares only parts already in {i this} heap.
+    - [heap_of_descr] with any bad descriptor raises [Failure
+      "Netmcore_heap.heap_of_descr: no heap structure found at this
+      address"]; any use of a destroyed heap but a second [destroy] raises
+      [Failure "Netmcore_heap: heap destroyed"] (the original reads freed
+      memory).
+    - An escaped mutator raises the original's "invalid mutator" [Failure]
+      for [pin] too.
+    - [minimum_size] is our own figure; [debug_info] prints the original's
+      first two lines, then our chunks, free lists and counters.
+    - With [with_value], a process killed during [process] leaks no pin,
+      and an exception in [process] releases its pins.
+
+    As with the original, only values of the heap may be stored into heap
+    values (inside [modify]), the pool must be mapped at the same address
+    in every process (true of Netmcore pools), and [deref_ro] may read a
+    value that a parallel [assign] and [gc] reclaim. *)
+
+module Netmcore_heap : module type of struct
+  include Heap
+end
+
+module Netmcore_ref : module type of struct
+  include Sref
+end
+
+module Heap_internal : sig
+  val modify_repairing :
+    'a Netmcore_heap.heap -> repair:(Netmcore_heap.mutator -> unit) -> (Netmcore_heap.mutator -> 'r) -> 'r
+  (** For structures built on a heap: [modify], but if the heap was
+      recovered after a holder's death since the structure was last
+      repaired, [repair] (which must be idempotent: it recomputes the
+      structure's own counters from its contents) runs first. *)
+end
+
 (** {2 Workers that give their cache back when their function returns}
 
     A process keeps some of the blocks it freed in a per-process cache (see

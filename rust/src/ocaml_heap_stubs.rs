@@ -294,10 +294,21 @@ pub extern "C" fn shmpool_heap_alloc_string(hh: Raw, len: Raw) -> Raw {
     })
 }
 
-/// The heap's root (no lock).
+/// The heap's root (no lock; fails once the heap is destroyed).
 #[no_mangle]
 pub extern "C" fn shmpool_heap_root(hh: Raw) -> Raw {
-    guarded_value(|| Ok(heap(hh).ok_or_else(closed)?.root()))
+    guarded_value(|| heap(hh).ok_or_else(closed)?.live_root())
+}
+
+/// Keeps `v` alive until the outermost unlock (lock held): `pin`.
+#[no_mangle]
+pub extern "C" fn shmpool_heap_keep(hh: Raw, v: Raw) -> Raw {
+    guarded(
+        || match heap(hh).ok_or_else(closed).and_then(|h| h.keep(v.0 as u64)) {
+            Ok(()) => 0,
+            Err(e) => fail(e),
+        },
+    )
 }
 
 /// Sets the heap's root (lock held).

@@ -448,6 +448,12 @@ impl<'p> Heap<'p> {
         self.desc().root.load(Acquire)
     }
 
+    /// The root, or `Destroyed` once `destroy` began (no lock needed).
+    pub fn live_root(&self) -> HResult<u64> {
+        self.check_live()?;
+        Ok(self.root())
+    }
+
     /// Makes `v` the root (lock held). `v` must be an immediate or a value
     /// of this heap, completely written.
     pub fn set_root(&self, v: u64) -> HResult<()> {

@@ -1,0 +1,360 @@
+(* Netmcore_heap on shmpool: the OCaml half of rust/src/heap (design:
+   docs/design-heap.md). A heap value is a small private record naming the
+   pool and the heap's descriptor (its offset in the pool), so it can be
+   marshalled to another worker; the Rust handle of the heap is looked up
+   per process and cached in the record. *)
+
+external error_code : string -> int = "shmpool_ml_error_code"
+external last_error : unit -> string option = "shmpool_ml_last_error"
+external h_create : int -> int -> 'a -> int = "shmpool_heap_create"
+external h_open : int -> int -> int = "shmpool_heap_open"
+external h_lock : int -> int = "shmpool_heap_lock"
+external h_unlock : int -> int = "shmpool_heap_unlock" [@@noalloc]
+external h_add : int -> 'a -> bool -> 'a = "shmpool_heap_add" [@@noalloc]
+external h_alloc_block : int -> int -> int -> Obj.t = "shmpool_heap_alloc_block" [@@noalloc]
+external h_alloc_string : int -> int -> string = "shmpool_heap_alloc_string" [@@noalloc]
+external h_root : int -> 'a = "shmpool_heap_root" [@@noalloc]
+external h_keep : int -> 'a -> int = "shmpool_heap_keep" [@@noalloc]
+external h_collect : int -> int = "shmpool_heap_collect" [@@noalloc]
+external h_pin : int -> 'a -> int = "shmpool_heap_pin" [@@noalloc]
+external h_unpin : int -> int -> 'a -> int = "shmpool_heap_unpin" [@@noalloc]
+external h_contains : int -> 'a -> int = "shmpool_heap_contains" [@@noalloc]
+external h_measure : 'a -> int = "shmpool_heap_measure" [@@noalloc]
+external h_first_block_bytes : int -> int = "shmpool_heap_first_block_bytes" [@@noalloc]
+external h_destroy : int -> int = "shmpool_heap_destroy"
+external h_debug_info : int -> string = "shmpool_heap_debug_info"
+external h_last_code : unit -> int = "shmpool_heap_last_code" [@@noalloc]
+external h_repair_needed : int -> int = "shmpool_heap_repair_gen" [@@noalloc]
+external h_repaired : int -> int = "shmpool_heap_repaired" [@@noalloc]
+external h_stats : int -> int array -> int = "shmpool_heap_stats" [@@noalloc]
+
+let code name =
+  let c = error_code name in
+  if c >= 0 then failwith ("Shmpool_netmcore: the Rust stubs define no error code " ^ name) else c
+
+let e_oom = code "out_of_memory"
+let e_bad_size = code "bad_size"
+let e_uncopyable = code "uncopyable"
+let e_not_a_heap = code "not_a_heap"
+let e_destroyed = code "heap_destroyed"
+let e_not_locked = code "not_locked"
+
+module Debug = struct
+  let enable = ref false
+end
+
+let dlog = Netlog.Debug.mk_dlog "Netmcore_heap" Debug.enable
+let () = Netlog.Debug.register_module "Netmcore_heap" Debug.enable
+let init_value_failure () = failwith "Netsys_mem.init_value: Library error"
+let no_heap () = failwith "Netmcore_heap.heap_of_descr: no heap structure found at this address"
+
+(* The exception of a negative code, as the original raises it. *)
+let raise_code c =
+  if c = e_oom then raise Mempool.Out_of_pool_memory
+  else if c = e_uncopyable then init_value_failure ()
+  else if c = e_bad_size then invalid_arg "Netmcore_mempool.alloc_mem: bad size"
+  else if c = e_destroyed then failwith "Netmcore_heap: heap destroyed"
+  else if c = e_not_a_heap then no_heap ()
+  else if c = e_not_locked then failwith "Netmcore_heap: the heap is not locked by this thread"
+  else
+    failwith
+      ("Netmcore_heap: " ^ match last_error () with Some s -> s | None -> string_of_int c)
+
+let check_code c = if c < 0 then raise_code c
+
+(* A value stub's result: a block, or an immediate that is either the
+   copy (a forced lazy of an int) or a failure recorded in the last code. *)
+let checked (v : 'a) : 'a =
+  if Obj.is_block (Obj.repr v) then v
+  else
+    let c = h_last_code () in
+    if c < 0 then raise_code c else v
+
+(* This process's pid, read again after each fork only. *)
+let my_pid =
+  let gen = ref (-1) and pid = ref 0 in
+  fun () ->
+    let g = Shmpool.fork_generation () in
+    if g <> !gen then begin
+      pid := Unix.getpid ();
+      gen := g
+    end;
+    !pid
+
+type 'a heap = {
+  pool : Netmcore.res_id;
+  descr : int;
+  (* cache: the Rust handle, valid in process [pid] only (a record may be
+     marshalled to another process) *)
+  mutable hh : int;
+  mutable pid : int;
+}
+
+type 'a descr = int
+
+(* (pool id, descriptor) -> handle, for this process and its later forks
+   (the Rust table of handles is inherited with the memory). *)
+let handles : (int * int, int) Hashtbl.t = Hashtbl.create 7
+
+let pool_handle id = Shmpool.heap_handle (Mempool.shmpool id)
+
+let handle h =
+  if h.pid = my_pid () then h.hh
+  else begin
+    let (`Resource n) = h.pool in
+    let hh =
+      match Hashtbl.find_opt handles (n, h.descr) with
+      | Some hh -> hh
+      | None ->
+          let hh = h_open (pool_handle h.pool) h.descr in
+          if hh < 0 then if hh = e_destroyed then raise_code hh else no_heap ();
+          Hashtbl.replace handles (n, h.descr) hh;
+          hh
+    in
+    h.hh <- hh;
+    h.pid <- my_pid ();
+    hh
+  end
+
+let make pool descr hh =
+  let (`Resource n) = pool in
+  Hashtbl.replace handles (n, descr) hh;
+  { pool; descr; hh; pid = my_pid () }
+
+external h_descr : int -> int = "shmpool_heap_descr"
+
+let create_heap pool size (root : 'a) : 'a heap =
+  if Obj.is_int (Obj.repr root) then
+    failwith "Netmcore_heap.create_heap: the root element is not a block";
+  if size <= 0 then invalid_arg "Netmcore_mempool.alloc_mem: bad size";
+  let hh = h_create (pool_handle pool) size root in
+  check_code hh;
+  let d = h_descr hh in
+  check_code d;
+  dlog (Printf.sprintf "create_heap descr=%d size=%d" d size);
+  make pool d hh
+
+let minimum_size v =
+  if Obj.is_int (Obj.repr v) then h_first_block_bytes 0
+  else
+    let w = h_measure v in
+    check_code w;
+    h_first_block_bytes w
+
+let root h = checked (h_root (handle h))
+let descr_of_heap h = h.descr
+
+let heap_of_descr pool (d : 'a descr) : 'a heap =
+  let h = { pool; descr = d; hh = -1; pid = -1 } in
+  ignore (try handle h with Failure _ -> no_heap ());
+  h
+
+type mutator = { mhh : int; mpool : Netmcore.res_id; mutable alive : bool }
+
+let lock hh =
+  let c = h_lock hh in
+  check_code c;
+  if c = 1 then dlog "recovered the heap after a holder's death"
+
+let modify_with h before f =
+  let hh = handle h in
+  let m = { mhh = hh; mpool = h.pool; alive = true } in
+  (* The lock is taken inside the handler, and [locked] records it, so an
+     exception at any point unlocks exactly when the lock was taken. *)
+  let locked = ref false in
+  match
+    lock hh;
+    locked := true;
+    before m;
+    f m
+  with
+  | r ->
+      m.alive <- false;
+      ignore (h_unlock hh);
+      r
+  | exception e ->
+      m.alive <- false;
+      if !locked then ignore (h_unlock hh);
+      raise e
+
+let modify h f = modify_with h ignore f
+
+let modify_repairing h ~repair f =
+  modify_with h
+    (fun m ->
+      if h_repair_needed m.mhh = 1 then begin
+        repair m;
+        check_code (h_repaired m.mhh)
+      end)
+    f
+
+let live m what = if not m.alive then failwith ("Netmcore_heap." ^ what ^ ": invalid mutator")
+
+let add_gen what share m (v : 'a) : 'a =
+  live m what;
+  if Obj.is_int (Obj.repr v) then v else checked (h_add m.mhh v share)
+
+let add m v = add_gen "add" false m v
+let add_immutable m v = add_gen "add_immutable" true m v
+
+let block m n tag = checked (h_alloc_block m.mhh n tag)
+
+let add_uniform_array m n (x : 'a) : 'a array =
+  live m "add_uniform_array";
+  if n < 0 then invalid_arg "Netmcore_heap.add_uniform_array";
+  if n = 0 then [||]
+  else
+    let c = add m x in
+    let r = Obj.repr c in
+    if Obj.is_block r && Obj.tag r = Obj.double_tag then begin
+      let a : float array = Obj.obj (block m n Obj.double_array_tag) in
+      let f : float = Obj.obj r in
+      Array.fill a 0 n f;
+      Obj.magic a
+    end
+    else begin
+      let a = block m n 0 in
+      for i = 0 to n - 1 do
+        Obj.set_field a i r
+      done;
+      Obj.obj a
+    end
+
+let add_init_array m n (f : int -> 'a) : 'a array =
+  live m "add_init_array";
+  if n < 0 then invalid_arg "Netmcore_heap.add_init_array";
+  if n = 0 then [||]
+  else
+    let x0 = f 0 in
+    let r0 = Obj.repr x0 in
+    if Obj.is_block r0 && Obj.tag r0 = Obj.double_tag then begin
+      (* filled with 0.0; rooted until modify returns *)
+      let a : float array = Obj.obj (block m n Obj.double_array_tag) in
+      a.(0) <- Obj.obj r0;
+      for i = 1 to n - 1 do
+        a.(i) <- Obj.obj (Obj.repr (f i))
+      done;
+      Obj.magic a
+    end
+    else begin
+      (* filled with (); rooted until modify returns *)
+      let a = block m n 0 in
+      Obj.set_field a 0 (Obj.repr (add m x0));
+      for i = 1 to n - 1 do
+        Obj.set_field a i (Obj.repr (add m (f i)))
+      done;
+      Obj.obj a
+    end
+
+let add_some m (x : 'a) : 'a option =
+  live m "add_some";
+  let b = block m 1 0 in
+  Obj.set_field b 0 (Obj.repr x);
+  Obj.obj b
+
+let add_string m n =
+  live m "add_string";
+  if n < 0 then invalid_arg "Netmcore_heap.add_string";
+  checked (h_alloc_string m.mhh n)
+
+let pin m x =
+  live m "pin";
+  if Obj.is_block (Obj.repr x) then check_code (h_keep m.mhh x)
+
+let contains m x =
+  live m "contains";
+  Obj.is_block (Obj.repr x)
+  &&
+  let c = h_contains m.mhh x in
+  check_code c;
+  c = 1
+
+let copy (v : 'a) : 'a =
+  if Obj.is_int (Obj.repr v) then v
+  else
+    match Marshal.to_bytes v [] with
+    | b -> Marshal.from_bytes b 0
+    | exception (Invalid_argument _ | Failure _) -> failwith "Netsys_mem.copy_value: Library error"
+
+(* Pins the blocks among [xs] for this process until [unpin_all]: they
+   stay roots while [process] runs without the lock. *)
+let with_pins h (find : unit -> 'b) (blocks : 'b -> Obj.t list) (process : 'b -> 'c) : 'c =
+  let hh = handle h in
+  let pinned = ref [] in
+  let x =
+    modify h (fun _ ->
+        let x = find () in
+        List.iter
+          (fun v ->
+            if Obj.is_block v then begin
+              let i = h_pin hh v in
+              check_code i;
+              pinned := (i, v) :: !pinned
+            end)
+          (blocks x);
+        x)
+  in
+  let unpin_all () =
+    if !pinned <> [] then
+      modify h (fun _ -> List.iter (fun (i, v) -> ignore (h_unpin hh i v)) !pinned)
+  in
+  Fun.protect ~finally:unpin_all (fun () -> process x)
+
+let with_value h find process = with_pins h find (fun x -> [ Obj.repr x ]) process
+
+let with_value_2 h find process =
+  with_pins h find (fun (a, b) -> [ Obj.repr a; Obj.repr b ]) process
+
+let with_value_3 h find process =
+  with_pins h find (fun (a, b, c) -> [ Obj.repr a; Obj.repr b; Obj.repr c ]) process
+
+let with_value_4 h find process =
+  with_pins h find (fun (a, b, c, d) -> [ Obj.repr a; Obj.repr b; Obj.repr c; Obj.repr d ]) process
+
+let with_value_5 h find process =
+  with_pins h find
+    (fun (a, b, c, d, e) -> [ Obj.repr a; Obj.repr b; Obj.repr c; Obj.repr d; Obj.repr e ])
+    process
+
+let with_value_n h find process = with_pins h find (List.map Obj.repr) process
+
+let destroy h =
+  let hh = try handle h with Failure _ -> failwith "Netmcore_mempool.free_mem: memory block not found" in
+  let c = h_destroy hh in
+  if c = e_destroyed || c = e_not_a_heap then
+    failwith "Netmcore_mempool.free_mem: memory block not found";
+  check_code c;
+  dlog (Printf.sprintf "destroy descr=%d" h.descr)
+
+let gc h =
+  let hh = handle h in
+  modify h (fun _ -> check_code (h_collect hh))
+
+let pool h = h.pool
+let mut_pool m = m.mpool
+let sem_container h = Mempool.sem_container h.pool
+let mut_sem_container m = Mempool.sem_container m.mpool
+let debug_info h = h_debug_info (handle h)
+
+type stats = {
+  chunks : int;
+  heap_words : int;
+  free_words : int;
+  live_words : int;
+  gcs : int;
+  recoveries : int;
+  pins : int;
+}
+
+let stats h =
+  let a = Array.make 7 0 in
+  check_code (h_stats (handle h) a);
+  {
+    chunks = a.(0);
+    heap_words = a.(1);
+    free_words = a.(2);
+    live_words = a.(3);
+    gcs = a.(4);
+    recoveries = a.(5);
+    pins = a.(6);
+  }

@@ -1,0 +1,256 @@
+(* Shmpool_netmcore.Netmcore_heap and Netmcore_ref in one process (the
+   pool's creator may use it): the exact signatures, every function on both
+   implementations through one functor (same observable results), the
+   deliberate differences, survival of heap values held in private data
+   under Gc.compact (where OCamlnet's corrupts them), and destroy restoring
+   the pool. Worker and kill tests: test_heap_workers.ml. *)
+
+(* The compatibility contract: these lines compiling are the test. *)
+module _ : Heap_sigs.HEAP = Shmpool_netmcore.Netmcore_heap
+module _ : Heap_sigs.REF = Shmpool_netmcore.Netmcore_ref
+
+(* The operations a test uses, on either implementation. *)
+module type IMPL = sig
+  val name : string
+  val create_mempool : int -> Netmcore.res_id
+  val unlink_mempool : Netmcore.res_id -> unit
+  val stats : Netmcore.res_id -> int * int * int
+
+  module H : Heap_sigs.HEAP
+
+  module R : sig
+    type 't sref
+
+    val sref : Netmcore.res_id -> 't -> 't sref
+    val assign : 't sref -> 't -> unit
+    val deref_ro : 't sref -> 't
+    val deref_p : 't sref -> ('t -> 'a) -> 'a
+    val deref_c : 't sref -> 't
+    val heap : 't sref -> Obj.t H.heap
+  end
+end
+
+module Orig : IMPL = struct
+  let name = "ocamlnet"
+  let create_mempool n = Netmcore_mempool.create_mempool n
+  let unlink_mempool = Netmcore_mempool.unlink_mempool
+  let stats = Netmcore_mempool.stats
+
+  module H = Netmcore_heap
+  module R = Netmcore_ref
+end
+
+module Ours : IMPL = struct
+  let name = "shmpool"
+  let create_mempool n = Shmpool_netmcore.Netmcore_mempool.create_mempool n
+  let unlink_mempool = Shmpool_netmcore.Netmcore_mempool.unlink_mempool
+  let stats = Shmpool_netmcore.Netmcore_mempool.stats
+
+  module H = Shmpool_netmcore.Netmcore_heap
+  module R = Shmpool_netmcore.Netmcore_ref
+end
+
+let made = ref []
+let () = at_exit (fun () -> List.iter (fun f -> try f () with _ -> ()) !made)
+
+let init_failure = Failure "Netsys_mem.init_value: Library error"
+
+(* Results both implementations must agree on. *)
+module Common (I : IMPL) = struct
+  let pool () =
+    let id = I.create_mempool (8 * 1024 * 1024) in
+    made := (fun () -> I.unlink_mempool id) :: !made;
+    id
+
+  let t_basic () =
+    let p = pool () in
+    let h = I.H.create_heap p 4096 (ref [ 1; 2; 3 ]) in
+    Alcotest.(check (list int)) "root" [ 1; 2; 3 ] !(I.H.root h);
+    let h2 = I.H.heap_of_descr p (I.H.descr_of_heap h) in
+    I.H.modify h2 (fun m -> I.H.root h2 := I.H.add m [ 4; 5 ]);
+    Alcotest.(check (list int)) "modified via another handle" [ 4; 5 ] !(I.H.root h);
+    I.H.modify h (fun m ->
+        let s = I.H.add_string m 5 in
+        Alcotest.(check int) "add_string length" 5 (String.length s);
+        let a = I.H.add_uniform_array m 3 "x" in
+        Alcotest.(check bool) "uniform: one copy" true (a.(0) == a.(2));
+        let fa = I.H.add_uniform_array m 4 1.5 in
+        Alcotest.(check (float 0.)) "float array" 1.5 fa.(3);
+        Alcotest.(check int) "float array tag" Obj.double_array_tag (Obj.tag (Obj.repr fa));
+        let ia = I.H.add_init_array m 4 (fun i -> string_of_int i) in
+        Alcotest.(check (array string)) "init array" [| "0"; "1"; "2"; "3" |] ia;
+        let fi = I.H.add_init_array m 3 float_of_int in
+        Alcotest.(check (array (float 0.))) "init float array" [| 0.; 1.; 2. |] fi;
+        let x = I.H.add m (7, "seven") in
+        let o = I.H.add_some m x in
+        Alcotest.(check bool) "add_some does not copy" true (match o with Some y -> y == x | None -> false);
+        I.H.pin m o;
+        Alcotest.(check int) "add int" 42 (I.H.add m 42);
+        let shared = I.H.add m "s" in
+        let p = I.H.add m (shared, shared) in
+        Alcotest.(check bool) "sharing kept" true (fst p == snd p);
+        let rec cyc = 1 :: 2 :: cyc in
+        let c = I.H.add m cyc in
+        Alcotest.(check bool) "cycle kept" true (List.tl (List.tl c) == c);
+        let im = I.H.add_immutable m (x, 1) in
+        Alcotest.(check bool) "add_immutable shares" true (fst im == x);
+        let v = I.H.add m (1l, 2L, 3n, 4.5, [| 1.; 2. |], Bigarray.Array1.of_array Bigarray.int Bigarray.c_layout [| 9; 8 |]) in
+        let a, b, c, d, e, f = v in
+        Alcotest.(check bool) "customs and floats" true
+          (a = 1l && b = 2L && c = 3n && d = 4.5 && e = [| 1.; 2. |] && f.{1} = 8));
+    Alcotest.(check int) "with_value" 2
+      (I.H.with_value h (fun () -> !(I.H.root h)) List.length);
+    Alcotest.(check string) "copy" "abc" (I.H.copy "abc");
+    Alcotest.(check int) "copy int" 3 (I.H.copy 3);
+    I.H.gc h;
+    Alcotest.(check (list int)) "root after gc" [ 4; 5 ] !(I.H.root h);
+    I.H.destroy h
+
+  let t_errors () =
+    let p = pool () in
+    let h = I.H.create_heap p 4096 (ref "") in
+    let refused = [ Obj.repr (fun x -> x + 1); Obj.repr (object end); Obj.repr stdin;
+                    Obj.repr (lazy (print_string "")); Obj.repr Not_found ] in
+    List.iter
+      (fun v ->
+        Alcotest.check_raises "uncopyable" init_failure (fun () ->
+            I.H.modify h (fun m -> ignore (I.H.add m v))))
+      refused;
+    Alcotest.check_raises "root not a block"
+      (Failure "Netmcore_heap.create_heap: the root element is not a block") (fun () ->
+        ignore (I.H.create_heap p 4096 5));
+    Alcotest.check_raises "bad size" (Invalid_argument "Netmcore_mempool.alloc_mem: bad size")
+      (fun () -> ignore (I.H.create_heap p 0 (ref 1)));
+    let s = I.stats p in
+    Alcotest.check_raises "uncopyable root" init_failure (fun () ->
+        ignore (I.H.create_heap p 4096 (ref (fun () -> ()))));
+    Alcotest.(check (triple int int int)) "refused root: pool unchanged" s (I.stats p);
+    let escaped = I.H.modify h Fun.id in
+    Alcotest.check_raises "escaped mutator" (Failure "Netmcore_heap.add: invalid mutator")
+      (fun () -> ignore (I.H.add escaped "x"));
+    Alcotest.check_raises "exception releases the lock" Exit (fun () ->
+        I.H.modify h (fun _ -> raise Exit));
+    I.H.modify h (fun m -> I.H.root h := I.H.add m "after");
+    Alcotest.check_raises "copy of a closure" (Failure "Netsys_mem.copy_value: Library error")
+      (fun () -> ignore (Sys.opaque_identity (I.H.copy (fun () -> ())) : unit -> unit));
+    Alcotest.(check string) "still works" "after" !(I.H.root h);
+    I.H.destroy h;
+    Alcotest.check_raises "destroy twice" (Failure "Netmcore_mempool.free_mem: memory block not found")
+      (fun () -> I.H.destroy h)
+
+  let t_destroy_restores () =
+    let p = pool () in
+    let before = I.stats p in
+    let h = I.H.create_heap p 100 (ref []) in
+    for i = 1 to 2000 do
+      I.H.modify h (fun m -> I.H.root h := I.H.add m (List.init 50 (fun k -> string_of_int (i + k))))
+    done;
+    I.H.gc h;
+    I.H.destroy h;
+    Alcotest.(check (triple int int int)) "stats restored" before (I.stats p)
+
+  let t_ref () =
+    let p = pool () in
+    let r = I.R.sref p [ "a" ] in
+    Alcotest.(check (list string)) "deref_ro" [ "a" ] (I.R.deref_ro r);
+    I.R.assign r [ "b"; "c" ];
+    Alcotest.(check (list string)) "assign" [ "b"; "c" ] (I.R.deref_ro r);
+    Alcotest.(check int) "deref_p" 2 (I.R.deref_p r List.length);
+    let c = I.R.deref_c r in
+    Alcotest.(check (list string)) "deref_c" [ "b"; "c" ] c;
+    Alcotest.check_raises "assign closure" init_failure (fun () ->
+        I.R.assign (Obj.magic r) (fun () -> ()));
+    Alcotest.(check (list string)) "old value kept" [ "b"; "c" ] (I.R.deref_ro r);
+    let h = I.R.heap r in
+    I.H.gc h;
+    I.H.destroy h
+
+  let tests =
+    [
+      Alcotest.test_case (I.name ^ ": every function") `Quick t_basic;
+      Alcotest.test_case (I.name ^ ": errors") `Quick t_errors;
+      Alcotest.test_case (I.name ^ ": destroy restores the pool") `Quick t_destroy_restores;
+      Alcotest.test_case (I.name ^ ": Netmcore_ref") `Quick t_ref;
+    ]
+end
+
+module CO = Common (Orig)
+module CS = Common (Ours)
+module H = Shmpool_netmcore.Netmcore_heap
+module R = Shmpool_netmcore.Netmcore_ref
+
+let pool () =
+  let id = Shmpool_netmcore.Netmcore_mempool.create_mempool (64 * 1024 * 1024) in
+  made := (fun () -> Shmpool_netmcore.Netmcore_mempool.unlink_mempool id) :: !made;
+  id
+
+(* OCamlnet's values die at the first compaction here (its headers are
+   white); ours are black and survive any number. *)
+let t_compaction () =
+  let p = pool () in
+  let r = R.sref p "" in
+  let held = ref [] in
+  let c0 = (Gc.quick_stat ()).Gc.compactions in
+  for i = 1 to 3000 do
+    R.assign r (String.make 10_000 (Char.chr (65 + (i mod 26))));
+    let v = R.deref_ro r in
+    held := v :: (match !held with a :: b :: _ -> [ a; b ] | l -> l);
+    if i mod 300 = 0 then Gc.compact () else if i mod 50 = 0 then Gc.full_major ();
+    (* private garbage: pressure on the private heap *)
+    ignore (Sys.opaque_identity (Array.make 1000 (string_of_int i)))
+  done;
+  Alcotest.(check bool) "compactions happened" true ((Gc.quick_stat ()).Gc.compactions - c0 >= 10);
+  Alcotest.(check int) "last value" 10_000 (String.length (R.deref_ro r));
+  Alcotest.(check char) "content" (Char.chr (65 + (3000 mod 26))) (R.deref_ro r).[9999];
+  (* The held values are the last three assigned; the one just replaced
+     may be reclaimed by our GC (as documented), the current one not. *)
+  Gc.compact ();
+  Alcotest.(check bool) "held current value intact" true (List.hd !held == R.deref_ro r);
+  R.(H.destroy (heap r))
+
+let t_reentrant () =
+  let p = pool () in
+  let h = H.create_heap p 4096 (ref 0) in
+  H.modify h (fun _ ->
+      H.modify h (fun m -> H.root h := H.add m 1);
+      H.gc h);
+  Alcotest.(check int) "nested modify" 1 !(H.root h);
+  H.with_value h (fun () -> H.modify h (fun _ -> ()); !(H.root h)) ignore;
+  let s0 = H.stats h in
+  H.with_value h (fun () -> H.root h) (fun _ -> Alcotest.(check int) "pinned" 1 (H.stats h).H.pins);
+  Alcotest.(check int) "pins released" s0.H.pins (H.stats h).H.pins;
+  (try H.with_value h (fun () -> H.root h) (fun _ -> raise Exit) with Exit -> ());
+  Alcotest.(check int) "pins released on exception" 0 (H.stats h).H.pins;
+  H.destroy h;
+  Alcotest.check_raises "destroyed" (Failure "Netmcore_heap: heap destroyed") (fun () ->
+      ignore (H.root h))
+
+let t_additions_survive () =
+  let p = pool () in
+  let h = H.create_heap p 100 (ref []) in
+  H.modify h (fun m ->
+      let x = H.add m (List.init 100 string_of_int) in
+      (* enough garbage to run our GC several times *)
+      for _ = 1 to 2000 do
+        ignore (H.add m (List.init 20 string_of_int))
+      done;
+      H.gc h;
+      Alcotest.(check (list string)) "unattached addition intact" (List.init 100 string_of_int) x;
+      H.root h := x);
+  H.gc h;
+  let s = H.stats h in
+  Alcotest.(check bool) "garbage reclaimed after modify" true (s.H.live_words < 1000);
+  H.destroy h
+
+let () =
+  Alcotest.run "netmcore_heap"
+    [
+      ("original", CO.tests);
+      ("ours", CS.tests);
+      ( "ours only",
+        [
+          Alcotest.test_case "Gc.compact with heap values held" `Quick t_compaction;
+          Alcotest.test_case "re-entrance and pins" `Quick t_reentrant;
+          Alcotest.test_case "additions live until modify returns" `Quick t_additions_survive;
+        ] );
+    ]
