@@ -84,6 +84,7 @@ let my_pid =
 type 'a heap = {
   pool : Netmcore.res_id;
   descr : int;
+  nonce : int;  (* tells this heap from a later one at the same descr *)
   (* cache: the Rust handle, valid in process [pid] only (a record may be
      marshalled to another process) *)
   mutable hh : int;
@@ -98,6 +99,21 @@ let handles : (int * int, int) Hashtbl.t = Hashtbl.create 7
 
 let pool_handle id = Shmpool.heap_handle (Mempool.shmpool id)
 
+(* !roots.(hh): the root of heap handle hh in this process, read once (a
+   heap's root value never changes after create_heap: modifications go
+   into its fields), so [root] is two loads as with the original; 0 once
+   this process destroyed the heap. *)
+let roots : Obj.t array ref = ref [||]
+
+let cache_root hh =
+  let r = checked (h_root hh) in
+  if hh >= Array.length !roots then begin
+    let a = Array.make (max 8 (2 * (hh + 1))) (Obj.repr 0) in
+    Array.blit !roots 0 a 0 (Array.length !roots);
+    roots := a
+  end;
+  !roots.(hh) <- r
+
 let handle h =
   if h.pid = my_pid () then h.hh
   else begin
@@ -108,6 +124,7 @@ let handle h =
       | None ->
           let hh = h_open (pool_handle h.pool) h.descr in
           if hh < 0 then if hh = e_destroyed then raise_code hh else no_heap ();
+          cache_root hh;
           Hashtbl.replace handles (n, h.descr) hh;
           hh
     in
@@ -116,10 +133,13 @@ let handle h =
     hh
   end
 
+external h_nonce : int -> int = "shmpool_heap_nonce"
+
 let make pool descr hh =
   let (`Resource n) = pool in
+  cache_root hh;
   Hashtbl.replace handles (n, descr) hh;
-  { pool; descr; hh; pid = my_pid () }
+  { pool; descr; nonce = h_nonce hh; hh; pid = my_pid () }
 
 external h_descr : int -> int = "shmpool_heap_descr"
 
@@ -141,13 +161,26 @@ let minimum_size v =
     check_code w;
     h_first_block_bytes w
 
-let root h = checked (h_root (handle h))
+(* The root of the heap used last (in this process or, inherited through
+   fork, its parent: values are at the same address in every worker), by
+   nonce: [root] on the same heap is then two loads and a comparison. *)
+let last_nonce = ref (-1)
+let last_root = ref (Obj.repr 0)
+
+let root_slow h =
+  let r = Array.unsafe_get !roots (handle h) in
+  if Obj.is_int r then failwith "Netmcore_heap: heap destroyed";
+  last_root := r;
+  last_nonce := h.nonce;
+  r
+
+let root h = Obj.obj (if h.nonce = !last_nonce then !last_root else root_slow h)
 let descr_of_heap h = h.descr
 
 let heap_of_descr pool (d : 'a descr) : 'a heap =
-  let h = { pool; descr = d; hh = -1; pid = -1 } in
-  ignore (try handle h with Failure _ -> no_heap ());
-  h
+  let h = { pool; descr = d; nonce = -1; hh = -1; pid = -1 } in
+  let hh = try handle h with Failure _ -> no_heap () in
+  { h with nonce = h_nonce hh }
 
 type mutator = { mhh : int; mpool : Netmcore.res_id; mutable alive : bool }
 
@@ -321,6 +354,10 @@ let with_value_n h find process = with_pins h find (List.map Obj.repr) process
 let destroy h =
   let hh = try handle h with Failure _ -> failwith "Netmcore_mempool.free_mem: memory block not found" in
   let c = h_destroy hh in
+  if c >= 0 || c = e_destroyed then begin
+    !roots.(hh) <- Obj.repr 0;
+    if !last_nonce = h.nonce then last_nonce := -1
+  end;
   if c = e_destroyed || c = e_not_a_heap then
     failwith "Netmcore_mempool.free_mem: memory block not found";
   check_code c;

@@ -30,6 +30,48 @@ use super::chunks::find_in;
 use super::value::*;
 use super::{HResult, Heap, HeapError};
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+/// Source addresses are distinct multiples of 8: one multiplication mixes
+/// them well enough, far cheaper than SipHash (the map is half of a small
+/// copy's cost).
+#[derive(Default)]
+pub(crate) struct AddrHasher(u64);
+
+impl Hasher for AddrHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ b as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u64(&mut self, x: u64) {
+        self.0 = (x >> 3).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+/// Buffers of one copy, kept by the heap handle between copies so a copy
+/// allocates nothing in the common case.
+#[derive(Default)]
+pub(crate) struct Scratch {
+    map: HashMap<u64, Plan, BuildHasherDefault<AddrHasher>>,
+    order: Vec<u64>,
+    stack: Vec<u64>,
+}
+
+impl Scratch {
+    fn clear(&mut self) {
+        if self.map.capacity() > 4096 {
+            *self = Scratch::default();
+        } else {
+            self.map.clear();
+            self.order.clear();
+            self.stack.clear();
+        }
+    }
+}
 
 // caml/bigarray.h
 const BA_KIND_MASK: u64 = 0xFF;
@@ -90,14 +132,13 @@ unsafe fn custom_id(v: u64) -> &'static [u8] {
     }
 }
 
-/// The result of the validation and size pass.
+/// The result of the validation and size pass (the places are in the
+/// scratch's map, in the order of its `order`).
 struct Layout {
     /// The value to return when nothing is entered (an immediate, an
     /// atom, a shared value), else the top block.
     top: u64,
     enter: bool,
-    map: HashMap<u64, Plan>,
-    order: Vec<u64>,
     total: u64,
 }
 
@@ -172,21 +213,21 @@ fn plan(
     v: u64,
     keep: &dyn Fn(u64) -> bool,
     is_value: &dyn Fn(u64) -> bool,
+    sc: &mut Scratch,
 ) -> Result<Layout, HeapError> {
+    sc.clear();
     let (top, enter) = resolve(v, keep, is_value)?;
     let mut l = Layout {
         top,
         enter,
-        map: HashMap::new(),
-        order: Vec::new(),
         total: 0,
     };
     if !enter {
         return Ok(l);
     }
-    let mut stack = vec![top];
-    while let Some(x) = stack.pop() {
-        if l.map.contains_key(&x) {
+    sc.stack.push(top);
+    while let Some(x) = sc.stack.pop() {
+        if sc.map.contains_key(&x) {
             continue;
         }
         // SAFETY: x came from resolve: a block of OCaml memory.
@@ -198,16 +239,16 @@ fn plan(
                 for k in (0..n).rev() {
                     // SAFETY: k < wosize of an OCaml block.
                     let (y, enter) = resolve(unsafe { src(x + 8 * k) }, keep, is_value)?;
-                    if enter && !l.map.contains_key(&y) {
-                        stack.push(y);
+                    if enter && !sc.map.contains_key(&y) {
+                        sc.stack.push(y);
                     }
                 }
                 n + 1
             }
             _ => n + 1,
         };
-        l.map.insert(x, Plan { at: l.total, words });
-        l.order.push(x);
+        sc.map.insert(x, Plan { at: l.total, words });
+        sc.order.push(x);
         l.total = l
             .total
             .checked_add(words)
@@ -219,7 +260,7 @@ fn plan(
 /// Words a copy of `v` takes in a heap (0 for a value nothing is copied
 /// of), or why it cannot be copied.
 pub fn measure(v: u64, is_value: &dyn Fn(u64) -> bool) -> Result<u64, HeapError> {
-    plan(v, &|_| false, is_value).map(|l| l.total)
+    plan(v, &|_| false, is_value, &mut Scratch::default()).map(|l| l.total)
 }
 
 impl Heap<'_> {
@@ -238,14 +279,30 @@ impl Heap<'_> {
         let base = self.base();
         let keep =
             |x: u64| share && find_in(&ranges, x.wrapping_sub(base).wrapping_sub(8)).is_some();
-        let l = plan(v, &keep, is_value)?;
+        let mut sc = std::mem::take(&mut self.local()?.scratch);
+        let r = self.copy_planned(v, &keep, is_value, &mut sc);
+        if let Ok(local) = self.local() {
+            local.scratch = sc;
+        }
+        r
+    }
+
+    fn copy_planned(
+        &self,
+        v: u64,
+        keep: &dyn Fn(u64) -> bool,
+        is_value: &dyn Fn(u64) -> bool,
+        sc: &mut Scratch,
+    ) -> HResult<u64> {
+        let base = self.base();
+        let l = plan(v, keep, is_value, sc)?;
         if !l.enter {
             return Ok(l.top);
         }
         let span = self.alloc_span(l.total)?;
-        let dst = |x: u64| base + span + l.map[&x].at * 8 + 8;
-        for &x in &l.order {
-            let p = &l.map[&x];
+        let dst = |x: u64| base + span + sc.map[&x].at * 8 + 8;
+        for &x in &sc.order {
+            let p = &sc.map[&x];
             let to = span + p.at * 8;
             // SAFETY: x is an OCaml block (pass 1); `to` starts p.words
             // words of our fresh span; lock held.
@@ -256,7 +313,7 @@ impl Heap<'_> {
                 if tag(hd) < NO_SCAN_TAG {
                     for k in 0..n {
                         // Validated by pass 1: resolve cannot fail here.
-                        let t = match resolve(src(x + 8 * k), &keep, is_value) {
+                        let t = match resolve(src(x + 8 * k), keep, is_value) {
                             Ok((y, true)) => dst(y),
                             Ok((y, false)) => y,
                             Err(_) => VAL_UNIT,

@@ -52,8 +52,31 @@ pub(crate) fn release(m: &MutexStorage) {
     unsafe { RobustMutex::at(m) }.unlock()
 }
 
-/// The calling thread's kernel id (what "held by this thread" compares).
+thread_local! {
+    /// This thread's id and the fork generation it was read in (a child
+    /// of `fork` inherits the cell but runs as another thread).
+    static TID: std::cell::Cell<(u64, i64)> = const { std::cell::Cell::new((u64::MAX, 0)) };
+}
+
+/// The calling thread's kernel id (what "held by this thread" compares),
+/// read once per thread and fork generation: every heap operation asks.
+#[inline]
 pub(crate) fn tid() -> i64 {
+    let gen = crate::owner::fork_generation();
+    TID.try_with(|c| {
+        let (g, t) = c.get();
+        if g == gen {
+            t
+        } else {
+            let t = gettid();
+            c.set((gen, t));
+            t
+        }
+    })
+    .unwrap_or_else(|_| gettid())
+}
+
+fn gettid() -> i64 {
     // SAFETY: gettid has no arguments and cannot fail.
     unsafe { libc::syscall(libc::SYS_gettid) as i64 }
 }

@@ -145,6 +145,8 @@ struct Local {
     /// outermost `unlock`, so a value not yet stored anywhere reachable
     /// survives the GC that a later allocation of the same `modify` runs.
     added: Vec<u64>,
+    /// Buffers of the copy-in, reused.
+    scratch: copy::Scratch,
 }
 
 /// A process's handle on a shared heap.
@@ -295,6 +297,12 @@ impl<'p> Heap<'p> {
     /// The descriptor: byte offset of the heap's first block in the pool.
     pub fn descr(&self) -> usize {
         self.desc_off
+    }
+
+    /// The first word of the heap's random nonce (distinct for every heap
+    /// ever created, in practice).
+    pub fn nonce(&self) -> u64 {
+        self.desc().nonce[0].load(Relaxed)
     }
 
     pub fn pool(&self) -> &'p Pool {
