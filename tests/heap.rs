@@ -86,6 +86,12 @@ fn create_attach_destroy_restores_the_pool() {
         Err(HeapError::NotAHeap(_))
     ));
     assert_eq!(h2.lock(), Err(HeapError::Destroyed));
+    // A new heap at the same place is not the old one's handle's business.
+    let h3 = Heap::create(&pool, 1000).unwrap();
+    assert_eq!(h3.descr(), d, "the allocator reuses the block");
+    assert_eq!(h2.lock(), Err(HeapError::Destroyed));
+    assert_eq!(h2.destroy(), Err(HeapError::Destroyed));
+    h3.destroy().unwrap();
     assert!(matches!(
         Heap::attach(&pool, 12345),
         Err(HeapError::NotAHeap(_))

@@ -180,6 +180,8 @@ let descr_of_heap h = h.descr
 let heap_of_descr pool (d : 'a descr) : 'a heap =
   let h = { pool; descr = d; nonce = -1; hh = -1; pid = -1 } in
   let hh = try handle h with Failure _ -> no_heap () in
+  (* a handle cached in this process may name a heap destroyed since *)
+  (try ignore (checked (h_root hh)) with Failure _ -> no_heap ());
   { h with nonce = h_nonce hh }
 
 type mutator = { mhh : int; mpool : Netmcore.res_id; mutable alive : bool }
@@ -356,6 +358,8 @@ let destroy h =
   let c = h_destroy hh in
   if c >= 0 || c = e_destroyed then begin
     !roots.(hh) <- Obj.repr 0;
+    (let (`Resource n) = h.pool in
+     Hashtbl.remove handles (n, h.descr));
     if !last_nonce = h.nonce then last_nonce := -1
   end;
   if c = e_destroyed || c = e_not_a_heap then

@@ -242,6 +242,46 @@ let t_additions_survive () =
   Alcotest.(check bool) "garbage reclaimed after modify" true (s.H.live_words < 1000);
   H.destroy h
 
+let no_heap = Failure "Netmcore_heap.heap_of_descr: no heap structure found at this address"
+
+let t_bad_descr () =
+  let p = pool () in
+  let h = H.create_heap p (H.minimum_size (ref "abc")) (ref "abc") in
+  Alcotest.(check string) "minimum_size is enough" "abc" !(H.root h);
+  let d = H.descr_of_heap h in
+  let bad : string ref H.descr list = [ Obj.magic 0; Obj.magic 12345; Obj.magic (-8); Obj.magic ((Obj.magic d : int) + 4096) ] in
+  let s = Shmpool_netmcore.Netmcore_mempool.stats p in
+  List.iter (fun b -> Alcotest.check_raises "bad descriptor" no_heap (fun () -> ignore (H.heap_of_descr p b))) bad;
+  (* a plain pool block is no heap either *)
+  let m = Shmpool_netmcore.Netmcore_mempool.alloc_mem p 8192 in
+  let base = match (Netmcore.get_resource p)#repr with
+    | `Posix_shm_preallocated_sc (_, mem, _) -> Netsys_mem.memory_address mem | _ -> assert false in
+  let off : string ref H.descr = Obj.magic (Nativeint.to_int (Nativeint.sub (Netsys_mem.memory_address m) base)) in
+  Alcotest.check_raises "a block without a heap" no_heap (fun () -> ignore (H.heap_of_descr p off));
+  Shmpool_netmcore.Netmcore_mempool.free_mem p m;
+  Alcotest.(check (triple int int int)) "pool unchanged" s (Shmpool_netmcore.Netmcore_mempool.stats p);
+  H.destroy h;
+  Alcotest.check_raises "destroyed heap's descriptor" no_heap (fun () -> ignore (H.heap_of_descr p d))
+
+(* Two systhreads modify one heap: a thread waiting for the heap's lock
+   releases the runtime lock, so the holder (which yields inside modify)
+   can finish. *)
+let t_threads () =
+  let p = pool () in
+  let h = H.create_heap p 4096 (ref 0) in
+  let worker () =
+    for _ = 1 to 2000 do
+      H.modify h (fun m ->
+          let v = !(H.root h) in
+          Thread.yield ();
+          H.root h := H.add m (v + 1))
+    done
+  in
+  let ts = List.init 2 (fun _ -> Thread.create worker ()) in
+  List.iter Thread.join ts;
+  Alcotest.(check int) "no lost update" 4000 !(H.root h);
+  H.destroy h
+
 let () =
   Alcotest.run "netmcore_heap"
     [
@@ -252,5 +292,7 @@ let () =
           Alcotest.test_case "Gc.compact with heap values held" `Quick t_compaction;
           Alcotest.test_case "re-entrance and pins" `Quick t_reentrant;
           Alcotest.test_case "additions live until modify returns" `Quick t_additions_survive;
+          Alcotest.test_case "bad descriptors" `Quick t_bad_descr;
+          Alcotest.test_case "two systhreads" `Quick t_threads;
         ] );
     ]
