@@ -339,7 +339,11 @@ impl Heap<'_> {
         // Every block of `order` and every entered field has a place (pass 1).
         let at = |x: u64| sc.get(x).map_or(0, |p| p.at);
         let dst = |x: u64| base + span + at(x) * 8 + 8;
-        for &x in &sc.order {
+        let half = sc.order.len() / 2;
+        for (i, &x) in sc.order.iter().enumerate() {
+            if i == half {
+                super::crash::hit(super::crash::HeapPoint::CopyHalfDone);
+            }
             let Some(p) = sc.get(x) else { continue };
             let to = span + p.at * 8;
             // SAFETY: x is an OCaml block (pass 1); `to` starts p.words

@@ -21,6 +21,7 @@
 //! | `pins.rs` | values pinned by `with_value`, with their owner |
 //! | `recover.rs` | rebuilding after a holder died; orphan chunks |
 //! | `check.rs` | every invariant, as a list of violations |
+//! | `crash.rs` | test-only death points between writes |
 //!
 //! # Threads and processes
 //! A `Heap` is a per-process handle. Its lock is re-entrant in the thread
@@ -33,6 +34,7 @@ mod alloc;
 mod check;
 mod chunks;
 pub mod copy;
+pub mod crash;
 mod gc;
 mod hlock;
 pub mod layout;
