@@ -191,6 +191,20 @@ let lock hh =
   check_code c;
   if c = 1 then dlog "recovered the heap after a holder's death"
 
+external h_escape : int -> int array -> int = "shmpool_heap_escape"
+
+(* Debug: after a modify, log the first field of the heap that points into
+   this process's private memory (a program error: other processes would
+   read garbage there). O(live data). *)
+let check_escape hh =
+  let out = [| 0 |] in
+  let k = h_escape hh out in
+  if k > 0 then
+    dlog
+      (Printf.sprintf
+         "modify stored a private value into the heap: field %d of the block at 0x%x"
+         (k - 1) (out.(0) * 2))
+
 let modify_with h before f =
   let hh = handle h in
   let m = { mhh = hh; mpool = h.pool; alive = true } in
@@ -205,6 +219,7 @@ let modify_with h before f =
   with
   | r ->
       m.alive <- false;
+      if !Debug.enable then check_escape hh;
       ignore (h_unlock hh);
       r
   | exception e ->

@@ -282,6 +282,31 @@ let t_threads () =
   Alcotest.(check int) "no lost update" 4000 !(H.root h);
   H.destroy h
 
+(* Debug.enable reports a private value stored into the heap (a program
+   error the types cannot catch). *)
+let t_debug_escape () =
+  let p = pool () in
+  let h = H.create_heap p 4096 (ref [ "shared" ]) in
+  let logged = ref [] in
+  let saved = !Netlog.Debug.current_dlogger in
+  Netlog.Debug.current_dlogger := (fun m msg -> if m = "Netmcore_heap" then logged := msg :: !logged);
+  H.Debug.enable := true;
+  Fun.protect
+    ~finally:(fun () ->
+      H.Debug.enable := false;
+      Netlog.Debug.current_dlogger := saved)
+    (fun () ->
+      H.modify h (fun m -> H.root h := H.add m [ "fine" ]);
+      Alcotest.(check int) "nothing to report" 0 (List.length !logged);
+      let private_list = [ String.make 3 'p' ] in
+      H.modify h (fun _ -> H.root h := private_list);
+      H.modify h (fun m -> H.root h := H.add m [ "repaired" ]);
+      Alcotest.(check bool) "escape reported" true
+        (List.exists
+           (fun s -> String.length s > 20 && String.sub s 0 20 = "modify stored a priv")
+           !logged));
+  H.destroy h
+
 let () =
   Alcotest.run "netmcore_heap"
     [
@@ -294,5 +319,6 @@ let () =
           Alcotest.test_case "additions live until modify returns" `Quick t_additions_survive;
           Alcotest.test_case "bad descriptors" `Quick t_bad_descr;
           Alcotest.test_case "two systhreads" `Quick t_threads;
+          Alcotest.test_case "Debug reports private values stored" `Quick t_debug_escape;
         ] );
     ]
