@@ -307,6 +307,34 @@ let t_debug_escape () =
            !logged));
   H.destroy h
 
+(* A process killed inside modify: the next locker recovers the heap, and
+   Heap_internal.modify_repairing runs its structure's repair exactly once
+   (whoever calls it first after the recovery). *)
+let t_repair_hook () =
+  let p = pool () in
+  let h = H.create_heap p 4096 (ref [ 1; 2; 3 ]) in
+  let repairs = ref 0 in
+  let repairing f = Shmpool_netmcore.Heap_internal.modify_repairing h ~repair:(fun _ -> incr repairs) f in
+  repairing (fun m -> H.root h := H.add m [ 4; 5 ]);
+  Alcotest.(check int) "no repair before any death" 0 !repairs;
+  (match Unix.fork () with
+  | 0 ->
+      H.modify h (fun m ->
+          ignore (H.add m (List.init 1000 Fun.id));
+          Unix.kill (Unix.getpid ()) Sys.sigkill);
+      Unix._exit 3
+  | pid -> (
+      match Unix.waitpid [] pid with
+      | _, Unix.WSIGNALED s when s = Sys.sigkill -> ()
+      | _ -> Alcotest.fail "the child was not killed inside modify"));
+  repairing (fun m -> H.root h := H.add m (6 :: !(H.root h)));
+  Alcotest.(check int) "repaired once after the recovery" 1 !repairs;
+  Alcotest.(check (list int)) "root: last committed value" [ 6; 4; 5 ] !(H.root h);
+  Alcotest.(check int) "one recovery" 1 (H.stats h).H.recoveries;
+  repairing ignore;
+  Alcotest.(check int) "not again" 1 !repairs;
+  H.destroy h
+
 let () =
   Alcotest.run "netmcore_heap"
     [
@@ -320,5 +348,6 @@ let () =
           Alcotest.test_case "bad descriptors" `Quick t_bad_descr;
           Alcotest.test_case "two systhreads" `Quick t_threads;
           Alcotest.test_case "Debug reports private values stored" `Quick t_debug_escape;
+          Alcotest.test_case "death in modify: recovery and repair hook" `Quick t_repair_hook;
         ] );
     ]
