@@ -165,8 +165,21 @@ module Common (I : IMPL) = struct
     I.H.gc h;
     I.H.destroy h
 
+  (* A full pool raises the very Out_of_pool_memory of OCamlnet's pool,
+     and the heap stays usable. *)
+  let t_full () =
+    let id = I.create_mempool (1024 * 1024) in
+    made := (fun () -> I.unlink_mempool id) :: !made;
+    let h = I.H.create_heap id 4096 (ref "") in
+    Alcotest.check_raises "Out_of_pool_memory" Netmcore_mempool.Out_of_pool_memory (fun () ->
+        I.H.modify h (fun m -> I.H.root h := I.H.add m (String.make (2 * 1024 * 1024) 'x')));
+    I.H.modify h (fun m -> I.H.root h := I.H.add m "small");
+    Alcotest.(check string) "still usable" "small" !(I.H.root h);
+    I.H.destroy h
+
   let tests =
     [
+      Alcotest.test_case (I.name ^ ": full pool") `Quick t_full;
       Alcotest.test_case (I.name ^ ": every function") `Quick t_basic;
       Alcotest.test_case (I.name ^ ": errors") `Quick t_errors;
       Alcotest.test_case (I.name ^ ": destroy restores the pool") `Quick t_destroy_restores;
