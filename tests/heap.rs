@@ -241,10 +241,47 @@ fn pins_keep_values_alive_until_unpinned() {
     h.gc().unwrap();
     assert_eq!(h.stats().unwrap().pins, 1);
     assert_eq!(read_list(l).unwrap(), vec![7, 8, 9]);
-    assert_eq!(h.stats().unwrap().live_words, 9);
+    // the list, and the pin itself (a 4-field block)
+    assert_eq!(h.stats().unwrap().live_words, 9 + 5);
     h.with_lock(|h| h.unpin(pin, l)).unwrap();
     h.gc().unwrap();
     assert_eq!(h.stats().unwrap().live_words, 0);
+    assert_sound(&h);
+    h.destroy().unwrap();
+}
+
+#[test]
+fn pins_have_no_limit_and_unpin_any_order() {
+    let pool = anon(256);
+    let h = Heap::create(&pool, 4096).unwrap();
+    let pins = h
+        .with_lock(|h| {
+            (0..500)
+                .map(|i| {
+                    let l = build_list(h, i, 2);
+                    Ok((l, h.pin_shared(l)?))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .unwrap();
+    h.gc().unwrap();
+    assert_eq!(h.stats().unwrap().pins, 500);
+    assert_eq!(h.stats().unwrap().live_words, 500 * (6 + 5));
+    assert_sound(&h);
+    // every other one, then the rest backwards
+    h.with_lock(|h| {
+        for (l, p) in pins.iter().step_by(2) {
+            h.unpin(*p, *l)?;
+        }
+        for (l, p) in pins.iter().skip(1).step_by(2).rev() {
+            h.unpin(*p, *l)?;
+        }
+        Ok(())
+    })
+    .unwrap();
+    h.gc().unwrap();
+    let s = h.stats().unwrap();
+    assert_eq!((s.pins, s.live_words), (0, 0));
     assert_sound(&h);
     h.destroy().unwrap();
 }

@@ -61,8 +61,6 @@ pub enum HeapError {
     Destroyed,
     /// The operation needs the heap lock held by the calling thread.
     NotLocked,
-    /// Every pin entry is in use (`with_value` nested too deep).
-    TooManyPins,
     /// `destroy` called by the thread holding the heap's lock.
     InUse,
     /// A value that cannot be copied into a heap, and what it is: a
@@ -80,7 +78,6 @@ impl HeapError {
             HeapError::NotAHeap(_) => code::NOT_A_HEAP,
             HeapError::Destroyed => code::HEAP_DESTROYED,
             HeapError::NotLocked => code::NOT_LOCKED,
-            HeapError::TooManyPins => code::TOO_MANY_PINS,
             HeapError::InUse => code::HEAP_IN_USE,
             HeapError::Uncopyable(_) => code::UNCOPYABLE,
         }
@@ -100,7 +97,6 @@ impl std::fmt::Display for HeapError {
             HeapError::NotAHeap(why) => write!(f, "no heap structure found: {why}"),
             HeapError::Destroyed => write!(f, "heap destroyed"),
             HeapError::NotLocked => write!(f, "heap not locked by this thread"),
-            HeapError::TooManyPins => write!(f, "too many values pinned at once"),
             HeapError::InUse => write!(f, "heap in use by this thread"),
             HeapError::Uncopyable(what) => write!(f, "cannot copy into a heap: {what}"),
         }
@@ -241,6 +237,7 @@ impl<'p> Heap<'p> {
         let first = off + std::mem::size_of::<HeapDesc>();
         d.first_chunk.store(first as u64, Relaxed);
         d.root.store(VAL_UNIT, Relaxed);
+        d.pin_head.store(VAL_UNIT, Relaxed);
         for f in &d.free_heads {
             f.store(0, Relaxed);
         }
@@ -564,7 +561,7 @@ impl<'p> Heap<'p> {
                 recoveries: d.recoveries.load(Relaxed),
                 needs_repair: d.needs_repair.load(Relaxed),
                 repaired: d.repaired.load(Relaxed),
-                pins: d.pins.iter().filter(|p| p.value.load(Relaxed) != 0).count() as u64,
+                pins: h.count_pins(),
             })
         })
     }
