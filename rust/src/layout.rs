@@ -135,10 +135,9 @@ impl Header {
         // SAFETY: `g` proves that this thread holds this header's pool lock,
         // and the `&mut` borrow of `g` for 'a keeps this function from being
         // called again (and the lock from being released) while the
-        // references live. Every writer of these cells holds that lock the
-        // same way, so nothing else writes them meanwhile. The one access
-        // without the lock is an attacher reading `alloc.npages`, which
-        // nobody writes once the pool is published (see `AllocState`).
+        // references live. Every access to these cells goes through here
+        // (but `format`'s, before the pool is published), so nothing else
+        // reads or writes them meanwhile.
         unsafe {
             Exclusive {
                 alloc: &mut *self.alloc.as_ptr(),
@@ -187,8 +186,8 @@ pub struct OwnerUsage {
 #[repr(C)]
 #[derive(Debug, Clone)]
 pub struct AllocState {
-    /// Payload pages. Written once at format time, before the magic, and
-    /// never again (so an attacher may read it without the lock).
+    /// Payload pages. Set at format time, never changed after; checked
+    /// against the header's geometry when a pool is attached.
     pub npages: u32,
     /// Root of the treap of long free runs, or `NIL`.
     pub tree_root: u32,
