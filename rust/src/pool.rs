@@ -183,28 +183,42 @@ impl Pool {
     pub unsafe fn attach_in_place(ptr: *mut u8, len: usize) -> Result<Pool> {
         // SAFETY: the caller's contract covers `borrowed`'s.
         let map = unsafe { Mapping::borrowed(ptr, len)? };
-        Self::validate(map, None).map(Self::repaired)
+        Self::validate(map, None).and_then(Self::repaired)
     }
 
     /// Maps and opens the named pool created by another process.
     pub fn attach(name: impl AsRef<OsStr>) -> Result<Pool> {
         let name = name.as_ref();
-        Self::validate(Mapping::open_named(name)?, Some(name.to_owned())).map(Self::repaired)
+        Self::validate(Mapping::open_named(name)?, Some(name.to_owned())).and_then(Self::repaired)
     }
 
     /// A process opening a pool verifies it once (O(pages), about a
     /// millisecond per GiB) and, if its metadata is damaged (a stray write
     /// by some program, a bug), rebuilds everything derived from the
     /// `ALLOC` words before using it, counting a recovery.
-    fn repaired(self) -> Pool {
-        let _ = self.locked(|l| {
+    ///
+    /// First of all it compares the allocator's own page count with the
+    /// header's geometry (`validate` cannot: the allocator state may only be
+    /// read under the lock), and refuses the pool if they differ.
+    fn repaired(self) -> Result<Pool> {
+        let npages = self.geo.npages;
+        let r = self.locked(|l| {
+            if l.arena.st.npages != npages {
+                return Err(Error::NotAPool(format!(
+                    "the allocator counts {} pages, the geometry {npages}",
+                    l.arena.st.npages
+                )));
+            }
             if !l.arena.check().is_empty() {
                 l.arena.rebuild();
                 *l.recoveries = l.recoveries.wrapping_add(1);
             }
             Ok(())
         });
-        self
+        match r {
+            Err(e @ Error::NotAPool(_)) => Err(e),
+            _ => Ok(self),
+        }
     }
 
     fn format(map: Mapping, geo: Geometry, name: Option<OsString>, zeroed: bool) -> Result<Pool> {
@@ -278,22 +292,20 @@ impl Pool {
         if ps as usize != page_size() {
             return bad(format!("page size {ps} (this machine {})", page_size()));
         }
-        // SAFETY: `npages` lies inside the header; it was written before the
-        // magic and is never written again (see `AllocState`), so this read
-        // races with no write, even while a lock holder has the allocator
-        // state lent as `&mut` (which it never uses to write `npages`).
-        // Atomic all the same, so a stray writer cannot make it a race.
-        let npages = unsafe {
-            std::sync::atomic::AtomicU32::from_ptr(std::ptr::addr_of_mut!(
-                (*h.alloc.as_ptr()).npages
-            ))
-            .load(Ordering::Relaxed)
-        };
+        // The page count the geometry implies. `AllocState::npages` must
+        // agree, but it is only read under the lock (see `repaired`): a lock
+        // holder may have the allocator state lent as `&mut` right now.
+        let total = h.total_len.load(Ordering::Relaxed);
+        let payload = h.payload_offset.load(Ordering::Relaxed);
+        let npages = total
+            .checked_sub(payload)
+            .and_then(|b| u32::try_from(b / ps as u64).ok())
+            .unwrap_or(0);
         match Geometry::for_pages(npages, page_size()) {
             Some(g)
-                if g.total_len as u64 == h.total_len.load(Ordering::Relaxed)
+                if g.total_len as u64 == total
                     && g.desc_offset as u64 == h.desc_offset.load(Ordering::Relaxed)
-                    && g.payload_offset as u64 == h.payload_offset.load(Ordering::Relaxed)
+                    && g.payload_offset as u64 == payload
                     && g.total_len <= map.len() =>
             {
                 let hdr = NonNull::new(map.ptr().cast::<Header>()).ok_or(Error::BadSize)?;
