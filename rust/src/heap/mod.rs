@@ -164,6 +164,8 @@ pub struct Heap<'p> {
 // checks); all shared memory is reached through atomics or raw pointers
 // under that mutex.
 unsafe impl Send for Heap<'_> {}
+// SAFETY: as for Send: shared use from several threads goes through the
+// heap's mutex and the `holder` check.
 unsafe impl Sync for Heap<'_> {}
 
 /// Smallest extension chunk.

@@ -58,7 +58,7 @@ impl Heap<'_> {
         owner::ensure_fork_hook();
         let id = me().unwrap_or(OwnerIdentity {
             pid: std::process::id() as i32,
-            _pad: 0,
+            pidns: 0,
             start_time: 0,
         });
         let d = self.desc();
