@@ -1,8 +1,8 @@
 //! Values pinned by `with_value` between its `find` (under the lock) and
 //! the end of its `process` (without it).
 //!
-//! A pin is a heap block `[value; pid; start time; next]` (tag 0; pid and
-//! start time as OCaml ints) on a list whose head, `pin_head`, is a GC root:
+//! A pin is a heap block `[value; pid; pid namespace; start time; next]`
+//! (tag 0; the owner's identity as OCaml ints) on a list whose head, `pin_head`, is a GC root:
 //! the GC reaches the pinned values through it like through any value.
 //! The owner's identity lets the GC and recovery drop the pins of a
 //! process that died during `process` (no lock is abandoned there, so no
@@ -36,12 +36,14 @@ fn me() -> Option<OwnerIdentity> {
 
 const VALUE: u64 = 0;
 const PID: u64 = 1;
-const START: u64 = 2;
-const NEXT: u64 = 3;
+const PIDNS: u64 = 2;
+const START: u64 = 3;
+const NEXT: u64 = 4;
+const PIN_FIELDS: usize = 5;
 
 impl Heap<'_> {
     fn pin_field(&self, pin: u64, k: u64) -> u64 {
-        // SAFETY: `pin` is a block of the pin list (reachable, 4 fields) of
+        // SAFETY: `pin` is a block of the pin list (reachable, PIN_FIELDS fields) of
         // this heap; lock held by the caller.
         unsafe { self.rd(pin - self.base() + 8 * k) }
     }
@@ -56,16 +58,20 @@ impl Heap<'_> {
     pub fn pin_shared(&self, v: u64) -> HResult<u64> {
         self.local()?;
         owner::ensure_fork_hook();
+        // Without a readable identity, pidns 0 makes the pin count as alive
+        // for as long as it is pinned (see `owner::is_alive`).
         let id = me().unwrap_or(OwnerIdentity {
             pid: std::process::id() as i32,
             pidns: 0,
             start_time: 0,
         });
         let d = self.desc();
-        let p = self.alloc(4, 0)?;
+        let p = self.alloc(PIN_FIELDS, 0)?;
         self.set_pin_field(p, VALUE, v);
         self.set_pin_field(p, PID, val_int(id.pid as i64));
-        self.set_pin_field(p, START, val_int((id.start_time & (u64::MAX >> 2)) as i64));
+        self.set_pin_field(p, PIDNS, val_int(id.pidns as i64));
+        // Clock ticks since boot: far below 2^62.
+        self.set_pin_field(p, START, val_int(id.start_time as i64));
         self.set_pin_field(p, NEXT, d.pin_head.load(Relaxed));
         d.pin_head.store(p, Relaxed); // commit
         super::crash::hit(super::crash::HeapPoint::PinWritten);
@@ -101,23 +107,22 @@ impl Heap<'_> {
         }
     }
 
-    /// Unlinks the pins of processes that are gone (lock held). A start
-    /// time of 0 (identity unreadable when pinned) counts as alive while
-    /// the pid exists.
+    /// Unlinks the pins of processes that are gone (lock held), as the
+    /// pool judges its owners (`owner::is_alive`: a pid of another PID
+    /// namespace, or an identity unreadable when pinned, counts as alive).
     pub(crate) fn prune_dead_pins(&self) {
-        let mut seen: Vec<(i32, u64, bool)> = Vec::new();
+        let mut seen: Vec<(OwnerIdentity, bool)> = Vec::new();
         self.unlink_pins(|p| {
-            let pid = int_val(self.pin_field(p, PID)) as i32;
-            let st = int_val(self.pin_field(p, START)) as u64;
-            let alive = match seen.iter().find(|&&(a, b, _)| a == pid && b == st) {
-                Some(&(_, _, alive)) => alive,
+            let id = OwnerIdentity {
+                pid: int_val(self.pin_field(p, PID)) as i32,
+                pidns: int_val(self.pin_field(p, PIDNS)) as u32,
+                start_time: int_val(self.pin_field(p, START)) as u64,
+            };
+            let alive = match seen.iter().find(|(s, _)| *s == id) {
+                Some(&(_, alive)) => alive,
                 None => {
-                    let alive = match owner::probe(pid) {
-                        owner::Liveness::Alive(t) => st == 0 || (t & (u64::MAX >> 2)) == st,
-                        owner::Liveness::Gone => false,
-                        owner::Liveness::Unknown => true,
-                    };
-                    seen.push((pid, st, alive));
+                    let alive = owner::is_alive(&id);
+                    seen.push((id, alive));
                     alive
                 }
             };
