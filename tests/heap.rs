@@ -645,3 +645,41 @@ fn death_at_each_heap_crash_point_is_recovered() {
         "needs --features crash-points",
     );
 }
+
+/// With the pool full, a heap reuses its own garbage before reporting
+/// `OutOfMemory`, even far below the GC's usual threshold.
+#[test]
+fn a_full_pool_makes_the_heap_collect_instead_of_failing() {
+    let pool = anon(64);
+    let h = Heap::create(&pool, 16 << 10).unwrap();
+    let mut filler = Vec::new();
+    while let Ok(off) = pool.alloc(4096) {
+        filler.push(off);
+    }
+    h.with_lock(|h| {
+        let l = build_list(h, 0, 400);
+        h.set_root(l)
+    })
+    .unwrap();
+    for round in 0..50 {
+        // build_list panics if an allocation fails
+        h.with_lock(|h| {
+            let _ = build_list(h, round, 200);
+            Ok(())
+        })
+        .unwrap();
+    }
+    let s = h.stats().unwrap();
+    assert_eq!(s.chunks, 1);
+    assert!(s.gcs > 0, "{s:?}");
+    assert_eq!(read_list(h.root()).unwrap(), (0..400).collect::<Vec<_>>());
+    assert_sound(&h);
+    // What does not fit even after a GC is still OutOfMemory, cleanly.
+    let r = h.with_lock(|h| h.alloc(100_000, STRING_TAG).map(|_| ()));
+    assert_eq!(r, Err(HeapError::Pool(shmpool::Error::OutOfMemory)));
+    for off in filler {
+        pool.free(off).unwrap();
+    }
+    h.destroy().unwrap();
+    assert_eq!(pool.stats().live_blocks, 0);
+}

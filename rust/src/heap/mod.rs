@@ -415,15 +415,19 @@ impl<'p> Heap<'p> {
         }
         let mut info = LockInfo::default();
         if how == crate::lock::Acquired::OwnerDied {
-            // A panic here must not leave the mutex held by a live
-            // process with the data half-repaired; a failed recovery is
-            // retried by the next locker (the mutex stays inconsistent).
+            // A death during recovery leaves the mutex inconsistent for
+            // the next locker, which starts over. A *failure* (a panic: a
+            // bug) must not: unlocking an inconsistent robust mutex makes
+            // it unusable forever, so it is marked consistent anyway and
+            // the caller hears of the failure.
             let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.recover()))
                 .unwrap_or(false);
-            if ok {
-                hlock::mark_consistent(&d.lock);
-                info.recovered = true;
+            hlock::mark_consistent(&d.lock);
+            if !ok {
+                self.unlock();
+                return Err(Error::Corrupt("heap recovery failed".into()).into());
             }
+            info.recovered = true;
         }
         if let Err(e) = self.check_live() {
             self.unlock();
@@ -517,14 +521,28 @@ impl<'p> Heap<'p> {
         let since = d.alloc_since_gc.load(Relaxed);
         if since >= d.live_words.load(Relaxed).max(MIN_GC_WORDS) {
             self.collect()?;
+            // Mostly live after the GC: grow now, so the next GCs stay
+            // amortised; but a full pool is no error while the free lists
+            // still have room.
             let (free, total) = (d.free_words.load(Relaxed), d.heap_words.load(Relaxed));
-            if free >= total / 4 {
-                if let Some(off) = self.take(words) {
-                    return Ok(self.count_alloc(off, words));
+            if free < total / 4 {
+                match self.grow(words) {
+                    Ok(()) | Err(HeapError::Pool(Error::OutOfMemory)) => {}
+                    Err(e) => return Err(e),
                 }
             }
+            if let Some(off) = self.take(words) {
+                return Ok(self.count_alloc(off, words));
+            }
+            self.grow(words)?;
+        } else {
+            match self.grow(words) {
+                // The pool is full: what the heap holds as garbage is the
+                // only room left.
+                Err(HeapError::Pool(Error::OutOfMemory)) if since > 0 => self.collect()?,
+                r => r?,
+            }
         }
-        self.grow(words)?;
         let off = self
             .take(words)
             .ok_or(HeapError::Pool(Error::OutOfMemory))?;
