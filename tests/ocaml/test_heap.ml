@@ -98,6 +98,19 @@ module Common (I : IMPL) = struct
         let a, b, c, d, e, f = v in
         Alcotest.(check bool) "customs and floats" true
           (a = 1l && b = 2L && c = 3n && d = 4.5 && e = [| 1.; 2. |] && f.{1} = 8));
+    (* accepted by the original, so by ours *)
+    I.H.modify h (fun m ->
+        let t = Hashtbl.create 8 in
+        Hashtbl.replace t "k" [ 1 ];
+        let t' = I.H.add m t in
+        Alcotest.(check (list int)) "Hashtbl.t" [ 1 ] (Hashtbl.find t' "k");
+        let b = Buffer.create 8 in
+        Buffer.add_string b "buf";
+        Alcotest.(check string) "Buffer.t" "buf" (Buffer.contents (I.H.add m b));
+        ignore (I.H.add m (Netmcore_mutex.dummy ()));
+        ignore (I.H.add m (Netmcore_sem.dummy ()));
+        Alcotest.(check bool) "[||]" true (I.H.add_immutable m [| "x" |] = [| "x" |]);
+        Alcotest.(check bool) "forced lazy" true (I.H.add m (Lazy.from_val "v") |> Lazy.force = "v"));
     Alcotest.(check int) "with_value" 2
       (I.H.with_value h (fun () -> !(I.H.root h)) List.length);
     Alcotest.(check string) "copy" "abc" (I.H.copy "abc");
