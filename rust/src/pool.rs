@@ -661,6 +661,42 @@ impl Pool {
         }
     }
 
+    /// Hands the live block at byte offset `off` to nobody (owner slot 0):
+    /// `reclaim_dead` never frees it, so it outlives the process that
+    /// allocated it (a shared heap's chunks). One rewrite of its `ALLOC`
+    /// word under the lock: the commit.
+    pub fn disown(&self, off: usize) -> Result<()> {
+        let page = self.page_of_offset(off)?;
+        let owner_bits = crate::desc::alloc_word(0, u16::MAX) ^ crate::desc::alloc_word(0, 0);
+        self.locked(|l| {
+            let w = l.arena.w(page);
+            if crate::desc::tag(w) != crate::desc::TAG_ALLOC || crate::desc::is_cached(w) {
+                return Err(Error::NotABlock);
+            }
+            let (len, owner) = (crate::desc::alloc_len(w), crate::desc::alloc_owner(w));
+            if !l.arena.swap_word(page, w, w & !owner_bits) {
+                return Err(Error::NotABlock);
+            }
+            let u = &mut l.arena.st.usage;
+            let o = owner as usize % MAX_OWNERS;
+            u[o].pages = u[o].pages.saturating_sub(len as u64);
+            u[o].blocks = u[o].blocks.saturating_sub(1);
+            u[0].pages += len as u64;
+            u[0].blocks += 1;
+            Ok(())
+        })
+    }
+
+    /// Byte offsets of the live blocks owned by nobody (slot 0).
+    pub(crate) fn unowned_blocks(&self) -> Result<Vec<usize>> {
+        let live = self.locked(|l| Ok(l.arena.live_blocks()))?;
+        Ok(live
+            .into_iter()
+            .filter(|&(_, _, o)| o == 0)
+            .map(|(p, _, _)| self.offset_of_page(p))
+            .collect())
+    }
+
     /// Frees the block starting at byte offset `off`; returns its size.
     ///
     /// The block's descriptor is read once, here, and every later step
