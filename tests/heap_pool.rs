@@ -3,15 +3,19 @@
 //! locked alloc and free, the per-process cache, take-back, stats, check,
 //! reclaim, debug_info).
 //!
+//! A fourth thread attaches meanwhile, reading the header while the
+//! others hold the lock.
+//!
 //! Natively this is a small thread test. Its real purpose is Miri
 //! (`make miri`, scripts/miri.sh), which runs it with its aliasing (Stacked
 //! Borrows) and data-race checkers: threads stand in for the processes
 //! that share a pool, so a `&`/`&mut` reference to shared state that
 //! another thread writes, or a plain access racing another, is reported.
 
-use shmpool::layout::Geometry;
-use shmpool::Pool;
+use shmpool::layout::{AllocState, Geometry, Header};
+use shmpool::{Error, Pool};
 use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::mem::offset_of;
 
 /// Zeroed heap memory for a pool of `pages` payload pages, freed on drop.
 struct Heap {
@@ -87,7 +91,22 @@ fn threads_share_a_heap_pool() {
             }
             Vec::new()
         });
-        vec![a.join().unwrap(), b.join().unwrap(), c.join().unwrap()]
+        // Attaching checks the header while the others hold the lock (and
+        // the allocator state as `&mut`): it must read nothing of theirs.
+        let (ptr, len) = (heap.ptr as usize, heap.layout.size());
+        let d = s.spawn(move || {
+            for _ in 0..4 {
+                // SAFETY: as for `other`.
+                drop(unsafe { Pool::attach_in_place(ptr as *mut u8, len) }.unwrap());
+            }
+            Vec::new()
+        });
+        vec![
+            a.join().unwrap(),
+            b.join().unwrap(),
+            c.join().unwrap(),
+            d.join().unwrap(),
+        ]
     });
     assert_eq!(pool.check(), Vec::<String>::new());
     assert!(pool.debug_info().contains("live_blocks"));
@@ -102,4 +121,44 @@ fn threads_share_a_heap_pool() {
     assert_eq!((st.live_blocks, st.free_bytes), (0, st.payload_bytes));
     drop(other);
     drop(pool);
+}
+
+/// A header whose geometry and allocator disagree on the page count is not
+/// a pool, and attaching it changes nothing (the allocator's count is only
+/// read under the lock, so this check runs in `attach`'s first locked
+/// section rather than before it).
+#[test]
+fn a_page_count_that_disagrees_is_not_a_pool() {
+    let at = offset_of!(Header, alloc) + offset_of!(AllocState, npages);
+    let total = offset_of!(Header, total_len);
+    for (off, delta) in [(at, 1u64), (at, u64::MAX), (total, 1), (total, 4096)] {
+        // A fresh pool each time (Miri does not let a mutex be restored
+        // from a copy of its bytes).
+        let heap = Heap::new(8);
+        let len = heap.layout.size();
+        // SAFETY: fresh zeroed memory of the pool's size, used only as this
+        // pool; each pool is dropped before the memory is touched again.
+        drop(unsafe { Pool::format_in_place(heap.ptr, len, true) }.unwrap());
+        // SAFETY: inside the heap block; both fields are aligned integers.
+        unsafe {
+            if off == at {
+                let p = heap.ptr.add(off).cast::<u32>();
+                p.write(p.read().wrapping_add(delta as u32));
+            } else {
+                let p = heap.ptr.add(off).cast::<u64>();
+                p.write(p.read().wrapping_add(delta));
+            }
+        }
+        // SAFETY: as above.
+        let damaged = unsafe { std::slice::from_raw_parts(heap.ptr, len).to_vec() };
+        // SAFETY: the memory holds a (damaged) pool and outlives the call.
+        match unsafe { Pool::attach_in_place(heap.ptr, len) } {
+            Err(Error::NotAPool(_)) => {}
+            Err(e) => panic!("offset {off} +{delta}: {e}"),
+            Ok(_) => panic!("offset {off} +{delta}: attached"),
+        }
+        // SAFETY: as above.
+        let after = unsafe { std::slice::from_raw_parts(heap.ptr, len) };
+        assert!(after == damaged, "offset {off} +{delta}: memory changed");
+    }
 }

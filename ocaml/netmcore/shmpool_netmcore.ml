@@ -2,6 +2,13 @@ module Netmcore_mempool = Mempool
 
 let shmpool = Mempool.shmpool
 
+module Netmcore_heap = Heap
+module Netmcore_ref = Sref
+
+module Heap_internal = struct
+  let modify_repairing = Heap.modify_repairing
+end
+
 (* Runs a worker's process function, then gives this process's cached blocks
    back, whether it returned or raised: Netmcore delivers the result (and
    [join] returns) before the worker exits, which is when Shmpool would give

@@ -256,3 +256,5 @@ let total_for_payload n =
 let prefault_shm ?(len = 0) name =
   let r = prefault_stub name len in
   if r < 0 then fail "Shmpool.prefault_shm" r
+
+let heap_handle t = t.h

@@ -274,3 +274,9 @@ val prefault_shm : ?len:int -> string -> unit
     its first [len] bytes, or all of it (the default).
     @raise Invalid_argument if the name is not a valid shm name.
     @raise Failure if the object cannot be opened or the memory reserved. *)
+
+(**/**)
+
+val heap_handle : t -> int
+(** Internal: the handle the shared-heap stubs take
+    ([Shmpool_netmcore.Netmcore_heap]). *)

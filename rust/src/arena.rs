@@ -89,17 +89,8 @@ impl<'a> Arena<'a> {
     /// as in a freshly created shared memory object: touches O(1) words, so
     /// creating a large pool does not fault in its whole descriptor array.
     pub fn format_zeroed(&mut self) {
+        *self.st = AllocState::new(self.st.npages);
         let n = self.st.npages;
-        // Field by field: `npages` is never written again once set (an
-        // attacher reads it without the lock, see `AllocState`).
-        let fresh = AllocState::new(n);
-        self.st.tree_root = fresh.tree_root;
-        self.st.tree_max = fresh.tree_max;
-        self.st.free_pages = fresh.free_pages;
-        self.st.live_blocks = fresh.live_blocks;
-        self.st.small_bitmap = fresh.small_bitmap;
-        self.st.small_head = fresh.small_head;
-        self.st.usage = fresh.usage;
         self.file_run(0, n);
         self.st.free_pages = n as u64;
     }

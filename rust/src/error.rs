@@ -58,9 +58,17 @@ pub mod code {
     /// A panic was caught at the FFI boundary (an internal error).
     pub const INTERNAL: isize = -8;
     pub const BAD_NAME: isize = -9;
+    // Shared heaps (`crate::heap`, FFI only).
+    /// A value that cannot be copied into a heap (closure, object, ...).
+    pub const UNCOPYABLE: isize = -10;
+    pub const NOT_A_HEAP: isize = -11;
+    pub const HEAP_DESTROYED: isize = -12;
+    /// A heap operation that needs the heap's lock, called without it.
+    pub const NOT_LOCKED: isize = -13;
+    pub const HEAP_IN_USE: isize = -14;
 
     /// Every code with the name the OCaml side looks it up by.
-    pub const ALL: [(&str, isize); 9] = [
+    pub const ALL: [(&str, isize); 14] = [
         ("out_of_memory", OUT_OF_MEMORY),
         ("bad_size", BAD_SIZE),
         ("not_a_block", NOT_A_BLOCK),
@@ -70,6 +78,11 @@ pub mod code {
         ("closed", CLOSED),
         ("internal", INTERNAL),
         ("bad_name", BAD_NAME),
+        ("uncopyable", UNCOPYABLE),
+        ("not_a_heap", NOT_A_HEAP),
+        ("heap_destroyed", HEAP_DESTROYED),
+        ("not_locked", NOT_LOCKED),
+        ("heap_in_use", HEAP_IN_USE),
     ];
 }
 

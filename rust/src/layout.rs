@@ -77,7 +77,7 @@ pub struct Header {
     pub lock: MutexStorage,
     /// Owner slot identities (slot 0 = "unrecorded owner"). Pool lock.
     pub owners: LockCell<[OwnerIdentity; MAX_OWNERS]>,
-    /// The allocator's state. Pool lock (but see [`AllocState::npages`]).
+    /// The allocator's state. Pool lock.
     pub alloc: LockCell<AllocState>,
     /// What each owner's per-process cache holds (see `cache.rs`): each
     /// slot's fields are written under that slot's lock, by its owner
@@ -107,7 +107,8 @@ const _: () = {
 #[repr(transparent)]
 pub struct LockCell<T>(UnsafeCell<T>);
 
-// SAFETY: the contents are only reached through `Header::exclusive`, which
+// SAFETY: the contents are only reached through `Header::exclusive` (the
+// type has no constructor and `as_ptr` is crate-private), which
 // requires the guard of the header's own pool lock, mutably borrowed for as
 // long as the references it returns live: one thread (of one process) at a
 // time, and the next holder only after the unlock (which orders the writes,
@@ -115,12 +116,9 @@ pub struct LockCell<T>(UnsafeCell<T>);
 unsafe impl<T: Send> Sync for LockCell<T> {}
 
 impl<T> LockCell<T> {
-    pub const fn new(v: T) -> Self {
-        LockCell(UnsafeCell::new(v))
-    }
-
-    /// Raw pointer to the value (for code that proves exclusivity itself).
-    pub fn as_ptr(&self) -> *mut T {
+    /// Raw pointer to the value: only `Header::exclusive` dereferences it.
+    /// (No constructor: a header is formatted in place from zeros.)
+    pub(crate) fn as_ptr(&self) -> *mut T {
         self.0.get()
     }
 }
@@ -143,10 +141,9 @@ impl Header {
         // SAFETY: `g` proves that this thread holds this header's pool lock,
         // and the `&mut` borrow of `g` for 'a keeps this function from being
         // called again (and the lock from being released) while the
-        // references live. Every writer of these cells holds that lock the
-        // same way, so nothing else writes them meanwhile. The one access
-        // without the lock is an attacher reading `alloc.npages`, which
-        // nobody writes once the pool is published (see `AllocState`).
+        // references live. Every access to these cells goes through here
+        // (`as_ptr` is dereferenced nowhere else), so nothing else reads or
+        // writes them meanwhile.
         unsafe {
             Exclusive {
                 alloc: &mut *self.alloc.as_ptr(),
@@ -210,8 +207,8 @@ pub struct OwnerUsage {
 #[repr(C)]
 #[derive(Debug, Clone)]
 pub struct AllocState {
-    /// Payload pages. Written once at format time, before the magic, and
-    /// never again (so an attacher may read it without the lock).
+    /// Payload pages. Set at format time, never changed after; checked
+    /// against the header's geometry when a pool is attached.
     pub npages: u32,
     /// Root of the treap of long free runs, or `NIL`.
     pub tree_root: u32,
@@ -296,9 +293,10 @@ pub struct Inbox {
     pub(crate) entries: [AtomicU32; INBOX_CAP],
 }
 
-// The byte layout of format LAYOUT_VERSION. Changing any of these numbers
-// changes the format: bump LAYOUT_VERSION (here too) so that old and new
-// code refuse each other's pools instead of misreading them.
+// The byte layout of format LAYOUT_VERSION (3: the same bytes as before
+// these types moved here). Changing any of these numbers changes the
+// format: bump LAYOUT_VERSION (here too) so that old and new code refuse
+// each other's pools instead of misreading them.
 const _: () = assert!(
     LAYOUT_VERSION == 5
         && size_of::<Header>() == 41728 + MAX_OWNERS * size_of::<KeeperMutex>()
@@ -325,6 +323,8 @@ const _: () = assert!(
         && offset_of!(OwnerIdentity, pidns) == 4
         && offset_of!(OwnerIdentity, start_time) == 8
         && size_of::<OwnerUsage>() == 16
+        && offset_of!(OwnerUsage, pages) == 0
+        && offset_of!(OwnerUsage, blocks) == 8
         && size_of::<AllocState>() == 4656
         && offset_of!(AllocState, npages) == 0
         && offset_of!(AllocState, tree_root) == 4

@@ -13,6 +13,7 @@
 //! | [`arena`], `treap`, `recovery`, `check` | the allocator, pure logic |
 //! | `cache` | the per-process cache of small freed blocks |
 //! | [`pool`] | the safe API tying them together |
+//! | [`heap`] | shared heaps of OCaml values on a pool (`Netmcore_heap`) |
 //! | `ocaml_stubs` | the OCaml FFI (feature `ocaml-stubs`) |
 
 // Every unsafe operation sits in its own block with a `// SAFETY:` note,
@@ -32,6 +33,7 @@ mod check;
 pub mod crashpoint;
 pub mod desc;
 pub mod error;
+pub mod heap;
 pub mod layout;
 pub mod liveness;
 pub mod lock;
@@ -41,6 +43,8 @@ pub mod pool;
 mod recovery;
 mod treap;
 
+#[cfg(feature = "ocaml-stubs")]
+mod ocaml_heap_stubs;
 #[cfg(feature = "ocaml-stubs")]
 mod ocaml_stubs;
 

@@ -55,7 +55,9 @@ use std::sync::OnceLock;
 /// that a GC-managed mapping (e.g. `Unix.map_file`) is not unmapped under
 /// it even if OCaml drops every reference to the pool.
 struct Entry {
-    pool: Pool,
+    /// Shared with the heaps opened on it (`ocaml_heap_stubs.rs`), which
+    /// keep it alive after `close`.
+    pool: std::sync::Arc<Pool>,
     _source: Option<ocaml::root::Root>,
 }
 
@@ -73,7 +75,7 @@ thread_local! {
 
 /// Records `code` and `msg` for the OCaml side. Never panics (a thread
 /// being torn down, or a re-entrant borrow, just loses the message).
-fn set_last(code: isize, msg: String) {
+pub(crate) fn set_last(code: isize, msg: String) {
     let _ = LAST.try_with(|(c, m)| {
         c.set(code);
         if let Ok(mut m) = m.try_borrow_mut() {
@@ -104,7 +106,7 @@ fn closed() -> isize {
 
 /// Records a caught panic as an internal error and drops its payload
 /// (under `catch_unwind` too: a payload whose `Drop` panics is leaked).
-fn note_panic(payload: Box<dyn Any + Send>) -> isize {
+pub(crate) fn note_panic(payload: Box<dyn Any + Send>) -> isize {
     let msg = payload
         .downcast_ref::<&str>()
         .map(|s| s.to_string())
@@ -140,7 +142,7 @@ fn register(p: Pool, source: Option<ocaml::root::Root>) -> Result<isize, Error> 
         ));
     }
     let e = Entry {
-        pool: p,
+        pool: std::sync::Arc::new(p),
         _source: source,
     };
     POOLS[h].store(Box::into_raw(Box::new(e)), Ordering::Release);
@@ -177,6 +179,13 @@ extern "C" fn flush_all_at_exit() {
     });
 }
 
+/// The pool of handle `h`, shared (for a heap opened on it).
+pub(crate) fn pool_arc(h: isize) -> Option<std::sync::Arc<Pool>> {
+    let p = POOLS.get(usize::try_from(h).ok()?)?.load(Ordering::Acquire);
+    // SAFETY: as in `pool`.
+    unsafe { p.as_ref().map(|e| e.pool.clone()) }
+}
+
 #[inline]
 fn pool(h: isize) -> Option<&'static Pool> {
     let p = POOLS.get(usize::try_from(h).ok()?)?.load(Ordering::Acquire);
@@ -184,7 +193,7 @@ fn pool(h: isize) -> Option<&'static Pool> {
     // `shmpool_ml_close` swaps it out. OCaml calls these stubs with the
     // runtime lock held and none of them releases it, so a close cannot run
     // concurrently with a use in the same process.
-    unsafe { p.as_ref().map(|e| &e.pool) }
+    unsafe { p.as_ref().map(|e| &*e.pool) }
 }
 
 /// Runs a hot-path stub body; a panic becomes [`code::INTERNAL`].
@@ -412,7 +421,7 @@ const NONE: Raw = Raw(ocaml::sys::NONE);
 /// A panic returns `on_panic`, which must be an immediate of the stub's
 /// OCaml result type (an int code, `None`, `()`), so that nothing needs
 /// allocating after a panic.
-fn cold(on_panic: Raw, f: impl FnOnce(&Runtime) -> Raw) -> Raw {
+pub(crate) fn cold(on_panic: Raw, f: impl FnOnce(&Runtime) -> Raw) -> Raw {
     let r = catch_unwind(AssertUnwindSafe(|| {
         induced_panic_point();
         // SAFETY: OCaml called us, so the runtime is up and we hold its lock.

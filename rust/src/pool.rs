@@ -183,28 +183,42 @@ impl Pool {
     pub unsafe fn attach_in_place(ptr: *mut u8, len: usize) -> Result<Pool> {
         // SAFETY: the caller's contract covers `borrowed`'s.
         let map = unsafe { Mapping::borrowed(ptr, len)? };
-        Self::validate(map, None).map(Self::repaired)
+        Self::validate(map, None).and_then(Self::repaired)
     }
 
     /// Maps and opens the named pool created by another process.
     pub fn attach(name: impl AsRef<OsStr>) -> Result<Pool> {
         let name = name.as_ref();
-        Self::validate(Mapping::open_named(name)?, Some(name.to_owned())).map(Self::repaired)
+        Self::validate(Mapping::open_named(name)?, Some(name.to_owned())).and_then(Self::repaired)
     }
 
     /// A process opening a pool verifies it once (O(pages), about a
     /// millisecond per GiB) and, if its metadata is damaged (a stray write
     /// by some program, a bug), rebuilds everything derived from the
     /// `ALLOC` words before using it, counting a recovery.
-    fn repaired(self) -> Pool {
-        let _ = self.locked(|l| {
+    ///
+    /// First of all it compares the allocator's own page count with the
+    /// header's geometry (`validate` cannot: the allocator state may only be
+    /// read under the lock), and refuses the pool if they differ.
+    fn repaired(self) -> Result<Pool> {
+        let npages = self.geo.npages;
+        let r = self.locked(|l| {
+            if l.arena.st.npages != npages {
+                return Err(Error::NotAPool(format!(
+                    "the allocator counts {} pages, the geometry {npages}",
+                    l.arena.st.npages
+                )));
+            }
             if !l.arena.check().is_empty() {
                 l.arena.rebuild();
                 *l.recoveries = l.recoveries.wrapping_add(1);
             }
             Ok(())
         });
-        self
+        match r {
+            Err(e @ Error::NotAPool(_)) => Err(e),
+            _ => Ok(self),
+        }
     }
 
     fn format(map: Mapping, geo: Geometry, name: Option<OsString>, zeroed: bool) -> Result<Pool> {
@@ -278,22 +292,20 @@ impl Pool {
         if ps as usize != page_size() {
             return bad(format!("page size {ps} (this machine {})", page_size()));
         }
-        // SAFETY: `npages` lies inside the header; it was written before the
-        // magic and is never written again (see `AllocState`), so this read
-        // races with no write, even while a lock holder has the allocator
-        // state lent as `&mut` (which it never uses to write `npages`).
-        // Atomic all the same, so a stray writer cannot make it a race.
-        let npages = unsafe {
-            std::sync::atomic::AtomicU32::from_ptr(std::ptr::addr_of_mut!(
-                (*h.alloc.as_ptr()).npages
-            ))
-            .load(Ordering::Relaxed)
-        };
+        // The page count the geometry implies. `AllocState::npages` must
+        // agree, but it is only read under the lock (see `repaired`): a lock
+        // holder may have the allocator state lent as `&mut` right now.
+        let total = h.total_len.load(Ordering::Relaxed);
+        let payload = h.payload_offset.load(Ordering::Relaxed);
+        let npages = total
+            .checked_sub(payload)
+            .and_then(|b| u32::try_from(b / ps as u64).ok())
+            .unwrap_or(0);
         match Geometry::for_pages(npages, page_size()) {
             Some(g)
-                if g.total_len as u64 == h.total_len.load(Ordering::Relaxed)
+                if g.total_len as u64 == total
                     && g.desc_offset as u64 == h.desc_offset.load(Ordering::Relaxed)
-                    && g.payload_offset as u64 == h.payload_offset.load(Ordering::Relaxed)
+                    && g.payload_offset as u64 == payload
                     && g.total_len <= map.len() =>
             {
                 let hdr = NonNull::new(map.ptr().cast::<Header>()).ok_or(Error::BadSize)?;
@@ -372,22 +384,35 @@ impl Pool {
             .min(MAX_OWNERS as u32) as u16
     }
 
-    /// A token for taking slot locks: ours if registered, else computed.
+    /// A token for taking slot locks: ours if registered, else computed
+    /// (once per fork generation: it reads `/proc`, a few µs, which a
+    /// process that only calls `stats` would otherwise pay on every call).
     pub(crate) fn taker_token(&self) -> u64 {
-        self.my_identity()
-            .map(|(_, t)| t)
-            .filter(|&t| t != 0)
-            .unwrap_or_else(|| {
-                // Holding a slot lock as a taker needs some nonzero token;
-                // takers also hold the pool lock, so a pid-only one is safe.
-                let pid = std::process::id() as i32;
-                let id = owner::me().unwrap_or(OwnerIdentity {
-                    pid,
-                    pidns: 0,
-                    start_time: 0,
-                });
-                cache::token(&id, 0)
-            })
+        use std::sync::atomic::AtomicU64;
+        // The fallback token of this process and the fork generation it was
+        // computed in (u64::MAX: none yet). Within one generation every
+        // thread computes the same value, so a race only stores it twice.
+        static FALLBACK: AtomicU64 = AtomicU64::new(0);
+        static FALLBACK_GEN: AtomicU64 = AtomicU64::new(u64::MAX);
+        if let Some(t) = self.my_identity().map(|(_, t)| t).filter(|&t| t != 0) {
+            return t;
+        }
+        let gen = owner::fork_generation();
+        if FALLBACK_GEN.load(Ordering::Acquire) == gen {
+            return FALLBACK.load(Ordering::Relaxed);
+        }
+        // Holding a slot lock as a taker needs some nonzero token; takers
+        // also hold the pool lock, so a pid-only one is safe.
+        let pid = std::process::id() as i32;
+        let id = owner::me().unwrap_or(OwnerIdentity {
+            pid,
+            pidns: 0,
+            start_time: 0,
+        });
+        let t = cache::token(&id, 0);
+        FALLBACK.store(t, Ordering::Relaxed);
+        FALLBACK_GEN.store(gen, Ordering::Release);
+        t
     }
 
     fn mutex(&self) -> RobustMutex<'_> {
@@ -649,6 +674,42 @@ impl Pool {
         } else {
             self.flush_cache()
         }
+    }
+
+    /// Hands the live block at byte offset `off` to nobody (owner slot 0):
+    /// `reclaim_dead` never frees it, so it outlives the process that
+    /// allocated it (a shared heap's chunks). One rewrite of its `ALLOC`
+    /// word under the lock: the commit.
+    pub fn disown(&self, off: usize) -> Result<()> {
+        let page = self.page_of_offset(off)?;
+        let owner_bits = crate::desc::alloc_word(0, u16::MAX) ^ crate::desc::alloc_word(0, 0);
+        self.locked(|l| {
+            let w = l.arena.w(page);
+            if crate::desc::tag(w) != crate::desc::TAG_ALLOC || crate::desc::is_cached(w) {
+                return Err(Error::NotABlock);
+            }
+            let (len, owner) = (crate::desc::alloc_len(w), crate::desc::alloc_owner(w));
+            if !l.arena.swap_word(page, w, w & !owner_bits) {
+                return Err(Error::NotABlock);
+            }
+            let u = &mut l.arena.st.usage;
+            let o = owner as usize % MAX_OWNERS;
+            u[o].pages = u[o].pages.saturating_sub(len as u64);
+            u[o].blocks = u[o].blocks.saturating_sub(1);
+            u[0].pages += len as u64;
+            u[0].blocks += 1;
+            Ok(())
+        })
+    }
+
+    /// Byte offsets of the live blocks owned by nobody (slot 0).
+    pub(crate) fn unowned_blocks(&self) -> Result<Vec<usize>> {
+        let live = self.locked(|l| Ok(l.arena.live_blocks()))?;
+        Ok(live
+            .into_iter()
+            .filter(|&(_, _, o)| o == 0)
+            .map(|(p, _, _)| self.offset_of_page(p))
+            .collect())
     }
 
     /// Frees the block starting at byte offset `off`; returns its size.

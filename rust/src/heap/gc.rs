@@ -1,0 +1,164 @@
+//! The heap's own collector: mark from the roots into side bitmaps, then
+//! sweep every gap between marked blocks into the free lists.
+//!
+//! Headers stay black throughout (`value.rs` says why), so the marks live
+//! in each chunk's bitmap: bit i set = the block whose header is area word
+//! i is reachable.
+//!
+//! Roots: the root value, the pins of `with_value` (`pins.rs`) and the
+//! values allocated since the calling thread took the lock.
+//!
+//! Mark follows a word only if it is a pointer whose header word lies in
+//! one of this heap's areas, is black, and whose block fits the area:
+//! anything else (an immediate, an atom, a private value stored by
+//! mistake, another heap's value) is ignored and never dereferenced. It
+//! uses an explicit stack, so a long list cannot overflow the C stack.
+//!
+//! Sweep trusts only the headers of marked blocks (completely written
+//! before anything could reach them), which is what makes it the recovery
+//! procedure too. It writes only into gaps, never into a marked block, so
+//! readers without the lock never see a live value change. An extension
+//! chunk with no marked block goes back to the pool.
+//!
+//! Cost: O(live blocks + live fields) to mark, O(area / 64) to clear and
+//! scan the bitmaps, O(gaps) to rebuild the lists.
+
+use super::chunks::{find_in, ChunkRange};
+use super::value::*;
+use super::{HResult, Heap};
+use std::sync::atomic::Ordering::Relaxed;
+
+impl Heap<'_> {
+    /// Collects (lock held by the calling thread).
+    pub(crate) fn collect(&self) -> HResult<()> {
+        self.prune_dead_pins();
+        let d = self.desc();
+        let mut roots = vec![d.root.load(Relaxed), d.pin_head.load(Relaxed)];
+        roots.extend_from_slice(&self.local()?.added);
+        self.collect_from(&roots)
+    }
+
+    /// Marks from `roots` and sweeps (lock held).
+    pub(crate) fn collect_from(&self, roots: &[u64]) -> HResult<()> {
+        let ranges = self.ranges();
+        for r in &ranges {
+            // SAFETY: the bitmap lies inside the chunk (format_chunk);
+            // lock held.
+            unsafe {
+                std::ptr::write_bytes(
+                    self.pool.addr(r.bitmap as usize),
+                    0,
+                    r.words.div_ceil(64) as usize * 8,
+                )
+            };
+        }
+        self.mark(&ranges, roots);
+        self.sweep(&ranges)
+    }
+
+    /// Marks `v` if it is an unmarked block of ours; returns whether it
+    /// must be scanned.
+    #[inline]
+    fn mark_one(&self, ranges: &[ChunkRange], v: u64) -> bool {
+        if !is_block(v) {
+            return false;
+        }
+        let hoff = v.wrapping_sub(self.base()).wrapping_sub(8);
+        let Some(r) = find_in(ranges, hoff) else {
+            return false;
+        };
+        // SAFETY: hoff is a word of one of our areas (find_in); lock held.
+        let hd = unsafe { self.rd(hoff) };
+        if !is_black(hd) || hoff + (wosize(hd) + 1) * 8 > r.end() {
+            return false;
+        }
+        let i = (hoff - r.area) / 8;
+        let word = r.bitmap + (i / 64) * 8;
+        // SAFETY: i < r.words, so the bitmap word is inside the bitmap.
+        let bits = unsafe { self.rd(word) };
+        if bits & (1 << (i % 64)) != 0 {
+            return false;
+        }
+        // SAFETY: as above.
+        unsafe { self.wr(word, bits | 1 << (i % 64)) };
+        tag(hd) < NO_SCAN_TAG
+    }
+
+    fn mark(&self, ranges: &[ChunkRange], roots: &[u64]) {
+        let mut stack: Vec<u64> = Vec::new();
+        for &v in roots {
+            if self.mark_one(ranges, v) {
+                stack.push(v);
+            }
+        }
+        super::crash::hit(super::crash::HeapPoint::MidMark);
+        while let Some(v) = stack.pop() {
+            let hoff = v - self.base() - 8;
+            // SAFETY: v was marked, so its header and fields are inside
+            // one of our areas (checked by mark_one); lock held.
+            let n = wosize(unsafe { self.rd(hoff) });
+            for k in 0..n {
+                // SAFETY: as above, k < wosize.
+                let f = unsafe { self.rd(hoff + 8 + 8 * k) };
+                if self.mark_one(ranges, f) {
+                    stack.push(f);
+                }
+            }
+        }
+    }
+
+    fn sweep(&self, ranges: &[ChunkRange]) -> HResult<()> {
+        let d = self.desc();
+        let first = d.first_chunk.load(Relaxed);
+        self.clear_free_lists();
+        let mut live = 0u64;
+        let mut empty = Vec::new();
+        for (ri, r) in ranges.iter().enumerate() {
+            if ri == 1 || ranges.len() == 1 {
+                super::crash::hit(super::crash::HeapPoint::MidSweep);
+            }
+            let nwords = r.words.div_ceil(64);
+            // SAFETY: bitmap words of our chunk; lock held.
+            let any = (0..nwords).any(|k| unsafe { self.rd(r.bitmap + 8 * k) } != 0);
+            if !any && r.hdr != first {
+                empty.push(r.hdr);
+                continue;
+            }
+            let mut pos = 0u64; // first area word not yet accounted for
+            for k in 0..nwords {
+                // SAFETY: as above.
+                let mut bits = unsafe { self.rd(r.bitmap + 8 * k) };
+                while bits != 0 {
+                    let i = k * 64 + bits.trailing_zeros() as u64;
+                    bits &= bits - 1;
+                    if i < pos {
+                        // A marked header inside a marked block: only a
+                        // value built by hand (an interior pointer) can do
+                        // this; the enclosing block covers it.
+                        continue;
+                    }
+                    if i > pos {
+                        self.push_free(r.area + pos * 8, i - pos);
+                    }
+                    // SAFETY: a marked header of our area.
+                    let n = wosize(unsafe { self.rd(r.area + i * 8) }) + 1;
+                    live += n;
+                    pos = i + n;
+                }
+            }
+            if pos < r.words {
+                self.push_free(r.area + pos * 8, r.words - pos);
+            }
+        }
+        for off in empty {
+            let n = d.nchunks.load(Relaxed) as usize;
+            if let Some(i) = (0..n).find(|&i| d.chunks[i].offset.load(Relaxed) == off) {
+                self.remove_chunk(i)?;
+            }
+        }
+        d.live_words.store(live, Relaxed);
+        d.alloc_since_gc.store(0, Relaxed);
+        d.gcs.fetch_add(1, Relaxed);
+        Ok(())
+    }
+}

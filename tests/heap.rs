@@ -1,0 +1,685 @@
+//! The shared heap's Rust layer (rust/src/heap): allocation of black
+//! blocks, growth and shrinking, the GC, pins, re-entrant locking,
+//! destroy restoring the pool, and recovery of a heap whose holder was
+//! SIGKILLed at a chosen step or at random.
+//!
+//! Values are built by hand as OCaml would see them: a list cell is a
+//! block of tag 0 and two fields, `[int; next]`.
+
+mod common;
+
+use common::*;
+use shmpool::heap::value::*;
+use shmpool::heap::{Heap, HeapError};
+use shmpool::Pool;
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::time::Duration;
+
+fn field(v: u64, i: u64) -> u64 {
+    // SAFETY: tests only read fields of values they built in a live heap.
+    unsafe { ((v + 8 * i) as *const u64).read_volatile() }
+}
+
+fn set_field(v: u64, i: u64, x: u64) {
+    // SAFETY: as above, under the heap lock.
+    unsafe { ((v + 8 * i) as *mut u64).write_volatile(x) }
+}
+
+fn header(v: u64) -> u64 {
+    field(v - 8, 0)
+}
+
+/// Builds the list `[from; from+1; ...; from+n-1]` (lock held).
+fn build_list(h: &Heap, from: i64, n: i64) -> u64 {
+    let mut l = VAL_UNIT;
+    for k in (from..from + n).rev() {
+        let c = h.alloc(2, 0).expect("alloc");
+        set_field(c, 0, val_int(k));
+        set_field(c, 1, l);
+        l = c;
+    }
+    l
+}
+
+/// The ints of a list, or Err at the first malformed cell.
+fn read_list(mut l: u64) -> Result<Vec<i64>, String> {
+    let mut v = Vec::new();
+    while l != VAL_UNIT {
+        let hd = header(l);
+        if !is_black(hd) || wosize(hd) != 2 || tag(hd) != 0 {
+            return Err(format!("cell {} has header {hd:#x}", v.len()));
+        }
+        v.push(int_val(field(l, 0)));
+        l = field(l, 1);
+    }
+    Ok(v)
+}
+
+fn assert_sound(h: &Heap) {
+    let v = h.check();
+    assert!(v.is_empty(), "heap check: {v:?}");
+    let p = h.pool().check();
+    assert!(p.is_empty(), "pool check: {p:?}");
+}
+
+#[test]
+fn create_attach_destroy_restores_the_pool() {
+    let pool = anon(256);
+    let before = pool.stats();
+    let h = Heap::create(&pool, 1000).unwrap();
+    assert_eq!(h.root(), VAL_UNIT);
+    assert_sound(&h);
+    let h2 = Heap::attach(&pool, h.descr()).unwrap();
+    h2.with_lock(|h| {
+        let l = build_list(h, 0, 100);
+        h.set_root(l)
+    })
+    .unwrap();
+    assert_eq!(read_list(h.root()).unwrap(), (0..100).collect::<Vec<_>>());
+    // A heap's blocks belong to nobody: reclaim_dead never takes them.
+    assert_eq!(pool.owner_of(h.descr()).unwrap(), 0);
+    let d = h.descr();
+    h.destroy().unwrap();
+    assert_eq!(pool.stats(), before);
+    assert!(matches!(
+        Heap::attach(&pool, d),
+        Err(HeapError::NotAHeap(_))
+    ));
+    assert_eq!(h2.lock(), Err(HeapError::Destroyed));
+    // A new heap at the same place is not the old one's handle's business.
+    let h3 = Heap::create(&pool, 1000).unwrap();
+    assert_eq!(h3.descr(), d, "the allocator reuses the block");
+    assert_eq!(h2.lock(), Err(HeapError::Destroyed));
+    assert_eq!(h2.destroy(), Err(HeapError::Destroyed));
+    h3.destroy().unwrap();
+    assert!(matches!(
+        Heap::attach(&pool, 12345),
+        Err(HeapError::NotAHeap(_))
+    ));
+    assert_eq!(
+        Heap::create(&pool, 0).err(),
+        Some(HeapError::Pool(shmpool::Error::BadSize))
+    );
+    assert!(pool.check().is_empty());
+}
+
+#[test]
+fn blocks_are_black_and_initialised() {
+    let pool = anon(64);
+    let h = Heap::create(&pool, 4096).unwrap();
+    h.with_lock(|h| {
+        let a = h.alloc(5, 0)?;
+        assert_eq!(header(a), make_header(5, 0));
+        assert!((0..5).all(|i| field(a, i) == VAL_UNIT));
+        let s = h.alloc(3, STRING_TAG)?;
+        assert!(is_black(header(s)) && tag(header(s)) == STRING_TAG);
+        assert!((0..3).all(|i| field(s, i) == 0));
+        assert!(h.contains(a)? && !h.contains(VAL_UNIT)?);
+        assert_eq!(h.alloc(0, 0), Err(HeapError::Pool(shmpool::Error::BadSize)));
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(h.alloc(1, 0), Err(HeapError::NotLocked));
+    assert_eq!(h.set_root(VAL_UNIT), Err(HeapError::NotLocked));
+    assert_sound(&h);
+    h.destroy().unwrap();
+}
+
+#[test]
+fn gc_keeps_the_reachable_and_frees_the_rest() {
+    let pool = anon(256);
+    let h = Heap::create(&pool, 64 << 10).unwrap();
+    h.with_lock(|h| {
+        let keep = build_list(h, 0, 500);
+        let _garbage = build_list(h, 1000, 500);
+        h.set_root(keep)
+    })
+    .unwrap();
+    let s0 = h.stats().unwrap();
+    h.gc().unwrap();
+    let s1 = h.stats().unwrap();
+    assert_eq!(s1.live_words, 500 * 3);
+    assert_eq!(s1.free_words, s1.heap_words - 500 * 3);
+    assert!(s1.free_words > s0.free_words);
+    assert_eq!(read_list(h.root()).unwrap(), (0..500).collect::<Vec<_>>());
+    assert_sound(&h);
+    // Freed space is reused: the same garbage again does not grow the heap.
+    for round in 0..20 {
+        h.with_lock(|h| {
+            let l = build_list(h, round, 500);
+            h.set_root(l)
+        })
+        .unwrap();
+        h.gc().unwrap();
+    }
+    assert_eq!(h.stats().unwrap().chunks, 1);
+    assert_eq!(read_list(h.root()).unwrap(), (19..519).collect::<Vec<_>>());
+    assert_sound(&h);
+    h.destroy().unwrap();
+}
+
+#[test]
+fn additions_of_the_current_lock_survive_a_gc() {
+    let pool = anon(64);
+    let h = Heap::create(&pool, 4096).unwrap();
+    h.with_lock(|h| {
+        let l = build_list(h, 0, 10); // not stored anywhere yet
+        h.gc()?; // re-entrant: runs under the lock already held
+        assert_eq!(read_list(l).unwrap(), (0..10).collect::<Vec<_>>());
+        h.set_root(l)
+    })
+    .unwrap();
+    // After the lock is released they are ordinary values again.
+    h.with_lock(|h| {
+        let _ = build_list(h, 0, 10);
+        Ok(())
+    })
+    .unwrap();
+    h.gc().unwrap();
+    assert_eq!(h.stats().unwrap().live_words, 30);
+    assert_sound(&h);
+    h.destroy().unwrap();
+}
+
+#[test]
+fn growth_and_giving_chunks_back() {
+    let pool = anon(2048);
+    let h = Heap::create(&pool, 4096).unwrap();
+    let after_create = pool.stats();
+    h.with_lock(|h| {
+        let l = build_list(h, 0, 20_000);
+        h.set_root(l)
+    })
+    .unwrap();
+    let s = h.stats().unwrap();
+    assert!(s.chunks > 1, "{s:?}");
+    assert!(pool.stats().free_bytes < after_create.free_bytes);
+    assert_eq!(
+        read_list(h.root()).unwrap(),
+        (0..20_000).collect::<Vec<_>>()
+    );
+    // A large block gets a chunk of its own size.
+    h.with_lock(|h| {
+        let big = h.alloc(100_000, STRING_TAG)?;
+        let c = h.alloc(2, 0)?;
+        set_field(c, 0, big);
+        set_field(c, 1, h.root());
+        h.set_root(c)
+    })
+    .unwrap();
+    assert_sound(&h);
+    h.with_lock(|h| h.set_root(VAL_UNIT)).unwrap();
+    h.gc().unwrap();
+    let s = h.stats().unwrap();
+    assert_eq!((s.chunks, s.live_words), (1, 0));
+    assert_eq!(pool.stats(), after_create);
+    assert_sound(&h);
+    h.destroy().unwrap();
+}
+
+#[test]
+fn out_of_pool_memory_changes_nothing() {
+    let pool = anon(32);
+    let h = Heap::create(&pool, 4096).unwrap();
+    let r = h.with_lock(|h| h.alloc(1 << 20, STRING_TAG).map(|_| ()));
+    assert_eq!(r, Err(HeapError::Pool(shmpool::Error::OutOfMemory)));
+    assert_sound(&h);
+    h.destroy().unwrap();
+    assert_eq!(pool.stats().live_blocks, 0);
+}
+
+#[test]
+fn pins_keep_values_alive_until_unpinned() {
+    let pool = anon(64);
+    let h = Heap::create(&pool, 4096).unwrap();
+    let (l, pin) = h
+        .with_lock(|h| {
+            let l = build_list(h, 7, 3);
+            Ok((l, h.pin_shared(l)?))
+        })
+        .unwrap();
+    h.gc().unwrap();
+    assert_eq!(h.stats().unwrap().pins, 1);
+    assert_eq!(read_list(l).unwrap(), vec![7, 8, 9]);
+    // the list, and the pin itself (a 5-field block)
+    assert_eq!(h.stats().unwrap().live_words, 9 + 6);
+    h.with_lock(|h| h.unpin(pin, l)).unwrap();
+    h.gc().unwrap();
+    assert_eq!(h.stats().unwrap().live_words, 0);
+    assert_sound(&h);
+    h.destroy().unwrap();
+}
+
+#[test]
+fn pins_have_no_limit_and_unpin_any_order() {
+    let pool = anon(256);
+    let h = Heap::create(&pool, 4096).unwrap();
+    let pins = h
+        .with_lock(|h| {
+            (0..500)
+                .map(|i| {
+                    let l = build_list(h, i, 2);
+                    Ok((l, h.pin_shared(l)?))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .unwrap();
+    h.gc().unwrap();
+    assert_eq!(h.stats().unwrap().pins, 500);
+    assert_eq!(h.stats().unwrap().live_words, 500 * (6 + 6));
+    assert_sound(&h);
+    // every other one, then the rest backwards
+    h.with_lock(|h| {
+        for (l, p) in pins.iter().step_by(2) {
+            h.unpin(*p, *l)?;
+        }
+        for (l, p) in pins.iter().skip(1).step_by(2).rev() {
+            h.unpin(*p, *l)?;
+        }
+        Ok(())
+    })
+    .unwrap();
+    h.gc().unwrap();
+    let s = h.stats().unwrap();
+    assert_eq!((s.pins, s.live_words), (0, 0));
+    assert_sound(&h);
+    h.destroy().unwrap();
+}
+
+#[test]
+fn pins_of_a_dead_process_stop_counting() {
+    let pool = anon(64);
+    let h = Heap::create(&pool, 4096).unwrap();
+    let d = h.descr();
+    let mut c = fork_child(|| {
+        let h = Heap::attach(&pool, d).map_err(|e| e.to_string())?;
+        h.with_lock(|h| {
+            let l = build_list(h, 0, 5);
+            h.pin_shared(l).map(|_| ())
+        })
+        .map_err(|e| e.to_string())
+    });
+    c.wait_ok(Duration::from_secs(10)).unwrap();
+    assert_eq!(h.stats().unwrap().pins, 1);
+    h.gc().unwrap();
+    let s = h.stats().unwrap();
+    assert_eq!((s.pins, s.live_words), (0, 0));
+    h.destroy().unwrap();
+}
+
+#[test]
+fn lock_is_reentrant_and_excludes_other_threads() {
+    let pool = anon(64);
+    let h = Heap::create(&pool, 4096).unwrap();
+    assert!(!h.lock().unwrap().nested);
+    assert!(h.lock().unwrap().nested);
+    h.unlock();
+    assert!(h.is_locked_by_me());
+    let entered = AtomicU64::new(0);
+    std::thread::scope(|s| {
+        let t = s.spawn(|| {
+            assert!(!h.is_locked_by_me());
+            h.lock().unwrap();
+            entered.store(1, SeqCst);
+            h.unlock();
+        });
+        // The other thread cannot get in while we hold the lock; we only
+        // release it after looking (no timing decides the outcome).
+        std::thread::yield_now();
+        assert_eq!(entered.load(SeqCst), 0);
+        h.unlock();
+        t.join().unwrap();
+    });
+    assert_eq!(entered.load(SeqCst), 1);
+    h.destroy().unwrap();
+}
+
+/// How far the victim gets before it SIGKILLs itself inside the lock.
+#[derive(Clone, Copy, Debug)]
+enum Step {
+    JustLocked,
+    /// A new list allocated, not reachable.
+    Allocated,
+    /// Half of a new block's fields written.
+    HalfWritten,
+    /// The new list stored as the root.
+    Committed,
+    /// Inside a GC's mark (bitmaps cleared and partly set).
+    AfterGc,
+    /// A chunk added by growth.
+    Grown,
+}
+
+fn victim(pool: &Pool, d: usize, step: Step) -> Result<(), String> {
+    let h = Heap::attach(pool, d).map_err(|e| e.to_string())?;
+    h.lock().map_err(|e| e.to_string())?;
+    let die = || {
+        // SAFETY: kills this process; nothing to clean up by design.
+        unsafe { libc::raise(libc::SIGKILL) };
+    };
+    if let Step::JustLocked = step {
+        die();
+    }
+    let l = build_list(&h, 100, 50);
+    if let Step::Allocated = step {
+        die();
+    }
+    if let Step::HalfWritten = step {
+        let b = h.alloc(10, 0).map_err(|e| e.to_string())?;
+        set_field(b, 0, l);
+        die();
+    }
+    h.set_root(l).map_err(|e| e.to_string())?;
+    if let Step::Committed = step {
+        die();
+    }
+    if let Step::AfterGc = step {
+        h.gc().map_err(|e| e.to_string())?;
+        let _ = build_list(&h, 0, 10);
+        die();
+    }
+    if let Step::Grown = step {
+        let big = h.alloc(50_000, STRING_TAG).map_err(|e| e.to_string())?;
+        let c = h.alloc(2, 0).map_err(|e| e.to_string())?;
+        set_field(c, 0, big);
+        die();
+    }
+    Err("not killed".into())
+}
+
+#[test]
+fn staged_death_inside_the_lock_is_recovered_from_the_root() {
+    let _w = Watchdog::new("staged heap death", 120);
+    for step in [
+        Step::JustLocked,
+        Step::Allocated,
+        Step::HalfWritten,
+        Step::Committed,
+        Step::AfterGc,
+        Step::Grown,
+    ] {
+        let pool = anon(1024);
+        let before = pool.stats();
+        let h = Heap::create(&pool, 8192).unwrap();
+        h.with_lock(|h| {
+            let l = build_list(h, 0, 20);
+            h.set_root(l)
+        })
+        .unwrap();
+        let d = h.descr();
+        let mut c = fork_child(|| victim(&pool, d, step));
+        wait_until(Duration::from_secs(10), || c.poll().is_some()).unwrap();
+        let st = c.poll().unwrap();
+        assert!(
+            libc::WIFSIGNALED(st) && libc::WTERMSIG(st) == libc::SIGKILL,
+            "{step:?}: {}",
+            describe(st)
+        );
+        let info = h.lock().unwrap();
+        assert!(info.recovered, "{step:?}");
+        h.unlock();
+        let want: Vec<i64> = match step {
+            Step::JustLocked | Step::Allocated | Step::HalfWritten => (0..20).collect(),
+            _ => (100..150).collect(),
+        };
+        assert_eq!(read_list(h.root()).unwrap(), want, "{step:?}");
+        let s = h.stats().unwrap();
+        assert_eq!(s.recoveries, 1, "{step:?}");
+        assert_eq!(s.needs_repair, 1, "{step:?}");
+        assert_eq!(s.live_words, want.len() as u64 * 3, "{step:?}");
+        assert_eq!(s.chunks, 1, "{step:?}: grown chunk not given back");
+        assert_sound(&h);
+        // The heap is usable again, and destroy restores the pool.
+        h.with_lock(|h| {
+            let l = build_list(h, 0, 1000);
+            h.set_root(l)
+        })
+        .unwrap();
+        h.destroy().unwrap();
+        assert_eq!(pool.stats().free_bytes, before.free_bytes, "{step:?}");
+        assert_eq!(pool.stats().live_blocks, 0, "{step:?}");
+    }
+}
+
+/// Shared between the test and its victims.
+#[derive(Default)]
+struct Board {
+    /// Operations completed by the current victim.
+    ops: AtomicU64,
+}
+
+#[test]
+fn random_kills_never_wedge_or_corrupt_the_heap() {
+    let _w = Watchdog::new("random heap kills", 300);
+    let pool = anon(4096);
+    let before = pool.stats();
+    let h = Heap::create(&pool, 8192).unwrap();
+    let d = h.descr();
+    // SAFETY: Board is made of atomics, valid when zero.
+    let board = unsafe { SharedMem::<Board>::new() };
+    let mut rng = Rng(0x5eed_1234);
+    let trials = 20 * scale();
+    let mut recoveries = 0;
+    for trial in 0..trials {
+        board.ops.store(0, SeqCst);
+        let seed = rng.next();
+        let mut c = fork_child(|| {
+            die_with_parent();
+            let h = Heap::attach(&pool, d).map_err(|e| e.to_string())?;
+            let mut r = Rng(seed);
+            loop {
+                h.with_lock(|h| {
+                    // Verify the current root, replace it by a new list
+                    // (start k, length n: the cells read k, k+1, ...).
+                    let cur = read_list(h.root()).map_err(HeapError::NotAHeap)?;
+                    if cur.windows(2).any(|w| w[1] != w[0] + 1) {
+                        return Err(HeapError::NotAHeap(format!("bad list {cur:?}")));
+                    }
+                    let n = 1 + r.below(3000) as i64;
+                    let l = build_list(h, r.below(1000) as i64, n);
+                    if r.below(4) == 0 {
+                        let _ = h.alloc(1 + r.below(20_000) as usize, STRING_TAG)?;
+                    }
+                    h.set_root(l)?;
+                    if r.below(8) == 0 {
+                        h.gc()?;
+                    }
+                    Ok(())
+                })
+                .map_err(|e| e.to_string())?;
+                board.ops.fetch_add(1, SeqCst);
+            }
+        });
+        // Kill after a random number of completed operations, then at a
+        // random point of the next one (count-based, not timed).
+        let target = rng.below(20);
+        wait_until(Duration::from_secs(60), || {
+            board.ops.load(SeqCst) >= target || c.poll().is_some()
+        })
+        .unwrap();
+        for _ in 0..rng.below(2000) {
+            std::hint::spin_loop();
+        }
+        let st = c.kill();
+        assert!(
+            libc::WIFSIGNALED(st),
+            "trial {trial}: victim ended by itself: {}",
+            describe(st)
+        );
+        let info = h.lock().unwrap();
+        recoveries += info.recovered as u64;
+        h.unlock();
+        let l = read_list(h.root()).unwrap();
+        assert!(l.windows(2).all(|w| w[1] == w[0] + 1), "trial {trial}");
+        assert_sound(&h);
+    }
+    say(&format!(
+        "random heap kills: {trials} trials, {recoveries} killed inside the lock"
+    ));
+    h.with_lock(|h| h.set_root(VAL_UNIT)).unwrap();
+    h.gc().unwrap();
+    let s = h.stats().unwrap();
+    assert_eq!(s.recoveries, recoveries);
+    assert_eq!((s.chunks, s.live_words), (1, 0), "{s:?}");
+    h.destroy().unwrap();
+    // A victim killed inside the pool's alloc for a new chunk, before
+    // giving the block to nobody, still owns it: reclaim_dead frees it.
+    pool.reclaim_dead().unwrap();
+    assert_eq!(pool.stats().free_bytes, before.free_bytes);
+    assert_eq!(pool.stats().live_blocks, 0);
+}
+
+#[test]
+fn disowned_blocks_outlive_their_allocator() {
+    let pool = anon(64);
+    // SAFETY: a u64 cell made of an atomic, valid when zero.
+    let out = unsafe { SharedMem::<AtomicU64>::new() };
+    let mut c = fork_child(|| {
+        let a = pool.alloc(4096).map_err(|e| e.to_string())?;
+        let b = pool.alloc(4096).map_err(|e| e.to_string())?;
+        pool.disown(b).map_err(|e| e.to_string())?;
+        out.store((a as u64) << 32 | b as u64, SeqCst);
+        Ok(())
+    });
+    c.wait_ok(Duration::from_secs(10)).unwrap();
+    let (a, b) = (
+        (out.load(SeqCst) >> 32) as usize,
+        out.load(SeqCst) as u32 as usize,
+    );
+    assert_eq!(pool.owner_of(b).unwrap(), 0);
+    let r = pool.reclaim_dead().unwrap();
+    assert_eq!(r.blocks, 1, "only the block still owned by the dead child");
+    assert_eq!(pool.size(a), Err(shmpool::Error::NotABlock));
+    assert_eq!(pool.size(b), Ok(4096));
+    assert_eq!(pool.disown(a), Err(shmpool::Error::NotABlock));
+    assert!(pool.check().is_empty(), "{:?}", pool.check());
+    pool.free(b).unwrap();
+    assert_eq!(pool.stats().live_blocks, 0);
+}
+
+/// Death at each heap-internal write step (rust/src/heap/crash.rs), holding
+/// the lock: the next locker recovers, the root is the last committed one,
+/// the heap and pool are sound, and destroy gives every page back.
+#[cfg(feature = "crash-points")]
+#[test]
+fn death_at_each_heap_crash_point_is_recovered() {
+    use shmpool::heap::crash::{self, HeapPoint};
+    let _w = Watchdog::new("heap crash points", 120);
+    for point in crash::ALL {
+        let pool = anon(2048);
+        let before = pool.stats();
+        let h = Heap::create(&pool, 8192).unwrap();
+        h.with_lock(|h| {
+            let l = build_list(h, 0, 20);
+            h.set_root(l)
+        })
+        .unwrap();
+        let d = h.descr();
+        let mut c = fork_child(|| {
+            let h = Heap::attach(&pool, d).map_err(|e| e.to_string())?;
+            let e = |e: HeapError| e.to_string();
+            if point == HeapPoint::ChunkRemoved {
+                // An unrooted value in a chunk of its own, then a GC that
+                // finds that chunk empty.
+                h.with_lock(|h| h.alloc(100_000, STRING_TAG).map(|_| ()))
+                    .map_err(e)?;
+            }
+            crash::arm(Some(point));
+            h.lock().map_err(e)?;
+            match point {
+                HeapPoint::CopyHalfDone => {
+                    h.copy_in(h.root(), false, &|_| true).map_err(e)?;
+                }
+                HeapPoint::MidMark | HeapPoint::MidSweep => {
+                    let _ = build_list(&h, 100, 200);
+                    h.gc().map_err(e)?;
+                }
+                HeapPoint::ChunkRemoved => h.gc().map_err(e)?,
+                HeapPoint::ChunkDisowned => {
+                    h.alloc(100_000, STRING_TAG).map_err(e)?;
+                }
+                HeapPoint::PinWritten => {
+                    h.pin_shared(h.root()).map_err(e)?;
+                }
+            }
+            Err(format!("{point:?} not reached"))
+        });
+        wait_until(Duration::from_secs(10), || c.poll().is_some()).unwrap();
+        let st = c.poll().unwrap();
+        assert!(
+            libc::WIFSIGNALED(st) && libc::WTERMSIG(st) == libc::SIGKILL,
+            "{point:?}: {}",
+            describe(st)
+        );
+        assert!(h.lock().unwrap().recovered, "{point:?}");
+        h.unlock();
+        assert_eq!(
+            read_list(h.root()).unwrap(),
+            (0..20).collect::<Vec<_>>(),
+            "{point:?}"
+        );
+        let s = h.stats().unwrap();
+        assert_eq!(
+            (s.recoveries, s.pins, s.chunks),
+            (1, 0, 1),
+            "{point:?}: {s:?}"
+        );
+        assert_eq!(s.live_words, 60, "{point:?}");
+        assert_sound(&h);
+        h.destroy().unwrap();
+        assert_eq!(
+            pool.reclaim_dead().unwrap().blocks,
+            0,
+            "{point:?}: nothing left to the dead"
+        );
+        assert_eq!(pool.stats().free_bytes, before.free_bytes, "{point:?}");
+        assert_eq!(pool.stats().live_blocks, 0, "{point:?}");
+    }
+}
+
+#[cfg(not(feature = "crash-points"))]
+#[test]
+fn death_at_each_heap_crash_point_is_recovered() {
+    skipped(
+        "death_at_each_heap_crash_point_is_recovered",
+        "needs --features crash-points",
+    );
+}
+
+/// With the pool full, a heap reuses its own garbage before reporting
+/// `OutOfMemory`, even far below the GC's usual threshold.
+#[test]
+fn a_full_pool_makes_the_heap_collect_instead_of_failing() {
+    let pool = anon(64);
+    let h = Heap::create(&pool, 16 << 10).unwrap();
+    let mut filler = Vec::new();
+    while let Ok(off) = pool.alloc(4096) {
+        filler.push(off);
+    }
+    h.with_lock(|h| {
+        let l = build_list(h, 0, 400);
+        h.set_root(l)
+    })
+    .unwrap();
+    for round in 0..50 {
+        // build_list panics if an allocation fails
+        h.with_lock(|h| {
+            let _ = build_list(h, round, 200);
+            Ok(())
+        })
+        .unwrap();
+    }
+    let s = h.stats().unwrap();
+    assert_eq!(s.chunks, 1);
+    assert!(s.gcs > 0, "{s:?}");
+    assert_eq!(read_list(h.root()).unwrap(), (0..400).collect::<Vec<_>>());
+    assert_sound(&h);
+    // What does not fit even after a GC is still OutOfMemory, cleanly.
+    let r = h.with_lock(|h| h.alloc(100_000, STRING_TAG).map(|_| ()));
+    assert_eq!(r, Err(HeapError::Pool(shmpool::Error::OutOfMemory)));
+    for off in filler {
+        pool.free(off).unwrap();
+    }
+    h.destroy().unwrap();
+    assert_eq!(pool.stats().live_blocks, 0);
+}
