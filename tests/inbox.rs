@@ -187,6 +187,77 @@ mod staged {
         freer_killed_at(CrashPoint::InboxPushCommitted, true);
     }
 
+    /// The race the branch's author left open: a live freer stopped
+    /// between its commit into a dead owner's inbox and the inbox entry,
+    /// while `reclaim_dead` frees the dead owner's blocks. The freer then
+    /// goes on and lists a block that is no longer cached (or, once the
+    /// slot is reused, someone else's). `reclaim_dead` must leave a slot
+    /// whose locks a live process holds for a later call.
+    fn reclaim_while_a_live_freer_holds_the_dead_owners_inbox(reuse: bool) {
+        let _w = Watchdog::new("reclaim vs live freer", 60);
+        let p = anon(1024);
+        let pg = p.geometry().page_size;
+        // SAFETY: atomics only, valid when zeroed.
+        let mail = unsafe { SharedMem::<[AtomicU64; 9]>::new() };
+        let mut owner = fork_child(|| {
+            die_with_parent();
+            mail[0].store(p.alloc(pg).unwrap() as u64, SeqCst);
+            mail[1].store(p.alloc(2 * pg).unwrap() as u64, SeqCst);
+            mail[8].store(1, SeqCst);
+            wait_until(Duration::from_secs(3600), || false)
+        });
+        wait_until(T, || mail[8].load(SeqCst) == 1).unwrap();
+        let x = mail[0].load(SeqCst) as usize;
+        let mut freer = fork_child(|| {
+            die_with_parent();
+            crashpoint::arm(Some(CrashPoint::InboxPushCommitted));
+            p.free(x).map_err(|e| format!("{e:?}"))?;
+            Ok(())
+        });
+        freer.wait_stopped(T).unwrap();
+        owner.kill();
+        let r = p.reclaim_dead().unwrap();
+        let mut reused = None;
+        if reuse {
+            // Another process takes the dead owner's slot and the page.
+            let c = fork_child(|| {
+                die_with_parent();
+                let b = p.alloc(pg).map_err(|e| format!("{e:?}"))?;
+                mail[2].store(b as u64, SeqCst);
+                mail[8].store(2, SeqCst);
+                wait_until(Duration::from_secs(3600), || false)
+            });
+            wait_until(T, || mail[8].load(SeqCst) == 2).unwrap();
+            reused = Some(c);
+        }
+        // SAFETY: a plain signal to our own stopped child.
+        unsafe { libc::kill(freer.pid, libc::SIGCONT) };
+        freer.wait_ok(T).unwrap();
+        assert_eq!(
+            p.check(),
+            Vec::<String>::new(),
+            "reuse {reuse}, first reclaim {r:?}"
+        );
+        if let Some(mut c) = reused {
+            c.kill();
+        }
+        let _ = p.reclaim_dead().unwrap();
+        let s = p.stats();
+        assert_eq!((s.free_bytes, s.largest_free_bytes), (1024 * pg, 1024 * pg));
+        assert_eq!(s.live_blocks, 0);
+        assert_eq!(p.check(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn reclaim_dead_while_a_live_freer_is_in_the_dead_owners_inbox() {
+        reclaim_while_a_live_freer_holds_the_dead_owners_inbox(false);
+    }
+
+    #[test]
+    fn reclaim_dead_and_slot_reuse_while_a_live_freer_is_in_the_inbox() {
+        reclaim_while_a_live_freer_holds_the_dead_owners_inbox(true);
+    }
+
     #[test]
     fn an_owner_killed_while_draining_its_inbox() {
         let _w = Watchdog::new("owner killed draining", 60);

@@ -1058,17 +1058,27 @@ impl Pool {
         v
     }
 
-    /// Zeroes the cache counters of a dead owner's slot (its blocks were
-    /// just freed), taking over its lock if it died holding it.
-    pub(crate) fn forget_slot(&self, l: &mut Locked, slot: u16, tok: u64) {
+    /// Takes both locks of each of `slots` as a taker (pool lock held),
+    /// taking them over from holders that are gone; returns the slots
+    /// whose locks we now hold (a live holder past our patience keeps its
+    /// slot out). Release each with [`Pool::forget_locked_slot`].
+    pub(crate) fn lock_slots(&self, l: &mut Locked, slots: &[usize], tok: u64) -> Vec<usize> {
+        slots
+            .iter()
+            .copied()
+            .filter(|&i| self.lock_slot(l, i as u16, tok).is_some())
+            .collect()
+    }
+
+    /// Zeroes the records of a dead owner's slot whose blocks were just
+    /// freed (both its locks held, from [`Pool::lock_slots`]: no freer is
+    /// between its commit and its inbox entry), and releases the locks.
+    pub(crate) fn forget_locked_slot(&self, slot: u16, tok: u64) {
         let sc = self.slot_cache(slot);
-        let got = self.lock_slot(l, slot, tok).is_some();
         sc.clear_counts();
         sc.inbox.clear();
         self.unmark_caching(slot);
-        if got {
-            self.unlock_slot(slot, tok);
-        }
+        self.unlock_slot(slot, tok);
     }
 
     /// Makes a slot given to a new process (pool lock held, its previous

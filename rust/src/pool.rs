@@ -865,7 +865,9 @@ impl Pool {
     /// keeper, `/proc` in our own PID namespace (a pid that was reused
     /// counts as dead: the start time differs; a process of another
     /// namespace counts as alive). Never automatic: a dead worker's block
-    /// may hold a result another process still reads.
+    /// may hold a result another process still reads. A dead owner whose
+    /// slot or inbox lock a live process keeps (one freeing a block into
+    /// its inbox, stopped there) is left whole for a later call.
     pub fn reclaim_dead(&self) -> Result<Reclaimed> {
         let tok = self.taker_token();
         // Read liveness outside the lock (it reads /proc), then re-check the
@@ -880,11 +882,19 @@ impl Pool {
             .collect();
         self.locked(|l| {
             let mut out = Reclaimed::default();
-            let dead_now: Vec<usize> = dead
+            let still_dead: Vec<usize> = dead
                 .iter()
                 .filter(|(i, id)| l.owners[*i] == *id)
                 .map(|(i, _)| *i)
                 .collect();
+            // Both locks of each slot first, held until its records are
+            // cleared: a live process freeing one of the dead owner's
+            // blocks into its inbox holds the inbox lock between its
+            // commit and its entry, and would otherwise list a block we
+            // free here (or, once the slot is reused, another process's).
+            // A slot such a process keeps past our patience is left for a
+            // later call, whole.
+            let dead_now = self.lock_slots(l, &still_dead, tok);
             for &i in &dead_now {
                 let cached = self.slot_cache(i as u16).held().0;
                 let held = l.arena.st.usage[i].pages.saturating_sub(cached);
@@ -905,7 +915,7 @@ impl Pool {
             }
             for &i in &dead_now {
                 l.owners[i] = OwnerIdentity::default();
-                self.forget_slot(l, i as u16, tok);
+                self.forget_locked_slot(i as u16, tok);
             }
             Ok(out)
         })
