@@ -59,7 +59,9 @@ fn reached(p: CrashPoint, op: Op) -> bool {
         AllocUnlinked | AllocCommitted | AllocRemainderFiled => op == Op::Alloc,
         FreeCommitted | FreeNeighboursUnlinked | FreeFiled => op == Op::Free,
         // Not in ALL: reached without the pool lock.
-        FreeLoaded | CachePushLocked => false,
+        FreeLoaded | CachePushLocked | InboxPushLocked | InboxPushCommitted | InboxDrainMoving => {
+            false
+        }
     }
 }
 

@@ -312,6 +312,93 @@ fn two_procs(ring: usize, sz: &[usize], clock: f64) -> Figures {
     f
 }
 
+/// The hand-off ring between the two processes of [`handoff`].
+const HO_CAP: usize = 1024;
+#[repr(C)]
+struct HandCtl {
+    head: AtomicU64,
+    _pad: [u64; 7],
+    tail: AtomicU64,
+    _pad2: [u64; 7],
+    ready: AtomicU64,
+    offs: [AtomicU64; HO_CAP],
+}
+
+/// Two processes: this one allocates `n` blocks (sizes from `sz`) and
+/// posts each offset in a shared ring, a forked one frees each (the remote
+/// free of issue 13). Returns blocks handed off per second (this process's
+/// wall clock from the first alloc to the last free seen).
+fn handoff(sz: &[usize], n: u64, caching: bool) -> f64 {
+    let p = pool(RING_POOL);
+    p.set_caching(caching).expect("caching");
+    // SAFETY: a fresh zeroed shared mapping; HandCtl is atomics only.
+    let ctl: &HandCtl = unsafe {
+        let m = libc::mmap(
+            std::ptr::null_mut(),
+            std::mem::size_of::<HandCtl>(),
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        assert!(m != libc::MAP_FAILED);
+        &*m.cast::<HandCtl>()
+    };
+    // SAFETY: single-threaded bench; the child frees and _exits.
+    let child = unsafe { libc::fork() };
+    assert!(child >= 0, "fork");
+    if child == 0 {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            ctl.ready.store(1, Ordering::SeqCst);
+            let mut k = 0u64;
+            while k < n {
+                if k < ctl.head.load(Ordering::Acquire) {
+                    let off = ctl.offs[k as usize % HO_CAP].load(Ordering::Relaxed);
+                    p.free(off as usize).expect("free");
+                    k += 1;
+                    ctl.tail.store(k, Ordering::Release);
+                } else {
+                    // Yield: on a shared machine the other process may need our core.
+                    std::thread::yield_now();
+                }
+            }
+        }));
+        // SAFETY: leaves the child without running the parent's exit path.
+        unsafe { libc::_exit(if r.is_ok() { 0 } else { 1 }) }
+    }
+    spin("hand-off child", || ctl.ready.load(Ordering::SeqCst) == 1);
+    let t0 = Instant::now();
+    let mut k = 0u64;
+    while k < n {
+        if k - ctl.tail.load(Ordering::Acquire) < HO_CAP as u64 {
+            let off = p.alloc(sz[k as usize % sz.len()]).expect("alloc");
+            ctl.offs[k as usize % HO_CAP].store(off as u64, Ordering::Relaxed);
+            k += 1;
+            ctl.head.store(k, Ordering::Release);
+        } else {
+            // Yield: on a shared machine the other process may need our core.
+            std::thread::yield_now();
+        }
+    }
+    spin("hand-off frees", || ctl.tail.load(Ordering::Acquire) == n);
+    let secs = t0.elapsed().as_secs_f64();
+    let mut st = 0;
+    // SAFETY: waits for our own child.
+    unsafe { libc::waitpid(child, &mut st, 0) };
+    assert!(
+        libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 0,
+        "bench: hand-off child failed"
+    );
+    // SAFETY: unmaps the mapping made above; nothing uses it now.
+    unsafe {
+        libc::munmap(
+            (ctl as *const HandCtl).cast_mut().cast(),
+            std::mem::size_of::<HandCtl>(),
+        )
+    };
+    n as f64 / secs
+}
+
 /// Pure CPU work, to see how much of a second core this machine gives.
 fn spin_work(n: u64) -> u64 {
     let mut x = 0u64;
@@ -413,13 +500,16 @@ fn main() {
     for (label, lo, hi) in cases.iter().map(|(l, a, b)| (l.as_str(), *a, *b)) {
         for ring in [64usize, 1024] {
             let sz = sizes(lo, hi, 42 + ring as u64);
-            let name = format!("alloc+free {label} ring{ring} 1proc");
+            // 65 pages: one exact length, served by the cache's list of
+            // longer blocks after warm-up (labelled so).
+            let cached = if lo == past { " (cached)" } else { "" };
+            let name = format!("alloc+free {label}{cached} ring{ring} 1proc");
             let f1 = one_proc(ring, &sz, clock);
             line(&name, &f1, &format!("  {:.1} Mops/s", f1.ops_per_s / 1e6));
             let both = two_procs(ring, &sz, clock);
             let ratio = both.ops_per_s / f1.ops_per_s;
             line(
-                &format!("alloc+free {label} ring{ring} 2proc"),
+                &format!("alloc+free {label}{cached} ring{ring} 2proc"),
                 &both,
                 &format!(
                     "  {:.1} Mops/s together, {:.1} per process, 2proc/1proc {ratio:.2}",
@@ -430,6 +520,40 @@ fn main() {
             ratios.push((format!("{label} ring{ring}"), ratio));
             one.push((name, f1));
         }
+    }
+
+    // Issue 13: a hand-off (one process allocates, another frees: the
+    // remote free goes to the owner's inbox), with the inbox off (caching
+    // off: every free takes the pool lock) beside it; and large blocks.
+    for (label, lo, hi) in [("1p", 1usize, 1usize), ("mixed 1-64p", 1, 64)] {
+        let sz = sizes(lo, hi, 5);
+        let mut on: Vec<f64> = (0..5).map(|_| handoff(&sz, 400_000, true)).collect();
+        let mut off: Vec<f64> = (0..5).map(|_| handoff(&sz, 400_000, false)).collect();
+        on.sort_by(f64::total_cmp);
+        off.sort_by(f64::total_cmp);
+        println!(
+            "core  hand-off {label}, 2 procs (A allocs, B frees)  {:.1} M blocks/s (spread {:.1}-{:.1}); every op locked (caching off): {:.1} M ({:.1}-{:.1})",
+            on[2] / 1e6, on[0] / 1e6, on[4] / 1e6, off[2] / 1e6, off[0] / 1e6, off[4] / 1e6
+        );
+    }
+    {
+        let sz = sizes(65, 256, 13);
+        let f1 = one_proc(64, &sz, clock);
+        line(
+            "alloc+free 65-256p ring64 1proc",
+            &f1,
+            &format!("  {:.1} Mops/s", f1.ops_per_s / 1e6),
+        );
+        let both = two_procs(64, &sz, clock);
+        line(
+            "alloc+free 65-256p ring64 2proc",
+            &both,
+            &format!(
+                "  {:.1} Mops/s together, 2proc/1proc {:.2}",
+                both.ops_per_s / 1e6,
+                both.ops_per_s / f1.ops_per_s
+            ),
+        );
     }
 
     // Fragmented against empty, with blocks past the per-process cache.

@@ -64,10 +64,55 @@
 //! The order is always pool lock, then slot lock, so there is no deadlock;
 //! and the slot lock also serialises the threads of one process over its
 //! process-local stacks.
+//!
+//! # Frees by another process: the owner's inbox
+//!
+//! A block is often filled by one process and freed by another (a
+//! producer hands it to a consumer). Such a free cannot go into the
+//! freer's cache (the block is the owner's, and the owner is the one that
+//! will allocate again), and through the pool lock it makes both processes
+//! fight over the lock's and the allocator's cache lines. The best
+//! concurrent allocators send remote frees back to the owner without a
+//! global lock: mimalloc pushes them on a per-page "thread free" list the
+//! owner collects in one swap, snmalloc batches them as messages to the
+//! owning allocator's queue. Both keep their lists in the freed objects;
+//! here the metadata never lives in user pages (a write past a block must
+//! not corrupt the pool) and everything must stay derivable from the
+//! descriptors after a SIGKILL, so:
+//!
+//! - each owner slot has an *inbox* in the header ([`Inbox`], on its own
+//!   cache line, so freers do not take the owner's line on every free):
+//!   its own lock word, counters, and a short list of pages;
+//! - a remote free takes the owner's inbox lock (token marked [`REMOTE`]),
+//!   flips the block's `ALLOC` word to CACHED from exactly the word it read
+//!   (the commit, so double frees are caught as for any free), appends the
+//!   page and bumps the inbox's counters. To the descriptors an inbox block
+//!   is simply a block its owner caches: recovery keeps it, `reclaim_dead`
+//!   and the dead-cache reaping free it with the owner's other cached
+//!   blocks, `stats` counts it as free through the inbox's counters;
+//! - the owner, on a cache miss, takes its inbox lock under its slot lock
+//!   and moves the blocks into its stacks (no pool lock): the next allocs
+//!   hit. A full inbox (or a block longer than [`CACHE_CLASSES`]) sends the
+//!   free to the locked path, so nothing waits and the inbox stays bounded;
+//! - `stats` frees what waits in inboxes (they list their blocks: O(entries)),
+//!   so that it coalesces; `flush_cache` gives back the caller's inbox too.
+//!
+//! A freer that dies holding an inbox lock may have committed a block
+//! without listing or counting it. Whoever takes that lock over (a taker
+//! holding the pool lock: the owner's next locked alloc, `stats`, a
+//! take-back) knows it from the token (a REMOTE token whose slot's process
+//! is dead) and takes every block the slot caches back to the free runs
+//! (one O(pages) walk per such death), which leaves the records exact.
+//! An owner that dies while draining holds both its locks: its whole cache
+//! is reaped, as for any dead owner. The lock order is pool lock, slot
+//! lock, inbox lock; freers and owners only *try* the locks they need
+//! without the pool lock (a few spins, then the locked path), so nothing
+//! waits in a cycle, and nothing waits for a dead process.
 
 use crate::arena::MAX_OWNERS;
 use crate::crashpoint::{hit, CrashPoint};
 use crate::desc::{alloc_len, alloc_owner, is_cached, reused, tag, CACHED, TAG_ALLOC};
+use crate::layout::{Inbox, INBOX_CAP};
 use crate::liveness::{self, KeeperState};
 use crate::owner::{self, OwnerIdentity};
 use crate::pool::{Locked, Pool};
@@ -91,16 +136,30 @@ const TAKER_YIELDS: u32 = 32;
 // The per-slot counters and lock live in the shared header.
 pub use crate::layout::SlotCache;
 
-/// A token for slot locks: `pid << 32 | (start time & 0xFFFFFF) << 8 |
-/// slot`, where `slot` is the holder's own owner slot (0 for a process
-/// without one). Never 0 (pids are positive).
+/// A token for slot and inbox locks: `pid << 32 | (start time & 0x7FFFFF)
+/// << 9 | remote << 8 | slot`, where `slot` is the holder's own owner slot
+/// (0 for a process without one) and `remote` ([`REMOTE`]) is set by a
+/// process freeing into another slot's inbox. Never 0 (pids are positive).
 pub fn token(id: &OwnerIdentity, slot: u16) -> u64 {
-    ((id.pid as u32 as u64) << 32) | ((id.start_time & 0xFF_FFFF) << 8) | (slot as u64 & 0xFF)
+    ((id.pid as u32 as u64) << 32) | ((id.start_time & 0x7F_FFFF) << 9) | (slot as u64 & 0xFF)
 }
+
+/// Marks the token of a process holding another slot's inbox lock to free
+/// into it (without the pool lock: see [`Pool::holder_gone`]).
+pub const REMOTE: u64 = 1 << 8;
+
+/// Spins an owner or a freer gives a lock held by someone else (held for
+/// tens of nanoseconds) before it takes the locked path instead.
+const FAST_SPINS: u32 = 64;
 
 /// The owner slot a token was made for.
 fn token_slot(t: u64) -> u16 {
     (t & 0xFF) as u16
+}
+
+/// The pid a token was made for.
+fn token_pid(t: u64) -> i32 {
+    (t >> 32) as u32 as i32
 }
 
 /// How a taker got a slot lock.
@@ -112,26 +171,81 @@ enum Taken {
     FromTheDead,
 }
 
+#[inline]
+fn try_lock_word(w: &AtomicU64, tok: u64) -> bool {
+    tok != 0
+        && w.compare_exchange(0, tok, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+}
+
+/// Tries `w` for a few spins (its holders keep it for tens of ns).
+#[inline]
+fn spin_lock_word(w: &AtomicU64, tok: u64) -> bool {
+    for _ in 0..FAST_SPINS {
+        if w.load(Ordering::Relaxed) == 0 && try_lock_word(w, tok) {
+            return true;
+        }
+        std::hint::spin_loop();
+    }
+    false
+}
+
+/// Releases the lock if we still hold it. A lock is only taken over
+/// from a holder that is gone (see the module doc), which then runs no
+/// more code; the check only guards against that judgement ever being
+/// wrong, so a plain load and store do (a locked instruction here costs
+/// the fast path ~5 ns).
+#[inline]
+fn unlock_word(w: &AtomicU64, tok: u64) {
+    if w.load(Ordering::Relaxed) == tok {
+        w.store(0, Ordering::Release);
+    }
+}
+
+impl Inbox {
+    /// Pages and blocks waiting in the inbox (a snapshot without the lock).
+    pub fn pages(&self) -> u64 {
+        self.pages.load(Ordering::Relaxed)
+    }
+
+    pub fn blocks(&self) -> u64 {
+        self.blocks.load(Ordering::Relaxed) as u64
+    }
+
+    pub fn max_len(&self) -> u64 {
+        self.max_len.load(Ordering::Relaxed) as u64
+    }
+
+    /// Empties the inbox's record (inbox lock held, or the slot being given
+    /// to a new process).
+    fn clear(&self) {
+        self.n.store(0, Ordering::Relaxed);
+        self.pages.store(0, Ordering::Relaxed);
+        self.blocks.store(0, Ordering::Relaxed);
+        self.max_len.store(0, Ordering::Relaxed);
+    }
+
+    /// Appends a committed block (inbox lock held, room checked).
+    #[inline]
+    fn append(&self, page: u32, len: u32) {
+        let n = self.n.load(Ordering::Relaxed);
+        self.entries[n as usize % INBOX_CAP].store(page, Ordering::Relaxed);
+        self.n.store(n + 1, Ordering::Relaxed);
+        self.pages
+            .store(self.pages() + len as u64, Ordering::Relaxed);
+        self.blocks.store(n + 1, Ordering::Relaxed);
+    }
+}
+
 impl SlotCache {
     #[inline]
     fn try_lock(&self, tok: u64) -> bool {
-        tok != 0
-            && self
-                .lock
-                .compare_exchange(0, tok, Ordering::Acquire, Ordering::Relaxed)
-                .is_ok()
+        try_lock_word(&self.lock, tok)
     }
 
-    /// Releases the lock if we still hold it. A lock is only taken over
-    /// from a holder that is gone (see the module doc), which then runs no
-    /// more code; the check only guards against that judgement ever being
-    /// wrong, so a plain load and store do (a locked instruction here costs
-    /// the fast path ~5 ns).
     #[inline]
     fn unlock(&self, tok: u64) {
-        if self.lock.load(Ordering::Relaxed) == tok {
-            self.lock.store(0, Ordering::Release);
-        }
+        unlock_word(&self.lock, tok)
     }
 
     /// Empties the slot's record (slot lock held, or the slot being given
@@ -189,6 +303,19 @@ impl SlotCache {
 
     pub fn blocks(&self) -> u64 {
         self.blocks.load(Ordering::Relaxed)
+    }
+
+    /// Pages and blocks held for the slot: its stacks and its inbox.
+    pub fn held(&self) -> (u64, u64) {
+        (
+            self.pages().saturating_add(self.inbox.pages()),
+            self.blocks().saturating_add(self.inbox.blocks()),
+        )
+    }
+
+    /// At least the longest block held for the slot (stacks or inbox).
+    pub fn max_held(&self) -> u64 {
+        self.max_len().max(self.inbox.max_len())
     }
 }
 
@@ -305,7 +432,7 @@ impl Pool {
     /// Under the pool lock: makes this process's stacks its own, once per
     /// fork generation (in a forked child they still name the parent's
     /// blocks). Called at registration with the new slot and token.
-    pub(crate) fn adopt_stacks(&self, l: &Locked, slot: u16, tok: u64, gen: u64) {
+    pub(crate) fn adopt_stacks(&self, l: &mut Locked, slot: u16, tok: u64, gen: u64) {
         let Some(how) = self.lock_slot(l, slot, tok) else {
             return; // stale entries would only fail their CAS
         };
@@ -317,24 +444,115 @@ impl Pool {
             unsafe { self.cache.clear() };
             self.cache.gen.store(gen, Ordering::Relaxed);
         }
-        self.slot_cache(slot).unlock(tok);
+        self.unlock_slot(slot, tok);
     }
 
-    /// Takes slot `q`'s lock as a taker (the caller holds the pool lock,
-    /// `l`), taking it over from a holder that is gone; `None` if a live
-    /// holder keeps it past our patience (see the module doc).
-    fn lock_slot(&self, l: &Locked, q: u16, tok: u64) -> Option<Taken> {
+    /// Takes slot `q`'s lock and then its inbox lock as a taker (the caller
+    /// holds the pool lock, `l`), taking each over from a holder that is
+    /// gone; `None` (holding neither) if a live holder keeps one past our
+    /// patience (see the module doc). An inbox whose lock is taken from a
+    /// dead freer may miss the block that freer committed, or count it
+    /// without listing it: every block the slot caches is then taken back
+    /// (O(pages), once per such death), which leaves both records exact
+    /// and empty, reported as `Clean`. `FromTheDead` means the slot's own
+    /// record needs a recount (see [`Pool::recount`]).
+    fn lock_slot(&self, l: &mut Locked, q: u16, tok: u64) -> Option<Taken> {
         let sc = self.slot_cache(q);
+        let how = self.take_word(l, &sc.lock, q, tok)?;
+        let Some(inbox) = self.take_word(l, &sc.inbox.lock, q, tok) else {
+            sc.unlock(tok);
+            return None;
+        };
+        if inbox == Taken::FromTheDead {
+            self.empty_slot(l, q);
+            return Some(Taken::Clean);
+        }
+        Some(how)
+    }
+
+    /// Under the pool lock, on our locked path: if a freer died holding our
+    /// inbox's lock (our drains and other freers then skip the inbox), take
+    /// it over, which takes our cached blocks back (see `lock_slot`). One
+    /// load when the lock is free.
+    pub(crate) fn repair_own_inbox(&self, l: &mut Locked, slot: u16, tok: u64) {
+        let h = self.slot_cache(slot).inbox.lock.load(Ordering::Relaxed);
+        if slot != 0
+            && h & REMOTE != 0
+            && self.holder_gone(l, slot, h)
+            && self.lock_slot(l, slot, tok).is_some()
+        {
+            self.unlock_slot(slot, tok);
+        }
+    }
+
+    /// Under the pool lock (for `stats`): frees the blocks waiting in every
+    /// inbox, so that they coalesce with their free neighbours. O(entries)
+    /// per inbox: each lists its blocks. A slot whose lock a live process
+    /// holds past our patience is left as it is (its blocks stay counted
+    /// as free).
+    pub(crate) fn take_back_inboxes(&self, l: &mut Locked, tok: u64) {
+        let busy: Vec<u16> = self
+            .caching_slots()
+            .filter(|&q| self.slot_cache(q).inbox.n.load(Ordering::Relaxed) != 0)
+            .collect();
+        for q in busy {
+            // Both locks, so that a slot left holding nothing is unmarked
+            // (its owner marks it under the slot lock).
+            let Some(how) = self.lock_slot(l, q, tok) else {
+                continue;
+            };
+            let sc = self.slot_cache(q);
+            let ib = &sc.inbox;
+            let n = (ib.n.load(Ordering::Relaxed) as usize).min(INBOX_CAP);
+            for i in 0..n {
+                let p = ib.entries[i].load(Ordering::Relaxed);
+                if alloc_owner(l.arena.w(p)) == q {
+                    let _ = l.arena.free_cached(p);
+                }
+            }
+            ib.clear();
+            if how == Taken::FromTheDead {
+                self.recount(l, &[q]);
+            }
+            if sc.blocks() == 0 {
+                self.unmark_caching(q);
+            }
+            self.unlock_slot(q, tok);
+        }
+    }
+
+    /// Releases both locks of slot `q` taken by [`Pool::lock_slot`].
+    fn unlock_slot(&self, q: u16, tok: u64) {
+        let sc = self.slot_cache(q);
+        unlock_word(&sc.inbox.lock, tok);
+        sc.unlock(tok);
+    }
+
+    /// Frees every block slot `q` caches (stacks and inbox; both its locks
+    /// held with the pool lock) and zeroes its records.
+    #[cold]
+    fn empty_slot(&self, l: &mut Locked, q: u16) {
+        for (page, _, owner) in l.arena.cached_blocks() {
+            if owner == q {
+                let _ = l.arena.free_cached(page);
+            }
+        }
+        let sc = self.slot_cache(q);
+        sc.clear_counts();
+        sc.inbox.clear();
+        self.unmark_caching(q);
+    }
+
+    /// Takes lock word `w` of slot `q` as a taker (pool lock held).
+    fn take_word(&self, l: &Locked, w: &AtomicU64, q: u16, tok: u64) -> Option<Taken> {
         let mut tries = 0u32;
         loop {
-            if sc.try_lock(tok) {
+            if try_lock_word(w, tok) {
                 return Some(Taken::Clean);
             }
-            let h = sc.lock.load(Ordering::Relaxed);
+            let h = w.load(Ordering::Relaxed);
             if h != 0 && h != tok && self.holder_gone(l, q, h) {
-                if sc
-                    .lock
-                    .compare_exchange(h, tok, Ordering::Acquire, Ordering::Relaxed)
+                if w.compare_exchange(h, tok, Ordering::Acquire, Ordering::Relaxed)
                     .is_ok()
                 {
                     return Some(Taken::FromTheDead);
@@ -353,14 +571,22 @@ impl Pool {
         }
     }
 
-    /// Whether the holder of token `h` of slot `q`'s lock is gone (pool
-    /// lock held). A token made for another slot is a taker's, which held
-    /// the pool lock while it held this one: we hold the pool lock now, so
-    /// that taker is dead (or past the point where it would release it).
-    /// A token made for `q` is its owner's (a slot given to a new process
-    /// starts unlocked), gone when the kernel says so.
+    /// Whether the holder of token `h` of one of slot `q`'s locks is gone
+    /// (pool lock held). A freer's token ([`REMOTE`], inbox locks only)
+    /// names the freer's own slot: gone when that slot holds another
+    /// process now or the kernel says its process died. Any other token
+    /// made for another slot is a taker's, which held the pool lock while
+    /// it held this one: we hold the pool lock now, so that taker is dead
+    /// (or past the point where it would release it). A token made for `q`
+    /// is its owner's (a slot given to a new process starts unlocked),
+    /// gone when the kernel says so.
     fn holder_gone(&self, l: &Locked, q: u16, h: u64) -> bool {
-        token_slot(h) != q || !self.slot_alive(l, q)
+        let s = token_slot(h);
+        if h & REMOTE != 0 {
+            let i = s as usize % MAX_OWNERS;
+            return l.owners[i].pid != token_pid(h) || !self.slot_alive(l, s);
+        }
+        s != q || !self.slot_alive(l, q)
     }
 
     /// Whether the process registered in slot `q` may still run (pool lock
@@ -384,7 +610,17 @@ impl Pool {
         let s = unsafe { self.cache.stacks() };
         let d = self.descriptors();
         let mut got = None;
-        while let Some(p) = s.pop(pages) {
+        let mut drained = false;
+        loop {
+            let Some(p) = s.pop(pages) else {
+                // A miss: take in what other processes freed for us, once.
+                if drained || sc.inbox.n.load(Ordering::Relaxed) == 0 {
+                    break;
+                }
+                drained = true;
+                self.drain_inbox(slot, tok, s);
+                continue;
+            };
             // The commit: cached -> live, with the next generation (so a
             // free that read the block's word before it was cached cannot
             // free this allocation; see `desc.rs`). Fails only for a stale
@@ -406,6 +642,99 @@ impl Pool {
         }
         sc.unlock(tok);
         got
+    }
+
+    /// Moves the blocks of our inbox into our stacks, as many as fit (our
+    /// slot lock held by the caller, with `s` our stacks). The inbox lock
+    /// is only tried for a few spins: a freer holds it for nanoseconds, and
+    /// a dead one's is taken over by the next taker (see `lock_slot`).
+    ///
+    /// Each block moves from the inbox's counters to the slot's: a death in
+    /// between leaves both locks held by our token, and a taker then takes
+    /// every block of the slot back, which no count depends on.
+    #[inline(never)]
+    fn drain_inbox(&self, slot: u16, tok: u64, s: &mut Stacks) {
+        let sc = self.slot_cache(slot);
+        let ib = &sc.inbox;
+        if !spin_lock_word(&ib.lock, tok) {
+            return;
+        }
+        let d = self.descriptors();
+        let n = (ib.n.load(Ordering::Relaxed) as usize).min(INBOX_CAP);
+        let mut keep = 0;
+        for i in 0..n {
+            let p = ib.entries[i].load(Ordering::Relaxed);
+            let w = d.get(p as usize).map_or(0, |w| w.load(Ordering::Acquire));
+            let len = alloc_len(w);
+            // Every entry is a block committed to this inbox (takers empty
+            // the list when they take its blocks); checked all the same.
+            if !(tag(w) == TAG_ALLOC && is_cached(w) && alloc_owner(w) == slot) {
+                continue;
+            }
+            if s.has_room(len, self.cache_cap) {
+                sc.raise_max(len);
+                s.push(len, p);
+                sc.add(len as u64, 1);
+                ib.pages
+                    .store(ib.pages().saturating_sub(len as u64), Ordering::Relaxed);
+                hit(CrashPoint::InboxDrainMoving);
+            } else {
+                ib.entries[keep].store(p, Ordering::Relaxed);
+                keep += 1;
+            }
+        }
+        ib.n.store(keep as u32, Ordering::Relaxed);
+        ib.blocks.store(keep as u32, Ordering::Relaxed);
+        if keep == 0 {
+            ib.pages.store(0, Ordering::Relaxed);
+            ib.max_len.store(0, Ordering::Relaxed);
+        }
+        unlock_word(&ib.lock, tok);
+    }
+
+    /// Frees a live block of *another* owner slot, at `page`, whose word
+    /// the caller read as `w`, into that slot's inbox (without the pool
+    /// lock); returns its length, or `None` to use the locked path (inbox
+    /// full or busy, block too long, no slot of our own). `tok` is ours.
+    #[inline]
+    pub(crate) fn inbox_push(&self, page: u32, w: u64, tok: u64) -> Option<u32> {
+        let q = alloc_owner(w);
+        let len = alloc_len(w);
+        if q == 0 || tok == 0 || len > CACHE_CLASSES || !self.caching.load(Ordering::Relaxed) {
+            return None;
+        }
+        let d = self.descriptors().get(page as usize)?;
+        let ib = &self.slot_cache(q).inbox;
+        if ib.n.load(Ordering::Relaxed) as usize >= INBOX_CAP
+            || ib.pages() + len as u64 > self.cache_cap
+        {
+            return None;
+        }
+        let rtok = tok | REMOTE;
+        if !spin_lock_word(&ib.lock, rtok) {
+            return None;
+        }
+        hit(CrashPoint::InboxPushLocked);
+        let mut done = None;
+        if (ib.n.load(Ordering::Relaxed) as usize) < INBOX_CAP {
+            // Marked and bounded before the commit, as for a cache push.
+            self.mark_caching(q);
+            if ib.max_len() < len as u64 {
+                ib.max_len.store(len, Ordering::Relaxed);
+            }
+            // The commit: live -> cached (in q's inbox), from exactly the
+            // word the free read (a racing free of the same block, or its
+            // re-allocation, makes it fail: see `Pool::free`).
+            if d.compare_exchange(w, w | CACHED, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+            {
+                hit(CrashPoint::InboxPushCommitted);
+                ib.append(page, len);
+                done = Some(len);
+            }
+        }
+        unlock_word(&ib.lock, rtok);
+        done
     }
 
     /// Puts our own live block at `page`, whose word the caller read as
@@ -459,7 +788,8 @@ impl Pool {
         let Some((slot, tok)) = self.my_identity() else {
             return Ok(());
         };
-        if tok == 0 || self.slot_cache(slot).blocks() == 0 {
+        let sc = self.slot_cache(slot);
+        if tok == 0 || sc.blocks() == 0 && sc.inbox.n.load(Ordering::Relaxed) == 0 {
             return Ok(()); // nothing cached: skip the pool lock
         }
         self.locked(|l| {
@@ -482,13 +812,23 @@ impl Pool {
             }
             // SAFETY: we hold our slot lock.
             unsafe { self.cache.clear() };
+            // What others freed for us goes back too (we hold its lock).
+            let ib = &sc.inbox;
+            let n = (ib.n.load(Ordering::Relaxed) as usize).min(INBOX_CAP);
+            for i in 0..n {
+                let p = ib.entries[i].load(Ordering::Relaxed);
+                if alloc_owner(l.arena.w(p)) == slot {
+                    let _ = l.arena.free_cached(p);
+                }
+            }
+            ib.clear();
             if how == Taken::FromTheDead {
                 self.recount(l, &[slot]);
             }
             if sc.blocks() == 0 {
                 self.unmark_caching(slot);
             }
-            sc.unlock(tok);
+            self.unlock_slot(slot, tok);
             Ok(())
         })
     }
@@ -528,8 +868,9 @@ impl Pool {
         for &s in &held {
             let sc = self.slot_cache(s);
             sc.clear_counts();
+            sc.inbox.clear();
             self.unmark_caching(s);
-            sc.unlock(tok);
+            self.unlock_slot(s, tok);
         }
         skipped
     }
@@ -593,15 +934,19 @@ impl Pool {
         }
     }
 
-    /// Sets the counters and bound of `slots` (whose locks the caller
-    /// holds) from the CACHED words: the repair after a holder died
-    /// mid-update.
+    /// Sets the counters and bound of `slots` (both of whose locks the
+    /// caller holds, the inbox's record exact) from the CACHED words: what
+    /// the slot caches is every CACHED block of its owner not in its inbox.
+    /// The repair after a holder of the slot lock died mid-update.
     fn recount(&self, l: &Locked, slots: &[u16]) {
         let counts = Self::count_cached(l);
         for &s in slots {
             let c = counts[s as usize % MAX_OWNERS];
             let sc = self.slot_cache(s);
-            sc.set(c.0, c.1);
+            sc.set(
+                c.0.saturating_sub(sc.inbox.pages()),
+                c.1.saturating_sub(sc.inbox.blocks()),
+            );
             sc.max_len.store(c.2, Ordering::Relaxed);
         }
     }
@@ -624,7 +969,7 @@ impl Pool {
     /// owner is in the middle of a cache operation (its lock held past our
     /// patience: preempted, or stopped) cannot be verified now and is left
     /// out: that is no violation.
-    pub(crate) fn check_slots(&self, l: &Locked, tok: u64, verify: bool) -> Vec<String> {
+    pub(crate) fn check_slots(&self, l: &mut Locked, tok: u64, verify: bool) -> Vec<String> {
         let mut v = Vec::new();
         // Lock the slots first, count their CACHED words after (fix found by
         // the random-kill test): a live owner flips its words and updates
@@ -634,7 +979,11 @@ impl Pool {
         // of a live process.
         let mut held = Vec::new();
         for s in 0..self.owners_hwm() {
-            if !verify && self.slot_cache(s).lock.load(Ordering::Relaxed) == 0 {
+            let sc = self.slot_cache(s);
+            if !verify
+                && sc.lock.load(Ordering::Relaxed) == 0
+                && sc.inbox.lock.load(Ordering::Relaxed) == 0
+            {
                 continue;
             }
             if let Some(how) = self.lock_slot(l, s, tok) {
@@ -648,37 +997,88 @@ impl Pool {
         for (s, how) in held {
             let sc = self.slot_cache(s);
             let want = counts[s as usize];
-            let have = (sc.pages(), sc.blocks());
+            let ib = &sc.inbox;
+            let have = (sc.pages() + ib.pages(), sc.blocks() + ib.blocks());
+            if verify {
+                v.extend(self.check_inbox(l, s));
+            }
             if how == Taken::FromTheDead || !verify {
-                sc.set(want.0, want.1);
-                sc.max_len.store(want.2, Ordering::Relaxed);
+                self.recount(l, &[s]);
             } else if have != (want.0, want.1) {
                 v.push(format!(
                     "owner slot {s} caches {:?} (pages, blocks) but counts {have:?}",
                     (want.0, want.1)
                 ));
-            } else if sc.max_len() < want.2 {
+            } else if sc.max_len().max(ib.max_len()) < want.2 {
                 v.push(format!(
                     "owner slot {s} caches a block of {} pages but bounds them by {}",
                     want.2,
-                    sc.max_len()
+                    sc.max_len().max(ib.max_len())
                 ));
             }
-            sc.unlock(tok);
+            self.unlock_slot(s, tok);
         }
         v
     }
 
-    /// Zeroes the cache counters of a dead owner's slot (its blocks were
-    /// just freed), taking over its lock if it died holding it.
-    pub(crate) fn forget_slot(&self, l: &Locked, slot: u16, tok: u64) {
-        let sc = self.slot_cache(slot);
-        let got = self.lock_slot(l, slot, tok).is_some();
-        sc.clear_counts();
-        self.unmark_caching(slot);
-        if got {
-            sc.unlock(tok);
+    /// What is wrong with slot `s`'s inbox (its lock held): every entry
+    /// must be a distinct block CACHED for `s`, and the counters their sum.
+    fn check_inbox(&self, l: &Locked, s: u16) -> Vec<String> {
+        let ib = &self.slot_cache(s).inbox;
+        let n = ib.n.load(Ordering::Relaxed) as usize;
+        if n > INBOX_CAP {
+            return vec![format!("owner slot {s}'s inbox has {n} entries")];
         }
+        let mut v = Vec::new();
+        let mut pages = 0u64;
+        let mut seen = Vec::with_capacity(n);
+        for i in 0..n {
+            let p = ib.entries[i].load(Ordering::Relaxed);
+            let w = l.arena.w(p);
+            if !(tag(w) == TAG_ALLOC && is_cached(w) && alloc_owner(w) == s) || seen.contains(&p) {
+                v.push(format!(
+                    "owner slot {s}'s inbox lists page {p}, not its cached block"
+                ));
+            }
+            seen.push(p);
+            pages += alloc_len(w) as u64;
+            if ib.max_len() < alloc_len(w) as u64 {
+                v.push(format!(
+                    "owner slot {s}'s inbox bound is below page {p}'s length"
+                ));
+            }
+        }
+        if (pages, n as u64) != (ib.pages(), ib.blocks()) {
+            v.push(format!(
+                "owner slot {s}'s inbox lists {:?} (pages, blocks) but counts {:?}",
+                (pages, n),
+                (ib.pages(), ib.blocks())
+            ));
+        }
+        v
+    }
+
+    /// Takes both locks of each of `slots` as a taker (pool lock held),
+    /// taking them over from holders that are gone; returns the slots
+    /// whose locks we now hold (a live holder past our patience keeps its
+    /// slot out). Release each with [`Pool::forget_locked_slot`].
+    pub(crate) fn lock_slots(&self, l: &mut Locked, slots: &[usize], tok: u64) -> Vec<usize> {
+        slots
+            .iter()
+            .copied()
+            .filter(|&i| self.lock_slot(l, i as u16, tok).is_some())
+            .collect()
+    }
+
+    /// Zeroes the records of a dead owner's slot whose blocks were just
+    /// freed (both its locks held, from [`Pool::lock_slots`]: no freer is
+    /// between its commit and its inbox entry), and releases the locks.
+    pub(crate) fn forget_locked_slot(&self, slot: u16, tok: u64) {
+        let sc = self.slot_cache(slot);
+        sc.clear_counts();
+        sc.inbox.clear();
+        self.unmark_caching(slot);
+        self.unlock_slot(slot, tok);
     }
 
     /// Makes a slot given to a new process (pool lock held, its previous
@@ -686,7 +1086,9 @@ impl Pool {
     pub(crate) fn reset_slot(&self, slot: u16) {
         let sc = self.slot_cache(slot);
         sc.clear_counts();
+        sc.inbox.clear();
         self.unmark_caching(slot);
+        sc.inbox.lock.store(0, Ordering::Release);
         sc.lock.store(0, Ordering::Release);
     }
 
@@ -699,12 +1101,15 @@ impl Pool {
     pub(crate) fn settle_slots(&self) {
         for s in self.caching_slots() {
             let sc = self.slot_cache(s);
+            let busy = || {
+                sc.lock.load(Ordering::Relaxed) != 0 || sc.inbox.lock.load(Ordering::Relaxed) != 0
+            };
             let mut spins = 0;
-            while sc.lock.load(Ordering::Relaxed) != 0 && spins < 2000 {
+            while busy() && spins < 2000 {
                 std::hint::spin_loop();
                 spins += 1;
             }
-            if sc.lock.load(Ordering::Relaxed) != 0 {
+            if busy() {
                 let tok = self.taker_token();
                 let _ = self.locked(|l| {
                     self.check_slots(l, tok, false);
@@ -755,11 +1160,11 @@ impl Pool {
             })
     }
 
-    /// Pages and blocks in all processes' caches.
+    /// Pages and blocks in all processes' caches and inboxes.
     pub(crate) fn cached_totals(&self) -> (u64, u64) {
         self.caching_slots().fold((0, 0), |(p, b), s| {
-            let c = self.slot_cache(s);
-            (p.saturating_add(c.pages()), b.saturating_add(c.blocks()))
+            let (cp, cb) = self.slot_cache(s).held();
+            (p.saturating_add(cp), b.saturating_add(cb))
         })
     }
 }

@@ -72,6 +72,15 @@ crash_points! {
     /// Cache push: the owner holds its slot lock, the block is not yet
     /// flipped to CACHED (a process frozen here holds its slot lock).
     CachePushLocked = 10,
+    /// Remote free: the freer holds the owner's inbox lock, the block is
+    /// not yet flipped to CACHED.
+    InboxPushLocked = 11,
+    /// Remote free: the block is flipped to CACHED (committed), not yet in
+    /// the inbox's entries or counters.
+    InboxPushCommitted = 12,
+    /// Drain: the owner holds its slot lock and its inbox lock, and has
+    /// moved part of the inbox into its stacks.
+    InboxDrainMoving = 13,
   }
 }
 

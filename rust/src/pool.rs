@@ -13,7 +13,7 @@ use crate::arena::{Arena, OwnerUsage, PageStats, MAX_OWNERS};
 pub use crate::cache::CACHE_CLASSES;
 use crate::cache::{self, LocalCache, SlotCache};
 use crate::crashpoint::{hit, CrashPoint};
-use crate::desc::{is_cached, tag, TAG_ALLOC};
+use crate::desc::{alloc_owner, is_cached, tag, TAG_ALLOC};
 use crate::error::{Error, Result};
 use crate::layout::{Geometry, Header, LAYOUT_VERSION, MAGIC};
 use crate::liveness::{self, Keeper};
@@ -440,7 +440,7 @@ impl Pool {
                 *l.recoveries = l.recoveries.wrapping_add(1);
                 // A dead process taking cached blocks back may have died
                 // holding slot locks: take them over and recount them.
-                let _ = self.check_slots(&l, self.taker_token(), false);
+                let _ = self.check_slots(&mut l, self.taker_token(), false);
             }));
             m.mark_consistent();
         }
@@ -582,7 +582,11 @@ impl Pool {
     /// yielding without the pool lock (the owner finishes in nanoseconds
     /// unless it is stopped), then reports `OutOfMemory`.
     fn alloc_locked(&self, pages: u32, slot: u16, tok: u64) -> Result<u32> {
-        match self.locked(|l| l.arena.alloc(pages, slot)) {
+        let r = self.locked(|l| {
+            self.repair_own_inbox(l, slot, tok);
+            l.arena.alloc(pages, slot)
+        });
+        match r {
             Err(Error::OutOfMemory) => {
                 for round in 0..TAKE_BACK_ROUNDS {
                     let mut skipped = 0;
@@ -606,6 +610,17 @@ impl Pool {
 
     #[cold]
     fn alloc_registering(&self, pages: u32) -> Result<u32> {
+        let (slot, tok) = self.register()?;
+        self.alloc_locked(pages, slot, tok)
+    }
+
+    /// Gives this process an owner slot (and a keeper) in this fork
+    /// generation; returns `(slot, token)`.
+    #[cold]
+    fn register(&self) -> Result<(u16, u64)> {
+        if let Some(id) = self.my_identity() {
+            return Ok(id);
+        }
         let gen = owner::fork_generation();
         // Without a readable identity the process allocates as the
         // unrecorded owner (slot 0) and does not cache (token 0).
@@ -632,7 +647,7 @@ impl Pool {
         self.my_token.store(tok, Ordering::Relaxed);
         self.my_slot
             .store(gen << 16 | slot as u64, Ordering::Release);
-        self.alloc_locked(pages, slot, tok)
+        Ok((slot, tok))
     }
 
     /// Keeps `k` as this `Pool`'s keeper; a previous one is released (if
@@ -712,11 +727,27 @@ impl Pool {
         if tag(w) != TAG_ALLOC || is_cached(w) {
             return Err(Error::NotABlock);
         }
-        let pages = match self.cache_push(page, w) {
+        let pages = match self.cache_free(page, w) {
             Some(n) => n,
             None => self.locked(|l| l.arena.free_exact(page, w))?,
         };
         Ok(pages as usize * self.geo.page_size)
+    }
+
+    /// The lock-free part of a free: our own block into our cache, another
+    /// owner's into that owner's inbox (registering us first if we never
+    /// allocated: a freer needs a slot, so that its death is seen).
+    #[inline]
+    fn cache_free(&self, page: u32, w: u64) -> Option<u32> {
+        match self.my_identity() {
+            Some((slot, _)) if alloc_owner(w) == slot => self.cache_push(page, w),
+            Some((_, tok)) => self.inbox_push(page, w, tok),
+            None if alloc_owner(w) != 0 && self.caching.load(Ordering::Relaxed) => {
+                let (_, tok) = self.register().ok()?;
+                self.inbox_push(page, w, tok)
+            }
+            None => None,
+        }
     }
 
     /// Size in bytes of the block starting at byte offset `off`.
@@ -749,11 +780,14 @@ impl Pool {
     pub fn stats(&self) -> Stats {
         let _ = self.flush_cache();
         self.settle_slots();
+        let tok = self.taker_token();
         // The caches' counters are read under the pool lock too, so that a
         // take-back (which holds it) is seen whole or not at all.
         let (ps, recoveries, (cached_pages, cached_blocks)) = self
             .locked(|l| {
                 self.reap_keeperless_dead(l);
+                // Blocks other processes freed into inboxes coalesce now.
+                self.take_back_inboxes(l, tok);
                 // `largest_free_bytes` must be a size alloc gets from the
                 // free runs, and allocating it until it is 0 must obtain
                 // every free page: take back the caches that may hold a
@@ -761,9 +795,9 @@ impl Pool {
                 let longest = l.arena.stats().largest_free_run as u64;
                 if self
                     .caching_slots()
-                    .any(|s| self.slot_cache(s).max_len() > longest)
+                    .any(|s| self.slot_cache(s).max_held() > longest)
                 {
-                    self.take_back_cached(l, self.taker_token(), |_, sc| sc.max_len() > longest);
+                    self.take_back_cached(l, tok, |_, sc| sc.max_held() > longest);
                 }
                 Ok((l.arena.stats(), *l.recoveries, self.cached_totals()))
             })
@@ -818,10 +852,10 @@ impl Pool {
                 alive: i == 0 || liveness::slot_alive(&self.header().keepers[i], &ids[i]),
                 pages: usage[i]
                     .pages
-                    .saturating_sub(self.slot_cache(i as u16).pages()),
+                    .saturating_sub(self.slot_cache(i as u16).held().0),
                 blocks: usage[i]
                     .blocks
-                    .saturating_sub(self.slot_cache(i as u16).blocks()),
+                    .saturating_sub(self.slot_cache(i as u16).held().1),
             })
             .collect())
     }
@@ -831,7 +865,9 @@ impl Pool {
     /// keeper, `/proc` in our own PID namespace (a pid that was reused
     /// counts as dead: the start time differs; a process of another
     /// namespace counts as alive). Never automatic: a dead worker's block
-    /// may hold a result another process still reads.
+    /// may hold a result another process still reads. A dead owner whose
+    /// slot or inbox lock a live process keeps (one freeing a block into
+    /// its inbox, stopped there) is left whole for a later call.
     pub fn reclaim_dead(&self) -> Result<Reclaimed> {
         let tok = self.taker_token();
         // Read liveness outside the lock (it reads /proc), then re-check the
@@ -846,13 +882,21 @@ impl Pool {
             .collect();
         self.locked(|l| {
             let mut out = Reclaimed::default();
-            let dead_now: Vec<usize> = dead
+            let still_dead: Vec<usize> = dead
                 .iter()
                 .filter(|(i, id)| l.owners[*i] == *id)
                 .map(|(i, _)| *i)
                 .collect();
+            // Both locks of each slot first, held until its records are
+            // cleared: a live process freeing one of the dead owner's
+            // blocks into its inbox holds the inbox lock between its
+            // commit and its entry, and would otherwise list a block we
+            // free here (or, once the slot is reused, another process's).
+            // A slot such a process keeps past our patience is left for a
+            // later call, whole.
+            let dead_now = self.lock_slots(l, &still_dead, tok);
             for &i in &dead_now {
-                let cached = self.slot_cache(i as u16).pages();
+                let cached = self.slot_cache(i as u16).held().0;
                 let held = l.arena.st.usage[i].pages.saturating_sub(cached);
                 out.owners.push((l.owners[i].pid, held));
             }
@@ -871,7 +915,7 @@ impl Pool {
             }
             for &i in &dead_now {
                 l.owners[i] = OwnerIdentity::default();
-                self.forget_slot(l, i as u16, tok);
+                self.forget_locked_slot(i as u16, tok);
             }
             Ok(out)
         })
