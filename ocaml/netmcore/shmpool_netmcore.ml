@@ -4,6 +4,9 @@ let shmpool = Mempool.shmpool
 
 module Netmcore_heap = Heap
 module Netmcore_ref = Sref
+module Netmcore_array = Sarray
+module Netmcore_hashtbl = Shashtbl
+module Netmcore_queue = Squeue
 
 module Heap_internal = struct
   let modify_repairing = Heap.modify_repairing

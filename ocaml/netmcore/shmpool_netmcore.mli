@@ -213,6 +213,44 @@ module Netmcore_ref : module type of struct
   include Sref
 end
 
+(** {2 Shared structures}
+
+    [Netmcore_array], [Netmcore_hashtbl] and [Netmcore_queue] with
+    OCamlnet 4.1.9's signatures, on {!Netmcore_heap}: every function
+    returns, raises and locks as the original's (the [_ro] functions read
+    without the lock, [_p] pin the value while the function runs, [_c]
+    copy it to private memory).
+
+    {b Crash safety} (the original has none): a worker killed anywhere
+    inside an operation never blocks the structure, and its operation
+    happened entirely or not at all. Each operation changes what the root
+    reaches by one store of a completely built value; the counters
+    ([Netmcore_hashtbl.length], [Netmcore_queue.length]) and the queue's
+    tail are recomputed from the contents by the first operation after the
+    death (which is why [length] takes the lock here).
+
+    {b Deliberate differences}:
+    - [Netmcore_queue.iter] and [fold] pin only the first cell of the
+      snapshot (which keeps the rest of it alive), not every element.
+    - [Netmcore_hashtbl.iter] may modify the table from [f] (the lock is
+      re-entrant; the original deadlocks), with the visit then unspecified.
+    - [Netmcore_array.make] and [init] with a negative size raise the
+      original's [Invalid_argument "Netsys_mem.init_array"] before creating
+      anything (the original leaves a heap behind); with size 0 they give
+      an empty array (the original: [Assert_failure]). *)
+
+module Netmcore_array : module type of struct
+  include Sarray
+end
+
+module Netmcore_hashtbl : module type of struct
+  include Shashtbl
+end
+
+module Netmcore_queue : module type of struct
+  include Squeue
+end
+
 module Heap_internal : sig
   val modify_repairing :
     'a Netmcore_heap.heap -> repair:(Netmcore_heap.mutator -> unit) -> (Netmcore_heap.mutator -> 'r) -> 'r
