@@ -41,6 +41,7 @@ let grow sa n x =
       if n > k then begin
         let a = Heap.add_uniform_array m n x in
         Array.blit old 0 a 0 k;
+        Commit_point.reached "array.grow";
         r.array <- a
       end)
 

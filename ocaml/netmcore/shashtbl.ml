@@ -68,7 +68,8 @@ let resize m r =
             last.(j) <- nc;
             move c.next
       in
-      move old.(i)
+      move old.(i);
+      if i = osize / 2 then Commit_point.reached "hashtbl.resize"
     done;
     r.buckets <- nb
   end
@@ -79,6 +80,7 @@ let add_cell m r key value =
   let c = Heap.add m (Cell { key; value; next = Nil }) in
   (match c with Cell cell -> cell.next <- b.(i) | Nil -> assert false);
   b.(i) <- c;
+  Commit_point.reached "hashtbl.add";
   r.size <- r.size + 1;
   if r.size > 2 * Array.length b then resize m r
 
@@ -88,6 +90,7 @@ let clear t =
   modify t (fun m ->
       let r = Heap.root t in
       r.buckets <- Heap.add_uniform_array m (Array.length r.buckets) Nil;
+      Commit_point.reached "hashtbl.clear";
       r.size <- 0)
 
 let remove t key =
@@ -100,6 +103,7 @@ let remove t key =
         | Cell c as cur ->
             if compare c.key key = 0 then begin
               (match prev with Nil -> b.(i) <- c.next | Cell p -> p.next <- c.next);
+              Commit_point.reached "hashtbl.remove";
               r.size <- r.size - 1
             end
             else go cur c.next

@@ -8,6 +8,10 @@ module Netmcore_array = Sarray
 module Netmcore_hashtbl = Shashtbl
 module Netmcore_queue = Squeue
 
+module Struct_internal = struct
+  let commit_hook = Commit_point.hook
+end
+
 module Heap_internal = struct
   let modify_repairing = Heap.modify_repairing
 end

@@ -251,6 +251,16 @@ module Netmcore_queue : module type of struct
   include Squeue
 end
 
+(**/**)
+
+module Struct_internal : sig
+  val commit_hook : (string -> unit) ref
+  (* Test-only: called with a point's name at each staged-death point of
+     the structures (see commit_point.ml). *)
+end
+
+(**/**)
+
 module Heap_internal : sig
   val modify_repairing :
     'a Netmcore_heap.heap -> repair:(Netmcore_heap.mutator -> unit) -> (Netmcore_heap.mutator -> 'r) -> 'r

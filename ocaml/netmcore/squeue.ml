@@ -43,6 +43,7 @@ let push x q =
       let r = Heap.root q in
       let c = Heap.add m (Cell { conts = x; next = Nil }) in
       (match r.tail with Nil -> r.head <- c | Cell t -> t.next <- c);
+      Commit_point.reached "queue.push";
       r.tail <- c;
       r.length <- r.length + 1)
 
@@ -52,6 +53,7 @@ let take r =
   | Nil -> raise Empty
   | Cell c ->
       r.head <- c.next;
+      Commit_point.reached "queue.pop";
       if c.next == Nil then r.tail <- Nil;
       r.length <- r.length - 1;
       c.conts
@@ -66,6 +68,7 @@ let clear q =
   modify q (fun _ ->
       let r = Heap.root q in
       r.head <- Nil;
+      Commit_point.reached "queue.clear";
       r.tail <- Nil;
       r.length <- 0)
 
