@@ -7,6 +7,9 @@ module Netmcore_ref = Sref
 module Netmcore_array = Sarray
 module Netmcore_hashtbl = Shashtbl
 module Netmcore_queue = Squeue
+module Netmcore_mutex = Smutex
+module Netmcore_sem = Ssem
+module Netmcore_condition = Scondition
 
 module Struct_internal = struct
   let commit_hook = Commit_point.hook

@@ -251,6 +251,42 @@ module Netmcore_queue : module type of struct
   include Squeue
 end
 
+(** {2 Mutexes, semaphores, conditions}
+
+    With OCamlnet 4.1.9's signatures; create them with a mutator and store
+    them in a heap value (a header), as with the original. A mutex is a
+    robust process-shared pthread mutex: {b a mutex whose owner died (even
+    by [SIGKILL]) is taken over by the next locker, whose [lock] returns
+    normally}; [Netmcore_mutex.recoveries] (ours only) counts the
+    takeovers, so a program that must know whether the data the mutex
+    protects may be half-updated can compare it before and after [lock].
+    Semaphores and conditions are futexes: a waiter that dies leaves
+    nothing blocked or lost.
+
+    {b Deliberate differences}:
+    - Owners are threads, not processes ([`Errorcheck] fails for a second
+      lock by the same thread).
+    - A [`Recursive] mutex excludes other processes until its owner's last
+      [unlock] (the original's releases at every [unlock]: after lock, lock,
+      unlock another process gets it, and the owner's last unlock raises).
+    - [unlock] by a thread that does not hold the mutex raises [Failure
+      "Netmcore_mutex.unlock: not locked by this process"] for every kind
+      (the original's [`Normal] mutex then counts one more free slot).
+    - [Netmcore_condition.wait_e] is not supported (raises [Failure]);
+      wait sets and wait entries are tokens (a waiter needs none). *)
+
+module Netmcore_mutex : module type of struct
+  include Smutex
+end
+
+module Netmcore_sem : module type of struct
+  include Ssem
+end
+
+module Netmcore_condition : module type of struct
+  include Scondition
+end
+
 (**/**)
 
 module Struct_internal : sig
