@@ -58,6 +58,11 @@ let () =
       ("-o", Arg.Set_string out_md, "FILE markdown table");
       ("-shm-log", Arg.Set_string shm_log, "FILE append the name of every shm object created");
       ("-sockdir", Arg.Set_string sockdir_opt, "DIR socket directory to create");
+      (* bench.exe's other options, which scripts/bench.sh passes to both *)
+      ("-big-rounds", Arg.Int ignore, " (ignored)");
+      ("-only", Arg.String ignore, " (ignored)");
+      ("-impl", Arg.String ignore, " (ignored)");
+      ("-dat", Arg.String ignore, " (ignored)");
     ]
     (fun _ -> ())
     "bench_heap [options]"

@@ -46,7 +46,7 @@ leftovers=
 ls /dev/shm | sort >"$tmp/shm-before"
 
 echo "== build"
-dune build ./bench/bench.exe
+dune build ./bench/bench.exe ./bench/bench_heap.exe
 # the code measured (others may commit meanwhile)
 version=$(git describe --always --dirty 2>/dev/null || echo '?')
 dirty=$(git status --porcelain -- rust ocaml Cargo.toml Cargo.lock 2>/dev/null | awk '{print $2}' | tr '\n' ' ')
@@ -68,6 +68,10 @@ echo "== bench.exe (original vs ours, alternating rounds)"
 ./_build/default/bench/bench.exe -o "$tmp/table.md" -dat "$tmp/ratios.dat" -shm-log "$tmp/shm.log" \
   -sockdir "$tmp/netmcore" "$@" >/dev/null
 
+echo "== bench_heap.exe (Netmcore_heap and Netmcore_ref, original vs ours)"
+./_build/default/bench/bench_heap.exe -o "$tmp/heap.md" -shm-log "$tmp/shm.log" \
+  -sockdir "$tmp/netmcore-heap" "$@" >/dev/null
+
 {
   echo "# shmpool benchmark, $(date '+%Y-%m-%d %H:%M')"
   echo
@@ -84,6 +88,13 @@ echo "== bench.exe (original vs ours, alternating rounds)"
   echo "create_mempool is timed in the master; each pool is unlinked right after."
   echo
   cat "$tmp/table.md"
+  echo
+  echo "## Netmcore_heap and Netmcore_ref: OCamlnet's original against Shmpool_netmcore's"
+  echo
+  echo "Each figure is measured inside Netmcore workers (\`~inherit_resources:\`All\`) on a heap of their own in"
+  echo "a 256 MiB pool the master created; median of the rounds, alternating implementations (bench/bench_heap.ml)."
+  echo
+  cat "$tmp/heap.md"
   echo
   echo "## Rust core (\`cargo bench --bench core\`)"
   echo

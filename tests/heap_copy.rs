@@ -246,3 +246,38 @@ fn sharing_mode_keeps_values_of_this_heap() {
     .unwrap();
     h.destroy().unwrap();
 }
+
+#[test]
+fn large_graphs_keep_sharing_past_the_linear_lookup() {
+    let pool = anon(256);
+    let h = Heap::create(&pool, 4096).unwrap();
+    let mut s = Src::new();
+    // 100 cells [i; next]; cell 99's next is cell 30 (a cycle), and a
+    // tuple points to cells 0 and 70 (sharing across the whole graph).
+    let cells: Vec<u64> = (0..100)
+        .map(|i| s.block(0, &[val_int(i), VAL_UNIT]))
+        .collect();
+    for i in 0..99 {
+        s.set(cells[i], 1, cells[i + 1]);
+    }
+    s.set(cells[99], 1, cells[30]);
+    let top = s.block(0, &[cells[0], cells[70]]);
+    let is_value = |a: u64| s.contains(a);
+    h.with_lock(|h| {
+        let c = h.copy_in(top, false, &is_value).unwrap();
+        let mut cur = field(c, 0);
+        let mut seen = Vec::new();
+        for i in 0..100 {
+            assert_eq!(int_val(field(cur, 0)), i);
+            seen.push(cur);
+            cur = field(cur, 1);
+        }
+        assert_eq!(cur, seen[30], "cycle kept");
+        assert_eq!(field(c, 1), seen[70], "sharing kept");
+        h.set_root(c)
+    })
+    .unwrap();
+    h.gc().unwrap();
+    assert_eq!(h.stats().unwrap().live_words, 3 + 100 * 3);
+    h.destroy().unwrap();
+}

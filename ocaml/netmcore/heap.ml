@@ -180,6 +180,8 @@ let descr_of_heap h = h.descr
 let heap_of_descr pool (d : 'a descr) : 'a heap =
   let h = { pool; descr = d; nonce = -1; hh = -1; pid = -1 } in
   let hh = try handle h with Failure _ -> no_heap () in
+  (* a handle cached in this process may name a heap destroyed since *)
+  (try ignore (checked (h_root hh)) with Failure _ -> no_heap ());
   { h with nonce = h_nonce hh }
 
 type mutator = { mhh : int; mpool : Netmcore.res_id; mutable alive : bool }
@@ -188,6 +190,20 @@ let lock hh =
   let c = h_lock hh in
   check_code c;
   if c = 1 then dlog "recovered the heap after a holder's death"
+
+external h_escape : int -> int array -> int = "shmpool_heap_escape"
+
+(* Debug: after a modify, log the first field of the heap that points into
+   this process's private memory (a program error: other processes would
+   read garbage there). O(live data). *)
+let check_escape hh =
+  let out = [| 0 |] in
+  let k = h_escape hh out in
+  if k > 0 then
+    dlog
+      (Printf.sprintf
+         "modify stored a private value into the heap: field %d of the block at 0x%x"
+         (k - 1) (out.(0) * 2))
 
 let modify_with h before f =
   let hh = handle h in
@@ -203,6 +219,7 @@ let modify_with h before f =
   with
   | r ->
       m.alive <- false;
+      if !Debug.enable then check_escape hh;
       ignore (h_unlock hh);
       r
   | exception e ->
@@ -356,6 +373,8 @@ let destroy h =
   let c = h_destroy hh in
   if c >= 0 || c = e_destroyed then begin
     !roots.(hh) <- Obj.repr 0;
+    (let (`Resource n) = h.pool in
+     Hashtbl.remove handles (n, h.descr));
     if !last_nonce = h.nonce then last_nonce := -1
   end;
   if c = e_destroyed || c = e_not_a_heap then

@@ -205,12 +205,169 @@ val shmpool : Netmcore.res_id -> Shmpool.t
     in every process (true of Netmcore pools), and [deref_ro] may read a
     value that a parallel [assign] and [gc] reclaim. *)
 
-module Netmcore_heap : module type of struct
-  include Heap
+module Netmcore_heap : sig
+  type 'a heap
+  (** A heap whose root has type ['a]: a small record naming the pool and
+      the heap, which can be marshalled to other workers. *)
+
+  type 'a descr
+  (** The heap's place in its pool (an [int]); {!heap_of_descr} gives the
+      heap back in any worker of the pool. *)
+
+  val create_heap : Netmcore.res_id -> int -> 'a -> 'a heap
+  (** [create_heap pool size root]: a heap whose first block leaves at least
+      [size] bytes for values, with a deep copy of [root] as its root. It
+      grows by further blocks of the pool when needed.
+      @raise Failure ["Netmcore_heap.create_heap: the root element is not a
+      block"] for an immediate root.
+      @raise Invalid_argument ["Netmcore_mempool.alloc_mem: bad size"] if
+      [size <= 0].
+      @raise Failure ["Netsys_mem.init_value: Library error"] if [root]
+      cannot be copied (see {!add}); the pool is unchanged.
+      @raise Netmcore_mempool.Out_of_pool_memory *)
+
+  val minimum_size : 'a -> int
+  (** A [size] for {!create_heap} that holds a copy of the value.
+      @raise Failure as {!add} for a value that cannot be copied. *)
+
+  val root : 'a heap -> 'a
+  (** The root (no lock: a load). *)
+
+  val descr_of_heap : 'a heap -> 'a descr
+  val heap_of_descr : Netmcore.res_id -> 'a descr -> 'a heap
+  (** @raise Failure ["Netmcore_heap.heap_of_descr: no heap structure found
+      at this address"] for anything but a live heap of this pool. *)
+
+  type mutator
+  (** The right to add values, valid during one {!modify}. *)
+
+  val modify : 'a heap -> (mutator -> 'r) -> 'r
+  (** [modify h f] runs [f] with the heap locked (re-entrant in the calling
+      thread); the lock is released when [f] returns or raises. Inside [f],
+      store into heap values only immediates and values of this heap. *)
+
+  val add : mutator -> 'a -> 'a
+  (** A deep copy of the value in the heap, keeping sharing and cycles.
+      Copied: every block but those below, including strings, floats,
+      float arrays, [int32], [int64], [nativeint] and bigarrays (their data
+      is copied into the heap); a forced lazy is replaced by its value;
+      immediates are returned as they are.
+      @raise Failure ["Netsys_mem.init_value: Library error"] for closures,
+      objects, unforced lazies, exceptions, abstract blocks and custom
+      blocks of other kinds (channels, ...), anywhere in the value; nothing
+      is allocated then.
+      @raise Failure ["Netmcore_heap.add: invalid mutator"] after its
+      [modify] returned.
+      @raise Netmcore_mempool.Out_of_pool_memory *)
+
+  val add_immutable : mutator -> 'a -> 'a
+  (** As {!add}, but parts already in this heap are shared, not copied. *)
+
+  val add_uniform_array : mutator -> int -> 'a -> 'a array
+  (** An array of [n] times one copy of the value (a float array for a
+      float); [[||]] for [n = 0].
+      @raise Invalid_argument for [n < 0]. *)
+
+  val add_init_array : mutator -> int -> (int -> 'a) -> 'a array
+  (** An array whose element [k] is a copy of [f k]. *)
+
+  val add_some : mutator -> 'a -> 'a option
+  (** [Some x] in the heap; [x] is not copied: it must be in the heap. *)
+
+  val add_string : mutator -> int -> string
+  (** A string of [n] zero bytes in the heap (to be filled with
+      [Bytes.unsafe_of_string] inside [modify]).
+      @raise Invalid_argument for [n < 0]. *)
+
+  val pin : mutator -> 'a -> unit
+  (** Keeps the value alive until [modify] returns (every value added
+      during a [modify] is kept alive anyway). *)
+
+  val copy : 'a -> 'a
+  (** A deep copy in private memory.
+      @raise Failure ["Netsys_mem.copy_value: Library error"] for values
+      that cannot be copied. *)
+
+  val with_value : 'a heap -> (unit -> 'b) -> ('b -> 'c) -> 'c
+  (** [with_value h find process]: [find ()] runs with the heap locked; its
+      result, a value of the heap, stays alive (pinned for this process)
+      while [process] runs without the lock. The pins go when [process]
+      returns or raises, or when the process dies. *)
+
+  val with_value_2 : 'a heap -> (unit -> 'b * 'c) -> ('b * 'c -> 'z) -> 'z
+  val with_value_3 : 'a heap -> (unit -> 'b * 'c * 'd) -> ('b * 'c * 'd -> 'z) -> 'z
+  val with_value_4 : 'a heap -> (unit -> 'b * 'c * 'd * 'e) -> ('b * 'c * 'd * 'e -> 'z) -> 'z
+
+  val with_value_5 :
+    'a heap -> (unit -> 'b * 'c * 'd * 'e * 'f) -> ('b * 'c * 'd * 'e * 'f -> 'z) -> 'z
+
+  val with_value_n : 'a heap -> (unit -> 'b list) -> ('b list -> 'c) -> 'c
+  (** As {!with_value}, pinning each component. *)
+
+  val destroy : 'a heap -> unit
+  (** Gives every block of the heap back to the pool.
+      @raise Failure ["Netmcore_mempool.free_mem: memory block not found"]
+      for a heap destroyed already. *)
+
+  val gc : 'a heap -> unit
+  (** Collects the heap now (also done before it grows). *)
+
+  val pool : 'a heap -> Netmcore.res_id
+  val mut_pool : mutator -> Netmcore.res_id
+  val sem_container : 'a heap -> Netsys_sem.container
+  val mut_sem_container : mutator -> Netsys_sem.container
+
+  val debug_info : 'a heap -> string
+  (** The original's first two lines ([pool = ...], [value = @0x...]), then
+      chunks, free lists and counters. *)
+
+  module Debug : sig
+    val enable : bool ref
+    (** Netlog debugging, module ["Netmcore_heap"]. *)
+  end
+
+  (**/**)
+
+  type stats = {
+    chunks : int;
+    heap_words : int;
+    free_words : int;
+    live_words : int;
+    gcs : int;
+    recoveries : int;
+    pins : int;
+  }
+
+  val stats : 'a heap -> stats
+  val contains : mutator -> 'a -> bool
 end
 
-module Netmcore_ref : module type of struct
-  include Sref
+module Netmcore_ref : sig
+  type 't sref
+  (** A shared reference: a heap whose root is a [ref]. *)
+
+  type 't sref_descr
+
+  val sref : Netmcore.res_id -> 't -> 't sref
+  (** A new reference holding a copy of the value (see
+      {!Netmcore_heap.add} for what can be copied). *)
+
+  val assign : 't sref -> 't -> unit
+  (** Stores a copy of the value. *)
+
+  val deref_ro : 't sref -> 't
+  (** The contents, without lock: a parallel [assign] followed by a heap
+      GC may reclaim the value returned. *)
+
+  val deref_p : 't sref -> ('t -> 'a) -> 'a
+  (** [deref_p r f]: [f] on the contents, kept alive while [f] runs. *)
+
+  val deref_c : 't sref -> 't
+  (** A private copy of the contents. *)
+
+  val heap : 't sref -> Obj.t Netmcore_heap.heap
+  val descr_of_sref : 't sref -> 't sref_descr
+  val sref_of_descr : Netmcore.res_id -> 't sref_descr -> 't sref
 end
 
 (** {2 Shared structures}

@@ -386,6 +386,30 @@ pub extern "C" fn shmpool_heap_contains(hh: Raw, v: Raw) -> Raw {
     })
 }
 
+/// Debug check (lock held): 0, or a field index `k` >= 0 of the first
+/// heap block (written to `out.(0)` as an address) whose field points into
+/// this process's private OCaml heap; negative code on failure.
+#[no_mangle]
+pub extern "C" fn shmpool_heap_escape(hh: Raw, out: Raw) -> Raw {
+    guarded(|| {
+        let Some(h) = heap(hh) else {
+            return fail(closed());
+        };
+        // SAFETY: the lookup only hashes the address.
+        let private = |a: u64| unsafe { caml_page_table_lookup(a as *mut libc::c_void) & 3 != 0 };
+        match h.first_escape(&private) {
+            Ok(None) => 0,
+            Ok(Some((block, k, _))) => {
+                // SAFETY: `out` is an int array of at least 1 field (the
+                // OCaml side allocates it); an int needs no write barrier.
+                unsafe { *(out.0 as *mut isize) = ((block as isize >> 1) << 1) | 1 };
+                k as isize + 1
+            }
+            Err(e) => fail(e),
+        }
+    })
+}
+
 /// Words a copy of `v` takes, or a negative code.
 #[no_mangle]
 pub extern "C" fn shmpool_heap_measure(v: Raw) -> Raw {

@@ -242,6 +242,99 @@ let t_additions_survive () =
   Alcotest.(check bool) "garbage reclaimed after modify" true (s.H.live_words < 1000);
   H.destroy h
 
+let no_heap = Failure "Netmcore_heap.heap_of_descr: no heap structure found at this address"
+
+let t_bad_descr () =
+  let p = pool () in
+  let h = H.create_heap p (H.minimum_size (ref "abc")) (ref "abc") in
+  Alcotest.(check string) "minimum_size is enough" "abc" !(H.root h);
+  let d = H.descr_of_heap h in
+  let bad : string ref H.descr list = [ Obj.magic 0; Obj.magic 12345; Obj.magic (-8); Obj.magic ((Obj.magic d : int) + 4096) ] in
+  let s = Shmpool_netmcore.Netmcore_mempool.stats p in
+  List.iter (fun b -> Alcotest.check_raises "bad descriptor" no_heap (fun () -> ignore (H.heap_of_descr p b))) bad;
+  (* a plain pool block is no heap either *)
+  let m = Shmpool_netmcore.Netmcore_mempool.alloc_mem p 8192 in
+  let base = match (Netmcore.get_resource p)#repr with
+    | `Posix_shm_preallocated_sc (_, mem, _) -> Netsys_mem.memory_address mem | _ -> assert false in
+  let off : string ref H.descr = Obj.magic (Nativeint.to_int (Nativeint.sub (Netsys_mem.memory_address m) base)) in
+  Alcotest.check_raises "a block without a heap" no_heap (fun () -> ignore (H.heap_of_descr p off));
+  Shmpool_netmcore.Netmcore_mempool.free_mem p m;
+  Alcotest.(check (triple int int int)) "pool unchanged" s (Shmpool_netmcore.Netmcore_mempool.stats p);
+  H.destroy h;
+  Alcotest.check_raises "destroyed heap's descriptor" no_heap (fun () -> ignore (H.heap_of_descr p d))
+
+(* Two systhreads modify one heap: a thread waiting for the heap's lock
+   releases the runtime lock, so the holder (which yields inside modify)
+   can finish. *)
+let t_threads () =
+  let p = pool () in
+  let h = H.create_heap p 4096 (ref 0) in
+  let worker () =
+    for _ = 1 to 2000 do
+      H.modify h (fun m ->
+          let v = !(H.root h) in
+          Thread.yield ();
+          H.root h := H.add m (v + 1))
+    done
+  in
+  let ts = List.init 2 (fun _ -> Thread.create worker ()) in
+  List.iter Thread.join ts;
+  Alcotest.(check int) "no lost update" 4000 !(H.root h);
+  H.destroy h
+
+(* Debug.enable reports a private value stored into the heap (a program
+   error the types cannot catch). *)
+let t_debug_escape () =
+  let p = pool () in
+  let h = H.create_heap p 4096 (ref [ "shared" ]) in
+  let logged = ref [] in
+  let saved = !Netlog.Debug.current_dlogger in
+  Netlog.Debug.current_dlogger := (fun m msg -> if m = "Netmcore_heap" then logged := msg :: !logged);
+  H.Debug.enable := true;
+  Fun.protect
+    ~finally:(fun () ->
+      H.Debug.enable := false;
+      Netlog.Debug.current_dlogger := saved)
+    (fun () ->
+      H.modify h (fun m -> H.root h := H.add m [ "fine" ]);
+      Alcotest.(check int) "nothing to report" 0 (List.length !logged);
+      let private_list = [ String.make 3 'p' ] in
+      H.modify h (fun _ -> H.root h := private_list);
+      H.modify h (fun m -> H.root h := H.add m [ "repaired" ]);
+      Alcotest.(check bool) "escape reported" true
+        (List.exists
+           (fun s -> String.length s > 20 && String.sub s 0 20 = "modify stored a priv")
+           !logged));
+  H.destroy h
+
+(* A process killed inside modify: the next locker recovers the heap, and
+   Heap_internal.modify_repairing runs its structure's repair exactly once
+   (whoever calls it first after the recovery). *)
+let t_repair_hook () =
+  let p = pool () in
+  let h = H.create_heap p 4096 (ref [ 1; 2; 3 ]) in
+  let repairs = ref 0 in
+  let repairing f = Shmpool_netmcore.Heap_internal.modify_repairing h ~repair:(fun _ -> incr repairs) f in
+  repairing (fun m -> H.root h := H.add m [ 4; 5 ]);
+  Alcotest.(check int) "no repair before any death" 0 !repairs;
+  (match Unix.fork () with
+  | 0 ->
+      H.modify h (fun m ->
+          ignore (H.add m (List.init 1000 Fun.id));
+          Unix.kill (Unix.getpid ()) Sys.sigkill);
+      Unix._exit 3
+  | pid -> (
+      match Unix.waitpid [] pid with
+      | _, Unix.WSIGNALED s when s = Sys.sigkill -> ()
+      | _ -> Alcotest.fail "the child was not killed inside modify"));
+  repairing (fun m -> H.root h := H.add m (6 :: !(H.root h)));
+  Alcotest.(check int) "repaired once after the recovery" 1 !repairs;
+  Alcotest.(check (list int)) "root: last committed value" [ 6; 4; 5 ] !(H.root h);
+  Alcotest.(check int) "one recovery" 1 (H.stats h).H.recoveries;
+  repairing ignore;
+  Alcotest.(check int) "not again" 1 !repairs;
+  H.destroy h
+
 let () =
   Alcotest.run "netmcore_heap"
     [
@@ -252,5 +345,9 @@ let () =
           Alcotest.test_case "Gc.compact with heap values held" `Quick t_compaction;
           Alcotest.test_case "re-entrance and pins" `Quick t_reentrant;
           Alcotest.test_case "additions live until modify returns" `Quick t_additions_survive;
+          Alcotest.test_case "bad descriptors" `Quick t_bad_descr;
+          Alcotest.test_case "two systhreads" `Quick t_threads;
+          Alcotest.test_case "Debug reports private values stored" `Quick t_debug_escape;
+          Alcotest.test_case "death in modify: recovery and repair hook" `Quick t_repair_hook;
         ] );
     ]

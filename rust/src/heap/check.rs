@@ -5,7 +5,7 @@
 use super::chunks::find_in;
 use super::layout::*;
 use super::value::*;
-use super::Heap;
+use super::{HResult, Heap};
 use std::collections::HashSet;
 use std::sync::atomic::Ordering::Relaxed;
 
@@ -16,6 +16,54 @@ impl Heap<'_> {
             Ok(v) => v,
             Err(e) => vec![format!("could not lock the heap: {e}")],
         }
+    }
+
+    /// The first pointer that leaves the heap for private memory, as
+    /// `(block, field index, pointer)`, reached from the root, the pins and
+    /// this lock's additions (lock held; O(live data), for `Debug`).
+    /// `is_private(p)`: `p` is in a process's own OCaml heap, valid in
+    /// that process only.
+    pub fn first_escape(
+        &self,
+        is_private: &dyn Fn(u64) -> bool,
+    ) -> HResult<Option<(u64, u64, u64)>> {
+        let mut stack = vec![self.desc().root.load(Relaxed)];
+        stack.extend(
+            self.desc()
+                .pins
+                .iter()
+                .map(|p| p.value.load(Relaxed))
+                .filter(|&x| x != 0),
+        );
+        stack.extend_from_slice(&self.local()?.added);
+        let ranges = self.ranges();
+        let mut seen = HashSet::new();
+        while let Some(x) = stack.pop() {
+            if !is_block(x) {
+                continue;
+            }
+            let hoff = x.wrapping_sub(self.base()).wrapping_sub(8);
+            if find_in(&ranges, hoff).is_none() || !seen.insert(hoff) {
+                continue;
+            }
+            // SAFETY: a block of our area; lock held.
+            let hd = unsafe { self.rd(hoff) };
+            if tag(hd) >= NO_SCAN_TAG {
+                continue;
+            }
+            for k in 0..wosize(hd) {
+                // SAFETY: a field of that block.
+                let f = unsafe { self.rd(hoff + 8 + 8 * k) };
+                if is_block(f)
+                    && find_in(&ranges, f.wrapping_sub(self.base()).wrapping_sub(8)).is_none()
+                    && is_private(f)
+                {
+                    return Ok(Some((x, k, f)));
+                }
+                stack.push(f);
+            }
+        }
+        Ok(None)
     }
 
     fn check_locked(&self) -> Vec<String> {

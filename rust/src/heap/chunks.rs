@@ -128,6 +128,7 @@ impl Heap<'_> {
         d.chunk_gen.fetch_add(1, Relaxed);
         d.heap_words
             .store(d.heap_words.load(Relaxed).saturating_sub(r.words), Relaxed);
+        super::crash::hit(super::crash::HeapPoint::ChunkRemoved);
         self.pool.free(off as usize)?;
         Ok(())
     }
@@ -175,6 +176,7 @@ impl Heap<'_> {
             let _ = self.pool.free(off);
             return Err(e.into());
         }
+        super::crash::hit(super::crash::HeapPoint::ChunkDisowned);
         self.append_chunk(off as u64, bytes);
         Ok(())
     }

@@ -54,22 +54,53 @@ impl Hasher for AddrHasher {
 
 /// Buffers of one copy, kept by the heap handle between copies so a copy
 /// allocates nothing in the common case.
+///
+/// The places of the first `SMALL` blocks are looked up linearly (most
+/// values copied are small, and a scan of a few words beats hashing); a
+/// larger graph moves them to the hash map.
 #[derive(Default)]
 pub(crate) struct Scratch {
+    small: Vec<(u64, Plan)>,
+    big: bool,
     map: HashMap<u64, Plan, BuildHasherDefault<AddrHasher>>,
     order: Vec<u64>,
     stack: Vec<u64>,
 }
 
+const SMALL: usize = 16;
+
 impl Scratch {
     fn clear(&mut self) {
-        if self.map.capacity() > 4096 {
+        if self.map.capacity() > 4096 || self.order.capacity() > 4096 {
             *self = Scratch::default();
         } else {
+            self.small.clear();
+            self.big = false;
             self.map.clear();
             self.order.clear();
             self.stack.clear();
         }
+    }
+
+    #[inline]
+    fn get(&self, x: u64) -> Option<&Plan> {
+        if self.big {
+            self.map.get(&x)
+        } else {
+            self.small.iter().find(|(k, _)| *k == x).map(|(_, p)| p)
+        }
+    }
+
+    fn insert(&mut self, x: u64, p: Plan) {
+        if !self.big && self.small.len() < SMALL {
+            self.small.push((x, p));
+            return;
+        }
+        if !self.big {
+            self.big = true;
+            self.map.extend(self.small.drain(..));
+        }
+        self.map.insert(x, p);
     }
 }
 
@@ -227,7 +258,7 @@ fn plan(
     }
     sc.stack.push(top);
     while let Some(x) = sc.stack.pop() {
-        if sc.map.contains_key(&x) {
+        if sc.get(x).is_some() {
             continue;
         }
         // SAFETY: x came from resolve: a block of OCaml memory.
@@ -238,8 +269,13 @@ fn plan(
             t if t < NO_SCAN_TAG => {
                 for k in (0..n).rev() {
                     // SAFETY: k < wosize of an OCaml block.
-                    let (y, enter) = resolve(unsafe { src(x + 8 * k) }, keep, is_value)?;
-                    if enter && !sc.map.contains_key(&y) {
+                    let f = unsafe { src(x + 8 * k) };
+                    // Immediates and blocks placed already need no lookup.
+                    if !is_block(f) || sc.get(f).is_some() {
+                        continue;
+                    }
+                    let (y, enter) = resolve(f, keep, is_value)?;
+                    if enter && sc.get(y).is_none() {
                         sc.stack.push(y);
                     }
                 }
@@ -247,7 +283,7 @@ fn plan(
             }
             _ => n + 1,
         };
-        sc.map.insert(x, Plan { at: l.total, words });
+        sc.insert(x, Plan { at: l.total, words });
         sc.order.push(x);
         l.total = l
             .total
@@ -300,9 +336,15 @@ impl Heap<'_> {
             return Ok(l.top);
         }
         let span = self.alloc_span(l.total)?;
-        let dst = |x: u64| base + span + sc.map[&x].at * 8 + 8;
-        for &x in &sc.order {
-            let p = &sc.map[&x];
+        // Every block of `order` and every entered field has a place (pass 1).
+        let at = |x: u64| sc.get(x).map_or(0, |p| p.at);
+        let dst = |x: u64| base + span + at(x) * 8 + 8;
+        let half = sc.order.len() / 2;
+        for (i, &x) in sc.order.iter().enumerate() {
+            if i == half {
+                super::crash::hit(super::crash::HeapPoint::CopyHalfDone);
+            }
+            let Some(p) = sc.get(x) else { continue };
             let to = span + p.at * 8;
             // SAFETY: x is an OCaml block (pass 1); `to` starts p.words
             // words of our fresh span; lock held.
@@ -312,11 +354,19 @@ impl Heap<'_> {
                 self.wr(to, make_header(p.words - 1, tag(hd)));
                 if tag(hd) < NO_SCAN_TAG {
                     for k in 0..n {
-                        // Validated by pass 1: resolve cannot fail here.
-                        let t = match resolve(src(x + 8 * k), keep, is_value) {
-                            Ok((y, true)) => dst(y),
-                            Ok((y, false)) => y,
-                            Err(_) => VAL_UNIT,
+                        let f = src(x + 8 * k);
+                        let t = if !is_block(f) {
+                            f
+                        } else if let Some(p) = sc.get(f) {
+                            base + span + p.at * 8 + 8
+                        } else {
+                            // A forward, or a block kept as it is.
+                            // Validated by pass 1: resolve cannot fail.
+                            match resolve(f, keep, is_value) {
+                                Ok((y, true)) => dst(y),
+                                Ok((y, false)) => y,
+                                Err(_) => VAL_UNIT,
+                            }
                         };
                         self.wr(to + 8 + 8 * k, t);
                     }

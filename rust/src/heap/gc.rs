@@ -90,6 +90,7 @@ impl Heap<'_> {
                 stack.push(v);
             }
         }
+        super::crash::hit(super::crash::HeapPoint::MidMark);
         while let Some(v) = stack.pop() {
             let hoff = v - self.base() - 8;
             // SAFETY: v was marked, so its header and fields are inside
@@ -111,7 +112,10 @@ impl Heap<'_> {
         self.clear_free_lists();
         let mut live = 0u64;
         let mut empty = Vec::new();
-        for r in ranges {
+        for (ri, r) in ranges.iter().enumerate() {
+            if ri == 1 || ranges.len() == 1 {
+                super::crash::hit(super::crash::HeapPoint::MidSweep);
+            }
             let nwords = r.words.div_ceil(64);
             // SAFETY: bitmap words of our chunk; lock held.
             let any = (0..nwords).any(|k| unsafe { self.rd(r.bitmap + 8 * k) } != 0);

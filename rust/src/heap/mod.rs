@@ -21,6 +21,7 @@
 //! | `pins.rs` | values pinned by `with_value`, with their owner |
 //! | `recover.rs` | rebuilding after a holder died; orphan chunks |
 //! | `check.rs` | every invariant, as a list of violations |
+//! | `crash.rs` | test-only death points between writes |
 //!
 //! # Threads and processes
 //! A `Heap` is a per-process handle. Its lock is re-entrant in the thread
@@ -33,6 +34,7 @@ mod alloc;
 mod check;
 mod chunks;
 pub mod copy;
+pub mod crash;
 mod gc;
 mod hlock;
 pub mod layout;
@@ -155,6 +157,9 @@ pub struct Heap<'p> {
     desc_off: usize,
     /// Kernel thread id of the holder of the lock in this process, or 0.
     holder: AtomicI64,
+    /// The heap's nonce when this handle was made: a handle kept after
+    /// `destroy` must not work on a new heap made at the same place.
+    nonce0: std::sync::atomic::AtomicU64,
     local: UnsafeCell<Local>,
 }
 
@@ -219,6 +224,7 @@ impl<'p> Heap<'p> {
             pool,
             desc_off: off,
             holder: AtomicI64::new(0),
+            nonce0: std::sync::atomic::AtomicU64::new(0),
             local: UnsafeCell::new(Local::default()),
         };
         // SAFETY: the block is ours alone (just allocated, not published)
@@ -230,6 +236,7 @@ impl<'p> Heap<'p> {
         d.state.store(STATE_LIVE, Relaxed);
         d.nonce[0].store(nonce[0], Relaxed);
         d.nonce[1].store(nonce[1], Relaxed);
+        h.nonce0.store(nonce[0], Relaxed);
         d.pool_base.store(pool.base() as u64, Relaxed);
         let first = off + std::mem::size_of::<HeapDesc>();
         d.first_chunk.store(first as u64, Relaxed);
@@ -276,6 +283,7 @@ impl<'p> Heap<'p> {
             pool,
             desc_off: off,
             holder: AtomicI64::new(0),
+            nonce0: std::sync::atomic::AtomicU64::new(0),
             local: UnsafeCell::new(Local::default()),
         };
         let d = h.desc();
@@ -291,6 +299,7 @@ impl<'p> Heap<'p> {
         if d.state.load(Acquire) != STATE_LIVE {
             return Err(HeapError::Destroyed);
         }
+        h.nonce0.store(d.nonce[0].load(Relaxed), Relaxed);
         Ok(h)
     }
 
@@ -362,7 +371,10 @@ impl<'p> Heap<'p> {
 
     fn check_live(&self) -> HResult<()> {
         let d = self.desc();
-        if d.magic.load(Acquire) != HEAP_MAGIC || d.state.load(Acquire) != STATE_LIVE {
+        if d.magic.load(Acquire) != HEAP_MAGIC
+            || d.state.load(Acquire) != STATE_LIVE
+            || d.nonce[0].load(Relaxed) != self.nonce0.load(Relaxed)
+        {
             Err(HeapError::Destroyed)
         } else {
             Ok(())
@@ -622,7 +634,9 @@ impl<'p> Heap<'p> {
     /// second `destroy` finishes.
     pub fn destroy(&self) -> HResult<()> {
         let d = self.desc();
-        if d.magic.load(Acquire) != HEAP_MAGIC {
+        if d.magic.load(Acquire) != HEAP_MAGIC
+            || d.nonce[0].load(Relaxed) != self.nonce0.load(Relaxed)
+        {
             return Err(HeapError::Destroyed);
         }
         if self.held() {

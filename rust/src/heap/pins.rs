@@ -47,6 +47,7 @@ impl Heap<'_> {
         d.pins[i].pid.store(id.pid as u64, Relaxed);
         d.pins[i].start_time.store(id.start_time, Relaxed);
         d.pins[i].value.store(v, Relaxed);
+        super::crash::hit(super::crash::HeapPoint::PinWritten);
         Ok(i)
     }
 
