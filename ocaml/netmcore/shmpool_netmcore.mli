@@ -206,11 +206,11 @@ val shmpool : Netmcore.res_id -> Shmpool.t
     value that a parallel [assign] and [gc] reclaim. *)
 
 module Netmcore_heap : sig
-  type 'a heap
+  type 'a heap = 'a Heap.heap
   (** A heap whose root has type ['a]: a small record naming the pool and
       the heap, which can be marshalled to other workers. *)
 
-  type 'a descr
+  type 'a descr = 'a Heap.descr
   (** The heap's place in its pool (an [int]); {!heap_of_descr} gives the
       heap back in any worker of the pool. *)
 
@@ -238,7 +238,7 @@ module Netmcore_heap : sig
   (** @raise Failure ["Netmcore_heap.heap_of_descr: no heap structure found
       at this address"] for anything but a live heap of this pool. *)
 
-  type mutator
+  type mutator = Heap.mutator
   (** The right to add values, valid during one {!modify}. *)
 
   val modify : 'a heap -> (mutator -> 'r) -> 'r
