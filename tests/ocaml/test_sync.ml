@@ -141,7 +141,9 @@ let () =
   let master = Unix.getpid () in
   at_exit (fun () -> if Unix.getpid () = master then ignore (Sys.command ("rm -rf " ^ Filename.quote sockdir)));
   let pool = M.create_mempool (16 * 1024 * 1024) in
-  Fun.protect ~finally:(fun () -> M.unlink_mempool pool) (fun () ->
+  (* Alcotest.run exits: unlink at exit (in the master only) *)
+  at_exit (fun () -> if Unix.getpid () = master then try M.unlink_mempool pool with _ -> ());
+  Fun.protect ~finally:(fun () -> try M.unlink_mempool pool with _ -> ()) (fun () ->
       let hdr0 = { m = Mx.dummy (); rm = Mx.dummy (); em = Mx.dummy (); c = C.dummy_condition (); s = Sem.dummy (); done_ = 0; flag = 0 } in
       let q : (int * int, hdr) Q.squeue = Q.create pool hdr0 in
       H.modify (Q.heap q) (fun m ->
