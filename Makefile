@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all setup build test demo bench torture doc opam-test clean
+.PHONY: all setup build test demo bench torture miri doc opam-test clean
 
 all: build
 
@@ -24,6 +24,9 @@ bench: setup
 
 torture: setup
 	@scripts/torture.sh
+
+miri:
+	@scripts/miri.sh
 
 doc: setup
 	@scripts/doc.sh

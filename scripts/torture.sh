@@ -20,6 +20,7 @@ failed=""
 echo "== Rust torture suites (SHMPOOL_TORTURE=$SHMPOOL_TORTURE)"
 cargo test --release --features crash-points \
   --test torture_kill --test torture_signals --test torture_fuzz --test torture_exhaustion \
+  --test liveness --test double_free \
   -- --nocapture --test-threads=1 2>&1 | tee "$rust_log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || failed="$failed rust"
 rust_secs=$((SECONDS - t0))
@@ -40,7 +41,7 @@ echo
 echo "== torture summary (SHMPOOL_TORTURE=$SHMPOOL_TORTURE)"
 echo "-- Rust (${rust_secs} s)"
 # (the test harness may print "test <name> ... " before a line: cut it off)
-grep -oE 'torture (kill|signals|fuzz|exhaustion): .*' "$rust_log" || echo "(no summary lines)"
+grep -oE 'torture (kill|signals|fuzz|exhaustion|liveness|double-free): .*' "$rust_log" || echo "(no summary lines)"
 if [ -x scripts/torture-ocaml.sh ]; then
   echo "-- OCaml (${ocaml_secs} s)"
   grep -E '^torture[ -]' "$ocaml_log" || echo "(no summary lines)"

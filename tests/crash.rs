@@ -58,6 +58,8 @@ fn reached(p: CrashPoint, op: Op) -> bool {
         Locked | BeforeUnlock => true,
         AllocUnlinked | AllocCommitted | AllocRemainderFiled => op == Op::Alloc,
         FreeCommitted | FreeNeighboursUnlinked | FreeFiled => op == Op::Free,
+        // Not in ALL: reached without the pool lock.
+        FreeLoaded | CachePushLocked => false,
     }
 }
 

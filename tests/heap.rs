@@ -241,10 +241,47 @@ fn pins_keep_values_alive_until_unpinned() {
     h.gc().unwrap();
     assert_eq!(h.stats().unwrap().pins, 1);
     assert_eq!(read_list(l).unwrap(), vec![7, 8, 9]);
-    assert_eq!(h.stats().unwrap().live_words, 9);
+    // the list, and the pin itself (a 5-field block)
+    assert_eq!(h.stats().unwrap().live_words, 9 + 6);
     h.with_lock(|h| h.unpin(pin, l)).unwrap();
     h.gc().unwrap();
     assert_eq!(h.stats().unwrap().live_words, 0);
+    assert_sound(&h);
+    h.destroy().unwrap();
+}
+
+#[test]
+fn pins_have_no_limit_and_unpin_any_order() {
+    let pool = anon(256);
+    let h = Heap::create(&pool, 4096).unwrap();
+    let pins = h
+        .with_lock(|h| {
+            (0..500)
+                .map(|i| {
+                    let l = build_list(h, i, 2);
+                    Ok((l, h.pin_shared(l)?))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .unwrap();
+    h.gc().unwrap();
+    assert_eq!(h.stats().unwrap().pins, 500);
+    assert_eq!(h.stats().unwrap().live_words, 500 * (6 + 6));
+    assert_sound(&h);
+    // every other one, then the rest backwards
+    h.with_lock(|h| {
+        for (l, p) in pins.iter().step_by(2) {
+            h.unpin(*p, *l)?;
+        }
+        for (l, p) in pins.iter().skip(1).step_by(2).rev() {
+            h.unpin(*p, *l)?;
+        }
+        Ok(())
+    })
+    .unwrap();
+    h.gc().unwrap();
+    let s = h.stats().unwrap();
+    assert_eq!((s.pins, s.live_words), (0, 0));
     assert_sound(&h);
     h.destroy().unwrap();
 }
@@ -607,4 +644,42 @@ fn death_at_each_heap_crash_point_is_recovered() {
         "death_at_each_heap_crash_point_is_recovered",
         "needs --features crash-points",
     );
+}
+
+/// With the pool full, a heap reuses its own garbage before reporting
+/// `OutOfMemory`, even far below the GC's usual threshold.
+#[test]
+fn a_full_pool_makes_the_heap_collect_instead_of_failing() {
+    let pool = anon(64);
+    let h = Heap::create(&pool, 16 << 10).unwrap();
+    let mut filler = Vec::new();
+    while let Ok(off) = pool.alloc(4096) {
+        filler.push(off);
+    }
+    h.with_lock(|h| {
+        let l = build_list(h, 0, 400);
+        h.set_root(l)
+    })
+    .unwrap();
+    for round in 0..50 {
+        // build_list panics if an allocation fails
+        h.with_lock(|h| {
+            let _ = build_list(h, round, 200);
+            Ok(())
+        })
+        .unwrap();
+    }
+    let s = h.stats().unwrap();
+    assert_eq!(s.chunks, 1);
+    assert!(s.gcs > 0, "{s:?}");
+    assert_eq!(read_list(h.root()).unwrap(), (0..400).collect::<Vec<_>>());
+    assert_sound(&h);
+    // What does not fit even after a GC is still OutOfMemory, cleanly.
+    let r = h.with_lock(|h| h.alloc(100_000, STRING_TAG).map(|_| ()));
+    assert_eq!(r, Err(HeapError::Pool(shmpool::Error::OutOfMemory)));
+    for off in filler {
+        pool.free(off).unwrap();
+    }
+    h.destroy().unwrap();
+    assert_eq!(pool.stats().live_blocks, 0);
 }

@@ -456,8 +456,18 @@ fn reclaim_dead_frees_exactly_the_dead_and_spares_the_living() {
     let mut b = fork_child(holder(sizes_b, true));
     wait_until(T, || h.ready.load(Ordering::SeqCst) == 1).unwrap();
     let c = fork_child(holder(sizes_c, false));
-    // C is a zombie once its /proc entry says so: dead for reclaim_dead.
-    wait_until(T, || shmpool::owner::start_time_of(c.pid).is_none()).unwrap();
+    // C exits and is not reaped: dead for reclaim_dead once its threads
+    // are gone (the kernel then marks its keeper mutex, a moment after its
+    // /proc entry says zombie).
+    wait_until(T, || {
+        shmpool::owner::start_time_of(c.pid).is_none()
+            && pool
+                .owners()
+                .unwrap()
+                .iter()
+                .any(|o| o.pid == c.pid && !o.alive)
+    })
+    .unwrap();
     ok(&pool);
     let pa: u64 = sizes_a.iter().sum::<usize>() as u64;
     let pb: u64 = sizes_b.iter().sum::<usize>() as u64;

@@ -344,9 +344,11 @@ let with_pins h (find : unit -> 'b) (blocks : 'b -> Obj.t list) (process : 'b ->
           (blocks x);
         x)
   in
+  (* [process] may have destroyed the heap: nothing to unpin then *)
   let unpin_all () =
     if !pinned <> [] then
-      modify h (fun _ -> List.iter (fun (i, v) -> ignore (h_unpin hh i v)) !pinned)
+      try modify h (fun _ -> List.iter (fun (i, v) -> ignore (h_unpin hh i v)) !pinned)
+      with Failure _ -> ()
   in
   Fun.protect ~finally:unpin_all (fun () -> process x)
 

@@ -31,7 +31,7 @@ module Netmcore_mempool : sig
         each time); a pool can be filled entirely with 1-page blocks.
       - 1- and 2-page pools work (the original corrupts memory).
       - The size given to [create_mempool] is the payload: the shared object
-        is larger by the header (about 25 KiB plus 8 bytes per page, rounded
+        is larger by the header (about 35 KiB plus 8 bytes per page, rounded
         up to whole pages: [Shmpool.total_for_payload] gives the size), so a
         fresh pool has all of [stats]' [total] (the size given, rounded up
         to pages, as the original's) free. The original carves its header
@@ -48,12 +48,16 @@ module Netmcore_mempool : sig
       - Each process caches up to 32 of its own freed blocks per size of 1 to
         64 pages and 16 longer ones (at most a 16th of the pool) and reuses
         them (same length only) without the
-        lock. They count as free in [stats]; [contiguous] does not count
-        those held by {i other} processes (a process gives its cache back
+        lock. They count as free in [stats], and [contiguous] is the largest
+        free run after [stats] takes back any cache that may hold a longer
+        block: always a size [alloc_mem] can satisfy, and allocating it
+        until it is 0 obtains [free] in all. A process gives its cache back
         in [stats], at a normal exit, and when its function returns if it
-        was defined with {!Shmpool_netmcore.Netmcore_process}); an
-        [alloc_mem] that finds no large enough free run takes all caches
-        back first, so it does not fail because of them. See {!Shmpool}.
+        was defined with {!Shmpool_netmcore.Netmcore_process}; a killed
+        one's goes back at the
+        next lock acquisition by any process; an [alloc_mem] that finds no
+        large enough free run takes all caches back first, so it does not
+        fail because of them. See {!Shmpool}.
 
       {b Limitation.} OCamlnet's own [Netmcore_heap] (and the structures
       built on it: [Netmcore_array], [Netmcore_hashtbl], ...) is compiled

@@ -13,13 +13,20 @@
     leaves the pool locked or corrupt; the next process to use it rebuilds
     the allocator's derived state and goes on ({!val:stats}[.recoveries] counts
     these). Blocks record their owner process; {!reclaim_dead} frees those
-    of processes that no longer exist.
+    of processes that no longer exist. Whether a process exists is what the
+    kernel says, not [/proc]: each process that allocates has a small thread
+    (signals blocked, never running OCaml) hold a robust mutex of the pool
+    while it has the pool open, and the kernel marks that mutex when the
+    process dies, in whatever PID namespace (containers sharing [/dev/shm]).
+    Only a process without one (it closed the pool, or no thread could be
+    created) is looked up in [/proc], and only from its own PID namespace:
+    across namespaces it counts as alive and is never reclaimed.
 
     {b Costs.} alloc and free are O(1) for blocks of up to 127 pages and
     O(log n) in the number of free runs above that. {!val:stats} is not a
     hot-path call: it gives this process's cache back first (see
     {!val:stats}). The metadata lives outside the payload pages, in a header
-    of about 25 KiB plus 8 bytes per payload page, rounded up to whole pages
+    of about 35 KiB plus 8 bytes per payload page, rounded up to whole pages
     ({!total_for_payload} gives the exact size), so writing past the end of
     a block cannot corrupt the pool.
 
@@ -31,8 +38,11 @@
     {!val:stats}; an alloc that finds no large enough free run takes every
     process's cached blocks back first, so caching does not make an alloc
     fail (unless a cache's owner is frozen, by a debugger or [SIGSTOP], in
-    the middle of a cache operation: that cache is then skipped). A process gives its cache back at a normal exit, in {!val:stats} and
-    {!flush_cache}; a killed one's is freed by {!reclaim_dead}. Because
+    the middle of a cache operation: that cache is then skipped, nobody
+    waits on it, and its blocks stay counted as free). A process gives its
+    cache back at a normal exit, in {!val:stats} and {!flush_cache}; a
+    killed one's goes back to the free runs the next time any process takes
+    the pool's lock. Because
     cached blocks coalesce only when given back, a pool run nearly full with
     blocks of many sizes fragments sooner: {!set_caching} turns it off.
 
@@ -108,7 +118,12 @@ val free : t -> memory -> unit
     first byte frees the whole block). Any process may free any block.
     @raise Invalid_argument ["Shmpool.free: not the start of a live block"]
     for a double free, an address inside a block, or memory of another
-    pool. *)
+    pool, with the pool unchanged. That holds for racing double frees too:
+    a free that began before the block was freed by another thread or
+    process and allocated again fails, instead of freeing the new
+    allocation. (A free that begins after the re-allocation returned frees
+    the new block: with only an address, nothing tells it from a correct
+    free.) *)
 
 val size : t -> memory -> int
 (** Size in bytes of the block starting at the first byte of [m].
@@ -125,9 +140,10 @@ type stats = {
           takes [total - payload] bytes) *)
   free : int;  (** free payload bytes *)
   largest_free : int;
-      (** bytes of the largest free run, not counting blocks that other
-          processes hold in their caches (alloc takes those back when it
-          needs them) *)
+      (** bytes of the largest free run, after taking back every cache
+          that may hold a longer block: a size {!alloc} can always satisfy,
+          and allocating it again and again until it is 0 obtains [free] in
+          all (save blocks cached by a process frozen mid-operation) *)
   payload : int;  (** payload capacity in bytes *)
   live_blocks : int;  (** blocks allocated and not freed *)
   page_size : int;  (** the page size *)
@@ -140,8 +156,11 @@ val stats : t -> stats
 (** Takes the pool lock. It first gives this process's cached blocks back
     (as {!flush_cache}: one free per cached block)
     and looks at every process's cache slot, so that the figures are exact;
-    the figures themselves are counters, read in O(1). Cheap enough for
-    monitoring, not for a hot loop. *)
+    the figures themselves are counters. When another process's cache may
+    hold a block longer than every free run (a nearly full or fragmented
+    pool), it takes that cache back, which scans the page descriptors
+    (O(pages), about 1 ms per GiB), so that [largest_free] is always
+    obtainable. Cheap enough for monitoring, not for a hot loop. *)
 
 val debug_info : t -> string
 (** A multi-line picture: sizes ([pool_size] is the payload), then
@@ -158,7 +177,9 @@ val check : t -> string list
 (** A process that holds (or held) blocks. *)
 type owner = {
   pid : int;  (** 0 for blocks whose owner could not be recorded *)
-  alive : bool;  (** still running (a reused pid does not count) *)
+  alive : bool;
+      (** still running, as the kernel says (a reused pid does not count);
+          [true] when that cannot be known (see crash safety above) *)
   pages : int;  (** pages it holds *)
   blocks : int;  (** blocks it holds *)
 }
@@ -176,7 +197,8 @@ type reclaimed = {
 val reclaim_dead : t -> reclaimed
 (** Frees every block whose owner process no longer exists. Never done
     automatically: a dead worker's block may hold a result that another
-    process still reads. *)
+    process still reads. A process of another PID namespace that closed the
+    pool before dying is never taken for dead (see crash safety above). *)
 
 val flush_cache : t -> unit
 (** Gives this process's cached blocks back to the pool, where they

@@ -14,7 +14,8 @@
 //!   lower-bound search: O(log n) expected, whatever the fragmentation.
 //!
 //! `free_pages`, `live_blocks`, per-owner usage and `tree_max` are counters
-//! kept exact by every operation, so `stats` is O(1).
+//! kept exact by every operation, so the arena's own figures cost O(1)
+//! (`Pool::stats` adds the per-process caches, see `pool.rs`).
 //!
 //! # Commit points
 //!
@@ -28,57 +29,9 @@ use crate::desc::*;
 use crate::error::{Error, Result};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Runs of up to this many pages have exact-size free lists.
-pub const SMALL_MAX: u32 = 127;
-/// Owner slots; slot 0 is "no recorded owner" (used when the table is full).
-pub const MAX_OWNERS: usize = 256;
-
-/// Pages and blocks held by one owner slot (derived, rebuilt by recovery).
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct OwnerUsage {
-    pub pages: u64,
-    pub blocks: u64,
-}
-
-/// The allocator's part of the shared header. Everything here is derived
-/// from the descriptors except `npages`.
-#[repr(C)]
-#[derive(Debug, Clone)]
-pub struct AllocState {
-    /// Payload pages. Fixed at format time.
-    pub npages: u32,
-    /// Root of the treap of long free runs, or `NIL`.
-    pub tree_root: u32,
-    /// Length of the longest run in the treap (0 when empty).
-    pub tree_max: u32,
-    pub _pad: u32,
-    pub free_pages: u64,
-    pub live_blocks: u64,
-    /// Bit n set ⇔ `small_head[n] != NIL` (n in 1..=SMALL_MAX).
-    pub small_bitmap: [u64; 2],
-    /// Head page of the exact-size list for each length (index 0 unused).
-    pub small_head: [u32; SMALL_MAX as usize + 1],
-    pub usage: [OwnerUsage; MAX_OWNERS],
-}
-
-impl AllocState {
-    /// A state for a pool of `npages` pages whose descriptors are still to be
-    /// formatted (see [`Arena::format`]).
-    pub fn new(npages: u32) -> Self {
-        AllocState {
-            npages,
-            tree_root: NIL,
-            tree_max: 0,
-            _pad: 0,
-            free_pages: 0,
-            live_blocks: 0,
-            small_bitmap: [0; 2],
-            small_head: [NIL; SMALL_MAX as usize + 1],
-            usage: [OwnerUsage::default(); MAX_OWNERS],
-        }
-    }
-}
+// The allocator state lives in the shared header, so its type is defined
+// with the other on-shm types.
+pub use crate::layout::{AllocState, OwnerUsage, MAX_OWNERS, SMALL_MAX};
 
 /// Pool-wide figures, all exact.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,8 +57,10 @@ pub struct Arena<'a> {
 impl<'a> Arena<'a> {
     /// Views `st` and `d` as an arena. `d` must hold `st.npages` words.
     pub fn new(st: &'a mut AllocState, d: &'a mut [u64]) -> Result<Self> {
-        // SAFETY: AtomicU64 has the same size, alignment and bit validity as
-        // u64, and the exclusive borrow rules out any other access.
+        const _: () = assert!(std::mem::align_of::<AtomicU64>() == std::mem::align_of::<u64>());
+        // SAFETY: AtomicU64 has the same size, alignment (checked above) and
+        // bit validity as u64, and the exclusive borrow rules out any other
+        // access for 'a.
         let d: &'a [AtomicU64] = unsafe { &*(d as *mut [u64] as *const [AtomicU64]) };
         Self::over(st, d)
     }
@@ -301,7 +256,9 @@ impl<'a> Arena<'a> {
         }
         self.unfile_run(h, len);
         hit(CrashPoint::AllocUnlinked);
-        self.set(h, alloc_word(pages, owner)); // commit
+        let epoch = self.st.alloc_epoch;
+        self.st.alloc_epoch = epoch.wrapping_add(1);
+        self.set(h, alloc_word_at(pages, owner, epoch)); // commit
         hit(CrashPoint::AllocCommitted);
         if len > pages {
             self.file_run(h + pages, len - pages);
@@ -318,7 +275,19 @@ impl<'a> Arena<'a> {
     /// Frees the live block starting at page `p`; returns its length.
     /// A block sitting in its owner's cache is not live: `NotABlock`.
     pub fn free(&mut self, p: u32) -> Result<u32> {
-        self.free_block(p, Some(false))
+        let w = self.w(p);
+        self.free_exact(p, w)
+    }
+
+    /// Frees the live block at `p` only if its `ALLOC` word is still
+    /// exactly `w` (read by the caller when its free began): a block freed
+    /// and allocated again meanwhile has another generation, and is
+    /// `NotABlock` to this free (see `desc.rs`).
+    pub fn free_exact(&mut self, p: u32, w: u64) -> Result<u32> {
+        if is_cached(w) {
+            return Err(Error::NotABlock);
+        }
+        self.free_word(p, w)
     }
 
     /// Frees the block at `p` only if it sits in its owner's cache (taking
@@ -335,7 +304,15 @@ impl<'a> Arena<'a> {
 
     fn free_block(&mut self, p: u32, cached: Option<bool>) -> Result<u32> {
         let w = self.w(p);
-        if p >= self.st.npages || tag(w) != TAG_ALLOC || cached.is_some_and(|c| c != is_cached(w)) {
+        if cached.is_some_and(|c| c != is_cached(w)) {
+            return Err(Error::NotABlock);
+        }
+        self.free_word(p, w)
+    }
+
+    /// Frees the block at `p` whose word the caller read as `w`.
+    fn free_word(&mut self, p: u32, w: u64) -> Result<u32> {
+        if p >= self.st.npages || tag(w) != TAG_ALLOC || self.w(p) != w {
             return Err(Error::NotABlock);
         }
         let (len, owner) = (alloc_len(w), alloc_owner(w));

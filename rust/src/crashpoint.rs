@@ -4,28 +4,42 @@
 //! reaches it stops itself with `SIGSTOP`, so the parent can `SIGKILL` it at
 //! exactly that step while it holds the pool lock. Without the feature,
 //! [`hit`] is an empty inline function and costs nothing.
+//!
+//! A test may also install a hook ([`on_hit`]) that every thread reaching
+//! any point calls: that is how the race tests pause one thread between
+//! two steps of an operation while another thread or process acts.
 
 /// Declares the crash points once: the enum, [`ALL`] and
 /// [`CrashPoint::name`] all come from this one list, and the OCaml test
 /// library reads names and numbers from it (`shmpool_ml_crash_points`;
 /// `tests/ocaml/test_crash_points.ml` fails if its own list differs).
 macro_rules! crash_points {
-    ($($(#[doc = $doc:literal])* $point:ident = $n:literal,)*) => {
+    (
+        locked { $($(#[doc = $doc:literal])* $point:ident = $n:literal,)* }
+        unlocked { $($(#[doc = $udoc:literal])* $upoint:ident = $un:literal,)* }
+    ) => {
         /// The steps of alloc and free, in the order they happen.
         #[derive(Debug, Clone, Copy, PartialEq, Eq)]
         #[repr(u32)]
         pub enum CrashPoint {
             $($(#[doc = $doc])* $point = $n,)*
+            $($(#[doc = $udoc])* $upoint = $un,)*
         }
 
-        /// Every crash point, in order, for tests that visit each one.
+        /// Every crash point reached with the pool lock held, in order, for
+        /// the staged-death tests that visit each one (Rust and OCaml).
         pub const ALL: [CrashPoint; [$($n),*].len()] = [$(CrashPoint::$point),*];
+
+        /// The points reached without the pool lock (the race tests pause a
+        /// thread there through [`on_hit`]).
+        pub const UNLOCKED: [CrashPoint; [$($un),*].len()] = [$(CrashPoint::$upoint),*];
 
         impl CrashPoint {
             /// The point's name, as written here (`"AllocUnlinked"`).
             pub fn name(self) -> &'static str {
                 match self {
                     $(CrashPoint::$point => stringify!($point),)*
+                    $(CrashPoint::$upoint => stringify!($upoint),)*
                 }
             }
         }
@@ -33,6 +47,7 @@ macro_rules! crash_points {
 }
 
 crash_points! {
+  locked {
     /// Lock held, nothing written yet.
     Locked = 1,
     /// Alloc: the chosen run is unlinked from its list or tree, not committed.
@@ -49,14 +64,31 @@ crash_points! {
     FreeFiled = 7,
     /// Operation complete, lock still held.
     BeforeUnlock = 8,
+  }
+  unlocked {
+    /// Free: the block's `ALLOC` word is read, nothing written, no lock
+    /// held (every later step requires exactly that word; see `pool.rs`).
+    FreeLoaded = 9,
+    /// Cache push: the owner holds its slot lock, the block is not yet
+    /// flipped to CACHED (a process frozen here holds its slot lock).
+    CachePushLocked = 10,
+  }
 }
 
 #[cfg(feature = "crash-points")]
 mod imp {
     use super::CrashPoint;
-    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
     static ARMED: AtomicU32 = AtomicU32::new(0);
+    /// The hook, as a `fn(CrashPoint)` cast to usize (0 = none).
+    static HOOK: AtomicUsize = AtomicUsize::new(0);
+
+    /// Installs `f`, called by every thread of this process at every point
+    /// it reaches (before the `SIGSTOP` of an armed point).
+    pub fn on_hit(f: Option<fn(CrashPoint)>) {
+        HOOK.store(f.map_or(0, |f| f as usize), Ordering::SeqCst);
+    }
 
     /// Arms `p` in this process (after a fork: in the child only).
     pub fn arm(p: Option<CrashPoint>) {
@@ -65,6 +97,13 @@ mod imp {
 
     #[inline]
     pub fn hit(p: CrashPoint) {
+        let h = HOOK.load(Ordering::Relaxed);
+        if h != 0 {
+            // SAFETY: HOOK only ever holds 0 or a `fn(CrashPoint)` stored
+            // by `on_hit`, and function pointers round-trip through usize.
+            let f: fn(CrashPoint) = unsafe { std::mem::transmute(h) };
+            f(p);
+        }
         if ARMED.load(Ordering::Relaxed) == p as u32 {
             // SAFETY: raise() only sends a signal to the calling thread.
             unsafe {
@@ -81,11 +120,14 @@ mod imp {
     /// Without the `crash-points` feature there is nothing to arm.
     pub fn arm(_p: Option<CrashPoint>) {}
 
+    /// Without the `crash-points` feature no hook is ever called.
+    pub fn on_hit(_f: Option<fn(CrashPoint)>) {}
+
     #[inline(always)]
     pub fn hit(_p: CrashPoint) {}
 }
 
-pub use imp::{arm, hit};
+pub use imp::{arm, hit, on_hit};
 
 #[cfg(test)]
 mod tests {
@@ -94,9 +136,10 @@ mod tests {
     #[test]
     fn numbers_are_distinct_and_nonzero_and_names_unique() {
         // 0 means "disarmed" to `arm` and to the OCaml stub.
-        for (i, a) in ALL.iter().enumerate() {
+        let every: Vec<CrashPoint> = ALL.iter().chain(UNLOCKED.iter()).copied().collect();
+        for (i, a) in every.iter().enumerate() {
             assert_ne!(*a as u32, 0, "{a:?}");
-            for b in &ALL[i + 1..] {
+            for b in &every[i + 1..] {
                 assert_ne!(*a as u32, *b as u32, "{a:?} and {b:?}");
                 assert_ne!(a.name(), b.name());
             }

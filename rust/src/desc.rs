@@ -17,9 +17,10 @@
 //! ```text
 //! INTERIOR 00  all other bits zero. Every page that is neither a run head
 //!              nor an aux word of a free run. Never mistaken for a head.
-//! ALLOC    01  bits 0..29 length in pages, bits 32..47 owner slot, bit 48
+//! ALLOC    01  bits 0..29 length in pages, bits 30..37 owner slot, bit 38
 //!              CACHED: the block sits in its owner's per-process cache
-//!              (free for the user, still held by the owner; see `pool.rs`).
+//!              (free for the user, still held by the owner; see
+//!              `cache.rs`), bits 39..61 generation (see below).
 //! FREE     10  head of a free run: bits 0..29 next, bits 30..59 prev
 //!              (the run's exact-size list; NIL for runs kept in the tree).
 //! AUX      11  bits 61..60 kind, bits 0..59 payload; only ever inside a
@@ -36,6 +37,29 @@
 //!   `INTERIOR`.
 //! - D2: every page inside a live block but its first is `INTERIOR`.
 //! - D3: two free runs are never adjacent (free coalesces).
+//!
+//! # The generation of an `ALLOC` word
+//!
+//! A free is given only an address, and a racing double free could
+//! otherwise be taken for a free of the block's next incarnation: thread A
+//! reads the word of block b, thread B frees b and allocates the same
+//! length, getting b again with an identical word, and A's
+//! compare-and-swap succeeds, freeing B's new block (handed out twice
+//! from then on). So every allocation gives the word a new generation:
+//! bits 39..50 count reuses from the owner's cache (each cache pop adds
+//! one), bits 51..61 take a pool-wide epoch that every allocation from the
+//! free runs advances (`AllocState::alloc_epoch`). A free reads the word
+//! once and every later step (the cache flip, the locked commit) requires
+//! exactly that word, so a free that read b's word before b was freed and
+//! allocated again fails with `NotABlock` and changes nothing (see
+//! `Pool::free`). What cannot be told apart: a free that starts after the
+//! re-allocation returned frees the new block, as a correct free would
+//! (the caller has only an address); and a free that stays between its
+//! read and its commit while the same block is re-allocated exactly 4096
+//! times in a row from its owner's cache, or is re-allocated from the free
+//! runs after a multiple of 2048 allocations from them, with the same
+//! length and owner, is not detected. Recovery and `check` accept any
+//! generation.
 //!
 //! D1 and D2 make the neighbours of a block readable in O(1): the page
 //! before a block is either `INTERIOR`/`ALLOC` (a live block ends there),
@@ -68,13 +92,56 @@ pub fn tag(w: u64) -> u64 {
     w >> TAG_SHIFT
 }
 
+const OWNER_SHIFT: u32 = 30;
+const OWNER_MASK: u64 = 0xFF;
+/// The reuse count: bits 39..50.
+const REUSE_SHIFT: u32 = 39;
+const REUSE_MASK: u64 = 0xFFF << REUSE_SHIFT;
+/// The epoch: bits 51..61.
+const EPOCH_SHIFT: u32 = 51;
+const EPOCH_MASK: u64 = 0x7FF << EPOCH_SHIFT;
+/// The whole generation (reuse count and epoch).
+pub const GEN_MASK: u64 = REUSE_MASK | EPOCH_MASK;
+
+// The fields of an ALLOC word do not overlap.
+const _: () = assert!(
+    LINK_MASK & (OWNER_MASK << OWNER_SHIFT) == 0
+        && (LINK_MASK | OWNER_MASK << OWNER_SHIFT) & CACHED == 0
+        && (LINK_MASK | OWNER_MASK << OWNER_SHIFT | CACHED) & GEN_MASK == 0
+        && (LINK_MASK | OWNER_MASK << OWNER_SHIFT | CACHED | GEN_MASK) >> TAG_SHIFT == 0
+        && OWNER_MASK as usize + 1 == crate::layout::MAX_OWNERS
+);
+
+/// An `ALLOC` word of generation 0 (owner slots are below 256).
 #[inline]
 pub fn alloc_word(len: u32, owner: u16) -> u64 {
-    (TAG_ALLOC << TAG_SHIFT) | ((owner as u64) << 32) | (len as u64 & LINK_MASK)
+    (TAG_ALLOC << TAG_SHIFT)
+        | ((owner as u64 & OWNER_MASK) << OWNER_SHIFT)
+        | (len as u64 & LINK_MASK)
+}
+
+/// The `ALLOC` word of a block allocated from the free runs at `epoch`.
+#[inline]
+pub fn alloc_word_at(len: u32, owner: u16, epoch: u32) -> u64 {
+    alloc_word(len, owner) | ((epoch as u64) << EPOCH_SHIFT & EPOCH_MASK)
+}
+
+/// The word of cached block `w` allocated again from its owner's cache:
+/// live, with the next reuse count (wrapping within its bits).
+#[inline]
+pub fn reused(w: u64) -> u64 {
+    let count = (w & REUSE_MASK).wrapping_add(1 << REUSE_SHIFT) & REUSE_MASK;
+    (w & !REUSE_MASK & !CACHED) | count
+}
+
+/// The generation bits of an `ALLOC` word.
+#[inline]
+pub fn alloc_gen(w: u64) -> u64 {
+    (w & GEN_MASK) >> REUSE_SHIFT
 }
 
 /// The CACHED flag of an `ALLOC` word.
-pub const CACHED: u64 = 1 << 48;
+pub const CACHED: u64 = 1 << 38;
 
 #[inline]
 pub fn is_cached(w: u64) -> bool {
@@ -88,7 +155,7 @@ pub fn alloc_len(w: u64) -> u32 {
 
 #[inline]
 pub fn alloc_owner(w: u64) -> u16 {
-    (w >> 32) as u16
+    ((w >> OWNER_SHIFT) & OWNER_MASK) as u16
 }
 
 #[inline]
@@ -160,10 +227,13 @@ mod tests {
 
     #[test]
     fn fields_round_trip() {
-        let w = alloc_word(MAX_PAGES, 0xBEEF);
+        let w = alloc_word(MAX_PAGES, 0xEF);
         assert_eq!(tag(w), TAG_ALLOC);
         assert_eq!(alloc_len(w), MAX_PAGES);
-        assert_eq!(alloc_owner(w), 0xBEEF);
+        assert_eq!(alloc_owner(w), 0xEF);
+        assert!(!is_cached(w));
+        assert!(is_cached(w | CACHED));
+        assert_eq!(alloc_gen(w), 0);
         let f = free_word(7, NIL);
         assert_eq!(tag(f), TAG_FREE);
         assert_eq!((free_next(f), free_prev(f)), (7, NIL));
@@ -175,5 +245,28 @@ mod tests {
         assert_eq!(aux_payload(len_word(9)), 9);
         assert!(!is_len_word(up_word(9)));
         assert_eq!(tag(INTERIOR), TAG_INTERIOR);
+    }
+
+    #[test]
+    fn generations_leave_the_other_fields_alone() {
+        let w = alloc_word_at(MAX_PAGES, 255, 0xFFFF_FFFF);
+        assert_eq!(
+            (tag(w), alloc_len(w), alloc_owner(w), is_cached(w)),
+            (TAG_ALLOC, MAX_PAGES, 255, false)
+        );
+        assert_eq!(alloc_gen(w), 0x7FF << 12);
+        // A cache pop clears CACHED and counts one more reuse, wrapping
+        // within the reuse bits without touching the epoch.
+        let mut c = alloc_word_at(7, 3, 5);
+        let start = alloc_gen(c);
+        for i in 1..=4096u64 {
+            c = reused(c | CACHED);
+            assert_eq!((alloc_len(c), alloc_owner(c), is_cached(c)), (7, 3, false));
+            assert_eq!(tag(c), TAG_ALLOC);
+            assert_eq!(alloc_gen(c) == start, i == 4096, "after {i} reuses");
+        }
+        // Different epochs give different words.
+        assert_ne!(alloc_word_at(7, 3, 5), alloc_word_at(7, 3, 6));
+        assert_eq!(alloc_word_at(7, 3, 5), alloc_word_at(7, 3, 5 + 2048));
     }
 }

@@ -65,11 +65,10 @@ pub mod code {
     pub const HEAP_DESTROYED: isize = -12;
     /// A heap operation that needs the heap's lock, called without it.
     pub const NOT_LOCKED: isize = -13;
-    pub const TOO_MANY_PINS: isize = -14;
-    pub const HEAP_IN_USE: isize = -15;
+    pub const HEAP_IN_USE: isize = -14;
 
     /// Every code with the name the OCaml side looks it up by.
-    pub const ALL: [(&str, isize); 15] = [
+    pub const ALL: [(&str, isize); 14] = [
         ("out_of_memory", OUT_OF_MEMORY),
         ("bad_size", BAD_SIZE),
         ("not_a_block", NOT_A_BLOCK),
@@ -83,7 +82,6 @@ pub mod code {
         ("not_a_heap", NOT_A_HEAP),
         ("heap_destroyed", HEAP_DESTROYED),
         ("not_locked", NOT_LOCKED),
-        ("too_many_pins", TOO_MANY_PINS),
         ("heap_in_use", HEAP_IN_USE),
     ];
 }

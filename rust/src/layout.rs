@@ -4,57 +4,314 @@
 //!
 //! ```text
 //! 0               Header (magic, version, geometry, lock, owner table,
-//!                 allocator state)                       size_of::<Header>()
+//!                 allocator state, slot caches, keeper
+//!                 mutexes)                               size_of::<Header>()
 //! desc_offset     page descriptors, one u64 per payload page   8 * npages
 //! payload_offset  payload pages (page-aligned)            npages * page_size
 //! total_len
 //! ```
 //!
 //! The metadata never shares a page with user data, so a user overrunning
-//! its block cannot corrupt the allocator. Overhead: about 25 KiB plus 8
-//! bytes per page, 0.23 % of a 64 MiB pool and 0.197 % of a 1 GiB one.
+//! its block cannot corrupt the allocator. Overhead: about 35 KiB plus 8
+//! bytes per page (on x86_64), 0.25 % of a 64 MiB pool and 0.198 % of a
+//! 1 GiB one.
 
-use crate::arena::{AllocState, MAX_OWNERS};
-use crate::cache::SlotCache;
-use crate::desc::MAX_PAGES;
-use crate::lock::MutexStorage;
-use crate::owner::OwnerIdentity;
+use crate::desc::{MAX_PAGES, NIL};
+use crate::lock::LockGuard;
+use std::cell::UnsafeCell;
+use std::mem::{align_of, offset_of, size_of};
 use std::sync::atomic::{AtomicU32, AtomicU64};
 
 /// "SHMPOOL" and a format byte; stored last when a pool is formatted, so
 /// a half-formatted pool is never mistaken for a pool.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"SHMPOOL\x01");
-/// Bumped whenever the meaning or position of any shared field changes.
-pub const LAYOUT_VERSION: u32 = 3;
+/// Bumped whenever the meaning or position of any shared field changes
+/// (the assertions at the end of this file fail until it is).
+pub const LAYOUT_VERSION: u32 = 4;
+
+/// Runs of up to this many pages have exact-size free lists.
+pub const SMALL_MAX: u32 = 127;
+/// Owner slots; slot 0 is "no recorded owner" (used when the table is full).
+pub const MAX_OWNERS: usize = 256;
+
+// # How shared memory is reached
+//
+// Other processes read and write the header while we use it, so no Rust
+// `&`/`&mut` reference may assert that a shared byte does not change
+// under it. Every field of `Header` is therefore one of:
+// - an atomic (read without a lock by someone, or written once before the
+//   magic is published);
+// - a [`LockCell`], which hands out `&mut` only to the holder of the pool
+//   lock (see [`Header::exclusive`]);
+// - the mutex itself ([`MutexStorage`]), only ever touched by pthread calls.
+// So `&Header` is sound whatever other processes do, and `Header` is `Sync`.
+// Each field says which lock, if any, protects its writes.
 
 /// The shared header at offset 0 of every pool.
 #[repr(C)]
 pub struct Header {
+    /// [`MAGIC`] once the pool is formatted; 0 before. Written once, last,
+    /// with `Release`; read with `Acquire` before any other field.
     pub magic: AtomicU64,
-    pub layout_version: u32,
-    pub page_size: u32,
-    pub total_len: u64,
-    pub desc_offset: u64,
-    pub payload_offset: u64,
+    /// The geometry (this and the next four fields): written once before
+    /// the magic, read-only after (no lock). Atomics so that an attacher
+    /// racing with the creator reads them without a data race.
+    pub layout_version: AtomicU32,
+    pub page_size: AtomicU32,
+    pub total_len: AtomicU64,
+    pub desc_offset: AtomicU64,
+    pub payload_offset: AtomicU64,
     /// How many times the lock was found abandoned (or the metadata
-    /// inconsistent) and the derived state rebuilt. Under the lock.
-    pub recoveries: u64,
+    /// inconsistent) and the derived state rebuilt. Pool lock.
+    pub recoveries: LockCell<u64>,
     /// One more than the highest owner slot ever used (bounds the loops
-    /// over `slot_cache`).
+    /// over `slot_cache`). Raised under the pool lock (`fetch_max`), read
+    /// without it.
     pub owners_hwm: AtomicU32,
     /// Bit `s` set when owner slot `s` may hold cached blocks (see
-    /// `cache.rs`), so `stats` reads only those slots' counters.
+    /// `cache.rs`), so `stats` reads only those slots' counters. Written
+    /// under slot `s`'s lock (by its owner, or by a taker that also holds
+    /// the pool lock); read without any lock.
     pub cache_slots: [AtomicU64; 4],
+    /// The pool lock (see `lock.rs`). Only pthread calls touch it.
     pub lock: MutexStorage,
-    /// Owner slot identities (slot 0 = "unrecorded owner"). Under the lock.
-    pub owners: [OwnerIdentity; MAX_OWNERS],
-    pub alloc: AllocState,
-    /// What each owner's per-process cache holds (see `pool.rs`). Written by
-    /// the owner without the pool lock, and by whoever takes cached blocks
-    /// back under it; each slot on its own cache line so that processes do
-    /// not share one.
+    /// Owner slot identities (slot 0 = "unrecorded owner"). Pool lock.
+    pub owners: LockCell<[OwnerIdentity; MAX_OWNERS]>,
+    /// The allocator's state. Pool lock.
+    pub alloc: LockCell<AllocState>,
+    /// What each owner's per-process cache holds (see `cache.rs`): each
+    /// slot's fields are written under that slot's lock, by its owner
+    /// without the pool lock, or by a taker holding both; each slot on its
+    /// own cache line so that processes do not share one.
     pub slot_cache: [SlotCache; MAX_OWNERS],
+    /// Each owner slot's keeper mutex (see `liveness.rs`): held by a thread
+    /// of the slot's process for as long as it has the pool open, so the
+    /// kernel marks it when that process dies. Only pthread calls write it;
+    /// readers load its futex word. Packed (read-mostly, never written on
+    /// a fast path).
+    pub keepers: [KeeperMutex; MAX_OWNERS],
 }
+
+// `Pool`'s `Sync` rests on this (a new cell type needs its own `Sync` with
+// a safety note). It cannot catch a plain integer field, which is `Sync`
+// but breaks the rule above: review does.
+const _: () = {
+    const fn sync<T: Sync>() {}
+    sync::<Header>()
+};
+
+/// A value in shared memory that only the holder of the pool lock may
+/// read or write. It hands out no reference by itself: [`Header::exclusive`]
+/// lends `&mut` to all the lock-protected fields at once, for as long as
+/// the caller's [`LockGuard`] is borrowed.
+#[repr(transparent)]
+pub struct LockCell<T>(UnsafeCell<T>);
+
+// SAFETY: the contents are only reached through `Header::exclusive` (the
+// type has no constructor and `as_ptr` is crate-private), which
+// requires the guard of the header's own pool lock, mutably borrowed for as
+// long as the references it returns live: one thread (of one process) at a
+// time, and the next holder only after the unlock (which orders the writes,
+// like any mutex). `T: Send` because the value is handed between threads.
+unsafe impl<T: Send> Sync for LockCell<T> {}
+
+impl<T> LockCell<T> {
+    /// Raw pointer to the value: only `Header::exclusive` dereferences it.
+    /// (No constructor: a header is formatted in place from zeros.)
+    pub(crate) fn as_ptr(&self) -> *mut T {
+        self.0.get()
+    }
+}
+
+/// The lock-protected fields of a header, lent to the lock holder.
+pub struct Exclusive<'a> {
+    pub alloc: &'a mut AllocState,
+    pub owners: &'a mut [OwnerIdentity; MAX_OWNERS],
+    pub recoveries: &'a mut u64,
+}
+
+impl Header {
+    /// Lends the lock-protected fields to the holder of this header's lock,
+    /// for as long as its guard stays borrowed (so at most once at a time).
+    ///
+    /// # Panics
+    /// If `g` guards another pool's lock (a bug).
+    pub fn exclusive<'a>(&'a self, g: &'a mut LockGuard<'_>) -> Exclusive<'a> {
+        assert!(g.guards(&self.lock), "lock guard of another pool");
+        // SAFETY: `g` proves that this thread holds this header's pool lock,
+        // and the `&mut` borrow of `g` for 'a keeps this function from being
+        // called again (and the lock from being released) while the
+        // references live. Every access to these cells goes through here
+        // (`as_ptr` is dereferenced nowhere else), so nothing else reads or
+        // writes them meanwhile.
+        unsafe {
+            Exclusive {
+                alloc: &mut *self.alloc.as_ptr(),
+                owners: &mut *self.owners.as_ptr(),
+                recoveries: &mut *self.recoveries.as_ptr(),
+            }
+        }
+    }
+}
+
+/// Space reserved in the header for the pool's pthread mutex; larger than
+/// glibc's `pthread_mutex_t` (40 bytes on x86_64) so the layout stays the
+/// same if a libc needs more.
+#[repr(C, align(64))]
+pub struct MutexStorage {
+    pub(crate) bytes: UnsafeCell<[u8; 64]>,
+}
+
+const _: () = assert!(size_of::<libc::pthread_mutex_t>() <= 64);
+
+// SAFETY: the bytes are only ever passed to pthread mutex functions (and
+// read atomically as a hint, see `lock.rs`), which synchronise between
+// threads and processes themselves.
+unsafe impl Sync for MutexStorage {}
+
+/// A process-shared robust pthread mutex, one per owner slot (methods in
+/// `liveness.rs`). Exactly a `pthread_mutex_t` (40 bytes on x86_64), so
+/// the 256 of them cost 10 KiB.
+#[repr(C)]
+pub struct KeeperMutex {
+    pub(crate) m: UnsafeCell<std::mem::MaybeUninit<libc::pthread_mutex_t>>,
+}
+
+// SAFETY: only ever passed to pthread mutex functions (by the keeper thread
+// holding it) and read with atomic loads of its futex word (see
+// `liveness.rs`), which synchronise between threads and processes.
+unsafe impl Sync for KeeperMutex {}
+
+/// One slot of the shared owner table (the truth about who a slot is).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OwnerIdentity {
+    /// 0 = slot unused.
+    pub pid: i32,
+    /// The PID namespace the pid means something in: the inode number of
+    /// the registering process's `/proc/self/ns/pid` (0 if unreadable).
+    pub pidns: u32,
+    pub start_time: u64,
+}
+
+/// Pages and blocks held by one owner slot (derived, rebuilt by recovery).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OwnerUsage {
+    pub pages: u64,
+    pub blocks: u64,
+}
+
+/// The allocator's part of the shared header (under the pool lock).
+/// Everything here is derived from the descriptors except `npages`.
+#[repr(C)]
+#[derive(Debug, Clone)]
+pub struct AllocState {
+    /// Payload pages. Set at format time, never changed after; checked
+    /// against the header's geometry when a pool is attached.
+    pub npages: u32,
+    /// Root of the treap of long free runs, or `NIL`.
+    pub tree_root: u32,
+    /// Length of the longest run in the treap (0 when empty).
+    pub tree_max: u32,
+    /// Advanced by every allocation from the free runs; its low bits go
+    /// into the new block's `ALLOC` word (the generation, see `desc.rs`).
+    /// Not derived: recovery leaves it alone (any value does).
+    pub alloc_epoch: u32,
+    pub free_pages: u64,
+    pub live_blocks: u64,
+    /// Bit n set ⇔ `small_head[n] != NIL` (n in 1..=SMALL_MAX).
+    pub small_bitmap: [u64; 2],
+    /// Head page of the exact-size list for each length (index 0 unused).
+    pub small_head: [u32; SMALL_MAX as usize + 1],
+    pub usage: [OwnerUsage; MAX_OWNERS],
+}
+
+impl AllocState {
+    /// A state for a pool of `npages` pages whose descriptors are still to be
+    /// formatted (see `Arena::format`).
+    pub fn new(npages: u32) -> Self {
+        AllocState {
+            npages,
+            tree_root: NIL,
+            tree_max: 0,
+            alloc_epoch: 0,
+            free_pages: 0,
+            live_blocks: 0,
+            small_bitmap: [0; 2],
+            small_head: [NIL; SMALL_MAX as usize + 1],
+            usage: [OwnerUsage::default(); MAX_OWNERS],
+        }
+    }
+}
+
+/// One owner slot's cache state in the shared header, on its own cache
+/// line so that processes do not share one. Methods in `cache.rs`.
+#[repr(C, align(64))]
+#[derive(Default)]
+pub struct SlotCache {
+    /// The slot lock: 0 = free, else the holder's token (`cache::token`).
+    /// Taken by compare-and-swap (see `cache.rs`).
+    pub(crate) lock: AtomicU64,
+    /// Pages and blocks the slot's owner holds cached. Written under the
+    /// slot lock; read without it (a snapshot).
+    pub(crate) pages: AtomicU64,
+    pub(crate) blocks: AtomicU64,
+    /// At least the length of the longest block the slot holds cached (the
+    /// longest cached since the slot last held none); 0 when it holds none.
+    /// Written under the slot lock, raised *before* a block is cached, so
+    /// it is never below the truth even if the owner dies.
+    pub(crate) max_len: AtomicU64,
+}
+
+// The byte layout of format LAYOUT_VERSION (3: the same bytes as before
+// these types moved here). Changing any of these numbers changes the
+// format: bump LAYOUT_VERSION (here too) so that old and new code refuse
+// each other's pools instead of misreading them.
+const _: () = assert!(
+    LAYOUT_VERSION == 4
+        && size_of::<Header>() == 25344 + MAX_OWNERS * size_of::<KeeperMutex>()
+        && align_of::<Header>() == 64
+        && offset_of!(Header, magic) == 0
+        && offset_of!(Header, layout_version) == 8
+        && offset_of!(Header, page_size) == 12
+        && offset_of!(Header, total_len) == 16
+        && offset_of!(Header, desc_offset) == 24
+        && offset_of!(Header, payload_offset) == 32
+        && offset_of!(Header, recoveries) == 40
+        && offset_of!(Header, owners_hwm) == 48
+        && offset_of!(Header, cache_slots) == 56
+        && offset_of!(Header, lock) == 128
+        && offset_of!(Header, owners) == 192
+        && offset_of!(Header, alloc) == 4288
+        && offset_of!(Header, slot_cache) == 8960
+        && offset_of!(Header, keepers) == 25344
+        && size_of::<KeeperMutex>() == size_of::<libc::pthread_mutex_t>()
+        && align_of::<KeeperMutex>() <= 8
+        && size_of::<MutexStorage>() == 64
+        && size_of::<OwnerIdentity>() == 16
+        && offset_of!(OwnerIdentity, pid) == 0
+        && offset_of!(OwnerIdentity, pidns) == 4
+        && offset_of!(OwnerIdentity, start_time) == 8
+        && size_of::<OwnerUsage>() == 16
+        && offset_of!(OwnerUsage, pages) == 0
+        && offset_of!(OwnerUsage, blocks) == 8
+        && size_of::<AllocState>() == 4656
+        && offset_of!(AllocState, npages) == 0
+        && offset_of!(AllocState, tree_root) == 4
+        && offset_of!(AllocState, tree_max) == 8
+        && offset_of!(AllocState, alloc_epoch) == 12
+        && offset_of!(AllocState, free_pages) == 16
+        && offset_of!(AllocState, live_blocks) == 24
+        && offset_of!(AllocState, small_bitmap) == 32
+        && offset_of!(AllocState, small_head) == 48
+        && offset_of!(AllocState, usage) == 560
+        && size_of::<SlotCache>() == 64
+        && offset_of!(SlotCache, lock) == 0
+        && offset_of!(SlotCache, pages) == 8
+        && offset_of!(SlotCache, blocks) == 16
+        && offset_of!(SlotCache, max_len) == 24
+);
 
 /// Where each part of a pool of `npages` payload pages lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -51,13 +51,16 @@ struct Region {
 #[derive(Debug, Clone)]
 pub struct KeepAlive(#[allow(dead_code)] Arc<Region>); // held for its Drop only
 
-// SAFETY: the mapping is plain shared memory; all mutation of the pool data
-// in it is serialised by the pool lock.
+// SAFETY: a Mapping is an address and a length: it reads or writes none of
+// the memory itself, only hands out raw pointers (whose users synchronise,
+// see `Pool`), and unmapping on drop works from any thread.
 unsafe impl Send for Mapping {}
+// SAFETY: as for Send; `&Mapping` only gives the address and length.
 unsafe impl Sync for Mapping {}
 // SAFETY: a Region is only an address range; nothing reads through it, and
 // its Drop (munmap) runs once, for the last Arc.
 unsafe impl Send for Region {}
+// SAFETY: as for Send: `&Region` gives access to nothing.
 unsafe impl Sync for Region {}
 
 /// Longest name component glibc's `shm_open` accepts (below `NAME_MAX`).

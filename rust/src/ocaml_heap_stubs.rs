@@ -342,7 +342,8 @@ pub extern "C" fn shmpool_heap_collect(hh: Raw) -> Raw {
     })
 }
 
-/// Pins `v` for this process (lock held): the pin's index or a code.
+/// Pins `v` for this process (lock held): the pin (its address halved, an
+/// int for OCaml) or a negative code.
 #[no_mangle]
 pub extern "C" fn shmpool_heap_pin(hh: Raw, v: Raw) -> Raw {
     guarded(|| {
@@ -350,7 +351,7 @@ pub extern "C" fn shmpool_heap_pin(hh: Raw, v: Raw) -> Raw {
             .ok_or_else(closed)
             .and_then(|h| h.pin_shared(v.0 as u64))
         {
-            Ok(i) => i as isize,
+            Ok(p) => (p >> 1) as isize,
             Err(e) => fail(e),
         }
     })
@@ -361,7 +362,7 @@ pub extern "C" fn shmpool_heap_unpin(hh: Raw, i: Raw, v: Raw) -> Raw {
     guarded(|| {
         let r = heap(hh)
             .ok_or_else(closed)
-            .and_then(|h| h.unpin(untag(i) as usize, v.0 as u64));
+            .and_then(|h| h.unpin((untag(i) as u64) << 1, v.0 as u64));
         match r {
             Ok(()) => 0,
             Err(e) => fail(e),

@@ -225,7 +225,9 @@ fn tag(n: isize) -> Raw {
 /// `caml_ba_array`), which the OCaml types of the externals guarantee.
 #[inline]
 unsafe fn ba_struct(v: ocaml::sys::Value) -> *mut ba::Bigarray {
-    (v as *mut ocaml::sys::Value).add(1) as *mut ba::Bigarray
+    // SAFETY: the caller's contract: `v` is a custom block, whose data (the
+    // `caml_ba_array`) follows its one-word custom-operations pointer.
+    unsafe { (v as *mut ocaml::sys::Value).add(1) as *mut ba::Bigarray }
 }
 
 /// Data pointer and length of a one-dimensional bigarray value.
@@ -234,8 +236,12 @@ unsafe fn ba_struct(v: ocaml::sys::Value) -> *mut ba::Bigarray {
 /// As for [`ba_struct`].
 #[inline]
 unsafe fn ba_data(v: ocaml::sys::Value) -> (usize, usize) {
-    let b = ba_struct(v);
-    ((*b).data as usize, *(*b).dim.as_ptr() as usize)
+    // SAFETY: the caller's contract: the custom block's data (after its
+    // one-word ops pointer) is a live `caml_ba_array` with one dimension.
+    unsafe {
+        let b = ba_struct(v);
+        ((*b).data as usize, *(*b).dim.as_ptr() as usize)
+    }
 }
 
 /// Offset of the first byte of bigarray `v` within pool `p`, if inside it.
@@ -244,7 +250,8 @@ unsafe fn ba_data(v: ocaml::sys::Value) -> (usize, usize) {
 /// As for [`ba_struct`].
 #[inline]
 unsafe fn offset_in(p: &Pool, v: ocaml::sys::Value) -> Option<usize> {
-    let (data, _) = ba_data(v);
+    // SAFETY: the caller's contract is `ba_data`'s.
+    let (data, _) = unsafe { ba_data(v) };
     data.checked_sub(p.base() as usize).filter(|&o| o < p.len())
 }
 
@@ -254,9 +261,14 @@ unsafe fn offset_in(p: &Pool, v: ocaml::sys::Value) -> Option<usize> {
 /// `v` must be an OCaml string. Nothing here allocates on the OCaml heap,
 /// so the string cannot move while it is copied.
 unsafe fn os_string(v: Raw) -> OsString {
-    let len = ocaml::sys::caml_string_length(v.0);
-    let bytes = std::slice::from_raw_parts(ocaml::sys::string_val(v.0) as *const u8, len);
-    OsStr::from_bytes(bytes).to_owned()
+    // SAFETY: the caller's contract: `v` is an OCaml string, `len` bytes
+    // long, that cannot move while we copy it (nothing here allocates on
+    // the OCaml heap).
+    unsafe {
+        let len = ocaml::sys::caml_string_length(v.0);
+        let bytes = std::slice::from_raw_parts(ocaml::sys::string_val(v.0) as *const u8, len);
+        OsStr::from_bytes(bytes).to_owned()
+    }
 }
 
 // ----- hot path -----------------------------------------------------------
@@ -611,6 +623,7 @@ struct Ops(ocaml::sys::custom_operations);
 // SAFETY: a table of function pointers and a static C string, never
 // written after initialisation.
 unsafe impl Sync for Ops {}
+// SAFETY: as for Sync: immutable data, usable from any thread.
 unsafe impl Send for Ops {}
 
 extern "C" {

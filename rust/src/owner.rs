@@ -1,18 +1,15 @@
 //! Who owns a block: a process identified by its pid *and* its start time
 //! (field 22 of `/proc/<pid>/stat`, in clock ticks since boot), so that a
-//! recycled pid is never taken for the process that died.
+//! recycled pid is never taken for the process that died, and by its PID
+//! namespace, since a pid names a process only within one.
+//!
+//! Asking `/proc` whether a process lives is the fallback: the kernel's
+//! own answer, the slot's keeper mutex (`liveness.rs`), comes first.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-/// One slot of the shared owner table (the truth about who a slot is).
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct OwnerIdentity {
-    /// 0 = slot unused.
-    pub pid: i32,
-    pub _pad: u32,
-    pub start_time: u64,
-}
+// The owner table lives in the shared header.
+pub use crate::layout::OwnerIdentity;
 
 /// What the system says about a pid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +71,35 @@ pub fn start_time_of(pid: i32) -> Option<u64> {
     }
 }
 
+/// The inode number of this process's PID namespace (`/proc/self/ns/pid`),
+/// or 0 if it cannot be read. Read once per fork generation: a child may
+/// be in another namespace than its parent (after `unshare`).
+pub fn pid_namespace() -> u32 {
+    static CACHED: AtomicU64 = AtomicU64::new(u64::MAX);
+    let gen = fork_generation();
+    let c = CACHED.load(Ordering::Relaxed);
+    if c != u64::MAX && c >> 32 == gen & 0xFFFF_FFFF {
+        return c as u32;
+    }
+    use std::os::unix::fs::MetadataExt;
+    // A `/proc` mounted for another PID namespace than ours (e.g. after
+    // `unshare -pf` without a new mount) names other processes by our pids:
+    // then nothing read there speaks of us, so the namespace is "unknown"
+    // (0), and no verdict of `/proc` is ever trusted for this process.
+    let own_proc = std::fs::read_link("/proc/self")
+        .ok()
+        .and_then(|p| p.to_str().and_then(|s| s.parse::<u32>().ok()))
+        == Some(std::process::id());
+    // Namespace inodes are 32-bit in the kernel (`ns_common.inum`).
+    let ns = std::fs::metadata("/proc/self/ns/pid")
+        .ok()
+        .filter(|_| own_proc)
+        .and_then(|m| u32::try_from(m.ino()).ok())
+        .unwrap_or(0);
+    CACHED.store((gen & 0xFFFF_FFFF) << 32 | ns as u64, Ordering::Relaxed);
+    ns
+}
+
 /// Identity of the calling process, or `None` if its start time cannot be
 /// read now (the process then allocates as an unrecorded owner, slot 0,
 /// rather than under an identity that would look dead to everyone).
@@ -81,20 +107,28 @@ pub fn me() -> Option<OwnerIdentity> {
     let pid = std::process::id() as i32;
     start_time_of(pid).map(|start_time| OwnerIdentity {
         pid,
-        _pad: 0,
+        pidns: pid_namespace(),
         start_time,
     })
 }
 
-/// Whether the process recorded in `id` may still run: only a process
-/// known to be gone, or a different process under a reused pid, is dead.
+/// Whether the process recorded in `id` may still run, by `/proc`: only a
+/// process known to be gone, or a different process under a reused pid,
+/// is dead, and only if `id` was recorded in our own PID namespace
+/// (elsewhere its pid means nothing to our `/proc`: "maybe alive").
 pub fn is_alive(id: &OwnerIdentity) -> bool {
-    id.pid > 0
-        && match probe(id.pid) {
-            Liveness::Alive(t) => t == id.start_time,
-            Liveness::Gone => false,
-            Liveness::Unknown => true,
-        }
+    if id.pid <= 0 {
+        return false;
+    }
+    let ns = pid_namespace();
+    if ns == 0 || id.pidns != ns {
+        return true;
+    }
+    match probe(id.pid) {
+        Liveness::Alive(t) => t == id.start_time,
+        Liveness::Gone => false,
+        Liveness::Unknown => true,
+    }
 }
 
 /// Incremented in every child right after `fork`, so cached per-process

@@ -1,8 +1,8 @@
 //! The safe Rust API: a pool in shared memory, usable from any process that
 //! maps it, at any address.
 //!
-//! The allocator's shared state is touched only between
-//! `RobustMutex::lock` and `unlock` (see `Pool::locked`), which is also
+//! The allocator's shared state is touched only while a `LockGuard` of the
+//! pool's `RobustMutex` is held (see `Pool::locked`), which is also
 //! where crash recovery happens: a holder that died makes the next locker
 //! rebuild the derived state before doing its own operation. The one
 //! exception is a process's own cache (`cache.rs`): its allocs and frees of
@@ -13,16 +13,18 @@ use crate::arena::{Arena, OwnerUsage, PageStats, MAX_OWNERS};
 pub use crate::cache::CACHE_CLASSES;
 use crate::cache::{self, LocalCache, SlotCache};
 use crate::crashpoint::{hit, CrashPoint};
+use crate::desc::{is_cached, tag, TAG_ALLOC};
 use crate::error::{Error, Result};
 use crate::layout::{Geometry, Header, LAYOUT_VERSION, MAGIC};
-use crate::lock::{Acquired, RobustMutex};
+use crate::liveness::{self, Keeper};
+use crate::lock::{Acquired, LockGuard, RobustMutex};
 use crate::mapping::{self, page_size, Mapping};
 use crate::owner::{self, OwnerIdentity};
 use std::ffi::{OsStr, OsString};
 use std::fmt::Write as _;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 
 /// `(total, free, largest)` and more, all exact at one instant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +50,7 @@ pub struct OwnerInfo {
     /// 0 for slot 0: blocks of processes that found the table full.
     pub pid: i32,
     pub start_time: u64,
+    /// Still running, as far as anyone can tell (see [`Pool::reclaim_dead`]).
     pub alive: bool,
     pub pages: u64,
     pub blocks: u64,
@@ -90,12 +93,24 @@ pub struct Pool {
     /// Most pages the cache may hold: a 16th of the pool (none for tiny
     /// pools), so one process cannot sit on much of it.
     pub(crate) cache_cap: u64,
+    /// The thread holding our slot's keeper mutex (see `liveness.rs`), as a
+    /// `Box<Keeper>` pointer, null if none. An atomic pointer rather than a
+    /// lock, so that a child forked while another thread replaced it cannot
+    /// block on it.
+    keeper: AtomicPtr<Keeper>,
 }
 
-// SAFETY: the shared state behind `hdr` is only mutated under the robust
-// mutex (Pool::locked); the immutable geometry fields are written once
-// before the magic is published. `my_slot` is atomic.
+// SAFETY: nothing in a Pool is tied to the thread that made it: `hdr` and
+// the mapping are plain shared memory, and a `LockGuard` (which is) never
+// outlives the call that took it.
 unsafe impl Send for Pool {}
+// SAFETY: `&self` methods reach shared memory only through `Header` (atomics,
+// `LockCell`s lent by `Header::exclusive` to the pool lock's holder, and the
+// mutex via pthread: `Header` is `Sync`), and the descriptors as atomics;
+// `geo` and `name` are immutable. The one non-`Sync` field, `cache`'s
+// stacks, is only touched by a thread holding this process's slot lock
+// (taken by compare-and-swap from 0, so by one thread at a time; see
+// `cache.rs`).
 unsafe impl Sync for Pool {}
 
 /// The exclusive view handed to code running under the lock.
@@ -105,6 +120,17 @@ pub(crate) struct Locked<'a> {
     pub recoveries: &'a mut u64,
     pub owners_hwm: &'a std::sync::atomic::AtomicU32,
 }
+
+/// Rounds of take-back an alloc tries when a live owner held its cache's
+/// lock: it waits 0.1, 0.2, ... 12.8 ms, then 25.6 ms between them (about
+/// 130 ms in all, without the pool lock). A preempted owner on a loaded
+/// machine may stay off a CPU for several time slices; only an owner
+/// frozen longer than that (debugger, `SIGSTOP`) makes the alloc report
+/// `OutOfMemory` while its cache holds the space. Nobody else waits: the
+/// pool lock is free between rounds.
+const TAKE_BACK_ROUNDS: u32 = 12;
+/// The longest of those waits, in µs.
+const TAKE_BACK_MAX_WAIT_US: u64 = 25_600;
 
 impl Pool {
     /// Creates a pool whose payload holds at least `bytes` bytes.
@@ -145,7 +171,9 @@ impl Pool {
     /// it must be all zeros.
     pub unsafe fn format_in_place(ptr: *mut u8, len: usize, zeroed: bool) -> Result<Pool> {
         let geo = Geometry::fitting(len, page_size()).ok_or(Error::BadSize)?;
-        Self::format(Mapping::borrowed(ptr, len)?, geo, None, zeroed)
+        // SAFETY: the caller's contract covers `borrowed`'s.
+        let map = unsafe { Mapping::borrowed(ptr, len)? };
+        Self::format(map, geo, None, zeroed)
     }
 
     /// Opens a pool formatted earlier in memory mapped by someone else.
@@ -153,58 +181,89 @@ impl Pool {
     /// # Safety
     /// As for [`Pool::format_in_place`], except that the pool exists.
     pub unsafe fn attach_in_place(ptr: *mut u8, len: usize) -> Result<Pool> {
-        Self::validate(Mapping::borrowed(ptr, len)?, None).map(Self::repaired)
+        // SAFETY: the caller's contract covers `borrowed`'s.
+        let map = unsafe { Mapping::borrowed(ptr, len)? };
+        Self::validate(map, None).and_then(Self::repaired)
     }
 
     /// Maps and opens the named pool created by another process.
     pub fn attach(name: impl AsRef<OsStr>) -> Result<Pool> {
         let name = name.as_ref();
-        Self::validate(Mapping::open_named(name)?, Some(name.to_owned())).map(Self::repaired)
+        Self::validate(Mapping::open_named(name)?, Some(name.to_owned())).and_then(Self::repaired)
     }
 
     /// A process opening a pool verifies it once (O(pages), about a
     /// millisecond per GiB) and, if its metadata is damaged (a stray write
     /// by some program, a bug), rebuilds everything derived from the
     /// `ALLOC` words before using it, counting a recovery.
-    fn repaired(self) -> Pool {
-        let _ = self.locked(|l| {
+    ///
+    /// First of all it compares the allocator's own page count with the
+    /// header's geometry (`validate` cannot: the allocator state may only be
+    /// read under the lock), and refuses the pool if they differ.
+    fn repaired(self) -> Result<Pool> {
+        let npages = self.geo.npages;
+        let r = self.locked(|l| {
+            if l.arena.st.npages != npages {
+                return Err(Error::NotAPool(format!(
+                    "the allocator counts {} pages, the geometry {npages}",
+                    l.arena.st.npages
+                )));
+            }
             if !l.arena.check().is_empty() {
                 l.arena.rebuild();
                 *l.recoveries = l.recoveries.wrapping_add(1);
             }
             Ok(())
         });
-        self
+        match r {
+            Err(e @ Error::NotAPool(_)) => Err(e),
+            _ => Ok(self),
+        }
     }
 
     fn format(map: Mapping, geo: Geometry, name: Option<OsString>, zeroed: bool) -> Result<Pool> {
         if map.len() < geo.total_len || (map.ptr() as usize) % 64 != 0 {
             return Err(Error::BadSize);
         }
-        let hdr = map.ptr().cast::<Header>();
+        let hdr = NonNull::new(map.ptr().cast::<Header>()).ok_or(Error::BadSize)?;
         // SAFETY: the mapping is at least geo.total_len bytes (checked) and
         // 64-byte aligned, so the header and the descriptor array fit and
         // are aligned; nobody else uses the memory until the magic is
-        // stored below (contract of the constructors).
+        // stored below (contract of the constructors), so plain writes
+        // race with nothing. All zeros is a valid `Header` (atomics, cells of
+        // integers, mutex bytes that `init` sets up next).
         unsafe {
             if zeroed {
                 std::ptr::write_bytes(map.ptr(), 0, std::mem::size_of::<Header>());
             } else {
                 std::ptr::write_bytes(map.ptr(), 0, geo.payload_offset);
             }
-            let h = &mut *hdr;
-            h.layout_version = LAYOUT_VERSION;
-            h.page_size = geo.page_size as u32;
-            h.total_len = geo.total_len as u64;
-            h.desc_offset = geo.desc_offset as u64;
-            h.payload_offset = geo.payload_offset as u64;
-            RobustMutex::at(&h.lock).init()?;
-            h.alloc = crate::arena::AllocState::new(geo.npages);
         }
-        let pool = Pool::new(map, NonNull::new(hdr).ok_or(Error::BadSize)?, geo, name);
-        // SAFETY: not yet published, so this is the only view.
-        let mut l = unsafe { pool.view() };
-        l.arena.format_zeroed(); // the descriptors were zeroed above or were zero
+        let pool = Pool::new(map, hdr, geo, name);
+        let h = pool.header();
+        h.layout_version.store(LAYOUT_VERSION, Ordering::Relaxed);
+        h.page_size.store(geo.page_size as u32, Ordering::Relaxed);
+        h.total_len.store(geo.total_len as u64, Ordering::Relaxed);
+        h.desc_offset
+            .store(geo.desc_offset as u64, Ordering::Relaxed);
+        h.payload_offset
+            .store(geo.payload_offset as u64, Ordering::Relaxed);
+        let m = pool.mutex();
+        // SAFETY: not yet published: nobody else uses the mutexes.
+        unsafe {
+            m.init()?;
+            for k in &h.keepers {
+                k.init()?;
+            }
+        }
+        {
+            // The fresh lock proves exclusive access like any other time.
+            let (mut g, _) = m.lock()?;
+            let mut l = pool.view(&mut g);
+            l.arena.st.npages = geo.npages; // set once, before the magic
+            l.arena.format_zeroed(); // the descriptors were zeroed above or were zero
+        }
+        // Publishes everything above (Release; attachers load it Acquire).
         pool.header().magic.store(MAGIC, Ordering::Release);
         Ok(pool)
     }
@@ -215,30 +274,38 @@ impl Pool {
             return bad(format!("{} bytes is too small for a header", map.len()));
         }
         // SAFETY: the mapping holds at least a header (checked above) and is
-        // aligned; only immutable fields are read before the checks pass.
+        // aligned. `&Header` is sound even while another process is still
+        // formatting it: every field is an atomic or a cell (see layout.rs).
         let h = unsafe { &*map.ptr().cast::<Header>() };
         if h.magic.load(Ordering::Acquire) != MAGIC {
             return bad("no shmpool magic".into());
         }
-        if h.layout_version != LAYOUT_VERSION {
+        // The geometry was written before the magic was (Release), so the
+        // Acquire above makes it visible; it never changes after.
+        let version = h.layout_version.load(Ordering::Relaxed);
+        if version != LAYOUT_VERSION {
             return bad(format!(
-                "layout version {} (this is {LAYOUT_VERSION})",
-                h.layout_version
+                "layout version {version} (this is {LAYOUT_VERSION})"
             ));
         }
-        if h.page_size as usize != page_size() {
-            return bad(format!(
-                "page size {} (this machine {})",
-                h.page_size,
-                page_size()
-            ));
+        let ps = h.page_size.load(Ordering::Relaxed);
+        if ps as usize != page_size() {
+            return bad(format!("page size {ps} (this machine {})", page_size()));
         }
-        let npages = h.alloc.npages;
+        // The page count the geometry implies. `AllocState::npages` must
+        // agree, but it is only read under the lock (see `repaired`): a lock
+        // holder may have the allocator state lent as `&mut` right now.
+        let total = h.total_len.load(Ordering::Relaxed);
+        let payload = h.payload_offset.load(Ordering::Relaxed);
+        let npages = total
+            .checked_sub(payload)
+            .and_then(|b| u32::try_from(b / ps as u64).ok())
+            .unwrap_or(0);
         match Geometry::for_pages(npages, page_size()) {
             Some(g)
-                if g.total_len as u64 == h.total_len
-                    && g.desc_offset as u64 == h.desc_offset
-                    && g.payload_offset as u64 == h.payload_offset
+                if g.total_len as u64 == total
+                    && g.desc_offset as u64 == h.desc_offset.load(Ordering::Relaxed)
+                    && g.payload_offset as u64 == payload
                     && g.total_len <= map.len() =>
             {
                 let hdr = NonNull::new(map.ptr().cast::<Header>()).ok_or(Error::BadSize)?;
@@ -263,32 +330,32 @@ impl Pool {
             cache: LocalCache::new(),
             caching: std::sync::atomic::AtomicBool::new(true),
             cache_cap: geo.npages as u64 / 16,
+            keeper: AtomicPtr::new(std::ptr::null_mut()),
         }
     }
 
     pub(crate) fn header(&self) -> &Header {
-        // SAFETY: hdr points to the validated header of our live mapping;
-        // only atomic or immutable fields are read through this reference.
+        // SAFETY: hdr points to the header of our mapping, which lives as
+        // long as self, aligned (checked by the constructors); every field
+        // of `Header` is an atomic or a cell, so a shared reference asserts
+        // nothing that other processes' writes could break.
         unsafe { self.hdr.as_ref() }
     }
 
-    /// Builds the mutable view of the shared state.
-    ///
-    /// # Safety
-    /// The caller holds the pool lock (or the pool is not yet published),
-    /// and drops the view before unlocking.
-    unsafe fn view(&self) -> Locked<'_> {
-        let h = self.hdr.as_ptr();
-        let d = self.descriptors();
+    /// The mutable view of the shared state, for the holder of the pool
+    /// lock, for as long as its guard stays borrowed.
+    fn view<'a>(&'a self, g: &'a mut LockGuard<'_>) -> Locked<'a> {
+        let h = self.header();
+        let x = h.exclusive(g);
         Locked {
             // npages and d.len() agree by construction (geometry validated).
             arena: Arena {
-                st: &mut (*h).alloc,
-                d,
+                st: x.alloc,
+                d: self.descriptors(),
             },
-            owners: &mut (*h).owners,
-            recoveries: &mut (*h).recoveries,
-            owners_hwm: &(*h).owners_hwm,
+            owners: x.owners,
+            recoveries: x.recoveries,
+            owners_hwm: &h.owners_hwm,
         }
     }
 
@@ -326,17 +393,17 @@ impl Pool {
                 // Holding a slot lock as a taker needs some nonzero token;
                 // takers also hold the pool lock, so a pid-only one is safe.
                 let pid = std::process::id() as i32;
-                cache::token(&owner::me().unwrap_or(OwnerIdentity {
+                let id = owner::me().unwrap_or(OwnerIdentity {
                     pid,
-                    _pad: 0,
+                    pidns: 0,
                     start_time: 0,
-                }))
+                });
+                cache::token(&id, 0)
             })
     }
 
-    fn mutex(&self) -> RobustMutex {
-        // SAFETY: the lock storage lives in our mapping for as long as self.
-        unsafe { RobustMutex::at(&self.header().lock) }
+    fn mutex(&self) -> RobustMutex<'_> {
+        RobustMutex::at(&self.header().lock)
     }
 
     /// Runs `f` under the pool lock. Recovers first if the previous holder
@@ -345,11 +412,9 @@ impl Pool {
     /// with the pool in a consistent state.
     pub(crate) fn locked<R>(&self, mut f: impl FnMut(&mut Locked) -> Result<R>) -> Result<R> {
         let m = self.mutex();
-        let acquired = m.lock()?;
+        let (mut guard, acquired) = m.lock()?;
         hit(CrashPoint::Locked);
-        // SAFETY: we hold the lock until `m.unlock()` below, after the last
-        // use of `l`.
-        let mut l = unsafe { self.view() };
+        let mut l = self.view(&mut guard);
         if acquired == Acquired::OwnerDied {
             // The holder died somewhere inside an operation: the ALLOC words
             // are the truth (one commit write per operation), rebuild the
@@ -366,6 +431,9 @@ impl Pool {
             }));
             m.mark_consistent();
         }
+        // The caches of processes that died go back to the free runs now
+        // (about one load per caching slot when nobody died).
+        let _ = catch_unwind(AssertUnwindSafe(|| self.reap_dead_caches(&mut l)));
         let mut r = catch_unwind(AssertUnwindSafe(|| f(&mut l)));
         if matches!(r, Ok(Err(Error::Corrupt(_)))) {
             l.arena.rebuild();
@@ -378,29 +446,62 @@ impl Pool {
             Err(Error::Corrupt("internal panic under the pool lock".into()))
         });
         hit(CrashPoint::BeforeUnlock);
-        m.unlock();
+        guard.unlock();
         r
     }
 
     /// This process's owner slot, registering it on first use (and again
-    /// in a forked child). Called under the lock with `me` computed outside.
-    fn owner_slot(l: &mut Locked, me: &OwnerIdentity) -> u16 {
-        let mut free = None;
-        for (i, o) in l.owners.iter().enumerate().skip(1) {
-            if o.pid == me.pid && o.start_time == me.start_time {
-                return i as u16;
+    /// in a forked child). Called under the lock with `me` computed
+    /// outside. Slot 0 if the table is full.
+    ///
+    /// A mark left on the slot's keeper mutex by its dead previous process
+    /// is erased before the identity is published (it must never be read
+    /// as news of this one); our keeper takes the mutex after the pool lock
+    /// is released (waiting for a new thread to run must not hold up every
+    /// process). In between, the slot has no keeper and reads as alive
+    /// (`/proc` in its namespace, "maybe" elsewhere).
+    fn owner_slot(&self, l: &mut Locked, me: &OwnerIdentity) -> u16 {
+        let keepers = &self.header().keepers;
+        let hwm = (self.owners_hwm() as usize).max(1);
+        if let Some(i) = (1..hwm).find(|&i| l.owners[i] == *me) {
+            // Registered already: by another `Pool` value of ours, or by
+            // this process before an `execve` (pid and start time survive
+            // it), whose keeper the exec killed. That mark speaks of the
+            // old program: erase it, or a process that cannot start a
+            // keeper would read as dead for as long as it lives.
+            // The old program's cache died with it too (its stacks were
+            // process memory; a thread of it may even have died holding
+            // the slot lock, under the very token we would use): take its
+            // blocks back while the mark still says its holder is gone,
+            // then start the slot afresh.
+            if keepers[i].state() == liveness::KeeperState::OwnerDied {
+                self.take_back_cached(l, self.taker_token(), |s, _| s as usize == i);
+                self.reset_slot(i as u16);
+                keepers[i].clear_mark();
             }
-            if o.pid == 0 && free.is_none() {
-                free = Some(i);
-            }
+            return i as u16;
         }
-        let slot = free.or_else(|| {
-            // Table full: reuse the slot of a dead process that holds nothing.
-            (1..MAX_OWNERS)
-                .find(|&i| l.arena.st.usage[i].blocks == 0 && !owner::is_alive(&l.owners[i]))
-        });
+        let empty = |l: &Locked, i: usize| l.arena.st.usage[i].blocks == 0;
+        // A free slot, or one whose process the kernel saw die and which
+        // holds nothing; else a never used one; else one that `/proc` says
+        // is dead and holds nothing.
+        let slot = (1..hwm)
+            .find(|&i| {
+                empty(l, i)
+                    && (l.owners[i].pid == 0
+                        || keepers[i].state() == liveness::KeeperState::OwnerDied)
+            })
+            .or_else(|| (hwm < MAX_OWNERS).then_some(hwm))
+            .or_else(|| {
+                (1..MAX_OWNERS)
+                    .find(|&i| empty(l, i) && !liveness::slot_alive(&keepers[i], &l.owners[i]))
+            });
         match slot {
             Some(i) => {
+                if keepers[i].state() == liveness::KeeperState::OwnerDied {
+                    keepers[i].clear_mark();
+                }
+                self.reset_slot(i as u16);
                 l.owners[i] = *me;
                 l.owners_hwm.fetch_max(i as u32 + 1, Ordering::Relaxed);
                 i as u16
@@ -462,12 +563,30 @@ impl Pool {
 
     /// The locked path; when no free run is large enough, takes the
     /// processes' cached blocks back and tries once more.
+    ///
+    /// A cache whose owner holds its slot lock (mid-operation) is left
+    /// alone; if the alloc still fails, it tries again a few times after
+    /// yielding without the pool lock (the owner finishes in nanoseconds
+    /// unless it is stopped), then reports `OutOfMemory`.
     fn alloc_locked(&self, pages: u32, slot: u16, tok: u64) -> Result<u32> {
         match self.locked(|l| l.arena.alloc(pages, slot)) {
-            Err(Error::OutOfMemory) => self.locked(|l| {
-                self.take_back_cached(l, tok);
-                l.arena.alloc(pages, slot)
-            }),
+            Err(Error::OutOfMemory) => {
+                for round in 0..TAKE_BACK_ROUNDS {
+                    let mut skipped = 0;
+                    let r = self.locked(|l| {
+                        skipped = self.take_back_cached(l, tok, |_, _| true);
+                        l.arena.alloc(pages, slot)
+                    });
+                    if r != Err(Error::OutOfMemory) || skipped == 0 || round + 1 == TAKE_BACK_ROUNDS
+                    {
+                        return r;
+                    }
+                    std::thread::sleep(std::time::Duration::from_micros(
+                        (100u64 << round).min(TAKE_BACK_MAX_WAIT_US),
+                    ));
+                }
+                Err(Error::OutOfMemory)
+            }
             r => r,
         }
     }
@@ -478,15 +597,42 @@ impl Pool {
         // Without a readable identity the process allocates as the
         // unrecorded owner (slot 0) and does not cache (token 0).
         let me = owner::me();
-        let slot = self.locked(|l| Ok(me.as_ref().map_or(0, |m| Self::owner_slot(l, m))))?;
-        let tok = me.as_ref().map_or(0, cache::token);
-        if tok != 0 {
-            self.adopt_stacks(slot, tok, gen);
+        // Outside the pool lock: creating a thread takes tens of µs.
+        let keeper = me.as_ref().and_then(|_| Keeper::spawn());
+        let mut tok = 0;
+        let slot = self.locked(|l| {
+            let Some(m) = me.as_ref() else { return Ok(0) };
+            let slot = self.owner_slot(l, m);
+            if slot != 0 {
+                tok = cache::token(m, slot);
+                self.adopt_stacks(l, slot, tok, gen);
+            }
+            Ok(slot)
+        })?;
+        // Our keeper takes the slot's keeper mutex (it fails if another
+        // `Pool` value of ours has one holding it already).
+        if let Some(k) =
+            keeper.filter(|k| slot != 0 && k.hold(&self.header().keepers[slot as usize]))
+        {
+            self.set_keeper(k);
         }
         self.my_token.store(tok, Ordering::Relaxed);
         self.my_slot
             .store(gen << 16 | slot as u64, Ordering::Release);
         self.alloc_locked(pages, slot, tok)
+    }
+
+    /// Keeps `k` as this `Pool`'s keeper; a previous one is released (if
+    /// it is this fork generation's) or forgotten (a parent's).
+    fn set_keeper(&self, k: Keeper) {
+        let old = self
+            .keeper
+            .swap(Box::into_raw(Box::new(k)), Ordering::AcqRel);
+        if !old.is_null() {
+            // SAFETY: non-null values of `keeper` come from Box::into_raw
+            // above, and the swap gave us sole ownership of this one.
+            drop(unsafe { Box::from_raw(old) });
+        }
     }
 
     /// Turns this process's cache on (the default) or off, for this `Pool`
@@ -539,12 +685,23 @@ impl Pool {
     }
 
     /// Frees the block starting at byte offset `off`; returns its size.
+    ///
+    /// The block's descriptor is read once, here, and every later step
+    /// requires exactly the word read: a free that raced with another free
+    /// of the same block and its re-allocation (which gives the word a new
+    /// generation, see `desc.rs`) fails with `NotABlock` and changes
+    /// nothing, instead of freeing the new allocation.
     #[inline]
     pub fn free(&self, off: usize) -> Result<usize> {
         let page = self.page_of_offset(off)?;
-        let pages = match self.cache_push(page) {
+        let w = self.descriptors()[page as usize].load(Ordering::Acquire);
+        hit(CrashPoint::FreeLoaded);
+        if tag(w) != TAG_ALLOC || is_cached(w) {
+            return Err(Error::NotABlock);
+        }
+        let pages = match self.cache_push(page, w) {
             Some(n) => n,
-            None => self.locked(|l| l.arena.free(page))?,
+            None => self.locked(|l| l.arena.free_exact(page, w))?,
         };
         Ok(pages as usize * self.geo.page_size)
     }
@@ -569,17 +726,35 @@ impl Pool {
         })
     }
 
-    /// Exact figures. `largest_free_bytes` does not count blocks that
-    /// *other* processes hold in their caches (this process's are given back
-    /// first): it is what alloc can get without taking them back, and alloc
-    /// takes them back when it needs them.
+    /// Exact figures. `free_bytes` counts the blocks processes hold in their
+    /// caches (this process's are given back first, and those of dead
+    /// processes are taken back). `largest_free_bytes` is the longest free
+    /// run, after taking back every cache that may hold a longer block: a
+    /// size alloc can always satisfy, and allocating it until it is 0
+    /// obtains `free_bytes` in all (unless a cache's owner is frozen in the
+    /// middle of a cache operation: see `cache.rs`).
     pub fn stats(&self) -> Stats {
         let _ = self.flush_cache();
         self.settle_slots();
+        let tok = self.taker_token();
         // The caches' counters are read under the pool lock too, so that a
         // take-back (which holds it) is seen whole or not at all.
         let (ps, recoveries, (cached_pages, cached_blocks)) = self
-            .locked(|l| Ok((l.arena.stats(), *l.recoveries, self.cached_totals())))
+            .locked(|l| {
+                self.reap_keeperless_dead(l);
+                // `largest_free_bytes` must be a size alloc gets from the
+                // free runs, and allocating it until it is 0 must obtain
+                // every free page: take back the caches that may hold a
+                // block longer than the longest run (they coalesce).
+                let longest = l.arena.stats().largest_free_run as u64;
+                if self
+                    .caching_slots()
+                    .any(|s| self.slot_cache(s).max_len() > longest)
+                {
+                    self.take_back_cached(l, tok, |_, sc| sc.max_len() > longest);
+                }
+                Ok((l.arena.stats(), *l.recoveries, self.cached_totals()))
+            })
             .unwrap_or((
                 PageStats {
                     npages: self.geo.npages,
@@ -628,7 +803,7 @@ impl Pool {
                 slot: i as u16,
                 pid: ids[i].pid,
                 start_time: ids[i].start_time,
-                alive: i == 0 || owner::is_alive(&ids[i]),
+                alive: i == 0 || liveness::slot_alive(&self.header().keepers[i], &ids[i]),
                 pages: usage[i]
                     .pages
                     .saturating_sub(self.slot_cache(i as u16).pages()),
@@ -639,16 +814,22 @@ impl Pool {
             .collect())
     }
 
-    /// Frees every block whose owner process no longer exists (a pid that
-    /// was reused counts as dead: the start time differs). Never automatic:
-    /// a dead worker's block may hold a result another process still reads.
+    /// Frees every block whose owner process no longer exists, as its
+    /// keeper mutex says (see `liveness.rs`), or, for a process without a
+    /// keeper, `/proc` in our own PID namespace (a pid that was reused
+    /// counts as dead: the start time differs; a process of another
+    /// namespace counts as alive). Never automatic: a dead worker's block
+    /// may hold a result another process still reads.
     pub fn reclaim_dead(&self) -> Result<Reclaimed> {
         let tok = self.taker_token();
         // Read liveness outside the lock (it reads /proc), then re-check the
         // identities under the lock so a slot reused meanwhile is spared.
         let snapshot = self.locked(|l| Ok(*l.owners))?;
         let dead: Vec<(usize, OwnerIdentity)> = (1..MAX_OWNERS)
-            .filter(|&i| snapshot[i].pid != 0 && !owner::is_alive(&snapshot[i]))
+            .filter(|&i| {
+                snapshot[i].pid != 0
+                    && !liveness::slot_alive(&self.header().keepers[i], &snapshot[i])
+            })
             .map(|i| (i, snapshot[i]))
             .collect();
         self.locked(|l| {
@@ -678,7 +859,7 @@ impl Pool {
             }
             for &i in &dead_now {
                 l.owners[i] = OwnerIdentity::default();
-                self.forget_slot(i as u16, tok);
+                self.forget_slot(l, i as u16, tok);
             }
             Ok(out)
         })
@@ -791,7 +972,14 @@ impl Pool {
 
 impl Drop for Pool {
     /// Gives this process's cached blocks back before the pool is closed.
+    /// Then releases this process's keeper (before the mapping goes: the
+    /// kernel must not find the mutex in its robust list once unmapped).
     fn drop(&mut self) {
         let _ = self.flush_cache();
+        let k = self.keeper.swap(std::ptr::null_mut(), Ordering::AcqRel);
+        if !k.is_null() {
+            // SAFETY: as in `set_keeper`.
+            drop(unsafe { Box::from_raw(k) });
+        }
     }
 }

@@ -165,8 +165,21 @@ module Common (I : IMPL) = struct
     I.H.gc h;
     I.H.destroy h
 
+  (* A full pool raises the very Out_of_pool_memory of OCamlnet's pool,
+     and the heap stays usable. *)
+  let t_full () =
+    let id = I.create_mempool (1024 * 1024) in
+    made := (fun () -> I.unlink_mempool id) :: !made;
+    let h = I.H.create_heap id 4096 (ref "") in
+    Alcotest.check_raises "Out_of_pool_memory" Netmcore_mempool.Out_of_pool_memory (fun () ->
+        I.H.modify h (fun m -> I.H.root h := I.H.add m (String.make (2 * 1024 * 1024) 'x')));
+    I.H.modify h (fun m -> I.H.root h := I.H.add m "small");
+    Alcotest.(check string) "still usable" "small" !(I.H.root h);
+    I.H.destroy h
+
   let tests =
     [
+      Alcotest.test_case (I.name ^ ": full pool") `Quick t_full;
       Alcotest.test_case (I.name ^ ": every function") `Quick t_basic;
       Alcotest.test_case (I.name ^ ": errors") `Quick t_errors;
       Alcotest.test_case (I.name ^ ": destroy restores the pool") `Quick t_destroy_restores;
@@ -221,7 +234,8 @@ let t_reentrant () =
   Alcotest.(check int) "pins released" s0.H.pins (H.stats h).H.pins;
   (try H.with_value h (fun () -> H.root h) (fun _ -> raise Exit) with Exit -> ());
   Alcotest.(check int) "pins released on exception" 0 (H.stats h).H.pins;
-  H.destroy h;
+  Alcotest.(check string) "process may destroy the heap" "done"
+    (H.with_value h (fun () -> H.root h) (fun _ -> H.destroy h; "done"));
   Alcotest.check_raises "destroyed" (Failure "Netmcore_heap: heap destroyed") (fun () ->
       ignore (H.root h))
 
@@ -335,6 +349,67 @@ let t_repair_hook () =
   Alcotest.(check int) "not again" 1 !repairs;
   H.destroy h
 
+(* The mutations OCamlnet allows inside modify (heap values into heap
+   fields, unboxed stores into heap strings and float arrays), then heap
+   values held in private data through full majors and compactions under
+   private allocation pressure. *)
+type rec_t = {
+  mutable name : string;
+  mutable items : string list;
+  mutable x : float;
+  tbl : int array;
+  mutable arr : string array;
+  mutable fl : float array;
+}
+
+let t_mutations () =
+  let p = pool () in
+  let h = H.create_heap p 4096 { name = "a"; items = []; x = 0.; tbl = Array.make 10 0; arr = [||]; fl = [||] } in
+  (* (values must be reachable from the root once modify returns) *)
+  H.modify h (fun m ->
+      (H.root h).arr <- H.add_uniform_array m 50 "";
+      (H.root h).fl <- H.add_init_array m 20 float_of_int);
+  let arr = (H.root h).arr and fl = (H.root h).fl in
+  let held = ref [] in
+  (* and the escape check sees nothing wrong in any of it *)
+  let logged = ref 0 in
+  let saved = !Netlog.Debug.current_dlogger in
+  Netlog.Debug.current_dlogger := (fun m _ -> if m = "Netmcore_heap" then incr logged);
+  H.Debug.enable := true;
+  Fun.protect ~finally:(fun () -> H.Debug.enable := false; Netlog.Debug.current_dlogger := saved) @@ fun () ->
+  for i = 1 to 300 do
+    H.modify h (fun m ->
+        let r = H.root h in
+        r.name <- H.add m (Printf.sprintf "name %d" i);
+        (* a whole new list (cons cells built here are private: only
+           values add returns may be stored), sharing the old strings *)
+        r.items <-
+          H.add_immutable m (string_of_int i :: (match r.items with a :: b :: _ -> [ a; b ] | l -> l));
+        r.x <- H.add m (float i);  (* a boxed float field: a heap value *)
+        r.tbl.(i mod 10) <- i;
+        arr.(i mod 50) <- H.add m (String.make (i mod 17) 'z');
+        fl.(i mod 20) <- float (i * 2);
+        let s = H.add_string m 8 in
+        Bytes.set (Bytes.unsafe_of_string s) 0 'q';
+        arr.(49) <- s;
+        H.pin m s);
+    held := (H.root h).name :: (match !held with a :: b :: _ -> [ a; b ] | l -> l);
+    ignore (Sys.opaque_identity (Array.make 2000 (string_of_int i)));
+    if i mod 50 = 0 then (H.gc h; Gc.compact ()) else if i mod 10 = 0 then Gc.full_major ()
+  done;
+  let r = H.root h in
+  Alcotest.(check string) "name" "name 300" r.name;
+  Alcotest.(check (list string)) "items" [ "300"; "299"; "298" ] r.items;
+  Alcotest.(check (float 0.)) "float field" 300. r.x;
+  Alcotest.(check int) "int array" 300 r.tbl.(0);
+  Alcotest.(check string) "array of heap strings" (String.make (298 mod 17) 'z') arr.(298 mod 50);
+  Alcotest.(check string) "heap string written in place" "q" (String.sub arr.(49) 0 1);
+  Alcotest.(check (float 0.)) "float array" 598. fl.(299 mod 20);
+  Alcotest.(check bool) "held value is the current one" true (List.hd !held == r.name);
+  Alcotest.(check string) "held value intact" "name 300" (List.hd !held);
+  Alcotest.(check int) "no escape reported" 0 !logged;
+  H.destroy h
+
 let () =
   Alcotest.run "netmcore_heap"
     [
@@ -349,5 +424,6 @@ let () =
           Alcotest.test_case "two systhreads" `Quick t_threads;
           Alcotest.test_case "Debug reports private values stored" `Quick t_debug_escape;
           Alcotest.test_case "death in modify: recovery and repair hook" `Quick t_repair_hook;
+          Alcotest.test_case "mutations inside modify, then compactions" `Quick t_mutations;
         ] );
     ]

@@ -133,6 +133,8 @@ let victim (pool, d, mb_addr, seed) =
         H.root h := H.add m (List.init len (fun k -> top - k));
         if Random.int 4 = 0 then ignore (H.add m (String.make (Random.int 300_000) 'g'));
         if Random.int 10 = 0 then H.gc h);
+    (* and reads under a pin, dying there too at times *)
+    ignore (H.with_value h (fun () -> !(H.root h)) (fun l -> if not (consecutive l) then failwith "victim: pinned value broken"));
     set mb 1 !n
   done
 
@@ -148,7 +150,9 @@ let after (pool, d) =
         if not (consecutive cur) then failwith "broken root after the kill";
         H.root h := H.add m [ 3; 2; 1 ]);
     H.gc h;
-    Ok ((H.stats h).H.recoveries)
+    let s = H.stats h in
+    if s.H.pins <> 0 then failwith "a dead process's pin survived a gc";
+    Ok s.H.recoveries
   with e -> Error (Printexc.to_string e)
 
 let after_fork, after_join = Netmcore_process.def_process after

@@ -27,14 +27,8 @@ impl Heap<'_> {
         &self,
         is_private: &dyn Fn(u64) -> bool,
     ) -> HResult<Option<(u64, u64, u64)>> {
-        let mut stack = vec![self.desc().root.load(Relaxed)];
-        stack.extend(
-            self.desc()
-                .pins
-                .iter()
-                .map(|p| p.value.load(Relaxed))
-                .filter(|&x| x != 0),
-        );
+        let d = self.desc();
+        let mut stack = vec![d.root.load(Relaxed), d.pin_head.load(Relaxed)];
         stack.extend_from_slice(&self.local()?.added);
         let ranges = self.ranges();
         let mut seen = HashSet::new();
@@ -152,13 +146,7 @@ impl Heap<'_> {
             }
         }
         // Reachable blocks: black, inside an area, not free.
-        let mut stack = vec![d.root.load(Relaxed)];
-        stack.extend(
-            d.pins
-                .iter()
-                .map(|p| p.value.load(Relaxed))
-                .filter(|&x| x != 0),
-        );
+        let mut stack = vec![d.root.load(Relaxed), d.pin_head.load(Relaxed)];
         let mut marked = HashSet::new();
         while let Some(x) = stack.pop() {
             if !is_block(x) {

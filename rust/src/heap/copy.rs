@@ -60,7 +60,9 @@ impl Hasher for AddrHasher {
 /// larger graph moves them to the hash map.
 #[derive(Default)]
 pub(crate) struct Scratch {
-    small: Vec<(u64, Plan)>,
+    /// Keys of the first SMALL places, scanned linearly (8-byte stride).
+    keys: Vec<u64>,
+    plans: Vec<Plan>,
     big: bool,
     map: HashMap<u64, Plan, BuildHasherDefault<AddrHasher>>,
     order: Vec<u64>,
@@ -71,15 +73,18 @@ const SMALL: usize = 16;
 
 impl Scratch {
     fn clear(&mut self) {
-        if self.map.capacity() > 4096 || self.order.capacity() > 4096 {
+        if self.big && (self.map.capacity() > 4096 || self.order.capacity() > 4096) {
             *self = Scratch::default();
-        } else {
-            self.small.clear();
-            self.big = false;
-            self.map.clear();
-            self.order.clear();
-            self.stack.clear();
+            return;
         }
+        if self.big {
+            self.map.clear();
+            self.big = false;
+        }
+        self.keys.clear();
+        self.plans.clear();
+        self.order.clear();
+        self.stack.clear();
     }
 
     #[inline]
@@ -87,18 +92,23 @@ impl Scratch {
         if self.big {
             self.map.get(&x)
         } else {
-            self.small.iter().find(|(k, _)| *k == x).map(|(_, p)| p)
+            self.keys
+                .iter()
+                .position(|&k| k == x)
+                .map(|i| &self.plans[i])
         }
     }
 
     fn insert(&mut self, x: u64, p: Plan) {
-        if !self.big && self.small.len() < SMALL {
-            self.small.push((x, p));
+        if !self.big && self.keys.len() < SMALL {
+            self.keys.push(x);
+            self.plans.push(p);
             return;
         }
         if !self.big {
             self.big = true;
-            self.map.extend(self.small.drain(..));
+            self.map
+                .extend(self.keys.drain(..).zip(self.plans.drain(..)));
         }
         self.map.insert(x, p);
     }
@@ -175,10 +185,11 @@ struct Layout {
 
 /// The value a source word stands for, after its forwards, and whether it
 /// is a block to copy (else it is stored as it is).
+#[inline(always)]
 fn resolve(
     mut x: u64,
-    keep: &dyn Fn(u64) -> bool,
-    is_value: &dyn Fn(u64) -> bool,
+    keep: &impl Fn(u64) -> bool,
+    is_value: &impl Fn(u64) -> bool,
 ) -> Result<(u64, bool), HeapError> {
     for _ in 0..64 {
         if !is_block(x) || keep(x) {
@@ -242,8 +253,8 @@ fn custom_words(x: u64, n: u64) -> Result<u64, HeapError> {
 /// Pass 1: validates `v` and places every block to copy.
 fn plan(
     v: u64,
-    keep: &dyn Fn(u64) -> bool,
-    is_value: &dyn Fn(u64) -> bool,
+    keep: &impl Fn(u64) -> bool,
+    is_value: &impl Fn(u64) -> bool,
     sc: &mut Scratch,
 ) -> Result<Layout, HeapError> {
     sc.clear();
@@ -256,46 +267,54 @@ fn plan(
     if !enter {
         return Ok(l);
     }
-    sc.stack.push(top);
+    place(top, sc, &mut l)?;
     while let Some(x) = sc.stack.pop() {
-        if sc.get(x).is_some() {
-            continue;
-        }
-        // SAFETY: x came from resolve: a block of OCaml memory.
-        let hd = unsafe { src(x - 8) };
-        let n = wosize(hd);
-        let words = match tag(hd) {
-            CUSTOM_TAG => custom_words(x, n)?,
-            t if t < NO_SCAN_TAG => {
-                for k in (0..n).rev() {
-                    // SAFETY: k < wosize of an OCaml block.
-                    let f = unsafe { src(x + 8 * k) };
-                    // Immediates and blocks placed already need no lookup.
-                    if !is_block(f) || sc.get(f).is_some() {
-                        continue;
-                    }
-                    let (y, enter) = resolve(f, keep, is_value)?;
-                    if enter && sc.get(y).is_none() {
-                        sc.stack.push(y);
-                    }
-                }
-                n + 1
+        // SAFETY: x was placed: a scanned block of OCaml memory.
+        let n = wosize(unsafe { src(x - 8) });
+        for k in 0..n {
+            // SAFETY: k < wosize of an OCaml block.
+            let f = unsafe { src(x + 8 * k) };
+            // Immediates and blocks placed already need no more.
+            if !is_block(f) || sc.get(f).is_some() {
+                continue;
             }
-            _ => n + 1,
-        };
-        sc.insert(x, Plan { at: l.total, words });
-        sc.order.push(x);
-        l.total = l
-            .total
-            .checked_add(words)
-            .ok_or(HeapError::Uncopyable("too large"))?;
+            let (y, enter) = resolve(f, keep, is_value)?;
+            if enter && (y == f || sc.get(y).is_none()) {
+                place(y, sc, &mut l)?;
+            }
+        }
     }
     Ok(l)
 }
 
+/// Gives block `x` (entered, not yet placed) its place after the others;
+/// a block with fields to scan goes on the stack.
+#[inline]
+fn place(x: u64, sc: &mut Scratch, l: &mut Layout) -> Result<(), HeapError> {
+    // SAFETY: x came from resolve: a block of OCaml memory.
+    let hd = unsafe { src(x - 8) };
+    let n = wosize(hd);
+    let words = match tag(hd) {
+        CUSTOM_TAG => custom_words(x, n)?,
+        t => {
+            if t < NO_SCAN_TAG {
+                sc.stack.push(x);
+            }
+            n + 1
+        }
+    };
+    sc.insert(x, Plan { at: l.total, words });
+    sc.order.push(x);
+    l.total = l
+        .total
+        .checked_add(words)
+        .ok_or(HeapError::Uncopyable("too large"))?;
+    Ok(())
+}
+
 /// Words a copy of `v` takes in a heap (0 for a value nothing is copied
 /// of), or why it cannot be copied.
-pub fn measure(v: u64, is_value: &dyn Fn(u64) -> bool) -> Result<u64, HeapError> {
+pub fn measure(v: u64, is_value: &impl Fn(u64) -> bool) -> Result<u64, HeapError> {
     plan(v, &|_| false, is_value, &mut Scratch::default()).map(|l| l.total)
 }
 
@@ -308,15 +327,17 @@ impl Heap<'_> {
         &self,
         v: u64,
         share: bool,
-        is_value: &dyn Fn(u64) -> bool,
+        is_value: &impl Fn(u64) -> bool,
     ) -> Result<u64, HeapError> {
-        self.local()?;
-        let ranges = if share { self.ranges() } else { Vec::new() };
-        let base = self.base();
-        let keep =
-            |x: u64| share && find_in(&ranges, x.wrapping_sub(base).wrapping_sub(8)).is_some();
         let mut sc = std::mem::take(&mut self.local()?.scratch);
-        let r = self.copy_planned(v, &keep, is_value, &mut sc);
+        let r = if share {
+            let ranges = self.ranges();
+            let base = self.base();
+            let keep = |x: u64| find_in(&ranges, x.wrapping_sub(base).wrapping_sub(8)).is_some();
+            self.copy_planned(v, &keep, is_value, &mut sc)
+        } else {
+            self.copy_planned(v, &|_| false, is_value, &mut sc)
+        };
         if let Ok(local) = self.local() {
             local.scratch = sc;
         }
@@ -326,8 +347,8 @@ impl Heap<'_> {
     fn copy_planned(
         &self,
         v: u64,
-        keep: &dyn Fn(u64) -> bool,
-        is_value: &dyn Fn(u64) -> bool,
+        keep: &impl Fn(u64) -> bool,
+        is_value: &impl Fn(u64) -> bool,
         sc: &mut Scratch,
     ) -> HResult<u64> {
         let base = self.base();

@@ -31,8 +31,9 @@ use std::sync::atomic::Ordering::Relaxed;
 impl Heap<'_> {
     /// Collects (lock held by the calling thread).
     pub(crate) fn collect(&self) -> HResult<()> {
-        let mut roots = vec![self.desc().root.load(Relaxed)];
-        roots.extend(self.live_pins());
+        self.prune_dead_pins();
+        let d = self.desc();
+        let mut roots = vec![d.root.load(Relaxed), d.pin_head.load(Relaxed)];
         roots.extend_from_slice(&self.local()?.added);
         self.collect_from(&roots)
     }

@@ -1,37 +1,43 @@
 //! The heap's lock: the core's robust, process-shared mutex (`lock.rs`),
-//! one per heap in its descriptor, held across calls (OCaml's `modify`
-//! locks in one stub, runs OCaml code, unlocks in another), so it is used
-//! here through explicit acquire/release rather than a scoped guard. This
-//! file is the only place the heap touches `lock.rs`.
+//! one per heap in its descriptor. It is held across calls (OCaml's
+//! `modify` locks in one stub, runs OCaml code, unlocks in another), which
+//! a scoped `LockGuard` cannot express: the guard is forgotten once the
+//! lock is taken, and `release` unlocks the mutex directly. The heap's own
+//! bookkeeping (`Heap::holder`, checked by every operation) stands in for
+//! the guard. This file is the only place the heap touches `lock.rs`.
 
 use crate::error::Result;
 use crate::lock::{Acquired, MutexStorage, RobustMutex};
+
+/// The pthread mutex inside `m`.
+fn raw(m: &MutexStorage) -> *mut libc::pthread_mutex_t {
+    m.bytes.get().cast()
+}
 
 /// Initialises the mutex in `m`.
 ///
 /// # Safety
 /// Nobody else may use `m` until the heap's magic is published.
 pub(crate) unsafe fn init(m: &MutexStorage) -> Result<()> {
-    // SAFETY: `m` lives in the heap's first block, mapped for as long as
-    // the borrow.
-    unsafe { RobustMutex::at(m) }.init()
+    // SAFETY: contract above.
+    unsafe { RobustMutex::at(m).init() }
 }
 
-/// Locks `m`; `Acquired::OwnerDied` when the holder died with it.
+/// Locks `m`; `Acquired::OwnerDied` when the holder died with it. The
+/// caller holds the mutex until [`release`].
 pub(crate) fn acquire(m: &MutexStorage) -> Result<Acquired> {
-    // SAFETY: as in `init`.
-    unsafe { RobustMutex::at(m) }.lock()
+    let mutex = RobustMutex::at(m);
+    let (guard, how) = mutex.lock()?;
+    // Held until `release`, in another call.
+    std::mem::forget(guard);
+    Ok(how)
 }
 
 /// Locks `m` if it is free, without waiting: `None` when it is held.
 pub(crate) fn try_acquire(m: &MutexStorage) -> Option<Result<Acquired>> {
-    // SAFETY: MutexStorage is #[repr(C)] with the pthread mutex bytes as
-    // its only field, at offset 0, initialised by `init` before the heap
-    // was published; `m` is mapped for the borrow.
-    let r = unsafe {
-        libc::pthread_mutex_trylock(m as *const MutexStorage as *mut libc::pthread_mutex_t)
-    };
-    match r {
+    // SAFETY: `m` holds a mutex initialised by `init` before the heap was
+    // published, mapped for the borrow.
+    match unsafe { libc::pthread_mutex_trylock(raw(m)) } {
         0 => Some(Ok(Acquired::Clean)),
         libc::EOWNERDEAD => Some(Ok(Acquired::OwnerDied)),
         libc::EBUSY => None,
@@ -42,14 +48,16 @@ pub(crate) fn try_acquire(m: &MutexStorage) -> Option<Result<Acquired>> {
 
 /// Declares the heap repaired after `OwnerDied` (holder only).
 pub(crate) fn mark_consistent(m: &MutexStorage) {
-    // SAFETY: as in `init`.
-    unsafe { RobustMutex::at(m) }.mark_consistent()
+    RobustMutex::at(m).mark_consistent()
 }
 
-/// Unlocks `m` (holder only).
+/// Unlocks `m` (holder only: the thread that acquired it).
 pub(crate) fn release(m: &MutexStorage) {
-    // SAFETY: as in `init`.
-    unsafe { RobustMutex::at(m) }.unlock()
+    // SAFETY: as in `try_acquire`; the calling thread holds the mutex
+    // (checked by the heap through `Heap::holder`).
+    unsafe {
+        libc::pthread_mutex_unlock(raw(m));
+    }
 }
 
 thread_local! {

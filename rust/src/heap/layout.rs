@@ -43,8 +43,6 @@ pub const SMALL_WORDS: usize = 63;
 /// Chunks a heap may have. Each extension chunk is at least half the heap,
 /// so 128 chunks are never reached by a heap that fits in memory.
 pub const MAX_CHUNKS: usize = 128;
-/// Values pinned by `with_value` at once (in the descriptor).
-pub const MAX_PINS: usize = 32;
 
 /// One entry of the chunk table: where a chunk is and how big its pool
 /// block is. Written under the heap lock; `nchunks` is the commit.
@@ -54,16 +52,6 @@ pub struct ChunkEntry {
     pub offset: AtomicU64,
     /// Bytes of the chunk from its header to the end of its area.
     pub bytes: AtomicU64,
-}
-
-/// A value kept alive by a process between `with_value`'s `find` and the
-/// end of its `process` (`value == 0`: unused entry). The owner's identity
-/// lets the GC and recovery drop the pins of a process that died.
-#[repr(C)]
-pub struct Pin {
-    pub value: AtomicU64,
-    pub pid: AtomicU64,
-    pub start_time: AtomicU64,
 }
 
 /// The descriptor, at the start of the heap's first pool block.
@@ -114,7 +102,10 @@ pub struct HeapDesc {
     /// Offset (from the pool base) of the header of the first free block of
     /// each class; 0 = empty. Index 0: blocks of more than SMALL_WORDS words.
     pub free_heads: [AtomicU64; SMALL_WORDS + 1],
-    pub pins: [Pin; MAX_PINS],
+    /// The values pinned by `with_value`: a list of heap blocks (see
+    /// `pins.rs`), or `()`. A GC root.
+    pub pin_head: AtomicU64,
+    pub _pad2: [u64; 7],
     pub chunks: [ChunkEntry; MAX_CHUNKS],
 }
 
@@ -159,12 +150,11 @@ const _: () = {
     assert!(offset_of!(HeapDesc, root) == 128);
     assert!(offset_of!(HeapDesc, repaired) == 216);
     assert!(offset_of!(HeapDesc, free_heads) == 240);
-    assert!(offset_of!(HeapDesc, pins) == 240 + 8 * (SMALL_WORDS + 1));
-    assert!(offset_of!(HeapDesc, chunks) == 752 + 24 * MAX_PINS);
-    assert!(size_of::<HeapDesc>() == 3584);
+    assert!(offset_of!(HeapDesc, pin_head) == 240 + 8 * (SMALL_WORDS + 1));
+    assert!(offset_of!(HeapDesc, chunks) == 816);
+    assert!(size_of::<HeapDesc>() == 2880);
     assert!(size_of::<ChunkHeader>() == 64);
     assert!(size_of::<ChunkEntry>() == 16);
-    assert!(size_of::<Pin>() == 24);
 };
 
 #[cfg(test)]

@@ -61,8 +61,6 @@ pub enum HeapError {
     Destroyed,
     /// The operation needs the heap lock held by the calling thread.
     NotLocked,
-    /// Every pin entry is in use (`with_value` nested too deep).
-    TooManyPins,
     /// `destroy` called by the thread holding the heap's lock.
     InUse,
     /// A value that cannot be copied into a heap, and what it is: a
@@ -80,7 +78,6 @@ impl HeapError {
             HeapError::NotAHeap(_) => code::NOT_A_HEAP,
             HeapError::Destroyed => code::HEAP_DESTROYED,
             HeapError::NotLocked => code::NOT_LOCKED,
-            HeapError::TooManyPins => code::TOO_MANY_PINS,
             HeapError::InUse => code::HEAP_IN_USE,
             HeapError::Uncopyable(_) => code::UNCOPYABLE,
         }
@@ -100,7 +97,6 @@ impl std::fmt::Display for HeapError {
             HeapError::NotAHeap(why) => write!(f, "no heap structure found: {why}"),
             HeapError::Destroyed => write!(f, "heap destroyed"),
             HeapError::NotLocked => write!(f, "heap not locked by this thread"),
-            HeapError::TooManyPins => write!(f, "too many values pinned at once"),
             HeapError::InUse => write!(f, "heap in use by this thread"),
             HeapError::Uncopyable(what) => write!(f, "cannot copy into a heap: {what}"),
         }
@@ -168,6 +164,8 @@ pub struct Heap<'p> {
 // checks); all shared memory is reached through atomics or raw pointers
 // under that mutex.
 unsafe impl Send for Heap<'_> {}
+// SAFETY: as for Send: shared use from several threads goes through the
+// heap's mutex and the `holder` check.
 unsafe impl Sync for Heap<'_> {}
 
 /// Smallest extension chunk.
@@ -241,6 +239,7 @@ impl<'p> Heap<'p> {
         let first = off + std::mem::size_of::<HeapDesc>();
         d.first_chunk.store(first as u64, Relaxed);
         d.root.store(VAL_UNIT, Relaxed);
+        d.pin_head.store(VAL_UNIT, Relaxed);
         for f in &d.free_heads {
             f.store(0, Relaxed);
         }
@@ -416,15 +415,19 @@ impl<'p> Heap<'p> {
         }
         let mut info = LockInfo::default();
         if how == crate::lock::Acquired::OwnerDied {
-            // A panic here must not leave the mutex held by a live
-            // process with the data half-repaired; a failed recovery is
-            // retried by the next locker (the mutex stays inconsistent).
+            // A death during recovery leaves the mutex inconsistent for
+            // the next locker, which starts over. A *failure* (a panic: a
+            // bug) must not: unlocking an inconsistent robust mutex makes
+            // it unusable forever, so it is marked consistent anyway and
+            // the caller hears of the failure.
             let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.recover()))
                 .unwrap_or(false);
-            if ok {
-                hlock::mark_consistent(&d.lock);
-                info.recovered = true;
+            hlock::mark_consistent(&d.lock);
+            if !ok {
+                self.unlock();
+                return Err(Error::Corrupt("heap recovery failed".into()).into());
             }
+            info.recovered = true;
         }
         if let Err(e) = self.check_live() {
             self.unlock();
@@ -518,14 +521,28 @@ impl<'p> Heap<'p> {
         let since = d.alloc_since_gc.load(Relaxed);
         if since >= d.live_words.load(Relaxed).max(MIN_GC_WORDS) {
             self.collect()?;
+            // Mostly live after the GC: grow now, so the next GCs stay
+            // amortised; but a full pool is no error while the free lists
+            // still have room.
             let (free, total) = (d.free_words.load(Relaxed), d.heap_words.load(Relaxed));
-            if free >= total / 4 {
-                if let Some(off) = self.take(words) {
-                    return Ok(self.count_alloc(off, words));
+            if free < total / 4 {
+                match self.grow(words) {
+                    Ok(()) | Err(HeapError::Pool(Error::OutOfMemory)) => {}
+                    Err(e) => return Err(e),
                 }
             }
+            if let Some(off) = self.take(words) {
+                return Ok(self.count_alloc(off, words));
+            }
+            self.grow(words)?;
+        } else {
+            match self.grow(words) {
+                // The pool is full: what the heap holds as garbage is the
+                // only room left.
+                Err(HeapError::Pool(Error::OutOfMemory)) if since > 0 => self.collect()?,
+                r => r?,
+            }
         }
-        self.grow(words)?;
         let off = self
             .take(words)
             .ok_or(HeapError::Pool(Error::OutOfMemory))?;
@@ -564,7 +581,7 @@ impl<'p> Heap<'p> {
                 recoveries: d.recoveries.load(Relaxed),
                 needs_repair: d.needs_repair.load(Relaxed),
                 repaired: d.repaired.load(Relaxed),
-                pins: d.pins.iter().filter(|p| p.value.load(Relaxed) != 0).count() as u64,
+                pins: h.count_pins(),
             })
         })
     }

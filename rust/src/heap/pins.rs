@@ -1,15 +1,20 @@
 //! Values pinned by `with_value` between its `find` (under the lock) and
-//! the end of its `process` (without it): GC roots recorded in the shared
-//! descriptor with the identity of the process that pinned them, so the
-//! pins of a process killed during `process` stop counting as roots as soon
-//! as it is gone (no lock is abandoned there, so no recovery would clear
-//! them).
+//! the end of its `process` (without it).
 //!
-//! Invariant P1: an entry with `value != 0` is a pin; its owner fields were
-//! written before `value` (all under the lock).
+//! A pin is a heap block `[value; pid; pid namespace; start time; next]`
+//! (tag 0; the owner's identity as OCaml ints) on a list whose head, `pin_head`, is a GC root:
+//! the GC reaches the pinned values through it like through any value.
+//! The owner's identity lets the GC and recovery drop the pins of a
+//! process that died during `process` (no lock is abandoned there, so no
+//! recovery would clear them otherwise): `prune_dead_pins` unlinks them
+//! before each collection. There is no limit on the number of pins.
+//!
+//! Commit points (under the lock): a pin is written completely, then linked
+//! by one store of `pin_head`; it is unlinked by one store of its
+//! predecessor's `next` (or of `pin_head`).
 
-use super::layout::MAX_PINS;
-use super::{HResult, Heap, HeapError};
+use super::value::*;
+use super::{HResult, Heap};
 use crate::owner::{self, OwnerIdentity};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Mutex;
@@ -29,63 +34,109 @@ fn me() -> Option<OwnerIdentity> {
     }
 }
 
+const VALUE: u64 = 0;
+const PID: u64 = 1;
+const PIDNS: u64 = 2;
+const START: u64 = 3;
+const NEXT: u64 = 4;
+const PIN_FIELDS: usize = 5;
+
 impl Heap<'_> {
-    /// Pins `v` for this process (lock held); returns the entry to give to
+    fn pin_field(&self, pin: u64, k: u64) -> u64 {
+        // SAFETY: `pin` is a block of the pin list (reachable, PIN_FIELDS fields) of
+        // this heap; lock held by the caller.
+        unsafe { self.rd(pin - self.base() + 8 * k) }
+    }
+
+    fn set_pin_field(&self, pin: u64, k: u64, x: u64) {
+        // SAFETY: as in `pin_field`.
+        unsafe { self.wr(pin - self.base() + 8 * k, x) }
+    }
+
+    /// Pins `v` for this process (lock held); returns the pin to give to
     /// [`Heap::unpin`].
-    pub fn pin_shared(&self, v: u64) -> HResult<usize> {
+    pub fn pin_shared(&self, v: u64) -> HResult<u64> {
         self.local()?;
         owner::ensure_fork_hook();
+        // Without a readable identity, pidns 0 makes the pin count as alive
+        // for as long as it is pinned (see `owner::is_alive`).
         let id = me().unwrap_or(OwnerIdentity {
             pid: std::process::id() as i32,
-            _pad: 0,
+            pidns: 0,
             start_time: 0,
         });
         let d = self.desc();
-        let i = (0..MAX_PINS)
-            .find(|&i| d.pins[i].value.load(Relaxed) == 0)
-            .ok_or(HeapError::TooManyPins)?;
-        d.pins[i].pid.store(id.pid as u64, Relaxed);
-        d.pins[i].start_time.store(id.start_time, Relaxed);
-        d.pins[i].value.store(v, Relaxed);
+        let p = self.alloc(PIN_FIELDS, 0)?;
+        self.set_pin_field(p, VALUE, v);
+        self.set_pin_field(p, PID, val_int(id.pid as i64));
+        self.set_pin_field(p, PIDNS, val_int(id.pidns as i64));
+        // Clock ticks since boot: far below 2^62.
+        self.set_pin_field(p, START, val_int(id.start_time as i64));
+        self.set_pin_field(p, NEXT, d.pin_head.load(Relaxed));
+        d.pin_head.store(p, Relaxed); // commit
         super::crash::hit(super::crash::HeapPoint::PinWritten);
-        Ok(i)
+        Ok(p)
     }
 
-    /// Removes pin `i` if it still pins `v` (lock held).
-    pub fn unpin(&self, i: usize, v: u64) -> HResult<()> {
+    /// Removes `pin` if it is on the list and still pins `v` (lock held).
+    pub fn unpin(&self, pin: u64, v: u64) -> HResult<()> {
         self.local()?;
-        if let Some(p) = self.desc().pins.get(i) {
-            if p.value.load(Relaxed) == v {
-                p.value.store(0, Relaxed);
-            }
-        }
+        self.unlink_pins(|p| p == pin && self.pin_field(p, VALUE) == v);
         Ok(())
     }
 
-    /// The pinned values of live processes; pins of dead ones are dropped
-    /// (lock held). A start time of 0 (identity unreadable when pinned)
-    /// counts as alive while the pid exists.
-    pub(crate) fn live_pins(&self) -> Vec<u64> {
+    /// Unlinks every pin for which `drop` holds.
+    fn unlink_pins(&self, mut drop: impl FnMut(u64) -> bool) {
         let d = self.desc();
-        let mut out = Vec::new();
-        for p in &d.pins {
-            let v = p.value.load(Relaxed);
-            if v == 0 {
-                continue;
-            }
-            let pid = p.pid.load(Relaxed) as i32;
-            let st = p.start_time.load(Relaxed);
-            let alive = match owner::probe(pid) {
-                owner::Liveness::Alive(t) => st == 0 || t == st,
-                owner::Liveness::Gone => false,
-                owner::Liveness::Unknown => true,
-            };
-            if alive {
-                out.push(v);
+        let mut prev: Option<u64> = None;
+        let mut cur = d.pin_head.load(Relaxed);
+        // Bounded: a cycle could only come from a damaged heap.
+        let mut budget = d.heap_words.load(Relaxed) / 5 + 1;
+        while is_block(cur) && budget > 0 {
+            budget -= 1;
+            let next = self.pin_field(cur, NEXT);
+            if drop(cur) {
+                match prev {
+                    Some(p) => self.set_pin_field(p, NEXT, next),
+                    None => d.pin_head.store(next, Relaxed),
+                }
             } else {
-                p.value.store(0, Relaxed);
+                prev = Some(cur);
             }
+            cur = next;
         }
-        out
+    }
+
+    /// Unlinks the pins of processes that are gone (lock held), as the
+    /// pool judges its owners (`owner::is_alive`: a pid of another PID
+    /// namespace, or an identity unreadable when pinned, counts as alive).
+    pub(crate) fn prune_dead_pins(&self) {
+        let mut seen: Vec<(OwnerIdentity, bool)> = Vec::new();
+        self.unlink_pins(|p| {
+            let id = OwnerIdentity {
+                pid: int_val(self.pin_field(p, PID)) as i32,
+                pidns: int_val(self.pin_field(p, PIDNS)) as u32,
+                start_time: int_val(self.pin_field(p, START)) as u64,
+            };
+            let alive = match seen.iter().find(|(s, _)| *s == id) {
+                Some(&(_, alive)) => alive,
+                None => {
+                    let alive = owner::is_alive(&id);
+                    seen.push((id, alive));
+                    alive
+                }
+            };
+            !alive
+        });
+    }
+
+    /// Pins on the list (lock held).
+    pub(crate) fn count_pins(&self) -> u64 {
+        let mut n = 0;
+        self.unlink_pins(|_| {
+            n += 1;
+            false
+        });
+        n
     }
 }

@@ -36,8 +36,8 @@ impl Heap<'_> {
     pub(crate) fn recover(&self) -> bool {
         let d = self.desc();
         self.sanitize_chunk_table();
-        let mut roots = vec![d.root.load(Relaxed)];
-        roots.extend(self.live_pins());
+        self.prune_dead_pins();
+        let roots = [d.root.load(Relaxed), d.pin_head.load(Relaxed)];
         if self.collect_from(&roots).is_err() {
             return false;
         }
