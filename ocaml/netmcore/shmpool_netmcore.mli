@@ -433,8 +433,16 @@ end
     - [unlock] by a thread that does not hold the mutex raises [Failure
       "Netmcore_mutex.unlock: not locked by this process"] for every kind
       (the original's [`Normal] mutex then counts one more free slot).
-    - [Netmcore_condition.wait_e] is not supported (raises [Failure]);
-      wait sets and wait entries are tokens (a waiter needs none). *)
+    - A plain [wait] needs no wait entry: [wait_entry] is a token.
+      [Netmcore_condition.wait_e] works as the original's (the entry's named
+      pipe receives a byte when the condition is signalled; the engine then
+      takes the mutex and continues with the given function); queued
+      event waiters are woken before plain waiters, oldest first, and a
+      [signal] whose event waiter died (no reader on its pipe) goes on to
+      the next waiter instead of being lost. An aborted [wait_e] engine
+      leaves the queue and passes on a signal it had already been given.
+      The wait set keeps its event entries alive: allocate and free them
+      through it, as the original requires. *)
 
 module Netmcore_mutex : module type of struct
   include Smutex

@@ -15,6 +15,10 @@ external sem_getvalue : string -> int = "shmpool_sync_sem_getvalue" [@@noalloc]
 external cond_wait : string -> string -> int = "shmpool_sync_cond_wait"
 external cond_signal : string -> int -> int = "shmpool_sync_cond_signal" [@@noalloc]
 external sync_bytes : int -> int = "shmpool_sync_bytes" [@@noalloc]
+external entry_init : string -> string -> int = "shmpool_sync_entry_init" [@@noalloc]
+external cond_enqueue : string -> string -> int = "shmpool_sync_cond_enqueue" [@@noalloc]
+external cond_dequeue : string -> string -> int = "shmpool_sync_cond_dequeue" [@@noalloc]
+external entry_signalled : string -> int = "shmpool_sync_entry_signalled" [@@noalloc]
 
 let e_dummy = -1
 let e_deadlock = -2
@@ -23,6 +27,8 @@ let e_again = -4
 let e_overflow = -6
 let mutex_bytes = sync_bytes 0
 let sem_bytes = sync_bytes 1
+let cond_bytes = sync_bytes 2
+let entry_hdr = sync_bytes 3
 
 let fail_code what c =
   if c = e_dummy then failwith (what ^ ": dummy or destroyed object")

@@ -11,15 +11,28 @@
 //! - mutex (`MUTEX_BYTES`): magic, `u32` kind, `u32` recoveries (times the
 //!   mutex was taken over from a dead owner), then a robust,
 //!   process-shared `pthread_mutex_t` at offset 16.
-//! - semaphore and condition (`SYNC_BYTES`): magic, `u32` value or
-//!   sequence number, `u32` waiters, each reached through atomics and
-//!   waited on with a futex.
+//! - semaphore (`SYNC_BYTES`): magic, `u32` value, `u32` waiters, reached
+//!   through atomics and waited on with a futex.
+//! - condition (`COND_BYTES`): magic, `u32` sequence number, `u32` futex
+//!   waiters, then the list of event-loop waiters (`wait_e`): `u32` list
+//!   lock (the pid of its holder, 0 when free), 4 bytes unused, `u64`
+//!   address of the first queued wait entry (0: none).
+//! - event wait entry (`ENTRY_HDR` + name): magic, `u64` address of the
+//!   next queued entry, `u32` state (1 once signalled), `u32` length of
+//!   the named pipe's path, then the path. Entries are strings of the same
+//!   heap (kept alive by their wait set), so addresses are valid in every
+//!   worker.
 //!
 //! Crash safety: a mutex held by a dead thread is given to the next locker
 //! by the kernel (robust mutex, `EOWNERDEAD`); we mark it consistent at
 //! once, count a recovery in the mutex, and the lock succeeds. A dead
 //! waiter of a semaphore or condition leaves at most a stale waiter count,
-//! which costs a needless wake-up call, never a lost or blocked one.
+//! which costs a needless wake-up call, never a lost or blocked one. The
+//! event-waiter list changes by single stores (append: the last entry's
+//! `next`; removal: one predecessor's `next` or the head), so a process
+//! dying inside the list lock leaves a well-formed list; the lock of a
+//! dead holder is taken over. A signal whose waiter died (its pipe has no
+//! reader any more) goes on to the next waiter, so it is not lost.
 //!
 //! Every stub catches panics; waiting stubs release the OCaml runtime lock
 //! (they touch no OCaml value while waiting: the object is in shared
@@ -31,12 +44,17 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 const MUTEX_MAGIC: u64 = u64::from_le_bytes(*b"SHMMTX01");
 const SEM_MAGIC: u64 = u64::from_le_bytes(*b"SHMSEM01");
-const COND_MAGIC: u64 = u64::from_le_bytes(*b"SHMCND01");
+const COND_MAGIC: u64 = u64::from_le_bytes(*b"SHMCND02");
+const ENTRY_MAGIC: u64 = u64::from_le_bytes(*b"SHMWTE01");
 const MUTEX_OFF: usize = 16;
 /// Bytes of a mutex string.
 pub const MUTEX_BYTES: usize = MUTEX_OFF + std::mem::size_of::<libc::pthread_mutex_t>();
 /// Bytes of a semaphore or condition string.
 pub const SYNC_BYTES: usize = 16;
+/// Bytes of a condition string.
+pub const COND_BYTES: usize = 32;
+/// Bytes of an event wait entry before its pipe path.
+pub const ENTRY_HDR: usize = 24;
 
 /// Codes returned to OCaml (negative: errors).
 const E_DUMMY: isize = -1;
@@ -209,7 +227,7 @@ pub extern "C" fn shmpool_sync_mutex_recoveries(s: Raw) -> Raw {
 }
 
 /// Initialises a semaphore (`which` 0) with `value`, or a condition
-/// (`which` 1).
+/// (`which` 1: `s` is COND_BYTES long).
 #[no_mangle]
 pub extern "C" fn shmpool_sync_init(s: Raw, which: Raw, value: Raw) -> Raw {
     guarded(|| {
@@ -223,6 +241,8 @@ pub extern "C" fn shmpool_sync_init(s: Raw, which: Raw, value: Raw) -> Raw {
         let m = if untag(which) == 0 {
             SEM_MAGIC
         } else {
+            word(p, 16).store(0, Ordering::Relaxed);
+            dword(p, 24).store(0, Ordering::Relaxed);
             COND_MAGIC
         };
         magic(p).store(m, Ordering::Release);
@@ -362,7 +382,9 @@ pub extern "C" fn shmpool_sync_cond_wait(c: Raw, m: Raw) -> Raw {
     })
 }
 
-/// Wakes one waiter (`all` 0) or every waiter of condition `c`.
+/// Wakes one waiter (`all` 0) or every waiter of condition `c`. Queued
+/// event-loop waiters come first (oldest first); a futex waiter is woken
+/// by `signal` only when no event waiter could be notified.
 #[no_mangle]
 pub extern "C" fn shmpool_sync_cond_signal(c: Raw, all: Raw) -> Raw {
     guarded(|| {
@@ -370,22 +392,227 @@ pub extern "C" fn shmpool_sync_cond_signal(c: Raw, all: Raw) -> Raw {
         if !is(p, COND_MAGIC) {
             return E_DUMMY;
         }
+        let all = untag(all) != 0;
+        loop {
+            let paths = take_event_waiters(p, all);
+            if paths.is_empty() {
+                break;
+            }
+            let notified = paths.iter().filter(|path| notify(path)).count();
+            if !all && notified > 0 {
+                return 0;
+            }
+            if all {
+                break;
+            }
+        }
         let seq = word(p, 8);
         seq.fetch_add(1, Ordering::SeqCst);
         if word(p, 12).load(Ordering::SeqCst) > 0 {
-            futex_wake(seq, if untag(all) != 0 { i32::MAX } else { 1 });
+            futex_wake(seq, if all { i32::MAX } else { 1 });
         }
         0
     })
 }
 
-/// The sizes the OCaml side allocates: mutex (`which` 0) or semaphore /
-/// condition.
+fn dword(p: *mut u8, off: usize) -> &'static AtomicU64 {
+    // SAFETY: as `magic`; off + 8 is within the object and 8-aligned.
+    unsafe { AtomicU64::from_ptr(p.add(off).cast()) }
+}
+
+/// Takes the list lock of condition `p` (the word holds its holder's pid).
+/// A holder that no longer exists left the list well-formed (see the
+/// module doc): its lock is taken over.
+fn list_lock(p: *mut u8) {
+    let w = word(p, 16);
+    // SAFETY: getpid has no preconditions.
+    let me = unsafe { libc::getpid() } as u32;
+    let mut spins = 0u32;
+    loop {
+        match w.compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed) {
+            Ok(_) => return,
+            Err(holder) => {
+                spins = spins.wrapping_add(1);
+                if spins % 128 == 0 {
+                    // SAFETY: signal 0 only checks that the process exists.
+                    let gone = unsafe { libc::kill(holder as libc::pid_t, 0) } == -1
+                        && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+                    if gone {
+                        let _ = w.compare_exchange(holder, 0, Ordering::AcqRel, Ordering::Relaxed);
+                    }
+                    std::thread::yield_now();
+                } else {
+                    std::hint::spin_loop();
+                }
+            }
+        }
+    }
+}
+
+fn list_unlock(p: *mut u8) {
+    word(p, 16).store(0, Ordering::Release);
+}
+
+/// The entry at address `a` (a live entry string of the condition's heap:
+/// only such addresses are ever stored in the list).
+fn entry(a: u64) -> *mut u8 {
+    a as usize as *mut u8
+}
+
+/// Unlinks the first queued entry (every entry if `all`), marks each
+/// signalled and returns their pipe paths. Runs under the list lock.
+fn take_event_waiters(p: *mut u8, all: bool) -> Vec<std::ffi::CString> {
+    let mut out = Vec::new();
+    let head = dword(p, 24);
+    list_lock(p);
+    loop {
+        let a = head.load(Ordering::Acquire);
+        if a == 0 {
+            break;
+        }
+        let e = entry(a);
+        // single store: the list stays well-formed if we die here
+        head.store(dword(e, 8).load(Ordering::Acquire), Ordering::Release);
+        word(e, 16).store(1, Ordering::Release);
+        let len = word(e, 20).load(Ordering::Relaxed) as usize;
+        // SAFETY: the entry string holds len path bytes after its header
+        // (written once by shmpool_sync_entry_init, never changed).
+        let bytes = unsafe { std::slice::from_raw_parts(e.add(ENTRY_HDR), len) };
+        if let Ok(cs) = std::ffi::CString::new(bytes) {
+            out.push(cs);
+        }
+        if !all {
+            break;
+        }
+    }
+    list_unlock(p);
+    out
+}
+
+/// Writes one byte into the named pipe `path` without blocking; false if
+/// nobody has it open for reading (its waiter is gone).
+fn notify(path: &std::ffi::CStr) -> bool {
+    // SAFETY: path is NUL-terminated; the descriptor is ours and closed.
+    unsafe {
+        let fd = libc::open(
+            path.as_ptr(),
+            libc::O_WRONLY | libc::O_NONBLOCK | libc::O_CLOEXEC,
+        );
+        if fd < 0 {
+            return false;
+        }
+        let b = 1u8;
+        let r = libc::write(fd, (&b as *const u8).cast(), 1);
+        let full = r < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EAGAIN);
+        libc::close(fd);
+        r == 1 || full
+    }
+}
+
+/// Initialises event wait entry `e` (ENTRY_HDR + path bytes long, fresh)
+/// with the pipe path `path` (an OCaml string).
+#[no_mangle]
+pub extern "C" fn shmpool_sync_entry_init(e: Raw, path: Raw) -> Raw {
+    guarded(|| {
+        let p = base(e);
+        let src = base(path);
+        // SAFETY: path is an OCaml string; its length is in its header.
+        let len = unsafe { ocaml::sys::caml_string_length(path.0) };
+        // SAFETY: e has room for len bytes after its header (allocated so
+        // by the OCaml side); src holds len bytes; they do not overlap.
+        unsafe { std::ptr::copy_nonoverlapping(src, p.add(ENTRY_HDR), len) };
+        dword(p, 8).store(0, Ordering::Relaxed);
+        word(p, 16).store(0, Ordering::Relaxed);
+        word(p, 20).store(len as u32, Ordering::Relaxed);
+        magic(p).store(ENTRY_MAGIC, Ordering::Release);
+        0
+    })
+}
+
+/// Queues entry `e` at the end of condition `c`'s event waiters, state 0
+/// (not yet signalled). An entry already queued there stays where it is.
+#[no_mangle]
+pub extern "C" fn shmpool_sync_cond_enqueue(c: Raw, e: Raw) -> Raw {
+    guarded(|| {
+        let p = base(c);
+        let ep = base(e);
+        if !is(p, COND_MAGIC) || !is(ep, ENTRY_MAGIC) {
+            return E_DUMMY;
+        }
+        let ea = ep as usize as u64;
+        list_lock(p);
+        let mut link = dword(p, 24);
+        loop {
+            let a = link.load(Ordering::Acquire);
+            if a == ea {
+                word(ep, 16).store(0, Ordering::Release);
+                break;
+            }
+            if a == 0 {
+                word(ep, 16).store(0, Ordering::Release);
+                dword(ep, 8).store(0, Ordering::Release);
+                // single store publishes the entry
+                link.store(ea, Ordering::Release);
+                break;
+            }
+            link = dword(entry(a), 8);
+        }
+        list_unlock(p);
+        0
+    })
+}
+
+/// Unlinks entry `e` from condition `c`'s event waiters if it is queued
+/// there; returns 1 if it was, 0 otherwise.
+#[no_mangle]
+pub extern "C" fn shmpool_sync_cond_dequeue(c: Raw, e: Raw) -> Raw {
+    guarded(|| {
+        let p = base(c);
+        let ep = base(e);
+        if !is(p, COND_MAGIC) || !is(ep, ENTRY_MAGIC) {
+            return E_DUMMY;
+        }
+        let ea = ep as usize as u64;
+        list_lock(p);
+        let mut link = dword(p, 24);
+        let mut found = 0;
+        loop {
+            let a = link.load(Ordering::Acquire);
+            if a == 0 {
+                break;
+            }
+            if a == ea {
+                link.store(dword(ep, 8).load(Ordering::Acquire), Ordering::Release);
+                found = 1;
+                break;
+            }
+            link = dword(entry(a), 8);
+        }
+        list_unlock(p);
+        found
+    })
+}
+
+/// 1 once entry `e` was signalled since it was last queued, else 0.
+#[no_mangle]
+pub extern "C" fn shmpool_sync_entry_signalled(e: Raw) -> Raw {
+    guarded(|| {
+        let p = base(e);
+        if !is(p, ENTRY_MAGIC) {
+            return E_DUMMY;
+        }
+        word(p, 16).load(Ordering::Acquire) as isize
+    })
+}
+
+/// The sizes the OCaml side allocates: mutex (`which` 0), semaphore (1),
+/// condition (2), header of an event wait entry (3).
 #[no_mangle]
 pub extern "C" fn shmpool_sync_bytes(which: Raw) -> Raw {
-    tag(if untag(which) == 0 {
-        MUTEX_BYTES as isize
-    } else {
-        SYNC_BYTES as isize
-    })
+    tag(match untag(which) {
+        0 => MUTEX_BYTES,
+        1 => SYNC_BYTES,
+        2 => COND_BYTES,
+        _ => ENTRY_HDR,
+    } as isize)
 }

@@ -97,6 +97,56 @@ let dier (pool, d) =
 
 let dier_fork, dier_join = Netmcore_process.def_process dier
 
+(* Waits with [wait_e] in its own event loop on its own named pipe;
+   announces itself (flag 10) while holding the mutex, so once the other
+   side sees flag 10 under the mutex, the entry is queued. *)
+let e_waiter (pool, d, path, die) =
+  let q = Q.squeue_of_descr pool d in
+  let h = Q.header q in
+  let we = H.modify (Q.heap q) (fun m -> C.alloc_wait_entry_e m (C.create_wait_set m) path) in
+  let esys = Unixqueue.create_unix_event_system () in
+  Mx.lock h.m;
+  h.flag <- 10;
+  let eng = C.wait_e we h.c h.m esys (fun () -> Uq_engines.epsilon_engine (`Done h.flag) esys) in
+  if die then Unix.kill (Unix.getpid ()) Sys.sigkill;
+  Unixqueue.run esys;
+  let r = match eng#state with `Done f -> f | _ -> -1 in
+  Mx.unlock h.m;
+  r
+
+let e_fork, e_join = Netmcore_process.def_process e_waiter
+
+(* Waits with plain [wait] until flag 21 (announcing flag 20). *)
+let f_waiter (pool, d) =
+  let q = Q.squeue_of_descr pool d in
+  let h = Q.header q in
+  Mx.lock h.m;
+  h.flag <- 20;
+  let we = H.modify (Q.heap q) (fun m -> C.alloc_wait_entry m (C.create_wait_set m)) in
+  while h.flag <> 21 do C.wait we h.c h.m done;
+  Mx.unlock h.m;
+  h.flag
+
+let f_fork, f_join = Netmcore_process.def_process f_waiter
+
+(* Locks the mutex until [flag] is [seen], then sets [next], signals once
+   and unlocks. *)
+let signal_when h seen next =
+  let rec go () =
+    Mx.lock h.m;
+    if h.flag = seen then begin
+      h.flag <- next;
+      C.signal h.c;
+      Mx.unlock h.m
+    end
+    else begin
+      Mx.unlock h.m;
+      Unix.sleepf 0.001;
+      go ()
+    end
+  in
+  go ()
+
 let first (pool, d) =
   let q = Q.squeue_of_descr pool d in
   let h = Q.header q in
@@ -131,7 +181,26 @@ let first (pool, d) =
   Mx.unlock h.em;
   Mx.lock h.em;
   Mx.unlock h.em;
-  (pc, List.length got, rec_ok, died_holding && taken)
+  (* wait_e across processes *)
+  let dir = Filename.get_temp_dir_name () in
+  let fifo i = Filename.concat dir (Printf.sprintf "shmpool-waite-%d-%d" (Unix.getpid ()) i) in
+  let p1 = fifo 1 and p2 = fifo 2 in
+  Unix.mkfifo p1 0o600;
+  Unix.mkfifo p2 0o600;
+  Fun.protect ~finally:(fun () -> List.iter (fun p -> try Unix.unlink p with _ -> ()) [ p1; p2 ]) (fun () ->
+      h.flag <- 0;
+      let w = Netmcore_process.start ~inherit_resources:`All e_fork (pool, d, p1, false) in
+      signal_when h 10 11;
+      let e_ok = Netmcore_process.join e_join w = Some 11 in
+      (* an event waiter that dies while queued: the signal goes to the
+         next waiter (here a plain one) instead of being lost *)
+      h.flag <- 0;
+      ignore (Netmcore_process.join e_join (Netmcore_process.start ~inherit_resources:`All e_fork (pool, d, p2, true)));
+      let queued_dead = h.flag = 10 in
+      let f = Netmcore_process.start ~inherit_resources:`All f_fork (pool, d) in
+      signal_when h 20 21;
+      let dead_skipped = Netmcore_process.join f_join f = Some 21 in
+      (pc, List.length got, rec_ok, died_holding && taken, e_ok, queued_dead && dead_skipped))
 
 let first_fork, first_join = Netmcore_process.def_process first
 
@@ -168,6 +237,56 @@ let () =
                   Sem.post h.s;
                   check int "posted" 1 (Sem.getvalue h.s);
                   check_raises "dummy" (Failure "Netmcore_mutex.lock: dummy mutex") (fun () -> Mx.lock (Mx.dummy ())));
+              test_case "wait_e in an event loop" `Quick (fun () ->
+                  let path = Filename.concat (Filename.get_temp_dir_name ()) (Printf.sprintf "shmpool-we-%d" (Unix.getpid ())) in
+                  Unix.mkfifo path 0o600;
+                  Fun.protect ~finally:(fun () -> try Unix.unlink path with _ -> ()) (fun () ->
+                      let ws, we =
+                        H.modify (Q.heap q) (fun m ->
+                            let ws = C.create_wait_set m in
+                            (ws, C.alloc_wait_entry_e m ws path))
+                      in
+                      check string "pipe_name" path (C.pipe_name we);
+                      let esys = Unixqueue.create_unix_event_system () in
+                      let run_once expect_flag =
+                        Mx.lock h.em;
+                        h.flag <- 0;
+                        let eng =
+                          C.wait_e we h.c h.em esys (fun () ->
+                              (* the mutex is ours again: a second lock is refused *)
+                              let relock = try Mx.lock h.em; false with Failure _ -> true in
+                              Uq_engines.epsilon_engine (`Done (h.flag, relock)) esys)
+                        in
+                        (* wait_e released the mutex: another party can lock it *)
+                        let g = Unixqueue.new_group esys in
+                        Unixqueue.once esys g 0.0 (fun () ->
+                            Mx.lock h.em;
+                            h.flag <- expect_flag;
+                            C.signal h.c;
+                            Mx.unlock h.em);
+                        Unixqueue.run esys;
+                        (match eng#state with
+                        | `Done (f, relock) ->
+                            check int "cont saw the signaller's change" expect_flag f;
+                            check bool "mutex held in cont" true relock
+                        | _ -> fail "wait_e engine not done");
+                        Mx.unlock h.em
+                      in
+                      run_once 1;
+                      (* the entry is reusable, and a stale byte in the pipe is not a signal *)
+                      run_once 2;
+                      (* aborted before any signal: dequeued, so the next signal
+                         goes to nobody and a broadcast reaches the next wait *)
+                      Mx.lock h.em;
+                      let eng = C.wait_e we h.c h.em esys (fun () -> Uq_engines.epsilon_engine (`Done ()) esys) in
+                      eng#abort ();
+                      check bool "aborted" true (match eng#state with `Aborted -> true | _ -> false);
+                      Mx.lock h.em;
+                      Mx.unlock h.em;
+                      check_raises "mutex not held" (Failure "Netmcore_mutex.unlock: not locked by this process") (fun () ->
+                          ignore (C.wait_e we h.c h.em esys (fun () -> Uq_engines.epsilon_engine (`Done ()) esys)));
+                      H.modify (Q.heap q) (fun m -> C.free_wait_entry_e m ws we);
+                      check bool "pipe deleted" false (Sys.file_exists path)));
               test_case "errorcheck" `Quick (fun () ->
                   Mx.lock h.em;
                   check_raises "relock" (Failure "Netmcore_mutex.lock: already locked by this process") (fun () -> Mx.lock h.em);
@@ -186,7 +305,9 @@ let () =
                       ()
                   with
                   | None -> fail "no result"
-                  | Some (pc, n, rec_ok, dead) ->
+                  | Some (pc, n, rec_ok, dead, e_ok, dead_e) ->
+                      check bool "wait_e in another process wakes on signal, with the mutex" true e_ok;
+                      check bool "a dead event waiter does not swallow the signal" true dead_e;
                       check int "consumed" (nprod * per) n;
                       check bool "nothing lost or duplicated" true pc;
                       check bool "recursive mutex excludes until the last unlock" true rec_ok;
