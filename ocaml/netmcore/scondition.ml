@@ -17,14 +17,14 @@
 type condition = string
 type wait_entry = int
 type wait_entry_e = string
-type wait_set = { mutable entries : wait_entry_e list }
+type wait_set = { mutable entries : wait_entry_e array }
 
 module Debug = struct
   let enable = ref false
 end
 
 let dummy_condition () : condition = String.make Sync.cond_bytes '\000'
-let dummy_wait_set () : wait_set = { entries = [] }
+let dummy_wait_set () : wait_set = { entries = [||] }
 
 let create_condition m : condition =
   let s = Sync.alloc m Sync.cond_bytes in
@@ -32,7 +32,7 @@ let create_condition m : condition =
   if c < 0 then Sync.fail_code "Netmcore_condition.create_condition" c;
   s
 
-let create_wait_set m : wait_set = Heap.add m { entries = [] }
+let create_wait_set m : wait_set = Heap.add m { entries = [||] }
 let alloc_wait_entry (_ : Heap.mutator) (_ : wait_set) : wait_entry = 1
 let free_wait_entry (_ : Heap.mutator) (_ : wait_set) (_ : wait_entry) = ()
 
@@ -43,14 +43,21 @@ let alloc_wait_entry_e m (ws : wait_set) (name : string) : wait_entry_e =
   let e = Sync.alloc m (Sync.entry_hdr + String.length name) in
   let c = Sync.entry_init e name in
   if c < 0 then Sync.fail_code "Netmcore_condition.alloc_wait_entry_e" c;
-  (* the set's list is what keeps [e] alive: [e] is already in the heap,
-     so the new cell refers to it, not to a copy *)
-  ws.entries <- Heap.add m (e :: ws.entries);
+  (* the set's array is what keeps [e] alive; [Heap.add] would copy [e],
+     so [e] itself is stored into a fresh heap array *)
+  let n = Array.length ws.entries in
+  let a = Heap.add_uniform_array m (n + 1) e in
+  Array.blit ws.entries 0 a 0 n;
+  a.(n) <- e;
+  ws.entries <- a;
   e
 
 let free_wait_entry_e m (ws : wait_set) (e : wait_entry_e) =
   let name = pipe_name e in
-  ws.entries <- Heap.add m (List.filter (fun x -> x != e) ws.entries);
+  let keep = List.filter (fun x -> x != e) (Array.to_list ws.entries) in
+  let a = Heap.add_uniform_array m (List.length keep) e in
+  List.iteri (fun i x -> a.(i) <- x) keep;
+  ws.entries <- a;
   try Unix.unlink name with Unix.Unix_error _ -> ()
 
 let wait (_ : wait_entry) c mx =

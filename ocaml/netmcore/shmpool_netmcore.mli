@@ -412,6 +412,31 @@ module Netmcore_queue : module type of struct
   include Squeue
 end
 
+(** {2 Matrices and buffers}
+
+    [Netmcore_matrix] and [Netmcore_buffer] with OCamlnet 4.1.9's
+    signatures, results and exceptions, on {!Netmcore_heap}; crash-safe as
+    the structures above (each change commits with one store: a buffer's
+    added bytes are written past its end, then counted by one store of its
+    new state).
+
+    {b Deliberate differences}:
+    - [Netmcore_matrix.make] with a float builds flat float rows, as
+      [create] and [init] do (the original's [make] builds rows of another
+      kind there: its [deref] then reads garbage).
+    - [Netmcore_matrix.make] and [init] with a dimension 0 give an empty
+      matrix, a negative one raises [Invalid_argument "Netmcore_matrix.make"]
+      (or ["...init"]) before creating anything (the original: an
+      [Assert_failure] in both cases). *)
+
+module Netmcore_matrix : module type of struct
+  include Smatrix
+end
+
+module Netmcore_buffer : module type of struct
+  include Sbuffer
+end
+
 (** {2 Mutexes, semaphores, conditions}
 
     With OCamlnet 4.1.9's signatures; create them with a mutator and store

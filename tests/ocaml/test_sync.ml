@@ -25,6 +25,7 @@ type hdr = {
   mutable s : Sem.semaphore;
   mutable done_ : int;
   mutable flag : int;
+  mutable ws : C.wait_set;
 }
 
 let nprod = 2
@@ -213,7 +214,7 @@ let () =
   (* Alcotest.run exits: unlink at exit (in the master only) *)
   at_exit (fun () -> if Unix.getpid () = master then try M.unlink_mempool pool with _ -> ());
   Fun.protect ~finally:(fun () -> try M.unlink_mempool pool with _ -> ()) (fun () ->
-      let hdr0 = { m = Mx.dummy (); rm = Mx.dummy (); em = Mx.dummy (); c = C.dummy_condition (); s = Sem.dummy (); done_ = 0; flag = 0 } in
+      let hdr0 = { m = Mx.dummy (); rm = Mx.dummy (); em = Mx.dummy (); c = C.dummy_condition (); s = Sem.dummy (); done_ = 0; flag = 0; ws = C.dummy_wait_set () } in
       let q : (int * int, hdr) Q.squeue = Q.create pool hdr0 in
       H.modify (Q.heap q) (fun m ->
           let h = Q.header q in
@@ -241,11 +242,14 @@ let () =
                   let path = Filename.concat (Filename.get_temp_dir_name ()) (Printf.sprintf "shmpool-we-%d" (Unix.getpid ())) in
                   Unix.mkfifo path 0o600;
                   Fun.protect ~finally:(fun () -> try Unix.unlink path with _ -> ()) (fun () ->
-                      let ws, we =
+                      let we =
                         H.modify (Q.heap q) (fun m ->
-                            let ws = C.create_wait_set m in
-                            (ws, C.alloc_wait_entry_e m ws path))
+                            h.ws <- C.create_wait_set m;
+                            C.alloc_wait_entry_e m h.ws path)
                       in
+                      let ws = h.ws in
+                      (* the wait set keeps the entry alive *)
+                      H.gc (Q.heap q);
                       check string "pipe_name" path (C.pipe_name we);
                       let esys = Unixqueue.create_unix_event_system () in
                       let run_once expect_flag =
