@@ -132,6 +132,8 @@ module M = Shmpool_netmcore.Netmcore_mempool
 module T = Shmpool_netmcore.Netmcore_hashtbl
 module Q = Shmpool_netmcore.Netmcore_queue
 module A = Shmpool_netmcore.Netmcore_array
+module B = Shmpool_netmcore.Netmcore_buffer
+module X = Shmpool_netmcore.Netmcore_matrix
 
 let ps = Shmpool.page_size
 
@@ -156,7 +158,21 @@ type structs = {
   tbl : (int, string, unit) T.t_descr;
   que : (int, unit) Q.squeue_descr;
   arr : (int * string, unit) A.sarray_descr;
+  buf : unit B.buffer_descr;
+  mat : (int * string, unit) X.sarray2_descr;
 }
+
+(* The buffer holds consecutive 8-byte records "%07d;"; the victim adds
+   batches of them and deletes whole records from the front. *)
+let record i = Printf.sprintf "%07d;" (i mod 10_000_000)
+
+let records b =
+  let c = B.contents b in
+  if String.length c mod 8 <> 0 || B.start b mod 8 <> 0 then failwith "buffer: a record half there";
+  List.init (String.length c / 8) (fun i ->
+      let r = String.sub c (i * 8) 8 in
+      if r.[7] <> ';' then failwith "buffer: a record half there";
+      int_of_string (String.sub r 0 7))
 
 (* A value tied to its key, so a half-written binding shows. *)
 let v_of k = String.make (k mod 300) (Char.chr (65 + (k mod 26)))
@@ -169,6 +185,8 @@ let victim (pool, s, mb_addr, seed) =
   let mb = Netsys_mem.grab mb_addr ps in
   let t = T.hashtbl_of_descr pool s.tbl and q = Q.squeue_of_descr pool s.que in
   let a = A.sarray_of_descr pool s.arr in
+  let b = B.buffer_of_descr pool s.buf and x = X.sarray2_of_descr pool s.mat in
+  let rnext = ref (match List.rev (records b) with r :: _ -> r + 1 | [] -> get mb 3) in
   Random.init seed;
   set mb 0 (Unix.getpid ());
   let next = ref (Q.fold (fun _ x -> x + 1) 0 q) in
@@ -177,7 +195,7 @@ let victim (pool, s, mb_addr, seed) =
   while true do
     incr n;
     let k = Random.int 3000 in
-    (match Random.int 9 with
+    (match Random.int 10 with
     | 0 | 1 -> T.add t k (v_of k)
     | 2 -> T.replace t k (v_of k)
     | 3 -> T.remove t k
@@ -187,6 +205,14 @@ let victim (pool, s, mb_addr, seed) =
         set mb 2 !next
     | 6 -> ( try ignore (Q.pop_p q (fun x -> x)) with Q.Empty -> ())
     | 7 -> A.set a (k mod A.length a) (elt k)
+    | 8 when Random.bool () ->
+        if Random.int 3 = 0 then B.delete_hd b (min (B.length b) (8 * Random.int 60))
+        else begin
+          B.add_string b (String.concat "" (List.init (1 + Random.int 700) (fun i -> record (!rnext + i))));
+          rnext := (match List.rev (records b) with r :: _ -> r + 1 | [] -> !rnext);
+          set mb 3 !rnext
+        end
+    | 8 when Random.bool () -> X.set x (k mod 7) (k mod 5) (elt k)
     | _ -> if Random.int 50 = 0 then A.grow a (A.length a + 1 + Random.int 100) (elt 7) else if Random.int 200 = 0 then T.clear t);
     set mb 1 !n
   done
@@ -209,13 +235,21 @@ let check pool s =
   | [] -> ()
   | x :: rest -> ignore (List.fold_left (fun p y -> if y <> p + 1 then failwith "queue: not consecutive"; y) x rest));
   Array.iter (fun (k, v) -> if v <> v_of k then failwith "array: element half there") (A.deref a);
+  let b = B.buffer_of_descr pool s.buf and x = X.sarray2_of_descr pool s.mat in
+  let rs = records b in
+  (match rs with
+  | [] -> ()
+  | r :: rest -> ignore (List.fold_left (fun p y -> if y <> p + 1 then failwith "buffer: records not consecutive"; y) r rest));
+  Array.iter (Array.iter (fun (k, v) -> if v <> v_of k then failwith "matrix: element half there")) (X.deref x);
+  B.add_string b (record (match List.rev rs with r :: _ -> r + 1 | [] -> 0));
+  X.set x 0 0 (elt 0);
   (* a full operation of each kind goes through after the death *)
   T.replace t 1 (v_of 1);
   if T.find_c t 1 <> v_of 1 then failwith "hashtbl unusable";
   (match l with [] -> () | _ -> Q.push (List.nth l (List.length l - 1) + 1) q);
   A.set a 0 (elt 0);
   let rec_ h = (Shmpool_netmcore.Netmcore_heap.stats h).Shmpool_netmcore.Netmcore_heap.recoveries in
-  (!seen, List.length l, rec_ (T.heap t) + rec_ (Q.heap q) + rec_ (A.heap a))
+  (!seen, List.length l, rec_ (T.heap t) + rec_ (Q.heap q) + rec_ (A.heap a) + rec_ (B.heap b) + rec_ (X.heap x))
 
 
 (* Staged death: a worker kills itself at one commit point of one
@@ -233,6 +267,11 @@ type case = { point : string; setup : (int, string, unit) T.t -> (int, unit) Q.s
 
 let nothing _ _ _ = ()
 
+(* The buffer of the staged case (set in both processes before [act] and
+   [expect]). *)
+let cur_buf : unit B.buffer option ref = ref None
+let cbuf () = Option.get !cur_buf
+
 let cases =
   [
     { point = "hashtbl.add"; setup = nothing; act = (fun t _ _ -> T.add t 5 (v_of 5)); expect = (fun t _ _ -> T.find_all_c t 5 = [ v_of 5 ] && T.length t = 1 && tbl_sound t) };
@@ -245,11 +284,15 @@ let cases =
     { point = "queue.pop"; setup = (fun _ q _ -> Q.push 0 q; Q.push 1 q); act = (fun _ q _ -> ignore (Q.pop_c q)); expect = (fun _ q _ -> Q.length q = 1 && int_list q = [ 1 ]) };
     { point = "queue.pop"; setup = (fun _ q _ -> Q.push 0 q); act = (fun _ q _ -> Q.pop_p q ignore); expect = (fun _ q _ -> Q.length q = 0 && Q.is_empty q && (Q.push 2 q; int_list q = [ 2 ] && Q.length q = 1)) };
     { point = "queue.clear"; setup = (fun _ q _ -> Q.push 0 q; Q.push 1 q); act = (fun _ q _ -> Q.clear q); expect = (fun _ q _ -> Q.length q = 0 && (Q.push 2 q; int_list q = [ 2 ])) };
+    { point = "buffer.add"; setup = (fun _ _ _ -> B.add_string (cbuf ()) (String.make 5000 'a'); B.delete_hd (cbuf ()) 4990);
+      act = (fun _ _ _ -> B.add_string (cbuf ()) (String.make 9000 'b'));
+      expect = (fun _ _ _ -> let b = cbuf () in B.start b = 4990 && B.contents b = String.make 10 'a' && (B.add_string b "c"; B.contents b = String.make 10 'a' ^ "c")) };
     { point = "array.grow"; setup = nothing; act = (fun _ _ a -> A.grow a 100 (elt 1)); expect = (fun _ _ a -> A.length a = 10 && A.get_c a 9 = elt 9 && (A.grow a 20 (elt 1); A.length a = 20)) };
   ]
 
 let staged_victim (pool, s, i) =
   let c = List.nth cases i in
+  cur_buf := Some (B.buffer_of_descr pool s.buf);
   Shmpool_netmcore.Struct_internal.commit_hook := (fun p -> if p = c.point then Unix.kill (Unix.getpid ()) Sys.sigkill);
   c.act (T.hashtbl_of_descr pool s.tbl) (Q.squeue_of_descr pool s.que) (A.sarray_of_descr pool s.arr);
   "not killed"
@@ -260,8 +303,10 @@ let staged pool =
   List.mapi
     (fun i c ->
       let t = T.create pool () and q = Q.create pool () and a = A.init pool 10 elt () in
+      let b = B.create pool 1 () in
+      cur_buf := Some b;
       c.setup t q a;
-      let s = { tbl = T.descr_of_hashtbl t; que = Q.descr_of_squeue q; arr = A.descr_of_sarray a } in
+      let s = { tbl = T.descr_of_hashtbl t; que = Q.descr_of_squeue q; arr = A.descr_of_sarray a; buf = B.descr_of_buffer b; mat = X.descr_of_sarray2 (X.make pool 1 1 (elt 0) ()) } in
       let r = Netmcore_process.join staged_join (Netmcore_process.start ~inherit_resources:`All staged_fork (pool, s, i)) in
       let ok = r = None && (try c.expect t q a with e -> prerr_endline (Printexc.to_string e); false) in
       (c.point, ok))
@@ -321,6 +366,8 @@ let () =
             tbl = T.descr_of_hashtbl (T.create pool ());
             que = Q.descr_of_squeue (Q.create pool ());
             arr = A.descr_of_sarray (A.init pool 50 elt ());
+            buf = B.descr_of_buffer (B.create pool 1 ());
+            mat = X.descr_of_sarray2 (X.init pool 7 5 (fun i j -> elt ((i * 5) + j)) ());
           }
         in
         let r = netmcore_run kills_fork kills_join (pool, s, Netsys_mem.memory_address mb) in
