@@ -63,7 +63,12 @@ let resize m r =
         | Nil -> ()
         | Cell c ->
             let j = index c.key nsize in
-            let nc = Heap.add_immutable m (Cell { key = c.key; value = c.value; next = Nil }) in
+            (* a cell of key and value already in the heap, without
+               copy-in: a fresh block (tag 0 = Cell, next = () = Nil) *)
+            let b = Heap.block m 3 0 in
+            Obj.set_field b 0 (Obj.repr c.key);
+            Obj.set_field b 1 (Obj.repr c.value);
+            let nc : ('a, 'b) chain = Obj.obj b in
             (match last.(j) with Nil -> nb.(j) <- nc | Cell l -> l.next <- nc);
             last.(j) <- nc;
             move c.next
