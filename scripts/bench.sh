@@ -104,7 +104,7 @@ echo "== bench_structs.exe (hashtable, array, queue, mutex, original vs ours)"
   echo
   echo "Measured inside Netmcore workers on structures the coordinator created and the workers attached by"
   echo "descriptor; 1 GiB pools; median of the rounds, alternating implementations (bench/bench_structs.ml)."
-  echo "Hashtable adds go to fresh keys, with one \\`clear\\` per 65536 adds; replace and find_ro use 1024 keys."
+  echo "Hashtable adds go to fresh keys, with one clear per 65536 adds; replace and find_ro use 1024 keys."
   echo
   cat "$tmp/structs.md"
   echo

@@ -9,6 +9,7 @@ module _ : Struct_sigs.MATRIX = Shmpool_netmcore.Netmcore_matrix
 
 module type IMPL = sig
   val create_mempool : int -> Netmcore.res_id
+  val shm_name : Netmcore.res_id -> string
   val unlink_mempool : Netmcore.res_id -> unit
 
   module B : sig
@@ -48,6 +49,7 @@ end
 
 module Orig : IMPL = struct
   let create_mempool n = Netmcore_mempool.create_mempool n
+  let shm_name = Netmcore_mempool.shm_name
   let unlink_mempool = Netmcore_mempool.unlink_mempool
 
   module B = Netmcore_buffer
@@ -56,6 +58,7 @@ end
 
 module Ours : IMPL = struct
   let create_mempool n = Shmpool_netmcore.Netmcore_mempool.create_mempool n
+  let shm_name = Shmpool_netmcore.Netmcore_mempool.shm_name
   let unlink_mempool = Shmpool_netmcore.Netmcore_mempool.unlink_mempool
 
   module B = Shmpool_netmcore.Netmcore_buffer
@@ -63,6 +66,10 @@ module Ours : IMPL = struct
 end
 
 let made = ref []
+
+(* In a trace's child process: where the names of its pools are logged, so
+   that the parent removes them even if the child crashed. *)
+let pool_log = ref ""
 let () = at_exit (fun () -> List.iter (fun f -> try f () with _ -> ()) !made)
 
 let try_ f =
@@ -73,8 +80,13 @@ let try_ f =
 
 module Trace (I : IMPL) = struct
   let pool () =
-    let id = I.create_mempool (64 * 1024 * 1024) in
+    let id = I.create_mempool (32 * 1024 * 1024) in
     made := (fun () -> I.unlink_mempool id) :: !made;
+    if !pool_log <> "" then begin
+      let oc = open_out_gen [ Open_append; Open_creat ] 0o600 !pool_log in
+      output_string oc (I.shm_name id ^ "\n");
+      close_out oc
+    end;
     id
 
   let buffer seed n =
@@ -168,10 +180,23 @@ module T_ours = Trace (Ours)
    the pools it made. *)
 let isolated f seed n =
   let tmp = Filename.temp_file "shmpool-trace" ".txt" in
-  Fun.protect ~finally:(fun () -> Sys.remove tmp) (fun () ->
+  let plog = Filename.temp_file "shmpool-trace" ".pools" in
+  let remove_pools () =
+    let ic = open_in plog in
+    (try
+       while true do
+         let n = input_line ic in
+         (try Unix.unlink ("/dev/shm" ^ (if n <> "" && n.[0] = '/' then n else "/" ^ n)) with Unix.Unix_error _ -> ())
+       done
+     with End_of_file -> ());
+    close_in ic;
+    Sys.remove plog
+  in
+  Fun.protect ~finally:(fun () -> Sys.remove tmp; remove_pools ()) (fun () ->
       match Unix.fork () with
       | 0 ->
           made := [];
+          pool_log := plog;
           let out = f seed n in
           let oc = open_out_bin tmp in
           output_string oc out;
@@ -191,6 +216,11 @@ let differential name f_orig f_ours =
   Alcotest.test_case name `Quick (fun () ->
       for seed = 1 to 5 do
         let a = isolated f_orig seed 5000 and b = isolated f_ours seed 5000 in
+        List.iter
+          (fun (who, r) ->
+            if String.length r < 40 && (String.starts_with ~prefix:"killed" r || String.starts_with ~prefix:"exited" r) then
+              Alcotest.failf "seed %d: %s trace %s" seed who r)
+          [ ("ocamlnet", a); ("ours", b) ];
         if a <> b then begin
           let la = String.split_on_char '\n' a and lb = String.split_on_char '\n' b in
           let rec first i = function
