@@ -93,9 +93,11 @@ type 'a heap = {
 
 type 'a descr = int
 
-(* (pool id, descriptor) -> handle, for this process and its later forks
-   (the Rust table of handles is inherited with the memory). *)
-let handles : (int * int, int) Hashtbl.t = Hashtbl.create 7
+(* (pool id, descriptor) -> (handle, pid of the process that opened it).
+   A forked worker inherits the table but opens the heap again, on the
+   pool as its own Mempool lookup attached it (a handle keeps the pool
+   object it was opened on). *)
+let handles : (int * int, int * int) Hashtbl.t = Hashtbl.create 7
 
 let pool_handle id = Shmpool.heap_handle (Mempool.shmpool id)
 
@@ -120,12 +122,12 @@ let handle h =
     let (`Resource n) = h.pool in
     let hh =
       match Hashtbl.find_opt handles (n, h.descr) with
-      | Some hh -> hh
-      | None ->
+      | Some (hh, pid) when pid = my_pid () -> hh
+      | _ ->
           let hh = h_open (pool_handle h.pool) h.descr in
           if hh < 0 then if hh = e_destroyed then raise_code hh else no_heap ();
           cache_root hh;
-          Hashtbl.replace handles (n, h.descr) hh;
+          Hashtbl.replace handles (n, h.descr) (hh, my_pid ());
           hh
     in
     h.hh <- hh;
@@ -138,7 +140,7 @@ external h_nonce : int -> int = "shmpool_heap_nonce"
 let make pool descr hh =
   let (`Resource n) = pool in
   cache_root hh;
-  Hashtbl.replace handles (n, descr) hh;
+  Hashtbl.replace handles (n, descr) (hh, my_pid ());
   { pool; descr; nonce = h_nonce hh; hh; pid = my_pid () }
 
 external h_descr : int -> int = "shmpool_heap_descr"

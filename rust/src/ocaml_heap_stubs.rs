@@ -105,6 +105,25 @@ fn is_value(a: u64) -> bool {
     unsafe { caml_page_table_lookup(a as *mut libc::c_void) & IN_VALUE_AREA != 0 }
 }
 
+/// [`is_value`] remembering the last page found to be OCaml memory: the
+/// blocks of a value built at once mostly share pages, and a lookup is a
+/// hash probe per block. Valid for one copy (nothing is unmapped or
+/// re-registered while a stub runs).
+fn page_cached_is_value() -> impl Fn(u64) -> bool {
+    let last = std::cell::Cell::new(u64::MAX);
+    move |a: u64| {
+        let page = a >> 12; // the page table's granularity (4 KiB)
+        if page == last.get() {
+            return true;
+        }
+        let ok = is_value(a);
+        if ok {
+            last.set(page);
+        }
+        ok
+    }
+}
+
 /// Registers the pool's mapping as static data unless some of it is
 /// classified already (Netmcore pools are, as a whole).
 fn register_value_area(p: &Pool) -> Result<(), HeapError> {
@@ -186,7 +205,9 @@ pub extern "C" fn shmpool_heap_create(ph: Raw, size: Raw, root: Raw) -> Raw {
         if let Err(e) = register_value_area(p) {
             return fail(e);
         }
-        let r = Heap::create_with(p, size, |h| h.copy_in(root.0 as u64, false, &is_value));
+        let r = Heap::create_with(p, size, |h| {
+            h.copy_in(root.0 as u64, false, &page_cached_is_value())
+        });
         match r {
             Ok(h) => register(h, pool),
             Err(e) => fail(e),
@@ -263,7 +284,7 @@ pub extern "C" fn shmpool_heap_unlock(hh: Raw) -> Raw {
 pub extern "C" fn shmpool_heap_add(hh: Raw, v: Raw, share: Raw) -> Raw {
     guarded_value(|| {
         let h = heap(hh).ok_or_else(closed)?;
-        h.copy_in(v.0 as u64, untag(share) != 0, &is_value)
+        h.copy_in(v.0 as u64, untag(share) != 0, &page_cached_is_value())
     })
 }
 
@@ -414,10 +435,12 @@ pub extern "C" fn shmpool_heap_escape(hh: Raw, out: Raw) -> Raw {
 /// Words a copy of `v` takes, or a negative code.
 #[no_mangle]
 pub extern "C" fn shmpool_heap_measure(v: Raw) -> Raw {
-    guarded(|| match crate::heap::copy::measure(v.0 as u64, &is_value) {
-        Ok(n) => n as isize,
-        Err(e) => fail(e),
-    })
+    guarded(
+        || match crate::heap::copy::measure(v.0 as u64, &page_cached_is_value()) {
+            Ok(n) => n as isize,
+            Err(e) => fail(e),
+        },
+    )
 }
 
 /// Bytes a heap whose root copy takes `words` words needs.

@@ -384,22 +384,35 @@ impl Pool {
             .min(MAX_OWNERS as u32) as u16
     }
 
-    /// A token for taking slot locks: ours if registered, else computed.
+    /// A token for taking slot locks: ours if registered, else computed
+    /// (once per fork generation: it reads `/proc`, a few µs, which a
+    /// process that only calls `stats` would otherwise pay on every call).
     pub(crate) fn taker_token(&self) -> u64 {
-        self.my_identity()
-            .map(|(_, t)| t)
-            .filter(|&t| t != 0)
-            .unwrap_or_else(|| {
-                // Holding a slot lock as a taker needs some nonzero token;
-                // takers also hold the pool lock, so a pid-only one is safe.
-                let pid = std::process::id() as i32;
-                let id = owner::me().unwrap_or(OwnerIdentity {
-                    pid,
-                    pidns: 0,
-                    start_time: 0,
-                });
-                cache::token(&id, 0)
-            })
+        use std::sync::atomic::AtomicU64;
+        // The fallback token of this process and the fork generation it was
+        // computed in (u64::MAX: none yet). Within one generation every
+        // thread computes the same value, so a race only stores it twice.
+        static FALLBACK: AtomicU64 = AtomicU64::new(0);
+        static FALLBACK_GEN: AtomicU64 = AtomicU64::new(u64::MAX);
+        if let Some(t) = self.my_identity().map(|(_, t)| t).filter(|&t| t != 0) {
+            return t;
+        }
+        let gen = owner::fork_generation();
+        if FALLBACK_GEN.load(Ordering::Acquire) == gen {
+            return FALLBACK.load(Ordering::Relaxed);
+        }
+        // Holding a slot lock as a taker needs some nonzero token; takers
+        // also hold the pool lock, so a pid-only one is safe.
+        let pid = std::process::id() as i32;
+        let id = owner::me().unwrap_or(OwnerIdentity {
+            pid,
+            pidns: 0,
+            start_time: 0,
+        });
+        let t = cache::token(&id, 0);
+        FALLBACK.store(t, Ordering::Relaxed);
+        FALLBACK_GEN.store(gen, Ordering::Release);
+        t
     }
 
     fn mutex(&self) -> RobustMutex<'_> {
@@ -736,7 +749,6 @@ impl Pool {
     pub fn stats(&self) -> Stats {
         let _ = self.flush_cache();
         self.settle_slots();
-        let tok = self.taker_token();
         // The caches' counters are read under the pool lock too, so that a
         // take-back (which holds it) is seen whole or not at all.
         let (ps, recoveries, (cached_pages, cached_blocks)) = self
@@ -751,7 +763,7 @@ impl Pool {
                     .caching_slots()
                     .any(|s| self.slot_cache(s).max_len() > longest)
                 {
-                    self.take_back_cached(l, tok, |_, sc| sc.max_len() > longest);
+                    self.take_back_cached(l, self.taker_token(), |_, sc| sc.max_len() > longest);
                 }
                 Ok((l.arena.stats(), *l.recoveries, self.cached_totals()))
             })

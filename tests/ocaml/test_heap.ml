@@ -410,6 +410,82 @@ let t_mutations () =
   Alcotest.(check int) "no escape reported" 0 !logged;
   H.destroy h
 
+(* qcheck model of heap contents through the OCaml API: random stores of
+   new lists, shared parts (add_immutable), arrays, clears, GCs and
+   with_value reads; after each step the heap's root equals the model. *)
+type mop =
+  | Set of int * (int * string) list
+  | Share of int * int
+  | Arr of int * int
+  | Clear of int
+  | Collect
+  | Read of int
+
+let mop_gen =
+  let open QCheck.Gen in
+  let slot = int_bound 5 in
+  frequency
+    [
+      (4, map2 (fun i l -> Set (i, l)) slot (list_size (int_bound 30) (pair small_int (string_size ~gen:printable (int_bound 12)))));
+      (2, map2 (fun i j -> Share (i, j)) slot slot);
+      (1, map2 (fun i n -> Arr (i, n)) slot (int_bound 20));
+      (1, map (fun i -> Clear i) slot);
+      (1, return Collect);
+      (2, map (fun i -> Read i) slot);
+    ]
+
+let show_mop = function
+  | Set (i, l) -> Printf.sprintf "Set %d (%d)" i (List.length l)
+  | Share (i, j) -> Printf.sprintf "Share %d %d" i j
+  | Arr (i, n) -> Printf.sprintf "Arr %d %d" i n
+  | Clear i -> Printf.sprintf "Clear %d" i
+  | Collect -> "Collect"
+  | Read i -> Printf.sprintf "Read %d" i
+
+let t_qcheck_model () =
+  let p = pool () in
+  let test =
+    QCheck.Test.make ~count:60 ~name:"heap contents follow the model"
+      (QCheck.make ~print:(fun ops -> String.concat "; " (List.map show_mop ops)) QCheck.Gen.(list_size (int_bound 40) mop_gen))
+      (fun ops ->
+        let h = H.create_heap p 4096 (Array.make 6 []) in
+        let model = Array.make 6 [] in
+        let ok =
+          List.for_all
+            (fun op ->
+              (match op with
+              | Set (i, l) ->
+                  H.modify h (fun m -> (H.root h).(i) <- H.add m l);
+                  model.(i) <- l
+              | Share (i, j) ->
+                  H.modify h (fun m -> (H.root h).(i) <- H.add_immutable m ((0, "s") :: (H.root h).(j)));
+                  model.(i) <- (0, "s") :: model.(j)
+              | Arr (i, n) ->
+                  let a = H.modify h (fun m ->
+                    let a = H.add_init_array m n (fun k -> (k, string_of_int k)) in
+                    (H.root h).(i) <- H.add_immutable m (Array.to_list a);
+                    a) in
+                  ignore a;
+                  model.(i) <- List.init n (fun k -> (k, string_of_int k))
+              | Clear i ->
+                  H.modify h (fun _ -> (H.root h).(i) <- []);
+                  model.(i) <- []
+              | Collect -> H.gc h
+              | Read i ->
+                  if H.with_value h (fun () -> (H.root h).(i)) (fun l -> H.copy l) <> model.(i) then
+                    failwith "with_value read differs");
+              H.copy (H.root h) = model)
+            ops
+        in
+        H.gc h;
+        H.destroy h;
+        ok)
+  in
+  let before = Shmpool_netmcore.Netmcore_mempool.stats p in
+  QCheck.Test.check_exn test;
+  Alcotest.(check (triple int int int)) "every heap destroyed: pool as before" before
+    (Shmpool_netmcore.Netmcore_mempool.stats p)
+
 let () =
   Alcotest.run "netmcore_heap"
     [
@@ -425,5 +501,6 @@ let () =
           Alcotest.test_case "Debug reports private values stored" `Quick t_debug_escape;
           Alcotest.test_case "death in modify: recovery and repair hook" `Quick t_repair_hook;
           Alcotest.test_case "mutations inside modify, then compactions" `Quick t_mutations;
+          Alcotest.test_case "qcheck model of heap contents" `Quick t_qcheck_model;
         ] );
     ]
