@@ -188,11 +188,6 @@ let heap_of_descr pool (d : 'a descr) : 'a heap =
 
 type mutator = { mhh : int; mpool : Netmcore.res_id; mutable alive : bool }
 
-let lock hh =
-  let c = h_lock hh in
-  check_code c;
-  if c = 1 then dlog "recovered the heap after a holder's death"
-
 external h_escape : int -> int array -> int = "shmpool_heap_escape"
 
 (* Debug: after a modify, log the first field of the heap that points into
@@ -214,8 +209,11 @@ let modify_with h before f =
      exception at any point unlocks exactly when the lock was taken. *)
   let locked = ref false in
   match
-    lock hh;
-    locked := true;
+    let c = h_lock hh in
+    (* no allocation, hence no poll point, between the lock and this *)
+    if c >= 0 then locked := true;
+    check_code c;
+    if c = 1 then dlog "recovered the heap after a holder's death";
     before m;
     f m
   with

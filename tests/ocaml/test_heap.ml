@@ -98,6 +98,19 @@ module Common (I : IMPL) = struct
         let a, b, c, d, e, f = v in
         Alcotest.(check bool) "customs and floats" true
           (a = 1l && b = 2L && c = 3n && d = 4.5 && e = [| 1.; 2. |] && f.{1} = 8));
+    (* accepted by the original, so by ours *)
+    I.H.modify h (fun m ->
+        let t = Hashtbl.create 8 in
+        Hashtbl.replace t "k" [ 1 ];
+        let t' = I.H.add m t in
+        Alcotest.(check (list int)) "Hashtbl.t" [ 1 ] (Hashtbl.find t' "k");
+        let b = Buffer.create 8 in
+        Buffer.add_string b "buf";
+        Alcotest.(check string) "Buffer.t" "buf" (Buffer.contents (I.H.add m b));
+        ignore (I.H.add m (Netmcore_mutex.dummy ()));
+        ignore (I.H.add m (Netmcore_sem.dummy ()));
+        Alcotest.(check bool) "[||]" true (I.H.add_immutable m [| "x" |] = [| "x" |]);
+        Alcotest.(check bool) "forced lazy" true (I.H.add m (Lazy.from_val "v") |> Lazy.force = "v"));
     Alcotest.(check int) "with_value" 2
       (I.H.with_value h (fun () -> !(I.H.root h)) List.length);
     Alcotest.(check string) "copy" "abc" (I.H.copy "abc");
@@ -486,6 +499,30 @@ let t_qcheck_model () =
   Alcotest.(check (triple int int int)) "every heap destroyed: pool as before" before
     (Shmpool_netmcore.Netmcore_mempool.stats p)
 
+(* An asynchronous exception (a signal handler raising) inside modify
+   releases the lock like any other exception. *)
+let t_async_exception () =
+  let p = pool () in
+  let h = H.create_heap p 4096 (ref 0) in
+  let old = Sys.signal Sys.sigusr1 (Sys.Signal_handle (fun _ -> raise Exit)) in
+  Fun.protect ~finally:(fun () -> Sys.set_signal Sys.sigusr1 old) (fun () ->
+      for i = 1 to 200 do
+        try
+          H.modify h (fun m ->
+              H.root h := H.add m i;
+              Unix.kill (Unix.getpid ()) Sys.sigusr1;
+              (* the handler runs at the next poll point, at the latest here *)
+              for _ = 1 to 1000 do
+                ignore (Sys.opaque_identity (ref i))
+              done)
+        with Exit -> ()
+      done);
+  (* the lock is free: another thread can take it *)
+  let t = Thread.create (fun () -> H.modify h (fun m -> H.root h := H.add m (-1))) () in
+  Thread.join t;
+  Alcotest.(check int) "usable after 200 asynchronous exceptions" (-1) !(H.root h);
+  H.destroy h
+
 let () =
   Alcotest.run "netmcore_heap"
     [
@@ -502,5 +539,6 @@ let () =
           Alcotest.test_case "death in modify: recovery and repair hook" `Quick t_repair_hook;
           Alcotest.test_case "mutations inside modify, then compactions" `Quick t_mutations;
           Alcotest.test_case "qcheck model of heap contents" `Quick t_qcheck_model;
+          Alcotest.test_case "asynchronous exceptions in modify" `Quick t_async_exception;
         ] );
     ]
