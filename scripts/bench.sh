@@ -46,7 +46,7 @@ leftovers=
 ls /dev/shm | sort >"$tmp/shm-before"
 
 echo "== build"
-dune build ./bench/bench.exe ./bench/bench_heap.exe
+dune build ./bench/bench.exe ./bench/bench_heap.exe ./bench/bench_structs.exe
 # the code measured (others may commit meanwhile)
 version=$(git describe --always --dirty 2>/dev/null || echo '?')
 dirty=$(git status --porcelain -- rust ocaml Cargo.toml Cargo.lock 2>/dev/null | awk '{print $2}' | tr '\n' ' ')
@@ -72,6 +72,10 @@ echo "== bench_heap.exe (Netmcore_heap and Netmcore_ref, original vs ours)"
 ./_build/default/bench/bench_heap.exe -o "$tmp/heap.md" -shm-log "$tmp/shm.log" \
   -sockdir "$tmp/netmcore-heap" "$@" >/dev/null
 
+echo "== bench_structs.exe (hashtable, array, queue, mutex, original vs ours)"
+./_build/default/bench/bench_structs.exe -o "$tmp/structs.md" -shm-log "$tmp/shm.log" \
+  -sockdir "$tmp/netmcore-structs" "$@" >/dev/null
+
 {
   echo "# shmpool benchmark, $(date '+%Y-%m-%d %H:%M')"
   echo
@@ -95,6 +99,14 @@ echo "== bench_heap.exe (Netmcore_heap and Netmcore_ref, original vs ours)"
   echo "a 256 MiB pool the master created; median of the rounds, alternating implementations (bench/bench_heap.ml)."
   echo
   cat "$tmp/heap.md"
+  echo
+  echo "## Shared structures: OCamlnet's originals against Shmpool_netmcore's"
+  echo
+  echo "Measured inside Netmcore workers on structures the coordinator created and the workers attached by"
+  echo "descriptor; 1 GiB pools; median of the rounds, alternating implementations (bench/bench_structs.ml)."
+  echo "Hashtable adds go to fresh keys, with one clear per 65536 adds; replace and find_ro use 1024 keys."
+  echo
+  cat "$tmp/structs.md"
   echo
   echo "## Rust core (\`cargo bench --bench core\`)"
   echo

@@ -66,3 +66,9 @@ val stats : 'a heap -> stats
 
 val contains : mutator -> 'a -> bool
 (* Internal: whether the value is a block of the mutator's heap. *)
+
+val block : mutator -> int -> int -> Obj.t
+(* Internal: a fresh block of [n] fields and tag [tag] in the mutator's
+   heap, every field (), kept alive until modify returns. Fields may only
+   receive immediates or values of the same heap (no copy is made):
+   for the structures' internal cells (Shashtbl's resize). *)

@@ -4,6 +4,18 @@ let shmpool = Mempool.shmpool
 
 module Netmcore_heap = Heap
 module Netmcore_ref = Sref
+module Netmcore_array = Sarray
+module Netmcore_matrix = Smatrix
+module Netmcore_buffer = Sbuffer
+module Netmcore_hashtbl = Shashtbl
+module Netmcore_queue = Squeue
+module Netmcore_mutex = Smutex
+module Netmcore_sem = Ssem
+module Netmcore_condition = Scondition
+
+module Struct_internal = struct
+  let commit_hook = Commit_point.hook
+end
 
 module Heap_internal = struct
   let modify_repairing = Heap.modify_repairing

@@ -210,11 +210,11 @@ val shmpool : Netmcore.res_id -> Shmpool.t
     value that a parallel [assign] and [gc] reclaim. *)
 
 module Netmcore_heap : sig
-  type 'a heap
+  type 'a heap = 'a Heap.heap
   (** A heap whose root has type ['a]: a small record naming the pool and
       the heap, which can be marshalled to other workers. *)
 
-  type 'a descr
+  type 'a descr = 'a Heap.descr
   (** The heap's place in its pool (an [int]); {!heap_of_descr} gives the
       heap back in any worker of the pool. *)
 
@@ -242,7 +242,7 @@ module Netmcore_heap : sig
   (** @raise Failure ["Netmcore_heap.heap_of_descr: no heap structure found
       at this address"] for anything but a live heap of this pool. *)
 
-  type mutator
+  type mutator = Heap.mutator
   (** The right to add values, valid during one {!modify}. *)
 
   val modify : 'a heap -> (mutator -> 'r) -> 'r
@@ -373,6 +373,123 @@ module Netmcore_ref : sig
   val descr_of_sref : 't sref -> 't sref_descr
   val sref_of_descr : Netmcore.res_id -> 't sref_descr -> 't sref
 end
+
+(** {2 Shared structures}
+
+    [Netmcore_array], [Netmcore_hashtbl] and [Netmcore_queue] with
+    OCamlnet 4.1.9's signatures, on {!Netmcore_heap}: every function
+    returns, raises and locks as the original's (the [_ro] functions read
+    without the lock, [_p] pin the value while the function runs, [_c]
+    copy it to private memory).
+
+    {b Crash safety} (the original has none): a worker killed anywhere
+    inside an operation never blocks the structure, and its operation
+    happened entirely or not at all. Each operation changes what the root
+    reaches by one store of a completely built value; the counters
+    ([Netmcore_hashtbl.length], [Netmcore_queue.length]) and the queue's
+    tail are recomputed from the contents by the first operation after the
+    death (which is why [length] takes the lock here).
+
+    {b Deliberate differences}:
+    - [Netmcore_queue.iter] and [fold] pin only the first cell of the
+      snapshot (which keeps the rest of it alive), not every element.
+    - [Netmcore_hashtbl.iter] may modify the table from [f] (the lock is
+      re-entrant; the original deadlocks), with the visit then unspecified.
+    - [Netmcore_array.make] and [init] with a negative size raise the
+      original's [Invalid_argument "Netsys_mem.init_array"] before creating
+      anything (the original leaves a heap behind); with size 0 they give
+      an empty array (the original: [Assert_failure]). *)
+
+module Netmcore_array : module type of struct
+  include Sarray
+end
+
+module Netmcore_hashtbl : module type of struct
+  include Shashtbl
+end
+
+module Netmcore_queue : module type of struct
+  include Squeue
+end
+
+(** {2 Matrices and buffers}
+
+    [Netmcore_matrix] and [Netmcore_buffer] with OCamlnet 4.1.9's
+    signatures, results and exceptions, on {!Netmcore_heap}; crash-safe as
+    the structures above (each change commits with one store: a buffer's
+    added bytes are written past its end, then counted by one store of its
+    new state).
+
+    {b Deliberate differences}:
+    - [Netmcore_matrix.make] with a float builds flat float rows, as
+      [create] and [init] do (the original's [make] builds rows of another
+      kind there: its [deref] then reads garbage).
+    - [Netmcore_matrix.make] and [init] with a dimension 0 give an empty
+      matrix, a negative one raises [Invalid_argument "Netmcore_matrix.make"]
+      (or ["...init"]) before creating anything (the original: an
+      [Assert_failure] in both cases). *)
+
+module Netmcore_matrix : module type of struct
+  include Smatrix
+end
+
+module Netmcore_buffer : module type of struct
+  include Sbuffer
+end
+
+(** {2 Mutexes, semaphores, conditions}
+
+    With OCamlnet 4.1.9's signatures; create them with a mutator and store
+    them in a heap value (a header), as with the original. A mutex is a
+    robust process-shared pthread mutex: {b a mutex whose owner died (even
+    by [SIGKILL]) is taken over by the next locker, whose [lock] returns
+    normally}; [Netmcore_mutex.recoveries] (ours only) counts the
+    takeovers, so a program that must know whether the data the mutex
+    protects may be half-updated can compare it before and after [lock].
+    Semaphores and conditions are futexes: a waiter that dies leaves
+    nothing blocked or lost.
+
+    {b Deliberate differences}:
+    - Owners are threads, not processes ([`Errorcheck] fails for a second
+      lock by the same thread).
+    - A [`Recursive] mutex excludes other processes until its owner's last
+      [unlock] (the original's releases at every [unlock]: after lock, lock,
+      unlock another process gets it, and the owner's last unlock raises).
+    - [unlock] by a thread that does not hold the mutex raises [Failure
+      "Netmcore_mutex.unlock: not locked by this process"] for every kind
+      (the original's [`Normal] mutex then counts one more free slot).
+    - A plain [wait] needs no wait entry: [wait_entry] is a token.
+      [Netmcore_condition.wait_e] works as the original's (the entry's named
+      pipe receives a byte when the condition is signalled; the engine then
+      takes the mutex and continues with the given function); queued
+      event waiters are woken before plain waiters, oldest first, and a
+      [signal] whose event waiter died (no reader on its pipe) goes on to
+      the next waiter instead of being lost. An aborted [wait_e] engine
+      leaves the queue and passes on a signal it had already been given.
+      The wait set keeps its event entries alive: allocate and free them
+      through it, as the original requires. *)
+
+module Netmcore_mutex : module type of struct
+  include Smutex
+end
+
+module Netmcore_sem : module type of struct
+  include Ssem
+end
+
+module Netmcore_condition : module type of struct
+  include Scondition
+end
+
+(**/**)
+
+module Struct_internal : sig
+  val commit_hook : (string -> unit) ref
+  (* Test-only: called with a point's name at each staged-death point of
+     the structures (see commit_point.ml). *)
+end
+
+(**/**)
 
 module Heap_internal : sig
   val modify_repairing :

@@ -47,6 +47,8 @@ mod treap;
 mod ocaml_heap_stubs;
 #[cfg(feature = "ocaml-stubs")]
 mod ocaml_stubs;
+#[cfg(feature = "ocaml-stubs")]
+mod ocaml_sync_stubs;
 
 pub use arena::{AllocState, Arena, PageStats};
 pub use error::{Error, Result};

@@ -1,0 +1,618 @@
+//! Process-shared, crash-safe synchronisation for
+//! `Shmpool_netmcore.Netmcore_mutex`, `Netmcore_sem` and
+//! `Netmcore_condition` (feature `ocaml-stubs`).
+//!
+//! Each object lives in an OCaml string allocated in a shared heap (so it
+//! never moves and every worker sees it at the same address); the OCaml
+//! side passes the string itself, whose value pointer is its first byte.
+//! Layout (every object starts with an 8-byte magic, so a dummy or a
+//! destroyed object is told apart):
+//!
+//! - mutex (`MUTEX_BYTES`): magic, `u32` kind, `u32` recoveries (times the
+//!   mutex was taken over from a dead owner), then a robust,
+//!   process-shared `pthread_mutex_t` at offset 16.
+//! - semaphore (`SYNC_BYTES`): magic, `u32` value, `u32` waiters, reached
+//!   through atomics and waited on with a futex.
+//! - condition (`COND_BYTES`): magic, `u32` sequence number, `u32` futex
+//!   waiters, then the list of event-loop waiters (`wait_e`): `u32` list
+//!   lock (the pid of its holder, 0 when free), 4 bytes unused, `u64`
+//!   address of the first queued wait entry (0: none).
+//! - event wait entry (`ENTRY_HDR` + name): magic, `u64` address of the
+//!   next queued entry, `u32` state (1 once signalled), `u32` length of
+//!   the named pipe's path, then the path. Entries are strings of the same
+//!   heap (kept alive by their wait set), so addresses are valid in every
+//!   worker.
+//!
+//! Crash safety: a mutex held by a dead thread is given to the next locker
+//! by the kernel (robust mutex, `EOWNERDEAD`); we mark it consistent at
+//! once, count a recovery in the mutex, and the lock succeeds. A dead
+//! waiter of a semaphore or condition leaves at most a stale waiter count,
+//! which costs a needless wake-up call, never a lost or blocked one. The
+//! event-waiter list changes by single stores (append: the last entry's
+//! `next`; removal: one predecessor's `next` or the head), so a process
+//! dying inside the list lock leaves a well-formed list; the lock of a
+//! dead holder is taken over. A signal whose waiter died (its pipe has no
+//! reader any more) goes on to the next waiter, so it is not lost.
+//!
+//! Every stub catches panics; waiting stubs release the OCaml runtime lock
+//! (they touch no OCaml value while waiting: the object is in shared
+//! memory outside the OCaml heap).
+
+use ocaml::Raw;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+const MUTEX_MAGIC: u64 = u64::from_le_bytes(*b"SHMMTX01");
+const SEM_MAGIC: u64 = u64::from_le_bytes(*b"SHMSEM01");
+const COND_MAGIC: u64 = u64::from_le_bytes(*b"SHMCND02");
+const ENTRY_MAGIC: u64 = u64::from_le_bytes(*b"SHMWTE01");
+const MUTEX_OFF: usize = 16;
+/// Bytes of a mutex string.
+pub const MUTEX_BYTES: usize = MUTEX_OFF + std::mem::size_of::<libc::pthread_mutex_t>();
+/// Bytes of a semaphore or condition string.
+pub const SYNC_BYTES: usize = 16;
+/// Bytes of a condition string.
+pub const COND_BYTES: usize = 32;
+/// Bytes of an event wait entry before its pipe path.
+pub const ENTRY_HDR: usize = 24;
+
+/// Codes returned to OCaml (negative: errors).
+const E_DUMMY: isize = -1;
+const E_DEADLOCK: isize = -2;
+const E_NOT_OWNER: isize = -3;
+const E_AGAIN: isize = -4;
+const E_OTHER: isize = -5;
+const E_OVERFLOW: isize = -6;
+
+#[inline]
+fn untag(v: Raw) -> isize {
+    v.0 >> 1
+}
+
+#[inline]
+fn tag(n: isize) -> Raw {
+    Raw((n << 1) | 1)
+}
+
+fn guarded(f: impl FnOnce() -> isize) -> Raw {
+    tag(catch_unwind(AssertUnwindSafe(f)).unwrap_or(E_OTHER))
+}
+
+/// The object's first byte. The OCaml string is a block of a shared heap
+/// (or a private dummy) at least as long as the object, 8-aligned.
+fn base(s: Raw) -> *mut u8 {
+    s.0 as *mut u8
+}
+
+fn magic(p: *mut u8) -> &'static AtomicU64 {
+    // SAFETY: p is 8-aligned and points to at least 8 bytes that live as
+    // long as the object's string (shared memory stays mapped); the word
+    // is only accessed atomically by every process.
+    unsafe { AtomicU64::from_ptr(p.cast()) }
+}
+
+fn word(p: *mut u8, off: usize) -> &'static AtomicU32 {
+    // SAFETY: as `magic`; off + 4 is within the object and 4-aligned.
+    unsafe { AtomicU32::from_ptr(p.add(off).cast()) }
+}
+
+fn mutex_ptr(p: *mut u8) -> *mut libc::pthread_mutex_t {
+    // SAFETY: offset within the mutex string (MUTEX_BYTES long).
+    unsafe { p.add(MUTEX_OFF).cast() }
+}
+
+/// Runs `wait` without the OCaml runtime lock.
+fn blocking<T>(wait: impl FnOnce() -> T) -> T {
+    // SAFETY: OCaml called us holding the runtime lock; `wait` touches no
+    // OCaml heap value; we take the lock back before returning, even if
+    // `wait` panics.
+    unsafe { ocaml::sys::caml_enter_blocking_section() };
+    let r = catch_unwind(AssertUnwindSafe(wait));
+    // SAFETY: as above.
+    unsafe { ocaml::sys::caml_leave_blocking_section() };
+    r.unwrap_or_else(|p| std::panic::resume_unwind(p))
+}
+
+fn futex_wait(w: &AtomicU32, expected: u32) {
+    // SAFETY: FUTEX_WAIT on a live, aligned 32-bit word; no timeout.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            w.as_ptr(),
+            libc::FUTEX_WAIT,
+            expected,
+            std::ptr::null::<libc::timespec>(),
+        );
+    }
+}
+
+fn futex_wake(w: &AtomicU32, n: i32) {
+    // SAFETY: FUTEX_WAKE on a live, aligned 32-bit word.
+    unsafe {
+        libc::syscall(libc::SYS_futex, w.as_ptr(), libc::FUTEX_WAKE, n);
+    }
+}
+
+/// Initialises a mutex of `kind` (0 normal, 1 error-checking, 2
+/// recursive) in the string `s` (MUTEX_BYTES long, no one else using it).
+#[no_mangle]
+pub extern "C" fn shmpool_sync_mutex_init(s: Raw, kind: Raw) -> Raw {
+    guarded(|| {
+        let p = base(s);
+        let ty = match untag(kind) {
+            0 => libc::PTHREAD_MUTEX_NORMAL,
+            1 => libc::PTHREAD_MUTEX_ERRORCHECK,
+            _ => libc::PTHREAD_MUTEX_RECURSIVE,
+        };
+        // SAFETY: attr is a local initialised by pthread_mutexattr_init;
+        // the mutex memory is the string's, not in use by anyone yet.
+        unsafe {
+            let mut attr: libc::pthread_mutexattr_t = std::mem::zeroed();
+            if libc::pthread_mutexattr_init(&mut attr) != 0 {
+                return E_OTHER;
+            }
+            libc::pthread_mutexattr_settype(&mut attr, ty);
+            libc::pthread_mutexattr_setpshared(&mut attr, libc::PTHREAD_PROCESS_SHARED);
+            libc::pthread_mutexattr_setrobust(&mut attr, libc::PTHREAD_MUTEX_ROBUST);
+            let r = libc::pthread_mutex_init(mutex_ptr(p), &attr);
+            libc::pthread_mutexattr_destroy(&mut attr);
+            if r != 0 {
+                return E_OTHER;
+            }
+        }
+        word(p, 8).store(untag(kind) as u32, Ordering::Relaxed);
+        word(p, 12).store(0, Ordering::Relaxed);
+        magic(p).store(MUTEX_MAGIC, Ordering::Release);
+        0
+    })
+}
+
+/// Locks; 0, or 1 if taken over from a dead owner (then made consistent).
+#[no_mangle]
+pub extern "C" fn shmpool_sync_mutex_lock(s: Raw) -> Raw {
+    guarded(|| {
+        let p = base(s);
+        if magic(p).load(Ordering::Acquire) != MUTEX_MAGIC {
+            return E_DUMMY;
+        }
+        let m = mutex_ptr(p);
+        // SAFETY: m is an initialised robust process-shared mutex.
+        let mut r = unsafe { libc::pthread_mutex_trylock(m) };
+        if r == libc::EBUSY {
+            // SAFETY: as above; the mutex is in shared memory, not OCaml's.
+            r = blocking(|| unsafe { libc::pthread_mutex_lock(m) });
+        }
+        match r {
+            0 => 0,
+            libc::EOWNERDEAD => {
+                // SAFETY: we own the mutex now (EOWNERDEAD).
+                unsafe { libc::pthread_mutex_consistent(m) };
+                word(p, 12).fetch_add(1, Ordering::Relaxed);
+                1
+            }
+            libc::EDEADLK => E_DEADLOCK,
+            libc::EAGAIN => E_OVERFLOW,
+            _ => E_OTHER,
+        }
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn shmpool_sync_mutex_unlock(s: Raw) -> Raw {
+    guarded(|| {
+        let p = base(s);
+        if magic(p).load(Ordering::Acquire) != MUTEX_MAGIC {
+            return E_DUMMY;
+        }
+        // SAFETY: an initialised robust mutex (robust mutexes check the
+        // owner: EPERM when this thread does not hold it).
+        match unsafe { libc::pthread_mutex_unlock(mutex_ptr(p)) } {
+            0 => 0,
+            libc::EPERM => E_NOT_OWNER,
+            _ => E_OTHER,
+        }
+    })
+}
+
+/// Times the mutex was taken over from a dead owner.
+#[no_mangle]
+pub extern "C" fn shmpool_sync_mutex_recoveries(s: Raw) -> Raw {
+    guarded(|| {
+        let p = base(s);
+        if magic(p).load(Ordering::Acquire) != MUTEX_MAGIC {
+            return E_DUMMY;
+        }
+        word(p, 12).load(Ordering::Relaxed) as isize
+    })
+}
+
+/// Initialises a semaphore (`which` 0) with `value`, or a condition
+/// (`which` 1: `s` is COND_BYTES long).
+#[no_mangle]
+pub extern "C" fn shmpool_sync_init(s: Raw, which: Raw, value: Raw) -> Raw {
+    guarded(|| {
+        let p = base(s);
+        let v = untag(value);
+        if !(0..=i32::MAX as isize).contains(&v) {
+            return E_OVERFLOW;
+        }
+        word(p, 8).store(v as u32, Ordering::Relaxed);
+        word(p, 12).store(0, Ordering::Relaxed);
+        let m = if untag(which) == 0 {
+            SEM_MAGIC
+        } else {
+            word(p, 16).store(0, Ordering::Relaxed);
+            dword(p, 24).store(0, Ordering::Relaxed);
+            COND_MAGIC
+        };
+        magic(p).store(m, Ordering::Release);
+        0
+    })
+}
+
+/// Makes the object unusable (a dummy).
+#[no_mangle]
+pub extern "C" fn shmpool_sync_destroy(s: Raw) -> Raw {
+    guarded(|| {
+        let p = base(s);
+        if magic(p).swap(0, Ordering::AcqRel) == MUTEX_MAGIC {
+            // SAFETY: an initialised mutex nobody may use any more.
+            unsafe { libc::pthread_mutex_destroy(mutex_ptr(p)) };
+        }
+        0
+    })
+}
+
+fn is(p: *mut u8, m: u64) -> bool {
+    magic(p).load(Ordering::Acquire) == m
+}
+
+#[no_mangle]
+pub extern "C" fn shmpool_sync_sem_post(s: Raw) -> Raw {
+    guarded(|| {
+        let p = base(s);
+        if !is(p, SEM_MAGIC) {
+            return E_DUMMY;
+        }
+        let v = word(p, 8);
+        let mut c = v.load(Ordering::Relaxed);
+        loop {
+            if c >= i32::MAX as u32 {
+                return E_OVERFLOW;
+            }
+            match v.compare_exchange_weak(c, c + 1, Ordering::Release, Ordering::Relaxed) {
+                Ok(_) => break,
+                Err(x) => c = x,
+            }
+        }
+        if word(p, 12).load(Ordering::SeqCst) > 0 {
+            futex_wake(v, 1);
+        }
+        0
+    })
+}
+
+fn try_down(v: &AtomicU32) -> bool {
+    let mut c = v.load(Ordering::Relaxed);
+    while c > 0 {
+        match v.compare_exchange_weak(c, c - 1, Ordering::Acquire, Ordering::Relaxed) {
+            Ok(_) => return true,
+            Err(x) => c = x,
+        }
+    }
+    false
+}
+
+/// Decrements, waiting while the value is 0 (unless `nonblock`: then
+/// E_AGAIN).
+#[no_mangle]
+pub extern "C" fn shmpool_sync_sem_wait(s: Raw, nonblock: Raw) -> Raw {
+    guarded(|| {
+        let p = base(s);
+        if !is(p, SEM_MAGIC) {
+            return E_DUMMY;
+        }
+        let v = word(p, 8);
+        if try_down(v) {
+            return 0;
+        }
+        if untag(nonblock) != 0 {
+            return E_AGAIN;
+        }
+        let waiters = word(p, 12);
+        blocking(|| {
+            waiters.fetch_add(1, Ordering::SeqCst);
+            while !try_down(v) {
+                futex_wait(v, 0);
+            }
+            waiters.fetch_sub(1, Ordering::SeqCst);
+        });
+        0
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn shmpool_sync_sem_getvalue(s: Raw) -> Raw {
+    guarded(|| {
+        let p = base(s);
+        if !is(p, SEM_MAGIC) {
+            return E_DUMMY;
+        }
+        word(p, 8).load(Ordering::Relaxed) as isize
+    })
+}
+
+/// Waits on condition `c`, releasing mutex `m` (held by this thread)
+/// meanwhile and locking it again before returning (1 if that lock took it
+/// from a dead owner). May wake spuriously, as any condition.
+#[no_mangle]
+pub extern "C" fn shmpool_sync_cond_wait(c: Raw, m: Raw) -> Raw {
+    guarded(|| {
+        let cp = base(c);
+        let mp = base(m);
+        if !is(cp, COND_MAGIC) || !is(mp, MUTEX_MAGIC) {
+            return E_DUMMY;
+        }
+        let seq = word(cp, 8);
+        let waiters = word(cp, 12);
+        let s0 = seq.load(Ordering::SeqCst);
+        waiters.fetch_add(1, Ordering::SeqCst);
+        let mx = mutex_ptr(mp);
+        // SAFETY: an initialised robust mutex.
+        if unsafe { libc::pthread_mutex_unlock(mx) } != 0 {
+            waiters.fetch_sub(1, Ordering::SeqCst);
+            return E_NOT_OWNER;
+        }
+        let r = blocking(|| {
+            futex_wait(seq, s0);
+            waiters.fetch_sub(1, Ordering::SeqCst);
+            // SAFETY: as above.
+            unsafe { libc::pthread_mutex_lock(mx) }
+        });
+        match r {
+            0 => 0,
+            libc::EOWNERDEAD => {
+                // SAFETY: we own the mutex (EOWNERDEAD).
+                unsafe { libc::pthread_mutex_consistent(mx) };
+                word(mp, 12).fetch_add(1, Ordering::Relaxed);
+                1
+            }
+            _ => E_OTHER,
+        }
+    })
+}
+
+/// Wakes one waiter (`all` 0) or every waiter of condition `c`. Queued
+/// event-loop waiters come first (oldest first); a futex waiter is woken
+/// by `signal` only when no event waiter could be notified.
+#[no_mangle]
+pub extern "C" fn shmpool_sync_cond_signal(c: Raw, all: Raw) -> Raw {
+    guarded(|| {
+        let p = base(c);
+        if !is(p, COND_MAGIC) {
+            return E_DUMMY;
+        }
+        let all = untag(all) != 0;
+        loop {
+            let paths = take_event_waiters(p, all);
+            if paths.is_empty() {
+                break;
+            }
+            let notified = paths.iter().filter(|path| notify(path)).count();
+            if !all && notified > 0 {
+                return 0;
+            }
+            if all {
+                break;
+            }
+        }
+        let seq = word(p, 8);
+        seq.fetch_add(1, Ordering::SeqCst);
+        if word(p, 12).load(Ordering::SeqCst) > 0 {
+            futex_wake(seq, if all { i32::MAX } else { 1 });
+        }
+        0
+    })
+}
+
+fn dword(p: *mut u8, off: usize) -> &'static AtomicU64 {
+    // SAFETY: as `magic`; off + 8 is within the object and 8-aligned.
+    unsafe { AtomicU64::from_ptr(p.add(off).cast()) }
+}
+
+/// Takes the list lock of condition `p` (the word holds its holder's pid).
+/// A holder that no longer exists left the list well-formed (see the
+/// module doc): its lock is taken over.
+fn list_lock(p: *mut u8) {
+    let w = word(p, 16);
+    // SAFETY: getpid has no preconditions.
+    let me = unsafe { libc::getpid() } as u32;
+    let mut spins = 0u32;
+    loop {
+        match w.compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed) {
+            Ok(_) => return,
+            Err(holder) => {
+                spins = spins.wrapping_add(1);
+                if spins % 128 == 0 {
+                    // SAFETY: signal 0 only checks that the process exists.
+                    let gone = unsafe { libc::kill(holder as libc::pid_t, 0) } == -1
+                        && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+                    if gone {
+                        let _ = w.compare_exchange(holder, 0, Ordering::AcqRel, Ordering::Relaxed);
+                    }
+                    std::thread::yield_now();
+                } else {
+                    std::hint::spin_loop();
+                }
+            }
+        }
+    }
+}
+
+fn list_unlock(p: *mut u8) {
+    word(p, 16).store(0, Ordering::Release);
+}
+
+/// The entry at address `a` (a live entry string of the condition's heap:
+/// only such addresses are ever stored in the list).
+fn entry(a: u64) -> *mut u8 {
+    a as usize as *mut u8
+}
+
+/// Unlinks the first queued entry (every entry if `all`), marks each
+/// signalled and returns their pipe paths. Runs under the list lock.
+fn take_event_waiters(p: *mut u8, all: bool) -> Vec<std::ffi::CString> {
+    let mut out = Vec::new();
+    let head = dword(p, 24);
+    list_lock(p);
+    loop {
+        let a = head.load(Ordering::Acquire);
+        if a == 0 {
+            break;
+        }
+        let e = entry(a);
+        // single store: the list stays well-formed if we die here
+        head.store(dword(e, 8).load(Ordering::Acquire), Ordering::Release);
+        word(e, 16).store(1, Ordering::Release);
+        let len = word(e, 20).load(Ordering::Relaxed) as usize;
+        // SAFETY: the entry string holds len path bytes after its header
+        // (written once by shmpool_sync_entry_init, never changed).
+        let bytes = unsafe { std::slice::from_raw_parts(e.add(ENTRY_HDR), len) };
+        if let Ok(cs) = std::ffi::CString::new(bytes) {
+            out.push(cs);
+        }
+        if !all {
+            break;
+        }
+    }
+    list_unlock(p);
+    out
+}
+
+/// Writes one byte into the named pipe `path` without blocking; false if
+/// nobody has it open for reading (its waiter is gone).
+fn notify(path: &std::ffi::CStr) -> bool {
+    // SAFETY: path is NUL-terminated; the descriptor is ours and closed.
+    unsafe {
+        let fd = libc::open(
+            path.as_ptr(),
+            libc::O_WRONLY | libc::O_NONBLOCK | libc::O_CLOEXEC,
+        );
+        if fd < 0 {
+            return false;
+        }
+        let b = 1u8;
+        let r = libc::write(fd, (&b as *const u8).cast(), 1);
+        let full = r < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EAGAIN);
+        libc::close(fd);
+        r == 1 || full
+    }
+}
+
+/// Initialises event wait entry `e` (ENTRY_HDR + path bytes long, fresh)
+/// with the pipe path `path` (an OCaml string).
+#[no_mangle]
+pub extern "C" fn shmpool_sync_entry_init(e: Raw, path: Raw) -> Raw {
+    guarded(|| {
+        let p = base(e);
+        let src = base(path);
+        // SAFETY: path is an OCaml string; its length is in its header.
+        let len = unsafe { ocaml::sys::caml_string_length(path.0) };
+        // SAFETY: e has room for len bytes after its header (allocated so
+        // by the OCaml side); src holds len bytes; they do not overlap.
+        unsafe { std::ptr::copy_nonoverlapping(src, p.add(ENTRY_HDR), len) };
+        dword(p, 8).store(0, Ordering::Relaxed);
+        word(p, 16).store(0, Ordering::Relaxed);
+        word(p, 20).store(len as u32, Ordering::Relaxed);
+        magic(p).store(ENTRY_MAGIC, Ordering::Release);
+        0
+    })
+}
+
+/// Queues entry `e` at the end of condition `c`'s event waiters, state 0
+/// (not yet signalled). An entry already queued there stays where it is.
+#[no_mangle]
+pub extern "C" fn shmpool_sync_cond_enqueue(c: Raw, e: Raw) -> Raw {
+    guarded(|| {
+        let p = base(c);
+        let ep = base(e);
+        if !is(p, COND_MAGIC) || !is(ep, ENTRY_MAGIC) {
+            return E_DUMMY;
+        }
+        let ea = ep as usize as u64;
+        list_lock(p);
+        let mut link = dword(p, 24);
+        loop {
+            let a = link.load(Ordering::Acquire);
+            if a == ea {
+                word(ep, 16).store(0, Ordering::Release);
+                break;
+            }
+            if a == 0 {
+                word(ep, 16).store(0, Ordering::Release);
+                dword(ep, 8).store(0, Ordering::Release);
+                // single store publishes the entry
+                link.store(ea, Ordering::Release);
+                break;
+            }
+            link = dword(entry(a), 8);
+        }
+        list_unlock(p);
+        0
+    })
+}
+
+/// Unlinks entry `e` from condition `c`'s event waiters if it is queued
+/// there; returns 1 if it was, 0 otherwise.
+#[no_mangle]
+pub extern "C" fn shmpool_sync_cond_dequeue(c: Raw, e: Raw) -> Raw {
+    guarded(|| {
+        let p = base(c);
+        let ep = base(e);
+        if !is(p, COND_MAGIC) || !is(ep, ENTRY_MAGIC) {
+            return E_DUMMY;
+        }
+        let ea = ep as usize as u64;
+        list_lock(p);
+        let mut link = dword(p, 24);
+        let mut found = 0;
+        loop {
+            let a = link.load(Ordering::Acquire);
+            if a == 0 {
+                break;
+            }
+            if a == ea {
+                link.store(dword(ep, 8).load(Ordering::Acquire), Ordering::Release);
+                found = 1;
+                break;
+            }
+            link = dword(entry(a), 8);
+        }
+        list_unlock(p);
+        found
+    })
+}
+
+/// 1 once entry `e` was signalled since it was last queued, else 0.
+#[no_mangle]
+pub extern "C" fn shmpool_sync_entry_signalled(e: Raw) -> Raw {
+    guarded(|| {
+        let p = base(e);
+        if !is(p, ENTRY_MAGIC) {
+            return E_DUMMY;
+        }
+        word(p, 16).load(Ordering::Acquire) as isize
+    })
+}
+
+/// The sizes the OCaml side allocates: mutex (`which` 0), semaphore (1),
+/// condition (2), header of an event wait entry (3).
+#[no_mangle]
+pub extern "C" fn shmpool_sync_bytes(which: Raw) -> Raw {
+    tag(match untag(which) {
+        0 => MUTEX_BYTES,
+        1 => SYNC_BYTES,
+        2 => COND_BYTES,
+        _ => ENTRY_HDR,
+    } as isize)
+}
