@@ -1,12 +1,17 @@
-(** The drop-in replacement for OCamlnet's [Netmcore_mempool].
+(** Drop-in replacements for OCamlnet 4.1.9's netmulticore modules: the
+    pool ([Netmcore_mempool]), the shared heap ([Netmcore_heap],
+    [Netmcore_ref]) and the structures on it ([Netmcore_array],
+    [Netmcore_matrix], [Netmcore_hashtbl], [Netmcore_queue],
+    [Netmcore_buffer], [Netmcore_mutex], [Netmcore_sem],
+    [Netmcore_condition]), each with the original's signature.
 
-    Switch an existing program with one line:
+    Switch a whole existing program with one line, [open Shmpool_netmcore]
+    (which also brings {!Netmcore_process} and {!Netmcore}, see there), or
+    one module at a time:
     {[
       module Netmcore_mempool = Shmpool_netmcore.Netmcore_mempool
     ]}
-    or [open Shmpool_netmcore] (which also brings {!Netmcore_process} and
-    {!Netmcore}, see there), and add [shmpool.netmcore] to its libraries
-    (after [threads.posix]). *)
+    and add [shmpool.netmcore] to its libraries (after [threads.posix]). *)
 
 module Netmcore_mempool : sig
   (** Memory pools, as OCamlnet 4.1.9's [Netmcore_mempool], backed by
