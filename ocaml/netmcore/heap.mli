@@ -1,3 +1,5 @@
+(** @canonical Shmpool_netmcore.Netmcore_heap *)
+
 (* Shared heaps on a shmpool pool, as OCamlnet 4.1.9's [Netmcore_heap]
    (same signature). Exported as [Shmpool_netmcore.Netmcore_heap]; the
    documentation and the deliberate differences are there. *)

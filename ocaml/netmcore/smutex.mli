@@ -1,3 +1,5 @@
+(** @canonical Shmpool_netmcore.Netmcore_mutex *)
+
 (* Netmcore_mutex on shmpool (OCamlnet 4.1.9's signature plus
    [recoveries]); exported as [Shmpool_netmcore.Netmcore_mutex],
    documented there. *)
