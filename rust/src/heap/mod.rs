@@ -513,6 +513,16 @@ impl<'p> Heap<'p> {
     /// them before the next allocation and roots what it keeps
     /// ([`Heap::keep`]).
     pub(crate) fn alloc_span(&self, words: u64) -> HResult<u64> {
+        self.alloc_span_rooted(words, &|_| {})
+    }
+
+    /// [`Heap::alloc_span`] where a collection, if one runs, also keeps
+    /// what `extra` adds to the roots.
+    pub(crate) fn alloc_span_rooted(
+        &self,
+        words: u64,
+        extra: &dyn Fn(&mut Vec<u64>),
+    ) -> HResult<u64> {
         self.local()?;
         if let Some(off) = self.take(words) {
             return Ok(self.count_alloc(off, words));
@@ -520,7 +530,7 @@ impl<'p> Heap<'p> {
         let d = self.desc();
         let since = d.alloc_since_gc.load(Relaxed);
         if since >= d.live_words.load(Relaxed).max(MIN_GC_WORDS) {
-            self.collect()?;
+            self.collect_with(extra)?;
             // Mostly live after the GC: grow now, so the next GCs stay
             // amortised; but a full pool is no error while the free lists
             // still have room.
@@ -539,7 +549,9 @@ impl<'p> Heap<'p> {
             match self.grow(words) {
                 // The pool is full: what the heap holds as garbage is the
                 // only room left.
-                Err(HeapError::Pool(Error::OutOfMemory)) if since > 0 => self.collect()?,
+                Err(HeapError::Pool(Error::OutOfMemory)) if since > 0 => {
+                    self.collect_with(extra)?
+                }
                 r => r?,
             }
         }
