@@ -26,7 +26,8 @@ external h_debug_info : int -> string = "shmpool_heap_debug_info"
 external h_last_code : unit -> int = "shmpool_heap_last_code" [@@noalloc]
 external h_repair_needed : int -> int = "shmpool_heap_repair_gen" [@@noalloc]
 external h_repaired : int -> int = "shmpool_heap_repaired" [@@noalloc]
-external h_stats : int -> int array -> int = "shmpool_heap_stats" [@@noalloc]
+(* waits for the heap lock with the runtime lock released: may allocate *)
+external h_stats : int -> int array = "shmpool_heap_stats"
 
 let code name =
   let c = error_code name in
@@ -405,8 +406,8 @@ type stats = {
 }
 
 let stats h =
-  let a = Array.make 7 0 in
-  check_code (h_stats (handle h) a);
+  let a = h_stats (handle h) in
+  if Array.length a < 7 then raise_code (if Array.length a = 1 then a.(0) else -1);
   {
     chunks = a.(0);
     heap_words = a.(1);

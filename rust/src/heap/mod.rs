@@ -457,7 +457,17 @@ impl<'p> Heap<'p> {
 
     /// Runs `f` under the lock.
     pub fn with_lock<R>(&self, f: impl FnOnce(&Self) -> HResult<R>) -> HResult<R> {
-        self.lock()?;
+        self.with_lock_waiting(&mut |wait| wait(), f)
+    }
+
+    /// [`Heap::with_lock`], waiting for another holder inside `around` (see
+    /// [`Heap::lock_waiting`]).
+    pub fn with_lock_waiting<R>(
+        &self,
+        around: &mut dyn FnMut(&mut dyn FnMut()),
+        f: impl FnOnce(&Self) -> HResult<R>,
+    ) -> HResult<R> {
+        self.lock_waiting(around)?;
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(self)));
         self.unlock();
         match r {
@@ -581,7 +591,13 @@ impl<'p> Heap<'p> {
     }
 
     pub fn stats(&self) -> HResult<HeapStats> {
-        self.with_lock(|h| {
+        self.stats_waiting(&mut |wait| wait())
+    }
+
+    /// [`Heap::stats`], waiting for the lock inside `around` (see
+    /// [`Heap::lock_waiting`]).
+    pub fn stats_waiting(&self, around: &mut dyn FnMut(&mut dyn FnMut())) -> HResult<HeapStats> {
+        self.with_lock_waiting(around, |h| {
             let d = h.desc();
             Ok(HeapStats {
                 chunks: d.nchunks.load(Relaxed),
@@ -618,11 +634,17 @@ impl<'p> Heap<'p> {
     /// A multi-line description: the root, chunks, free lists and
     /// counters.
     pub fn debug_info(&self) -> String {
+        self.debug_info_waiting(&mut |wait| wait())
+    }
+
+    /// [`Heap::debug_info`], waiting for the lock inside `around` (see
+    /// [`Heap::lock_waiting`]).
+    pub fn debug_info_waiting(&self, around: &mut dyn FnMut(&mut dyn FnMut())) -> String {
         use std::fmt::Write as _;
         let mut s = String::new();
         let _ = writeln!(s, "pool = {}", self.pool.base() as u64);
         let _ = writeln!(s, "value = @0x{:x}", self.root());
-        let r = self.with_lock(|h| {
+        let r = self.with_lock_waiting(around, |h| {
             let d = h.desc();
             for (i, r) in h.ranges().iter().enumerate() {
                 let _ = writeln!(
@@ -643,7 +665,7 @@ impl<'p> Heap<'p> {
         if let Err(e) = r {
             let _ = writeln!(s, "error = {e}");
         }
-        if let Ok(st) = self.stats() {
+        if let Ok(st) = self.stats_waiting(around) {
             let _ = writeln!(s, "{st:?}");
         }
         s
