@@ -243,7 +243,7 @@ fn pins_keep_values_alive_until_unpinned() {
     assert_eq!(read_list(l).unwrap(), vec![7, 8, 9]);
     // the list, and the pin itself (a 5-field block)
     assert_eq!(h.stats().unwrap().live_words, 9 + 6);
-    h.with_lock(|h| h.unpin(pin, l)).unwrap();
+    h.with_lock(|h| h.unpin(pin)).unwrap();
     h.gc().unwrap();
     assert_eq!(h.stats().unwrap().live_words, 0);
     assert_sound(&h);
@@ -270,11 +270,11 @@ fn pins_have_no_limit_and_unpin_any_order() {
     assert_sound(&h);
     // every other one, then the rest backwards
     h.with_lock(|h| {
-        for (l, p) in pins.iter().step_by(2) {
-            h.unpin(*p, *l)?;
+        for (_, p) in pins.iter().step_by(2) {
+            h.unpin(*p)?;
         }
-        for (l, p) in pins.iter().skip(1).step_by(2).rev() {
-            h.unpin(*p, *l)?;
+        for (_, p) in pins.iter().skip(1).step_by(2).rev() {
+            h.unpin(*p)?;
         }
         Ok(())
     })

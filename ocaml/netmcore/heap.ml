@@ -17,7 +17,7 @@ external h_root : int -> 'a = "shmpool_heap_root" [@@noalloc]
 external h_keep : int -> 'a -> int = "shmpool_heap_keep" [@@noalloc]
 external h_collect : int -> int = "shmpool_heap_collect" [@@noalloc]
 external h_pin : int -> 'a -> int = "shmpool_heap_pin" [@@noalloc]
-external h_unpin : int -> int -> 'a -> int = "shmpool_heap_unpin" [@@noalloc]
+external h_unpin : int -> int -> int = "shmpool_heap_unpin" [@@noalloc]
 external h_contains : int -> 'a -> int = "shmpool_heap_contains" [@@noalloc]
 external h_measure : 'a -> int = "shmpool_heap_measure" [@@noalloc]
 external h_first_block_bytes : int -> int = "shmpool_heap_first_block_bytes" [@@noalloc]
@@ -327,8 +327,9 @@ let copy (v : 'a) : 'a =
     | b -> Marshal.from_bytes b 0
     | exception (Invalid_argument _ | Failure _) -> failwith "Netsys_mem.copy_value: Library error"
 
-(* Pins the blocks among [xs] for this process until [unpin_all]: they
-   stay roots while [process] runs without the lock. *)
+(* Pins the blocks of this heap among [xs] for this process until
+   [unpin_all]: they stay roots while [process] runs without the lock.
+   Others (private values, which the minor GC may move) need no pin. *)
 let with_pins h (find : unit -> 'b) (blocks : 'b -> Obj.t list) (process : 'b -> 'c) : 'c =
   let hh = handle h in
   let pinned = ref [] in
@@ -338,9 +339,10 @@ let with_pins h (find : unit -> 'b) (blocks : 'b -> Obj.t list) (process : 'b ->
         List.iter
           (fun v ->
             if Obj.is_block v then begin
+              (* 0: not a block of this heap, nothing pinned *)
               let i = h_pin hh v in
               check_code i;
-              pinned := (i, v) :: !pinned
+              if i > 0 then pinned := i :: !pinned
             end)
           (blocks x);
         x)
@@ -348,7 +350,7 @@ let with_pins h (find : unit -> 'b) (blocks : 'b -> Obj.t list) (process : 'b ->
   (* [process] may have destroyed the heap: nothing to unpin then *)
   let unpin_all () =
     if !pinned <> [] then
-      try modify h (fun _ -> List.iter (fun (i, v) -> ignore (h_unpin hh i v)) !pinned)
+      try modify h (fun _ -> List.iter (fun i -> ignore (h_unpin hh i)) !pinned)
       with Failure _ -> ()
   in
   Fun.protect ~finally:unpin_all (fun () -> process x)

@@ -368,7 +368,8 @@ pub extern "C" fn shmpool_heap_collect(hh: Raw) -> Raw {
 }
 
 /// Pins `v` for this process (lock held): the pin (its address halved, an
-/// int for OCaml) or a negative code.
+/// int for OCaml), 0 when `v` is not a block of this heap (nothing
+/// pinned), or a negative code.
 #[no_mangle]
 pub extern "C" fn shmpool_heap_pin(hh: Raw, v: Raw) -> Raw {
     guarded(|| {
@@ -383,11 +384,11 @@ pub extern "C" fn shmpool_heap_pin(hh: Raw, v: Raw) -> Raw {
 }
 
 #[no_mangle]
-pub extern "C" fn shmpool_heap_unpin(hh: Raw, i: Raw, v: Raw) -> Raw {
+pub extern "C" fn shmpool_heap_unpin(hh: Raw, i: Raw) -> Raw {
     guarded(|| {
         let r = heap(hh)
             .ok_or_else(closed)
-            .and_then(|h| h.unpin((untag(i) as u64) << 1, v.0 as u64));
+            .and_then(|h| h.unpin((untag(i) as u64) << 1));
         match r {
             Ok(()) => 0,
             Err(e) => fail(e),
