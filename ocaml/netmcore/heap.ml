@@ -108,6 +108,10 @@ let pool_handle id = Shmpool.heap_handle (Mempool.shmpool id)
    this process destroyed the heap. *)
 let roots : Obj.t array ref = ref [||]
 
+(* The root of the heap used last, by nonce (see [root] below). *)
+let last_nonce_ref = ref (-1)
+let last_root_ref = ref (Obj.repr 0)
+
 let cache_root hh =
   let r = checked (h_root hh) in
   if hh >= Array.length !roots then begin
@@ -117,26 +121,50 @@ let cache_root hh =
   end;
   !roots.(hh) <- r
 
+(* The nonce of the heap handle [hh] was opened on (not of whatever heap
+   is at its descriptor now). *)
+external h_nonce : int -> int = "shmpool_heap_nonce"
+
+(* Whether handle [hh] is on a live heap and, when [h]'s nonce is known,
+   on the heap [h] names. A heap destroyed and replaced by another at the
+   same descriptor leaves a cached handle that answers Destroyed. *)
+let usable h hh =
+  (h.nonce < 0 || h_nonce hh = h.nonce)
+  && match checked (h_root hh) with _ -> true | exception Failure _ -> false
+
+(* Forgets a cached handle whose heap is gone: its cached root too, so
+   [root] of a record naming that heap fails instead of reading freed
+   memory. *)
+let forget n descr hh =
+  Hashtbl.remove handles (n, descr);
+  if hh < Array.length !roots then begin
+    if !roots.(hh) == !last_root_ref then last_nonce_ref := -1;
+    !roots.(hh) <- Obj.repr 0
+  end
+
 let handle h =
   if h.pid = my_pid () then h.hh
   else begin
     let (`Resource n) = h.pool in
     let hh =
       match Hashtbl.find_opt handles (n, h.descr) with
-      | Some (hh, pid) when pid = my_pid () -> hh
-      | _ ->
+      | Some (hh, pid) when pid = my_pid () && usable h hh -> hh
+      | cached ->
+          (* none yet, or one on a heap destroyed since (maybe replaced by
+             another at the same descriptor): open once more *)
+          (match cached with Some (old, pid) when pid = my_pid () -> forget n h.descr old | _ -> ());
           let hh = h_open (pool_handle h.pool) h.descr in
           if hh < 0 then if hh = e_destroyed then raise_code hh else no_heap ();
           cache_root hh;
           Hashtbl.replace handles (n, h.descr) (hh, my_pid ());
+          (* another heap than the record's, which is gone *)
+          if h.nonce >= 0 && h_nonce hh <> h.nonce then raise_code e_destroyed;
           hh
     in
     h.hh <- hh;
     h.pid <- my_pid ();
     hh
   end
-
-external h_nonce : int -> int = "shmpool_heap_nonce"
 
 let make pool descr hh =
   let (`Resource n) = pool in
@@ -167,8 +195,8 @@ let minimum_size v =
 (* The root of the heap used last (in this process or, inherited through
    fork, its parent: values are at the same address in every worker), by
    nonce: [root] on the same heap is then two loads and a comparison. *)
-let last_nonce = ref (-1)
-let last_root = ref (Obj.repr 0)
+let last_nonce = last_nonce_ref
+let last_root = last_root_ref
 
 let root_slow h =
   let r = Array.unsafe_get !roots (handle h) in
@@ -182,9 +210,8 @@ let descr_of_heap h = h.descr
 
 let heap_of_descr pool (d : 'a descr) : 'a heap =
   let h = { pool; descr = d; nonce = -1; hh = -1; pid = -1 } in
+  (* [handle] checks a cached handle is on a live heap *)
   let hh = try handle h with Failure _ -> no_heap () in
-  (* a handle cached in this process may name a heap destroyed since *)
-  (try ignore (checked (h_root hh)) with Failure _ -> no_heap ());
   { h with nonce = h_nonce hh }
 
 type mutator = { mhh : int; mpool : Netmcore.res_id; mutable alive : bool }

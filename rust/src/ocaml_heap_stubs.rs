@@ -454,8 +454,8 @@ pub extern "C" fn shmpool_heap_first_block_bytes(words: Raw) -> Raw {
     guarded(|| Heap::first_block_bytes(untag(words).max(0) as usize * 8) as isize)
 }
 
-/// 62 bits of the heap's random nonce: tells this heap from one created
-/// later at the same descriptor.
+/// 62 bits of the random nonce of the heap this handle was opened on:
+/// tells that heap from one created later at the same descriptor.
 #[no_mangle]
 pub extern "C" fn shmpool_heap_nonce(hh: Raw) -> Raw {
     guarded(|| match heap(hh) {

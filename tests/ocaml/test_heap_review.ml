@@ -185,8 +185,6 @@ let t_reused_descr () =
       in
       Fun.protect ~finally:(fun () -> Unix.close to_child_w; Unix.close to_parent_r) go)
 
-let _pending = t_reused_descr
-
 let () =
   Alcotest.run "heap_review"
     [
@@ -198,5 +196,6 @@ let () =
           Alcotest.test_case "debug_info from a thread during modify" `Quick t_debug_info_during_modify;
           Alcotest.test_case "stats from a thread during modify" `Quick t_stats_during_modify;
           Alcotest.test_case "with_value of a private block leaves no pin" `Quick t_with_value_pins;
+          Alcotest.test_case "heap_of_descr at a reused descriptor" `Quick t_reused_descr;
         ] );
     ]

@@ -307,10 +307,11 @@ impl<'p> Heap<'p> {
         self.desc_off
     }
 
-    /// The first word of the heap's random nonce (distinct for every heap
-    /// ever created, in practice).
+    /// The first word of the random nonce of the heap this handle was
+    /// made on (distinct for every heap ever created, in practice); a heap
+    /// made later at the same descriptor has another.
     pub fn nonce(&self) -> u64 {
-        self.desc().nonce[0].load(Relaxed)
+        self.nonce0.load(Relaxed)
     }
 
     pub fn pool(&self) -> &'p Pool {
