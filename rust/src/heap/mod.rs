@@ -698,18 +698,30 @@ impl<'p> Heap<'p> {
         if how == crate::lock::Acquired::OwnerDied {
             hlock::mark_consistent(&d.lock);
         }
+        // Another destroy may have finished while this one waited: only
+        // the first one that finds the heap live (or half destroyed by a
+        // dead destroyer: state DESTROYING, magic still set) frees it.
+        if d.magic.load(Acquire) != HEAP_MAGIC
+            || d.nonce[0].load(Relaxed) != self.nonce0.load(Relaxed)
+        {
+            hlock::release(&d.lock);
+            return Err(HeapError::Destroyed);
+        }
         d.state.store(STATE_DESTROYING, Release);
         let first = d.first_chunk.load(Relaxed);
         let n = (d.nchunks.load(Relaxed) as usize).min(MAX_CHUNKS);
         let mut r = Ok(());
         for i in (0..n).rev() {
             let off = d.chunks[i].offset.load(Relaxed);
+            // Forgotten before it is freed: a death between the two leaks
+            // the chunk instead of letting the next destroy free it again
+            // (by then maybe someone else's block).
+            d.nchunks.store(i as u64, Release);
             if off != first {
                 if let Err(e) = self.pool.free(off as usize) {
                     r = Err(e.into());
                 }
             }
-            d.nchunks.store(i as u64, Relaxed);
         }
         d.magic.store(0, Release);
         hlock::release(&d.lock);
