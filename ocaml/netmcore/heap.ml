@@ -218,12 +218,15 @@ type mutator = { mhh : int; mpool : Netmcore.res_id; mutable alive : bool }
 
 external h_escape : int -> int array -> int = "shmpool_heap_escape"
 
-(* Debug: after a modify, log the first field of the heap that points into
+(* Debug: after a modify (under the lock again), log the first field of the heap that points into
    this process's private memory (a program error: other processes would
    read garbage there). O(live data). *)
 let check_escape hh =
   let out = [| 0 |] in
-  let k = h_escape hh out in
+  (* its own lock, taken after modify's: nothing allocates while held *)
+  let c = h_lock hh in
+  let k = if c >= 0 then h_escape hh out else 0 in
+  if c >= 0 then ignore (h_unlock hh);
   if k > 0 then
     dlog
       (Printf.sprintf
@@ -247,8 +250,9 @@ let modify_with h before f =
   with
   | r ->
       m.alive <- false;
-      if !Debug.enable then check_escape hh;
+      (* unlock first: the check allocates, and may fail *)
       ignore (h_unlock hh);
+      if !Debug.enable then check_escape hh;
       r
   | exception e ->
       m.alive <- false;

@@ -185,6 +185,26 @@ let t_reused_descr () =
       in
       Fun.protect ~finally:(fun () -> Unix.close to_child_w; Unix.close to_parent_r) go)
 
+(* Finding 6: with Debug.enable, modify's escape check (which allocates
+   and logs) ran before the unlock: a logger that waits for another thread
+   using the heap deadlocked. *)
+let t_escape_check_after_unlock () =
+  in_child ~size:(4 * 1024 * 1024) "escape check" (fun pool ->
+      let h = H.create_heap pool 4096 (ref [ "shared" ]) in
+      let logged = ref 0 in
+      Netlog.Debug.current_dlogger :=
+        (fun m _ ->
+          if m = "Netmcore_heap" then begin
+            incr logged;
+            Thread.join (Thread.create (fun () -> ignore (H.stats h)) ())
+          end);
+      H.Debug.enable := true;
+      H.modify h (fun _ -> H.root h := [ String.make 3 'p' ]);
+      H.Debug.enable := false;
+      H.modify h (fun m -> H.root h := H.add m [ "fine" ]);
+      H.destroy h;
+      !logged > 0)
+
 let () =
   Alcotest.run "heap_review"
     [
@@ -197,5 +217,6 @@ let () =
           Alcotest.test_case "stats from a thread during modify" `Quick t_stats_during_modify;
           Alcotest.test_case "with_value of a private block leaves no pin" `Quick t_with_value_pins;
           Alcotest.test_case "heap_of_descr at a reused descriptor" `Quick t_reused_descr;
+          Alcotest.test_case "Debug escape check runs unlocked" `Quick t_escape_check_after_unlock;
         ] );
     ]
