@@ -17,7 +17,7 @@ external h_root : int -> 'a = "shmpool_heap_root" [@@noalloc]
 external h_keep : int -> 'a -> int = "shmpool_heap_keep" [@@noalloc]
 external h_collect : int -> int = "shmpool_heap_collect" [@@noalloc]
 external h_pin : int -> 'a -> int = "shmpool_heap_pin" [@@noalloc]
-external h_unpin : int -> int -> 'a -> int = "shmpool_heap_unpin" [@@noalloc]
+external h_unpin : int -> int -> int = "shmpool_heap_unpin" [@@noalloc]
 external h_contains : int -> 'a -> int = "shmpool_heap_contains" [@@noalloc]
 external h_measure : 'a -> int = "shmpool_heap_measure" [@@noalloc]
 external h_first_block_bytes : int -> int = "shmpool_heap_first_block_bytes" [@@noalloc]
@@ -26,7 +26,8 @@ external h_debug_info : int -> string = "shmpool_heap_debug_info"
 external h_last_code : unit -> int = "shmpool_heap_last_code" [@@noalloc]
 external h_repair_needed : int -> int = "shmpool_heap_repair_gen" [@@noalloc]
 external h_repaired : int -> int = "shmpool_heap_repaired" [@@noalloc]
-external h_stats : int -> int array -> int = "shmpool_heap_stats" [@@noalloc]
+(* waits for the heap lock with the runtime lock released: may allocate *)
+external h_stats : int -> int array = "shmpool_heap_stats"
 
 let code name =
   let c = error_code name in
@@ -107,6 +108,10 @@ let pool_handle id = Shmpool.heap_handle (Mempool.shmpool id)
    this process destroyed the heap. *)
 let roots : Obj.t array ref = ref [||]
 
+(* The root of the heap used last, by nonce (see [root] below). *)
+let last_nonce_ref = ref (-1)
+let last_root_ref = ref (Obj.repr 0)
+
 let cache_root hh =
   let r = checked (h_root hh) in
   if hh >= Array.length !roots then begin
@@ -116,26 +121,50 @@ let cache_root hh =
   end;
   !roots.(hh) <- r
 
+(* The nonce of the heap handle [hh] was opened on (not of whatever heap
+   is at its descriptor now). *)
+external h_nonce : int -> int = "shmpool_heap_nonce"
+
+(* Whether handle [hh] is on a live heap and, when [h]'s nonce is known,
+   on the heap [h] names. A heap destroyed and replaced by another at the
+   same descriptor leaves a cached handle that answers Destroyed. *)
+let usable h hh =
+  (h.nonce < 0 || h_nonce hh = h.nonce)
+  && match checked (h_root hh) with _ -> true | exception Failure _ -> false
+
+(* Forgets a cached handle whose heap is gone: its cached root too, so
+   [root] of a record naming that heap fails instead of reading freed
+   memory. *)
+let forget n descr hh =
+  Hashtbl.remove handles (n, descr);
+  if hh < Array.length !roots then begin
+    if !roots.(hh) == !last_root_ref then last_nonce_ref := -1;
+    !roots.(hh) <- Obj.repr 0
+  end
+
 let handle h =
   if h.pid = my_pid () then h.hh
   else begin
     let (`Resource n) = h.pool in
     let hh =
       match Hashtbl.find_opt handles (n, h.descr) with
-      | Some (hh, pid) when pid = my_pid () -> hh
-      | _ ->
+      | Some (hh, pid) when pid = my_pid () && usable h hh -> hh
+      | cached ->
+          (* none yet, or one on a heap destroyed since (maybe replaced by
+             another at the same descriptor): open once more *)
+          (match cached with Some (old, pid) when pid = my_pid () -> forget n h.descr old | _ -> ());
           let hh = h_open (pool_handle h.pool) h.descr in
           if hh < 0 then if hh = e_destroyed then raise_code hh else no_heap ();
           cache_root hh;
           Hashtbl.replace handles (n, h.descr) (hh, my_pid ());
+          (* another heap than the record's, which is gone *)
+          if h.nonce >= 0 && h_nonce hh <> h.nonce then raise_code e_destroyed;
           hh
     in
     h.hh <- hh;
     h.pid <- my_pid ();
     hh
   end
-
-external h_nonce : int -> int = "shmpool_heap_nonce"
 
 let make pool descr hh =
   let (`Resource n) = pool in
@@ -166,8 +195,8 @@ let minimum_size v =
 (* The root of the heap used last (in this process or, inherited through
    fork, its parent: values are at the same address in every worker), by
    nonce: [root] on the same heap is then two loads and a comparison. *)
-let last_nonce = ref (-1)
-let last_root = ref (Obj.repr 0)
+let last_nonce = last_nonce_ref
+let last_root = last_root_ref
 
 let root_slow h =
   let r = Array.unsafe_get !roots (handle h) in
@@ -181,21 +210,23 @@ let descr_of_heap h = h.descr
 
 let heap_of_descr pool (d : 'a descr) : 'a heap =
   let h = { pool; descr = d; nonce = -1; hh = -1; pid = -1 } in
+  (* [handle] checks a cached handle is on a live heap *)
   let hh = try handle h with Failure _ -> no_heap () in
-  (* a handle cached in this process may name a heap destroyed since *)
-  (try ignore (checked (h_root hh)) with Failure _ -> no_heap ());
   { h with nonce = h_nonce hh }
 
 type mutator = { mhh : int; mpool : Netmcore.res_id; mutable alive : bool }
 
 external h_escape : int -> int array -> int = "shmpool_heap_escape"
 
-(* Debug: after a modify, log the first field of the heap that points into
+(* Debug: after a modify (under the lock again), log the first field of the heap that points into
    this process's private memory (a program error: other processes would
    read garbage there). O(live data). *)
 let check_escape hh =
   let out = [| 0 |] in
-  let k = h_escape hh out in
+  (* its own lock, taken after modify's: nothing allocates while held *)
+  let c = h_lock hh in
+  let k = if c >= 0 then h_escape hh out else 0 in
+  if c >= 0 then ignore (h_unlock hh);
   if k > 0 then
     dlog
       (Printf.sprintf
@@ -219,8 +250,9 @@ let modify_with h before f =
   with
   | r ->
       m.alive <- false;
-      if !Debug.enable then check_escape hh;
+      (* unlock first: the check allocates, and may fail *)
       ignore (h_unlock hh);
+      if !Debug.enable then check_escape hh;
       r
   | exception e ->
       m.alive <- false;
@@ -326,8 +358,9 @@ let copy (v : 'a) : 'a =
     | b -> Marshal.from_bytes b 0
     | exception (Invalid_argument _ | Failure _) -> failwith "Netsys_mem.copy_value: Library error"
 
-(* Pins the blocks among [xs] for this process until [unpin_all]: they
-   stay roots while [process] runs without the lock. *)
+(* Pins the blocks of this heap among [xs] for this process until
+   [unpin_all]: they stay roots while [process] runs without the lock.
+   Others (private values, which the minor GC may move) need no pin. *)
 let with_pins h (find : unit -> 'b) (blocks : 'b -> Obj.t list) (process : 'b -> 'c) : 'c =
   let hh = handle h in
   let pinned = ref [] in
@@ -337,9 +370,10 @@ let with_pins h (find : unit -> 'b) (blocks : 'b -> Obj.t list) (process : 'b ->
         List.iter
           (fun v ->
             if Obj.is_block v then begin
+              (* 0: not a block of this heap, nothing pinned *)
               let i = h_pin hh v in
               check_code i;
-              pinned := (i, v) :: !pinned
+              if i > 0 then pinned := i :: !pinned
             end)
           (blocks x);
         x)
@@ -347,7 +381,7 @@ let with_pins h (find : unit -> 'b) (blocks : 'b -> Obj.t list) (process : 'b ->
   (* [process] may have destroyed the heap: nothing to unpin then *)
   let unpin_all () =
     if !pinned <> [] then
-      try modify h (fun _ -> List.iter (fun (i, v) -> ignore (h_unpin hh i v)) !pinned)
+      try modify h (fun _ -> List.iter (fun i -> ignore (h_unpin hh i)) !pinned)
       with Failure _ -> ()
   in
   Fun.protect ~finally:unpin_all (fun () -> process x)
@@ -405,8 +439,8 @@ type stats = {
 }
 
 let stats h =
-  let a = Array.make 7 0 in
-  check_code (h_stats (handle h) a);
+  let a = h_stats (handle h) in
+  if Array.length a < 7 then raise_code (if Array.length a = 1 then a.(0) else -1);
   {
     chunks = a.(0);
     heap_words = a.(1);

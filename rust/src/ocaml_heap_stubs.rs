@@ -13,9 +13,9 @@
 //! `catch_unwind`), nothing is raised from Rust. The stubs that return an
 //! OCaml value (a heap value) return, on failure, an immediate and leave
 //! the code in `LAST` (`shmpool_heap_last_code`); the OCaml side tells
-//! them apart with `Obj.is_block` and the code. Except `lock` and
-//! `destroy` (which may wait for another holder and then release the
-//! runtime lock) and `debug_info`, they neither allocate on the OCaml heap
+//! them apart with `Obj.is_block` and the code. Except `lock`,
+//! `destroy`, `stats` and `debug_info` (which may wait for another holder
+//! and then release the runtime lock, and allocate), they neither allocate on the OCaml heap
 //! nor release the runtime lock, so they are declared `[@@noalloc]`: a
 //! copy-in reads the source graph while nothing can move it.
 //!
@@ -238,6 +238,22 @@ pub extern "C" fn shmpool_heap_open(ph: Raw, off: Raw) -> Raw {
     })
 }
 
+/// Runs `wait` (a wait for the heap lock) with the OCaml runtime lock
+/// released, so other threads, maybe the heap lock's holder, can run.
+/// The caller holds no OCaml value across the call (a GC may run).
+fn releasing_runtime(wait: &mut dyn FnMut()) {
+    // SAFETY: we hold the runtime lock (OCaml called us); `wait` touches
+    // no OCaml value, and we take the runtime lock back before returning,
+    // even if `wait` panics.
+    unsafe { ocaml::sys::caml_enter_blocking_section() };
+    let r = catch_unwind(AssertUnwindSafe(wait));
+    // SAFETY: as above.
+    unsafe { ocaml::sys::caml_leave_blocking_section() };
+    if let Err(p) = r {
+        std::panic::resume_unwind(p);
+    }
+}
+
 /// Locks the heap for this thread: 0, 1 after a recovery, 2 when this
 /// thread held it already, or a negative code. Waiting for another holder
 /// releases the OCaml runtime lock.
@@ -247,19 +263,7 @@ pub extern "C" fn shmpool_heap_lock(hh: Raw) -> Raw {
         let Some(h) = heap(hh) else {
             return fail(closed());
         };
-        let mut around = |wait: &mut dyn FnMut()| {
-            // SAFETY: we hold the runtime lock (OCaml called us); `wait`
-            // touches no OCaml value, and we take the runtime lock back
-            // before returning, even if `wait` panics.
-            unsafe { ocaml::sys::caml_enter_blocking_section() };
-            let r = catch_unwind(AssertUnwindSafe(wait));
-            // SAFETY: as above.
-            unsafe { ocaml::sys::caml_leave_blocking_section() };
-            if let Err(p) = r {
-                std::panic::resume_unwind(p);
-            }
-        };
-        match h.lock_waiting(&mut around) {
+        match h.lock_waiting(&mut releasing_runtime) {
             Ok(i) if i.nested => 2,
             Ok(i) if i.recovered => 1,
             Ok(_) => 0,
@@ -364,7 +368,8 @@ pub extern "C" fn shmpool_heap_collect(hh: Raw) -> Raw {
 }
 
 /// Pins `v` for this process (lock held): the pin (its address halved, an
-/// int for OCaml) or a negative code.
+/// int for OCaml), 0 when `v` is not a block of this heap (nothing
+/// pinned), or a negative code.
 #[no_mangle]
 pub extern "C" fn shmpool_heap_pin(hh: Raw, v: Raw) -> Raw {
     guarded(|| {
@@ -379,11 +384,11 @@ pub extern "C" fn shmpool_heap_pin(hh: Raw, v: Raw) -> Raw {
 }
 
 #[no_mangle]
-pub extern "C" fn shmpool_heap_unpin(hh: Raw, i: Raw, v: Raw) -> Raw {
+pub extern "C" fn shmpool_heap_unpin(hh: Raw, i: Raw) -> Raw {
     guarded(|| {
         let r = heap(hh)
             .ok_or_else(closed)
-            .and_then(|h| h.unpin((untag(i) as u64) << 1, v.0 as u64));
+            .and_then(|h| h.unpin((untag(i) as u64) << 1));
         match r {
             Ok(()) => 0,
             Err(e) => fail(e),
@@ -449,8 +454,8 @@ pub extern "C" fn shmpool_heap_first_block_bytes(words: Raw) -> Raw {
     guarded(|| Heap::first_block_bytes(untag(words).max(0) as usize * 8) as isize)
 }
 
-/// 62 bits of the heap's random nonce: tells this heap from one created
-/// later at the same descriptor.
+/// 62 bits of the random nonce of the heap this handle was opened on:
+/// tells that heap from one created later at the same descriptor.
 #[no_mangle]
 pub extern "C" fn shmpool_heap_nonce(hh: Raw) -> Raw {
     guarded(|| match heap(hh) {
@@ -512,13 +517,14 @@ pub extern "C" fn shmpool_heap_destroy(hh: Raw) -> Raw {
     })
 }
 
-/// A multi-line description (allocates an OCaml string).
+/// A multi-line description (allocates an OCaml string). Waits for the
+/// heap lock with the runtime lock released.
 #[no_mangle]
 pub extern "C" fn shmpool_heap_debug_info(hh: Raw) -> Raw {
     use ocaml::ToValue;
     cold(Raw(ocaml::sys::UNIT), |gc| {
         let s = match heap(hh) {
-            Some(h) => h.debug_info(),
+            Some(h) => h.debug_info_waiting(&mut releasing_runtime),
             None => "unknown heap handle".into(),
         };
         s.to_value(gc).raw()
@@ -526,29 +532,32 @@ pub extern "C" fn shmpool_heap_debug_info(hh: Raw) -> Raw {
 }
 
 /// Heap statistics: `[| chunks; heap_words; free_words; live_words; gcs;
-/// recoveries; pins |]` written into `arr` (7 ints), or a code.
+/// recoveries; pins |]`, or `[| code |]` on failure. Waits for the heap
+/// lock with the runtime lock released, so the array is allocated after.
 #[no_mangle]
-pub extern "C" fn shmpool_heap_stats(hh: Raw, arr: Raw) -> Raw {
-    guarded(
-        || match heap(hh).ok_or_else(closed).and_then(|h| h.stats()) {
-            Ok(s) => {
-                let f = [
-                    s.chunks,
-                    s.heap_words,
-                    s.free_words,
-                    s.live_words,
-                    s.gcs,
-                    s.recoveries,
-                    s.pins,
-                ];
-                for (i, x) in f.iter().enumerate() {
-                    // SAFETY: `arr` is an int array of at least 7 fields (the
-                    // OCaml side allocates it); ints need no write barrier.
-                    unsafe { *(arr.0 as *mut isize).add(i) = ((*x as isize) << 1) | 1 };
-                }
-                0
-            }
-            Err(e) => fail(e),
-        },
-    )
+pub extern "C" fn shmpool_heap_stats(hh: Raw) -> Raw {
+    use ocaml::ToValue;
+    cold(Raw(ocaml::sys::UNIT), |gc| {
+        let r = heap(hh)
+            .ok_or_else(closed)
+            .and_then(|h| h.stats_waiting(&mut releasing_runtime));
+        let a: Vec<ocaml::Int> = match r {
+            Ok(s) => [
+                s.chunks,
+                s.heap_words,
+                s.free_words,
+                s.live_words,
+                s.gcs,
+                s.recoveries,
+                s.pins,
+            ]
+            .iter()
+            .map(|&x| x as ocaml::Int)
+            .collect(),
+            Err(e) => vec![fail(e)],
+        };
+        // The Value roots the array; its raw word stays valid because
+        // nothing allocates between here and the return to OCaml.
+        a.to_value(gc).raw()
+    })
 }

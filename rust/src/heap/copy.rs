@@ -13,8 +13,12 @@
 //!    address in every forked worker) are kept as they are, and so are
 //!    blocks already in this heap when sharing is asked (`add_immutable`).
 //! 2. **One span** of the total size is allocated (out of pool memory is
-//!    reported here, still before any write).
-//! 3. **Copy pass**: every block is written at its place with a black
+//!    reported here, still before any write). A GC this allocation runs
+//!    takes the source's blocks that are in this heap as extra roots: the
+//!    source may be the only thing still reaching them (a value unlinked
+//!    and re-added in one `modify`).
+//! 3. **Copy pass**: every block is written at its place, with the size
+//!    and tag of its plan (never a header read again), with a black
 //!    header, pointer fields translated through the map, other blocks
 //!    copied word for word. A bigarray's data is copied inside its own
 //!    custom block, after its dimensions, flagged `CAML_BA_EXTERNAL`
@@ -154,6 +158,10 @@ struct Plan {
     at: u64,
     /// Words in the copy (header included).
     words: u64,
+    /// The source's wosize and tag when planned: the copy pass uses these,
+    /// never the header read again, so what it writes is what was sized.
+    n: u64,
+    tag: u8,
 }
 
 /// The identifier of a custom block's operations (`ops->identifier`).
@@ -294,7 +302,8 @@ fn place(x: u64, sc: &mut Scratch, l: &mut Layout) -> Result<(), HeapError> {
     // SAFETY: x came from resolve: a block of OCaml memory.
     let hd = unsafe { src(x - 8) };
     let n = wosize(hd);
-    let words = match tag(hd) {
+    let t = tag(hd);
+    let words = match t {
         CUSTOM_TAG => custom_words(x, n)?,
         t => {
             if t < NO_SCAN_TAG {
@@ -303,7 +312,15 @@ fn place(x: u64, sc: &mut Scratch, l: &mut Layout) -> Result<(), HeapError> {
             n + 1
         }
     };
-    sc.insert(x, Plan { at: l.total, words });
+    sc.insert(
+        x,
+        Plan {
+            at: l.total,
+            words,
+            n,
+            tag: t,
+        },
+    );
     sc.order.push(x);
     l.total = l
         .total
@@ -356,7 +373,32 @@ impl Heap<'_> {
         if !l.enter {
             return Ok(l.top);
         }
-        let span = self.alloc_span(l.total)?;
+        // The allocation may collect. Until the copy is written, the
+        // source's blocks that are in this heap (entered ones: a value read
+        // from the heap and unlinked in the same `modify`; kept ones of
+        // `add_immutable`) may be reachable from nothing but the source,
+        // which is private: they are extra roots of that collection.
+        let sc_ro: &Scratch = sc;
+        let source_roots = |out: &mut Vec<u64>| {
+            for &x in &sc_ro.order {
+                out.push(x);
+                let Some(p) = sc_ro.get(x) else { continue };
+                if p.tag >= NO_SCAN_TAG {
+                    continue;
+                }
+                for k in 0..p.n {
+                    // SAFETY: x is an OCaml block of wosize p.n (pass 1),
+                    // unchanged since: nothing was freed or written yet.
+                    let f = unsafe { src(x + 8 * k) };
+                    if is_block(f) && sc_ro.get(f).is_none() {
+                        if let Ok((y, false)) = resolve(f, keep, is_value) {
+                            out.push(y);
+                        }
+                    }
+                }
+            }
+        };
+        let span = self.alloc_span_rooted(l.total, &source_roots)?;
         // Every block of `order` and every entered field has a place (pass 1).
         let at = |x: u64| sc.get(x).map_or(0, |p| p.at);
         let dst = |x: u64| base + span + at(x) * 8 + 8;
@@ -370,10 +412,9 @@ impl Heap<'_> {
             // SAFETY: x is an OCaml block (pass 1); `to` starts p.words
             // words of our fresh span; lock held.
             unsafe {
-                let hd = src(x - 8);
-                let n = wosize(hd);
-                self.wr(to, make_header(p.words - 1, tag(hd)));
-                if tag(hd) < NO_SCAN_TAG {
+                let n = p.n;
+                self.wr(to, make_header(p.words - 1, p.tag));
+                if p.tag < NO_SCAN_TAG {
                     for k in 0..n {
                         let f = src(x + 8 * k);
                         let t = if !is_block(f) {
@@ -397,7 +438,7 @@ impl Heap<'_> {
                         self.pool.addr(to as usize + 8),
                         n as usize * 8,
                     );
-                    if tag(hd) == CUSTOM_TAG && p.words > n + 1 {
+                    if p.tag == CUSTOM_TAG && p.words > n + 1 {
                         self.fix_bigarray(x, to + 8);
                     }
                 }

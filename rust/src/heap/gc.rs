@@ -5,8 +5,9 @@
 //! in each chunk's bitmap: bit i set = the block whose header is area word
 //! i is reachable.
 //!
-//! Roots: the root value, the pins of `with_value` (`pins.rs`) and the
-//! values allocated since the calling thread took the lock.
+//! Roots: the root value, the pins of `with_value` (`pins.rs`), the
+//! values allocated since the calling thread took the lock, and the blocks
+//! of this heap that a copy in progress reads (`copy.rs`).
 //!
 //! Mark follows a word only if it is a pointer whose header word lies in
 //! one of this heap's areas, is black, and whose block fits the area:
@@ -31,10 +32,17 @@ use std::sync::atomic::Ordering::Relaxed;
 impl Heap<'_> {
     /// Collects (lock held by the calling thread).
     pub(crate) fn collect(&self) -> HResult<()> {
+        self.collect_with(&|_| {})
+    }
+
+    /// Collects with the roots `extra` adds too (lock held): the blocks of
+    /// this heap a copy in progress reads (`copy.rs`).
+    pub(crate) fn collect_with(&self, extra: &dyn Fn(&mut Vec<u64>)) -> HResult<()> {
         self.prune_dead_pins();
         let d = self.desc();
         let mut roots = vec![d.root.load(Relaxed), d.pin_head.load(Relaxed)];
         roots.extend_from_slice(&self.local()?.added);
+        extra(&mut roots);
         self.collect_from(&roots)
     }
 

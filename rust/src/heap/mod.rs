@@ -307,10 +307,11 @@ impl<'p> Heap<'p> {
         self.desc_off
     }
 
-    /// The first word of the heap's random nonce (distinct for every heap
-    /// ever created, in practice).
+    /// The first word of the random nonce of the heap this handle was
+    /// made on (distinct for every heap ever created, in practice); a heap
+    /// made later at the same descriptor has another.
     pub fn nonce(&self) -> u64 {
-        self.desc().nonce[0].load(Relaxed)
+        self.nonce0.load(Relaxed)
     }
 
     pub fn pool(&self) -> &'p Pool {
@@ -457,7 +458,17 @@ impl<'p> Heap<'p> {
 
     /// Runs `f` under the lock.
     pub fn with_lock<R>(&self, f: impl FnOnce(&Self) -> HResult<R>) -> HResult<R> {
-        self.lock()?;
+        self.with_lock_waiting(&mut |wait| wait(), f)
+    }
+
+    /// [`Heap::with_lock`], waiting for another holder inside `around` (see
+    /// [`Heap::lock_waiting`]).
+    pub fn with_lock_waiting<R>(
+        &self,
+        around: &mut dyn FnMut(&mut dyn FnMut()),
+        f: impl FnOnce(&Self) -> HResult<R>,
+    ) -> HResult<R> {
+        self.lock_waiting(around)?;
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(self)));
         self.unlock();
         match r {
@@ -513,6 +524,16 @@ impl<'p> Heap<'p> {
     /// them before the next allocation and roots what it keeps
     /// ([`Heap::keep`]).
     pub(crate) fn alloc_span(&self, words: u64) -> HResult<u64> {
+        self.alloc_span_rooted(words, &|_| {})
+    }
+
+    /// [`Heap::alloc_span`] where a collection, if one runs, also keeps
+    /// what `extra` adds to the roots.
+    pub(crate) fn alloc_span_rooted(
+        &self,
+        words: u64,
+        extra: &dyn Fn(&mut Vec<u64>),
+    ) -> HResult<u64> {
         self.local()?;
         if let Some(off) = self.take(words) {
             return Ok(self.count_alloc(off, words));
@@ -520,7 +541,7 @@ impl<'p> Heap<'p> {
         let d = self.desc();
         let since = d.alloc_since_gc.load(Relaxed);
         if since >= d.live_words.load(Relaxed).max(MIN_GC_WORDS) {
-            self.collect()?;
+            self.collect_with(extra)?;
             // Mostly live after the GC: grow now, so the next GCs stay
             // amortised; but a full pool is no error while the free lists
             // still have room.
@@ -539,7 +560,9 @@ impl<'p> Heap<'p> {
             match self.grow(words) {
                 // The pool is full: what the heap holds as garbage is the
                 // only room left.
-                Err(HeapError::Pool(Error::OutOfMemory)) if since > 0 => self.collect()?,
+                Err(HeapError::Pool(Error::OutOfMemory)) if since > 0 => {
+                    self.collect_with(extra)?
+                }
                 r => r?,
             }
         }
@@ -569,7 +592,13 @@ impl<'p> Heap<'p> {
     }
 
     pub fn stats(&self) -> HResult<HeapStats> {
-        self.with_lock(|h| {
+        self.stats_waiting(&mut |wait| wait())
+    }
+
+    /// [`Heap::stats`], waiting for the lock inside `around` (see
+    /// [`Heap::lock_waiting`]).
+    pub fn stats_waiting(&self, around: &mut dyn FnMut(&mut dyn FnMut())) -> HResult<HeapStats> {
+        self.with_lock_waiting(around, |h| {
             let d = h.desc();
             Ok(HeapStats {
                 chunks: d.nchunks.load(Relaxed),
@@ -606,11 +635,17 @@ impl<'p> Heap<'p> {
     /// A multi-line description: the root, chunks, free lists and
     /// counters.
     pub fn debug_info(&self) -> String {
+        self.debug_info_waiting(&mut |wait| wait())
+    }
+
+    /// [`Heap::debug_info`], waiting for the lock inside `around` (see
+    /// [`Heap::lock_waiting`]).
+    pub fn debug_info_waiting(&self, around: &mut dyn FnMut(&mut dyn FnMut())) -> String {
         use std::fmt::Write as _;
         let mut s = String::new();
         let _ = writeln!(s, "pool = {}", self.pool.base() as u64);
         let _ = writeln!(s, "value = @0x{:x}", self.root());
-        let r = self.with_lock(|h| {
+        let r = self.with_lock_waiting(around, |h| {
             let d = h.desc();
             for (i, r) in h.ranges().iter().enumerate() {
                 let _ = writeln!(
@@ -631,7 +666,7 @@ impl<'p> Heap<'p> {
         if let Err(e) = r {
             let _ = writeln!(s, "error = {e}");
         }
-        if let Ok(st) = self.stats() {
+        if let Ok(st) = self.stats_waiting(around) {
             let _ = writeln!(s, "{st:?}");
         }
         s
@@ -663,18 +698,30 @@ impl<'p> Heap<'p> {
         if how == crate::lock::Acquired::OwnerDied {
             hlock::mark_consistent(&d.lock);
         }
+        // Another destroy may have finished while this one waited: only
+        // the first one that finds the heap live (or half destroyed by a
+        // dead destroyer: state DESTROYING, magic still set) frees it.
+        if d.magic.load(Acquire) != HEAP_MAGIC
+            || d.nonce[0].load(Relaxed) != self.nonce0.load(Relaxed)
+        {
+            hlock::release(&d.lock);
+            return Err(HeapError::Destroyed);
+        }
         d.state.store(STATE_DESTROYING, Release);
         let first = d.first_chunk.load(Relaxed);
         let n = (d.nchunks.load(Relaxed) as usize).min(MAX_CHUNKS);
         let mut r = Ok(());
         for i in (0..n).rev() {
             let off = d.chunks[i].offset.load(Relaxed);
+            // Forgotten before it is freed: a death between the two leaks
+            // the chunk instead of letting the next destroy free it again
+            // (by then maybe someone else's block).
+            d.nchunks.store(i as u64, Release);
             if off != first {
                 if let Err(e) = self.pool.free(off as usize) {
                     r = Err(e.into());
                 }
             }
-            d.nchunks.store(i as u64, Relaxed);
         }
         d.magic.store(0, Release);
         hlock::release(&d.lock);

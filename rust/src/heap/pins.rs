@@ -54,9 +54,18 @@ impl Heap<'_> {
     }
 
     /// Pins `v` for this process (lock held); returns the pin to give to
-    /// [`Heap::unpin`].
+    /// [`Heap::unpin`], or 0 when `v` is not a block of this heap (an
+    /// immediate, an atom, a private value: nothing of this heap to keep,
+    /// and a private value may move, so nothing could find its pin again).
     pub fn pin_shared(&self, v: u64) -> HResult<u64> {
         self.local()?;
+        if !is_block(v)
+            || self
+                .find_chunk(v.wrapping_sub(self.base()).wrapping_sub(8))
+                .is_none()
+        {
+            return Ok(0);
+        }
         owner::ensure_fork_hook();
         // Without a readable identity, pidns 0 makes the pin count as alive
         // for as long as it is pinned (see `owner::is_alive`).
@@ -78,10 +87,13 @@ impl Heap<'_> {
         Ok(p)
     }
 
-    /// Removes `pin` if it is on the list and still pins `v` (lock held).
-    pub fn unpin(&self, pin: u64, v: u64) -> HResult<()> {
+    /// Removes `pin` if it is on the list (lock held; 0 is no pin). By the
+    /// pin block alone: it identifies the pin, whatever it pins.
+    pub fn unpin(&self, pin: u64) -> HResult<()> {
         self.local()?;
-        self.unlink_pins(|p| p == pin && self.pin_field(p, VALUE) == v);
+        if pin != 0 {
+            self.unlink_pins(|p| p == pin);
+        }
         Ok(())
     }
 
