@@ -492,6 +492,13 @@ module Struct_internal : sig
   val commit_hook : (string -> unit) ref
   (* Test-only: called with a point's name at each staged-death point of
      the structures (see commit_point.ml). *)
+
+  val sync_crash_at : string -> unit
+  (* Test-only: this process SIGKILLs itself when a condition operation
+     reaches the named point: ["signal:marked"] (an event waiter's entry
+     marked signalled, its pipe not yet written), ["signal:written"] (the
+     pipe written, the entry still queued), ["cond:list-locked"] (the
+     event-waiter list locked); [""] disarms. *)
 end
 
 (**/**)

@@ -38,3 +38,14 @@ let fail_code what c =
 (* A fresh object string in the mutator's heap (immutable contents as far
    as OCaml knows: only the stubs write it). *)
 let alloc m n = Heap.add_string m n
+
+external test_crash_at : int -> int = "shmpool_sync_test_crash_at" [@@noalloc]
+
+(* Test-only: the process SIGKILLs itself at the point named (see
+   ocaml_sync_stubs.rs); "" disarms. *)
+let crash_at = function
+  | "" -> ignore (test_crash_at 0)
+  | "signal:marked" -> ignore (test_crash_at 1)
+  | "signal:written" -> ignore (test_crash_at 2)
+  | "cond:list-locked" -> ignore (test_crash_at 3)
+  | p -> invalid_arg ("Struct_internal.sync_crash_at: " ^ p)

