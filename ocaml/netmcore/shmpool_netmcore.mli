@@ -469,7 +469,10 @@ end
       takes the mutex and continues with the given function); queued
       event waiters are woken before plain waiters, oldest first, and a
       [signal] whose event waiter died (no reader on its pipe) goes on to
-      the next waiter instead of being lost. An aborted [wait_e] engine
+      the next waiter instead of being lost; a signaller or waiter that
+      dies inside [signal], [broadcast] or [wait_e] (even one left an
+      unreaped zombie) blocks no one and leaves no event waiter waiting
+      for a signal already given. An aborted [wait_e] engine
       leaves the queue and passes on a signal it had already been given.
       The wait set keeps its event entries alive: allocate and free them
       through it, as the original requires. *)

@@ -1,7 +1,8 @@
 (* Netmcore_mutex, Netmcore_sem and Netmcore_condition on shmpool: each
    object is a string allocated in a shared heap (it never moves), which
    rust/src/ocaml_sync_stubs.rs uses as a robust process-shared pthread
-   mutex, or as a futex-based semaphore or condition. *)
+   mutex, or as a futex-based semaphore or condition. Stubs that may wait
+   (they release the runtime lock meanwhile) are not [noalloc]. *)
 
 external mutex_init : string -> int -> int = "shmpool_sync_mutex_init" [@@noalloc]
 external mutex_lock : string -> int = "shmpool_sync_mutex_lock"
@@ -13,11 +14,11 @@ external sem_post : string -> int = "shmpool_sync_sem_post" [@@noalloc]
 external sem_wait : string -> int -> int = "shmpool_sync_sem_wait"
 external sem_getvalue : string -> int = "shmpool_sync_sem_getvalue" [@@noalloc]
 external cond_wait : string -> string -> int = "shmpool_sync_cond_wait"
-external cond_signal : string -> int -> int = "shmpool_sync_cond_signal" [@@noalloc]
+external cond_signal : string -> int -> int = "shmpool_sync_cond_signal"
 external sync_bytes : int -> int = "shmpool_sync_bytes" [@@noalloc]
 external entry_init : string -> string -> int = "shmpool_sync_entry_init" [@@noalloc]
-external cond_enqueue : string -> string -> int = "shmpool_sync_cond_enqueue" [@@noalloc]
-external cond_dequeue : string -> string -> int = "shmpool_sync_cond_dequeue" [@@noalloc]
+external cond_enqueue : string -> string -> int = "shmpool_sync_cond_enqueue"
+external cond_dequeue : string -> string -> int = "shmpool_sync_cond_dequeue"
 external entry_signalled : string -> int = "shmpool_sync_entry_signalled" [@@noalloc]
 
 let e_dummy = -1

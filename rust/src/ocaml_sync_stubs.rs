@@ -14,9 +14,10 @@
 //! - semaphore (`SYNC_BYTES`): magic, `u32` value, `u32` waiters, reached
 //!   through atomics and waited on with a futex.
 //! - condition (`COND_BYTES`): magic, `u32` sequence number, `u32` futex
-//!   waiters, then the list of event-loop waiters (`wait_e`): `u32` list
-//!   lock (the pid of its holder, 0 when free), 4 bytes unused, `u64`
-//!   address of the first queued wait entry (0: none).
+//!   waiters, then the list of event-loop waiters (`wait_e`): `u64`
+//!   address of the first queued wait entry (0: none) at offset 16, and
+//!   the list lock, a robust process-shared `pthread_mutex_t`, at offset
+//!   `LIST_LOCK_OFF`.
 //! - event wait entry (`ENTRY_HDR` + name): magic, `u64` address of the
 //!   next queued entry, `u32` state (1 once signalled), `u32` length of
 //!   the named pipe's path, then the path. Entries are strings of the same
@@ -30,8 +31,9 @@
 //! which costs a needless wake-up call, never a lost or blocked one. The
 //! event-waiter list changes by single stores (append: the last entry's
 //! `next`; removal: one predecessor's `next` or the head), so a process
-//! dying inside the list lock leaves a well-formed list; the lock of a
-//! dead holder is taken over. A signal marks an entry and writes its pipe
+//! dying inside the list lock leaves a well-formed list; the kernel
+//! releases the lock of a dead holder at its death (robust mutex, even if
+//! the holder stays an unreaped zombie) and the next locker takes it over. A signal marks an entry and writes its pipe
 //! before it unlinks it, all under the list lock, so a signaller dying
 //! in between leaves the entry queued for the next signal (see
 //! `signal_event_waiters`). A signal whose waiter died (its pipe has no
@@ -47,15 +49,17 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 const MUTEX_MAGIC: u64 = u64::from_le_bytes(*b"SHMMTX01");
 const SEM_MAGIC: u64 = u64::from_le_bytes(*b"SHMSEM01");
-const COND_MAGIC: u64 = u64::from_le_bytes(*b"SHMCND02");
+const COND_MAGIC: u64 = u64::from_le_bytes(*b"SHMCND03");
 const ENTRY_MAGIC: u64 = u64::from_le_bytes(*b"SHMWTE01");
 const MUTEX_OFF: usize = 16;
 /// Bytes of a mutex string.
 pub const MUTEX_BYTES: usize = MUTEX_OFF + std::mem::size_of::<libc::pthread_mutex_t>();
 /// Bytes of a semaphore or condition string.
 pub const SYNC_BYTES: usize = 16;
+/// Offset of a condition's list lock.
+const LIST_LOCK_OFF: usize = 24;
 /// Bytes of a condition string.
-pub const COND_BYTES: usize = 32;
+pub const COND_BYTES: usize = LIST_LOCK_OFF + std::mem::size_of::<libc::pthread_mutex_t>();
 /// Bytes of an event wait entry before its pipe path.
 pub const ENTRY_HDR: usize = 24;
 
@@ -162,6 +166,25 @@ fn futex_wake(w: &AtomicU32, n: i32) {
     }
 }
 
+/// Initialises a robust process-shared pthread mutex of type `ty` at `m`
+/// (memory of a fresh object nobody uses yet); false on failure.
+fn init_robust(m: *mut libc::pthread_mutex_t, ty: libc::c_int) -> bool {
+    // SAFETY: attr is a local initialised by pthread_mutexattr_init; the
+    // mutex memory is the object's, not in use by anyone yet.
+    unsafe {
+        let mut attr: libc::pthread_mutexattr_t = std::mem::zeroed();
+        if libc::pthread_mutexattr_init(&mut attr) != 0 {
+            return false;
+        }
+        libc::pthread_mutexattr_settype(&mut attr, ty);
+        libc::pthread_mutexattr_setpshared(&mut attr, libc::PTHREAD_PROCESS_SHARED);
+        libc::pthread_mutexattr_setrobust(&mut attr, libc::PTHREAD_MUTEX_ROBUST);
+        let r = libc::pthread_mutex_init(m, &attr);
+        libc::pthread_mutexattr_destroy(&mut attr);
+        r == 0
+    }
+}
+
 /// Initialises a mutex of `kind` (0 normal, 1 error-checking, 2
 /// recursive) in the string `s` (MUTEX_BYTES long, no one else using it).
 #[no_mangle]
@@ -173,21 +196,8 @@ pub extern "C" fn shmpool_sync_mutex_init(s: Raw, kind: Raw) -> Raw {
             1 => libc::PTHREAD_MUTEX_ERRORCHECK,
             _ => libc::PTHREAD_MUTEX_RECURSIVE,
         };
-        // SAFETY: attr is a local initialised by pthread_mutexattr_init;
-        // the mutex memory is the string's, not in use by anyone yet.
-        unsafe {
-            let mut attr: libc::pthread_mutexattr_t = std::mem::zeroed();
-            if libc::pthread_mutexattr_init(&mut attr) != 0 {
-                return E_OTHER;
-            }
-            libc::pthread_mutexattr_settype(&mut attr, ty);
-            libc::pthread_mutexattr_setpshared(&mut attr, libc::PTHREAD_PROCESS_SHARED);
-            libc::pthread_mutexattr_setrobust(&mut attr, libc::PTHREAD_MUTEX_ROBUST);
-            let r = libc::pthread_mutex_init(mutex_ptr(p), &attr);
-            libc::pthread_mutexattr_destroy(&mut attr);
-            if r != 0 {
-                return E_OTHER;
-            }
+        if !init_robust(mutex_ptr(p), ty) {
+            return E_OTHER;
         }
         word(p, 8).store(untag(kind) as u32, Ordering::Relaxed);
         word(p, 12).store(0, Ordering::Relaxed);
@@ -270,8 +280,10 @@ pub extern "C" fn shmpool_sync_init(s: Raw, which: Raw, value: Raw) -> Raw {
         let m = if untag(which) == 0 {
             SEM_MAGIC
         } else {
-            word(p, 16).store(0, Ordering::Relaxed);
-            dword(p, 24).store(0, Ordering::Relaxed);
+            dword(p, 16).store(0, Ordering::Relaxed);
+            if !init_robust(list_mutex(p), libc::PTHREAD_MUTEX_NORMAL) {
+                return E_OTHER;
+            }
             COND_MAGIC
         };
         magic(p).store(m, Ordering::Release);
@@ -284,10 +296,13 @@ pub extern "C" fn shmpool_sync_init(s: Raw, which: Raw, value: Raw) -> Raw {
 pub extern "C" fn shmpool_sync_destroy(s: Raw) -> Raw {
     guarded(|| {
         let p = base(s);
-        if magic(p).swap(0, Ordering::AcqRel) == MUTEX_MAGIC {
+        match magic(p).swap(0, Ordering::AcqRel) {
             // SAFETY: an initialised mutex nobody may use any more.
-            unsafe { libc::pthread_mutex_destroy(mutex_ptr(p)) };
-        }
+            MUTEX_MAGIC => unsafe { libc::pthread_mutex_destroy(mutex_ptr(p)) },
+            // SAFETY: as above.
+            COND_MAGIC => unsafe { libc::pthread_mutex_destroy(list_mutex(p)) },
+            _ => 0,
+        };
         0
     })
 }
@@ -422,8 +437,10 @@ pub extern "C" fn shmpool_sync_cond_signal(c: Raw, all: Raw) -> Raw {
             return E_DUMMY;
         }
         let all = untag(all) != 0;
-        if signal_event_waiters(p, all) && !all {
-            return 0;
+        match signal_event_waiters(p, all) {
+            None => return E_OTHER,
+            Some(true) if !all => return 0,
+            Some(_) => {}
         }
         let seq = word(p, 8);
         seq.fetch_add(1, Ordering::SeqCst);
@@ -446,10 +463,12 @@ pub extern "C" fn shmpool_sync_cond_signal(c: Raw, all: Raw) -> Raw {
 /// entry is marked before its pipe is written because the waiter accepts a
 /// byte only from a marked entry. A waiter woken while its entry is still
 /// queued (its signaller died before unlinking) unlinks it itself.
-fn signal_event_waiters(p: *mut u8, all: bool) -> bool {
-    let head = dword(p, 24);
+fn signal_event_waiters(p: *mut u8, all: bool) -> Option<bool> {
+    let head = dword(p, 16);
     let mut notified = false;
-    list_lock(p);
+    if !list_lock(p) {
+        return None;
+    }
     crash_point(CP_LIST_LOCKED);
     loop {
         let a = head.load(Ordering::Acquire);
@@ -475,7 +494,7 @@ fn signal_event_waiters(p: *mut u8, all: bool) -> bool {
         }
     }
     list_unlock(p);
-    notified
+    Some(notified)
 }
 
 fn dword(p: *mut u8, off: usize) -> &'static AtomicU64 {
@@ -483,37 +502,39 @@ fn dword(p: *mut u8, off: usize) -> &'static AtomicU64 {
     unsafe { AtomicU64::from_ptr(p.add(off).cast()) }
 }
 
-/// Takes the list lock of condition `p` (the word holds its holder's pid).
-/// A holder that no longer exists left the list well-formed (see the
-/// module doc): its lock is taken over.
-fn list_lock(p: *mut u8) {
-    let w = word(p, 16);
-    // SAFETY: getpid has no preconditions.
-    let me = unsafe { libc::getpid() } as u32;
-    let mut spins = 0u32;
-    loop {
-        match w.compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed) {
-            Ok(_) => return,
-            Err(holder) => {
-                spins = spins.wrapping_add(1);
-                if spins % 128 == 0 {
-                    // SAFETY: signal 0 only checks that the process exists.
-                    let gone = unsafe { libc::kill(holder as libc::pid_t, 0) } == -1
-                        && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
-                    if gone {
-                        let _ = w.compare_exchange(holder, 0, Ordering::AcqRel, Ordering::Relaxed);
-                    }
-                    std::thread::yield_now();
-                } else {
-                    std::hint::spin_loop();
-                }
-            }
+fn list_mutex(p: *mut u8) -> *mut libc::pthread_mutex_t {
+    // SAFETY: offset within the condition string (COND_BYTES long).
+    unsafe { p.add(LIST_LOCK_OFF).cast() }
+}
+
+/// Takes the list lock of condition `p`, waiting without the OCaml
+/// runtime lock (so the caller's stub must not be `noalloc`). A lock whose
+/// holder died is taken over: the list is well-formed at every step (see
+/// the module doc), so it is marked consistent at once. False if the lock
+/// could not be taken (a broken object).
+fn list_lock(p: *mut u8) -> bool {
+    let m = list_mutex(p);
+    // SAFETY: m is an initialised robust process-shared mutex (the
+    // condition's magic was checked); it is in shared memory, not OCaml's.
+    let mut r = unsafe { libc::pthread_mutex_trylock(m) };
+    if r == libc::EBUSY {
+        // SAFETY: as above.
+        r = blocking(|| unsafe { libc::pthread_mutex_lock(m) });
+    }
+    match r {
+        0 => true,
+        libc::EOWNERDEAD => {
+            // SAFETY: we own the mutex now (EOWNERDEAD).
+            unsafe { libc::pthread_mutex_consistent(m) };
+            true
         }
+        _ => false,
     }
 }
 
 fn list_unlock(p: *mut u8) {
-    word(p, 16).store(0, Ordering::Release);
+    // SAFETY: held by this thread (list_lock returned true).
+    unsafe { libc::pthread_mutex_unlock(list_mutex(p)) };
 }
 
 /// The entry at address `a` (a live entry string of the condition's heap:
@@ -573,8 +594,10 @@ pub extern "C" fn shmpool_sync_cond_enqueue(c: Raw, e: Raw) -> Raw {
             return E_DUMMY;
         }
         let ea = ep as usize as u64;
-        list_lock(p);
-        let mut link = dword(p, 24);
+        if !list_lock(p) {
+            return E_OTHER;
+        }
+        let mut link = dword(p, 16);
         loop {
             let a = link.load(Ordering::Acquire);
             if a == ea {
@@ -606,8 +629,10 @@ pub extern "C" fn shmpool_sync_cond_dequeue(c: Raw, e: Raw) -> Raw {
             return E_DUMMY;
         }
         let ea = ep as usize as u64;
-        list_lock(p);
-        let mut link = dword(p, 24);
+        if !list_lock(p) {
+            return E_OTHER;
+        }
+        let mut link = dword(p, 16);
         let mut found = 0;
         loop {
             let a = link.load(Ordering::Acquire);

@@ -170,7 +170,7 @@ let signaller_dies point () =
 
 (* The list lock's holder died and is a zombie (not reaped): [signal] and
    [broadcast] by another process return. *)
-let[@warning "-32"] zombie_list_holder () =
+let zombie_list_holder () =
   with_pool (fun pool ->
       with_header pool `Normal (fun _ h ->
           let z =
@@ -196,5 +196,6 @@ let () =
         [
           Alcotest.test_case "signaller killed after marking, before writing the pipe" `Quick (signaller_dies "signal:marked");
           Alcotest.test_case "signaller killed after writing the pipe, before unlinking" `Quick (signaller_dies "signal:written");
+          Alcotest.test_case "list lock held by an unreaped dead process" `Quick zombie_list_holder;
         ] );
     ]
