@@ -189,6 +189,56 @@ let zombie_list_holder () =
           check_status "the list lock holder was killed there" (Unix.WSIGNALED Sys.sigkill) (await z);
           check_status "signal and broadcast returned" (Unix.WEXITED 0) st))
 
+(* Heap words that [f ()] allocates in the heap of [b] (used words after
+   minus before; retried if a collection ran meanwhile, which frees
+   garbage and so hides allocations). *)
+let words_allocated b f =
+  let used () =
+    let s = H.stats (B.heap b) in
+    (s.H.heap_words - s.H.free_words, s.H.gcs)
+  in
+  let rec go k =
+    let u0, g0 = used () in
+    f ();
+    let u1, g1 = used () in
+    if g1 <> g0 && k > 0 then go (k - 1) else u1 - u0
+  in
+  go 10
+
+(* An add or delete_hd builds only its new small values: a new state
+   record, and a new block array (and fresh blocks) when the blocks
+   change; not a copy of the buffer's blocks. *)
+let buffer_allocation () =
+  with_pool (fun pool ->
+      let bsize = 4096 in
+      let b = B.create pool bsize () in
+      Fun.protect
+        ~finally:(fun () -> B.destroy b)
+        (fun () ->
+          let s = String.make 64 'x' in
+          (* 2048 * 64 bytes: 32 full blocks, the next add starts a block *)
+          for _ = 1 to 2048 do
+            B.add_string b s
+          done;
+          let nblocks = 2048 * 64 / bsize in
+          let grow = words_allocated b (fun () -> B.add_string b s) in
+          let small = 16 in
+          Alcotest.(check bool)
+            (Printf.sprintf "an add that starts a block allocates the block, a block array and a state (%d words)" grow)
+            true
+            (grow >= bsize / 8 && grow <= (bsize / 8) + 1 + nblocks + 2 + small);
+          let add = words_allocated b (fun () -> B.add_string b s) in
+          Alcotest.(check bool) (Printf.sprintf "an add within a block allocates a state only (%d words)" add) true (add <= small);
+          let del = words_allocated b (fun () -> B.delete_hd b 64) in
+          Alcotest.(check bool) (Printf.sprintf "delete_hd within a block allocates a state only (%d words)" del) true (del <= small);
+          let drop = words_allocated b (fun () -> B.delete_hd b (bsize - 64)) in
+          Alcotest.(check bool)
+            (Printf.sprintf "delete_hd that drops a block allocates a block array and a state (%d words)" drop)
+            true
+            (drop <= nblocks + 2 + small);
+          Alcotest.(check int) "length" ((2050 * 64) - bsize) (B.length b);
+          Alcotest.(check string) "contents" (String.make 64 'x') (B.sub b (B.start b) 64)))
+
 let () =
   Alcotest.run "netmcore sync crashes"
     [
@@ -198,4 +248,5 @@ let () =
           Alcotest.test_case "signaller killed after writing the pipe, before unlinking" `Quick (signaller_dies "signal:written");
           Alcotest.test_case "list lock held by an unreaped dead process" `Quick zombie_list_holder;
         ] );
+      ("buffer", [ Alcotest.test_case "add and delete_hd allocate small values only" `Quick buffer_allocation ]);
     ]
