@@ -67,6 +67,7 @@ let wait (_ : wait_entry) c mx =
   let r = Sync.cond_wait c (Smutex.raw mx) in
   if r < 0 then
     if r = Sync.e_not_owner then failwith "Netmcore_condition.wait: mutex not locked by this thread"
+    else if r = Sync.e_not_locked then failwith "Netmcore_condition.wait: mutex not locked"
     else Sync.fail_code "Netmcore_condition.wait" r
 
 let signal c =

@@ -1,7 +1,8 @@
 (* Netmcore_mutex, Netmcore_sem and Netmcore_condition on shmpool: each
    object is a string allocated in a shared heap (it never moves), which
    rust/src/ocaml_sync_stubs.rs uses as a robust process-shared pthread
-   mutex, or as a futex-based semaphore or condition. Stubs that may wait
+   mutex (`Errorcheck, `Recursive), or as a futex-based binary semaphore
+   (`Normal), semaphore or condition. Stubs that may wait
    (they release the runtime lock meanwhile) are not [noalloc]. *)
 
 external mutex_init : string -> int -> int = "shmpool_sync_mutex_init" [@@noalloc]
@@ -26,6 +27,7 @@ let e_deadlock = -2
 let e_not_owner = -3
 let e_again = -4
 let e_overflow = -6
+let e_not_locked = -7
 let mutex_bytes = sync_bytes 0
 let sem_bytes = sync_bytes 1
 let cond_bytes = sync_bytes 2

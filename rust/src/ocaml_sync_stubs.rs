@@ -9,8 +9,11 @@
 //! destroyed object is told apart):
 //!
 //! - mutex (`MUTEX_BYTES`): magic, `u32` kind, `u32` recoveries (times the
-//!   mutex was taken over from a dead owner), then a robust,
-//!   process-shared `pthread_mutex_t` at offset 16.
+//!   mutex was taken over from a dead owner), then at offset 16: for an
+//!   error-checking or recursive mutex a robust, process-shared
+//!   `pthread_mutex_t` (owners are threads); for a normal mutex a binary
+//!   semaphore, one `u32` futex word holding the pid of the process that
+//!   locked it (0 when free) and a "sleepers" bit (anyone may unlock it).
 //! - semaphore (`SYNC_BYTES`): magic, `u32` value, `u32` waiters, reached
 //!   through atomics and waited on with a futex.
 //! - condition (`COND_BYTES`): magic, `u32` sequence number, `u32` futex
@@ -24,9 +27,12 @@
 //!   heap (kept alive by their wait set), so addresses are valid in every
 //!   worker.
 //!
-//! Crash safety: a mutex held by a dead thread is given to the next locker
-//! by the kernel (robust mutex, `EOWNERDEAD`); we mark it consistent at
-//! once, count a recovery in the mutex, and the lock succeeds. A dead
+//! Crash safety: a pthread mutex held by a dead thread is given to the next
+//! locker by the kernel (robust mutex, `EOWNERDEAD`); we mark it consistent
+//! at once, count a recovery in the mutex, and the lock succeeds. A normal
+//! mutex whose holder process is gone (or a zombie) is taken over by a
+//! sleeping locker, which checks the holder every `HOLDER_CHECK_NS`; also
+//! counted as a recovery. A dead
 //! waiter of a semaphore or condition leaves at most a stale waiter count,
 //! which costs a needless wake-up call, never a lost or blocked one. The
 //! event-waiter list changes by single stores (append: the last entry's
@@ -47,7 +53,7 @@ use ocaml::Raw;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-const MUTEX_MAGIC: u64 = u64::from_le_bytes(*b"SHMMTX01");
+const MUTEX_MAGIC: u64 = u64::from_le_bytes(*b"SHMMTX02");
 const SEM_MAGIC: u64 = u64::from_le_bytes(*b"SHMSEM01");
 const COND_MAGIC: u64 = u64::from_le_bytes(*b"SHMCND03");
 const ENTRY_MAGIC: u64 = u64::from_le_bytes(*b"SHMWTE01");
@@ -96,6 +102,7 @@ const E_NOT_OWNER: isize = -3;
 const E_AGAIN: isize = -4;
 const E_OTHER: isize = -5;
 const E_OVERFLOW: isize = -6;
+const E_NOT_LOCKED: isize = -7;
 
 #[inline]
 fn untag(v: Raw) -> isize {
@@ -159,6 +166,27 @@ fn futex_wait(w: &AtomicU32, expected: u32) {
     }
 }
 
+/// Sleeps while `w` holds `expected`, at most `ns` nanoseconds; false if
+/// the time ran out.
+fn futex_wait_for(w: &AtomicU32, expected: u32, ns: i64) -> bool {
+    let t = libc::timespec {
+        tv_sec: ns / 1_000_000_000,
+        tv_nsec: ns % 1_000_000_000,
+    };
+    // SAFETY: FUTEX_WAIT on a live, aligned 32-bit word; t is a local
+    // relative timeout.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            w.as_ptr(),
+            libc::FUTEX_WAIT,
+            expected,
+            &t as *const libc::timespec,
+        )
+    };
+    !(r == -1 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ETIMEDOUT))
+}
+
 fn futex_wake(w: &AtomicU32, n: i32) {
     // SAFETY: FUTEX_WAKE on a live, aligned 32-bit word.
     unsafe {
@@ -185,28 +213,173 @@ fn init_robust(m: *mut libc::pthread_mutex_t, ty: libc::c_int) -> bool {
     }
 }
 
+/// Mutex kinds (the word at offset 8).
+const KIND_NORMAL: u32 = 0;
+
 /// Initialises a mutex of `kind` (0 normal, 1 error-checking, 2
 /// recursive) in the string `s` (MUTEX_BYTES long, no one else using it).
 #[no_mangle]
 pub extern "C" fn shmpool_sync_mutex_init(s: Raw, kind: Raw) -> Raw {
     guarded(|| {
         let p = base(s);
-        let ty = match untag(kind) {
-            0 => libc::PTHREAD_MUTEX_NORMAL,
-            1 => libc::PTHREAD_MUTEX_ERRORCHECK,
-            _ => libc::PTHREAD_MUTEX_RECURSIVE,
-        };
-        if !init_robust(mutex_ptr(p), ty) {
-            return E_OTHER;
+        let kind = untag(kind).clamp(0, 2) as u32;
+        if kind == KIND_NORMAL {
+            word(p, MUTEX_OFF).store(0, Ordering::Relaxed);
+        } else {
+            let ty = if kind == 1 {
+                libc::PTHREAD_MUTEX_ERRORCHECK
+            } else {
+                libc::PTHREAD_MUTEX_RECURSIVE
+            };
+            if !init_robust(mutex_ptr(p), ty) {
+                return E_OTHER;
+            }
         }
-        word(p, 8).store(untag(kind) as u32, Ordering::Relaxed);
+        word(p, 8).store(kind, Ordering::Relaxed);
         word(p, 12).store(0, Ordering::Relaxed);
         magic(p).store(MUTEX_MAGIC, Ordering::Release);
         0
     })
 }
 
-/// Locks; 0, or 1 if taken over from a dead owner (then made consistent).
+fn is_normal(p: *mut u8) -> bool {
+    word(p, 8).load(Ordering::Relaxed) == KIND_NORMAL
+}
+
+/// Set in a `Normal` mutex's word while a locker may sleep on it.
+const SLEEPERS: u32 = 1 << 31;
+/// How long a locker of a `Normal` mutex sleeps before it checks whether
+/// the holder still lives (a dead holder wakes no one).
+const HOLDER_CHECK_NS: i64 = 50_000_000;
+
+// `Normal` mutex: a binary semaphore in one futex word, which holds the
+// pid of the process that locked it (0: free), plus SLEEPERS. Anyone may
+// unlock it (as OCamlnet's, which has no owner checks). A holder that died
+// (even one left an unreaped zombie) is seen by a sleeping locker after at
+// most HOLDER_CHECK_NS; the locker swaps its own pid in for the dead one
+// with one compare-and-swap, so exactly one locker takes the lock over. A
+// dead holder whose pid was reused meanwhile is taken for alive (a pid
+// alone cannot tell): the lock then waits for that process's end.
+
+/// Tries to lock a `Normal` mutex at once; false if held.
+fn normal_try(p: *mut u8) -> bool {
+    // SAFETY: getpid has no preconditions.
+    let me = unsafe { libc::getpid() } as u32;
+    word(p, MUTEX_OFF)
+        .compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed)
+        .is_ok()
+}
+
+/// Locks a `Normal` mutex, sleeping while it is held (call without the
+/// OCaml runtime lock); 0, or 1 if taken over from a dead holder.
+fn normal_lock_wait(p: *mut u8) -> isize {
+    let w = word(p, MUTEX_OFF);
+    // SAFETY: getpid has no preconditions.
+    let me = unsafe { libc::getpid() } as u32;
+    loop {
+        let cur = w.load(Ordering::Relaxed);
+        if cur == 0 {
+            // others may sleep: keep SLEEPERS so our unlock wakes one
+            if w.compare_exchange(0, me | SLEEPERS, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+            {
+                return 0;
+            }
+            continue;
+        }
+        if cur & SLEEPERS == 0
+            && w.compare_exchange(cur, cur | SLEEPERS, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            continue;
+        }
+        if futex_wait_for(w, cur | SLEEPERS, HOLDER_CHECK_NS) {
+            continue;
+        }
+        let holder = (cur & !SLEEPERS) as i32;
+        if crate::owner::probe(holder) == crate::owner::Liveness::Gone
+            && w.compare_exchange(
+                cur | SLEEPERS,
+                me | SLEEPERS,
+                Ordering::Acquire,
+                Ordering::Relaxed,
+            )
+            .is_ok()
+        {
+            word(p, 12).fetch_add(1, Ordering::Relaxed);
+            return 1;
+        }
+    }
+}
+
+/// Unlocks a `Normal` mutex, whoever locked it; E_NOT_LOCKED if free.
+fn normal_unlock(p: *mut u8) -> isize {
+    let w = word(p, MUTEX_OFF);
+    let old = w.swap(0, Ordering::Release);
+    if old == 0 {
+        return E_NOT_LOCKED;
+    }
+    if old & SLEEPERS != 0 {
+        futex_wake(w, 1);
+    }
+    0
+}
+
+/// The result of locking a pthread (error-checking or recursive) mutex.
+fn pthread_locked(p: *mut u8, r: libc::c_int) -> isize {
+    match r {
+        0 => 0,
+        libc::EOWNERDEAD => {
+            // SAFETY: we own the mutex now (EOWNERDEAD).
+            unsafe { libc::pthread_mutex_consistent(mutex_ptr(p)) };
+            word(p, 12).fetch_add(1, Ordering::Relaxed);
+            1
+        }
+        libc::EDEADLK => E_DEADLOCK,
+        libc::EAGAIN => E_OVERFLOW,
+        _ => E_OTHER,
+    }
+}
+
+/// Tries to lock mutex `p` at once: Some(result), or None if it is held
+/// by someone else (then `mutex_lock_wait`).
+fn mutex_try(p: *mut u8) -> Option<isize> {
+    if is_normal(p) {
+        return normal_try(p).then_some(0);
+    }
+    // SAFETY: an initialised robust process-shared mutex.
+    match unsafe { libc::pthread_mutex_trylock(mutex_ptr(p)) } {
+        libc::EBUSY => None,
+        r => Some(pthread_locked(p, r)),
+    }
+}
+
+/// Locks mutex `p`, waiting as long as it takes (call without the OCaml
+/// runtime lock); 0, 1 if taken over from a dead owner, or an error.
+fn mutex_lock_wait(p: *mut u8) -> isize {
+    if is_normal(p) {
+        return normal_lock_wait(p);
+    }
+    // SAFETY: an initialised robust mutex in shared memory.
+    pthread_locked(p, unsafe { libc::pthread_mutex_lock(mutex_ptr(p)) })
+}
+
+/// Unlocks mutex `p`: 0, E_NOT_OWNER (a pthread mutex this thread does
+/// not hold) or E_NOT_LOCKED (a free `Normal` mutex).
+fn mutex_unlock(p: *mut u8) -> isize {
+    if is_normal(p) {
+        return normal_unlock(p);
+    }
+    // SAFETY: an initialised robust mutex (robust mutexes check the
+    // owner: EPERM when this thread does not hold it).
+    match unsafe { libc::pthread_mutex_unlock(mutex_ptr(p)) } {
+        0 => 0,
+        libc::EPERM => E_NOT_OWNER,
+        _ => E_OTHER,
+    }
+}
+
+/// Locks; 0, or 1 if taken over from a dead owner.
 #[no_mangle]
 pub extern "C" fn shmpool_sync_mutex_lock(s: Raw) -> Raw {
     guarded(|| {
@@ -214,24 +387,10 @@ pub extern "C" fn shmpool_sync_mutex_lock(s: Raw) -> Raw {
         if magic(p).load(Ordering::Acquire) != MUTEX_MAGIC {
             return E_DUMMY;
         }
-        let m = mutex_ptr(p);
-        // SAFETY: m is an initialised robust process-shared mutex.
-        let mut r = unsafe { libc::pthread_mutex_trylock(m) };
-        if r == libc::EBUSY {
-            // SAFETY: as above; the mutex is in shared memory, not OCaml's.
-            r = blocking(|| unsafe { libc::pthread_mutex_lock(m) });
-        }
-        match r {
-            0 => 0,
-            libc::EOWNERDEAD => {
-                // SAFETY: we own the mutex now (EOWNERDEAD).
-                unsafe { libc::pthread_mutex_consistent(m) };
-                word(p, 12).fetch_add(1, Ordering::Relaxed);
-                1
-            }
-            libc::EDEADLK => E_DEADLOCK,
-            libc::EAGAIN => E_OVERFLOW,
-            _ => E_OTHER,
+        match mutex_try(p) {
+            Some(r) => r,
+            // the mutex is in shared memory, not OCaml's
+            None => blocking(|| mutex_lock_wait(p)),
         }
     })
 }
@@ -243,13 +402,7 @@ pub extern "C" fn shmpool_sync_mutex_unlock(s: Raw) -> Raw {
         if magic(p).load(Ordering::Acquire) != MUTEX_MAGIC {
             return E_DUMMY;
         }
-        // SAFETY: an initialised robust mutex (robust mutexes check the
-        // owner: EPERM when this thread does not hold it).
-        match unsafe { libc::pthread_mutex_unlock(mutex_ptr(p)) } {
-            0 => 0,
-            libc::EPERM => E_NOT_OWNER,
-            _ => E_OTHER,
-        }
+        mutex_unlock(p)
     })
 }
 
@@ -297,6 +450,7 @@ pub extern "C" fn shmpool_sync_destroy(s: Raw) -> Raw {
     guarded(|| {
         let p = base(s);
         match magic(p).swap(0, Ordering::AcqRel) {
+            MUTEX_MAGIC if is_normal(p) => 0,
             // SAFETY: an initialised mutex nobody may use any more.
             MUTEX_MAGIC => unsafe { libc::pthread_mutex_destroy(mutex_ptr(p)) },
             // SAFETY: as above.
@@ -401,28 +555,16 @@ pub extern "C" fn shmpool_sync_cond_wait(c: Raw, m: Raw) -> Raw {
         let waiters = word(cp, 12);
         let s0 = seq.load(Ordering::SeqCst);
         waiters.fetch_add(1, Ordering::SeqCst);
-        let mx = mutex_ptr(mp);
-        // SAFETY: an initialised robust mutex.
-        if unsafe { libc::pthread_mutex_unlock(mx) } != 0 {
+        let u = mutex_unlock(mp);
+        if u != 0 {
             waiters.fetch_sub(1, Ordering::SeqCst);
-            return E_NOT_OWNER;
+            return u;
         }
-        let r = blocking(|| {
+        blocking(|| {
             futex_wait(seq, s0);
             waiters.fetch_sub(1, Ordering::SeqCst);
-            // SAFETY: as above.
-            unsafe { libc::pthread_mutex_lock(mx) }
-        });
-        match r {
-            0 => 0,
-            libc::EOWNERDEAD => {
-                // SAFETY: we own the mutex (EOWNERDEAD).
-                unsafe { libc::pthread_mutex_consistent(mx) };
-                word(mp, 12).fetch_add(1, Ordering::Relaxed);
-                1
-            }
-            _ => E_OTHER,
-        }
+            mutex_lock_wait(mp)
+        })
     })
 }
 

@@ -189,6 +189,75 @@ let zombie_list_holder () =
           check_status "the list lock holder was killed there" (Unix.WSIGNALED Sys.sigkill) (await z);
           check_status "signal and broadcast returned" (Unix.WEXITED 0) st))
 
+(* A child that locks [m] and unlocks it again: exit 0 unless the lock
+   stays held forever (the watchdog then kills it). *)
+let lock_unlock_child m =
+  fork_child (fun () ->
+      Mx.lock m;
+      Mx.unlock m;
+      true)
+
+(* A [`Normal] mutex has no owner: a process or thread that did not lock
+   it may unlock it (a hand-off), as with OCamlnet's. *)
+let normal_hand_off () =
+  with_pool (fun pool ->
+      with_header pool `Normal (fun _ h ->
+          Mx.lock h.m;
+          let u = fork_child (fun () -> Mx.unlock h.m; true) in
+          check_status "another process unlocked it" (Unix.WEXITED 0) (await u);
+          check_status "then it is free" (Unix.WEXITED 0) (await (lock_unlock_child h.m));
+          Mx.lock h.m;
+          let r = ref "not run" in
+          let t = Thread.create (fun () -> r := match Mx.unlock h.m with () -> "ok" | exception e -> Printexc.to_string e) () in
+          Thread.join t;
+          Alcotest.(check string) "another thread unlocked it" "ok" !r;
+          check_status "then it is free" (Unix.WEXITED 0) (await (lock_unlock_child h.m));
+          Alcotest.check_raises "unlock of a free mutex" (Failure "Netmcore_mutex.unlock: not locked") (fun () -> Mx.unlock h.m);
+          Alcotest.(check int) "no recoveries" 0 (Mx.recoveries h.m)))
+
+(* A [`Normal] mutex's holder dies (and stays an unreaped zombie): the next
+   locker gets it, whether it comes after the death or sleeps on the mutex
+   when the holder dies; each takeover is counted. *)
+let normal_dead_holder () =
+  with_pool (fun pool ->
+      with_header pool `Normal (fun _ h ->
+          let z1 =
+            dead_unreaped (fun () ->
+                Mx.lock h.m;
+                Unix.kill (Unix.getpid ()) Sys.sigkill;
+                false)
+          in
+          check_status "a locker after the holder's death gets it" (Unix.WEXITED 0) (await (lock_unlock_child h.m));
+          Alcotest.(check int) "one takeover" 1 (Mx.recoveries h.m);
+          check_status "the holder died" (Unix.WSIGNALED Sys.sigkill) (await z1);
+          (* the holder locks, a second process sleeps on the mutex, the
+             holder is killed (and not reaped before the sleeper's lock) *)
+          let r, w = Unix.pipe ~cloexec:true () in
+          let holder =
+            fork_child (fun () ->
+                Unix.close r;
+                Mx.lock h.m;
+                ignore (Unix.write_substring w "l" 0 1);
+                Unix.sleepf 3600.0;
+                false)
+          in
+          Unix.close w;
+          ignore (Unix.read r (Bytes.create 1) 0 1);
+          Unix.close r;
+          let sleeper = lock_unlock_child h.m in
+          (* the sleeper is asleep once the mutex's futex word (offset 16,
+             see ocaml_sync_stubs.rs; the pthread mutex of the former
+             implementation has its lock word there too) has its top
+             "waiters" bit; a kill before that only tests the previous
+             case again, so this waits a bounded while, asserting nothing *)
+          let asleep () = Int32.compare (String.get_int32_le (Obj.magic h.m : string) 16) 0l < 0 in
+          let rec until_asleep k = if k > 0 && not (asleep ()) then (Unix.sleepf 0.001; until_asleep (k - 1)) in
+          until_asleep 10_000;
+          Unix.kill holder Sys.sigkill;
+          check_status "a locker sleeping when the holder died gets it" (Unix.WEXITED 0) (await sleeper);
+          Alcotest.(check int) "two takeovers" 2 (Mx.recoveries h.m);
+          check_status "the holder died" (Unix.WSIGNALED Sys.sigkill) (await holder)))
+
 (* Heap words that [f ()] allocates in the heap of [b] (used words after
    minus before; retried if a collection ran meanwhile, which frees
    garbage and so hides allocations). *)
@@ -247,6 +316,11 @@ let () =
           Alcotest.test_case "signaller killed after marking, before writing the pipe" `Quick (signaller_dies "signal:marked");
           Alcotest.test_case "signaller killed after writing the pipe, before unlinking" `Quick (signaller_dies "signal:written");
           Alcotest.test_case "list lock held by an unreaped dead process" `Quick zombie_list_holder;
+        ] );
+      ( "normal mutex",
+        [
+          Alcotest.test_case "unlocked by another process or thread" `Quick normal_hand_off;
+          Alcotest.test_case "holder killed" `Quick normal_dead_holder;
         ] );
       ("buffer", [ Alcotest.test_case "add and delete_hd allocate small values only" `Quick buffer_allocation ]);
     ]
