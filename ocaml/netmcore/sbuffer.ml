@@ -12,6 +12,10 @@
    a new state. A writer killed anywhere leaves the old or the new state;
    the bytes it had written past the end are overwritten by the next add.
 
+   A change builds only its new small values, in the heap, from parts
+   already there ([new_state], [new_blocks]): [Heap.add] would copy the
+   blocks too, the whole buffer at every change.
+
    Readers take the state once, pinned ([Heap.with_value]), so they see the
    buffer as it was when they started, and its blocks cannot be reclaimed
    while they copy. *)
@@ -22,6 +26,28 @@ type 'h buffer = 'h root Heap.heap
 type 'h buffer_descr = 'h root Heap.descr
 
 let empty = { base = 0; start = 0; length = 0; blocks = [||] }
+
+(* A state record in the mutator's heap whose [blocks] is already there
+   (or the empty array, an atom): nothing is copied. *)
+let new_state m ~base ~start ~length (blocks : Bytes.t array) : state =
+  let r = Heap.block m 4 0 in
+  Obj.set_field r 0 (Obj.repr base);
+  Obj.set_field r 1 (Obj.repr start);
+  Obj.set_field r 2 (Obj.repr length);
+  Obj.set_field r 3 (Obj.repr blocks);
+  Obj.obj r
+
+(* A block array of the mutator's heap holding [f 0] ... [f (n - 1)],
+   blocks of that heap. *)
+let new_blocks m n (f : int -> Bytes.t) : Bytes.t array =
+  if n = 0 then [||]
+  else begin
+    let a = Heap.block m n 0 in
+    for i = 0 to n - 1 do
+      Obj.set_field a i (Obj.repr (f i))
+    done;
+    Obj.obj a
+  end
 
 let create pool bsize h =
   let ps = Netsys_mem.pagesize in
@@ -110,13 +136,14 @@ let add b len write =
       let blocks =
         if missing <= 0 then st.blocks
         else
-          let fresh = Array.init ((missing + bsize - 1) / bsize) (fun _ -> Bytes.unsafe_of_string (Heap.add_string m bsize)) in
-          Heap.add m (Array.append st.blocks fresh)
+          new_blocks m
+            (nb + ((missing + bsize - 1) / bsize))
+            (fun i -> if i < nb then st.blocks.(i) else Bytes.unsafe_of_string (Heap.add_string m bsize))
       in
-      let st' = { st with length = st.length + len; blocks } in
+      let st' = new_state m ~base:st.base ~start:st.start ~length:(st.length + len) blocks in
       pieces bsize st' end_ len write;
       Commit_point.reached "buffer.add";
-      r.st <- Heap.add m st')
+      r.st <- st')
 
 let add_substring b s pos len =
   if len < 0 then bad_length ();
@@ -142,10 +169,11 @@ let delete_hd b n =
       let start = st.start + n in
       (* blocks wholly before the new start go *)
       let drop = min (Array.length st.blocks) ((start - st.base) / r.bsize) in
-      let blocks = if drop = 0 then st.blocks else Heap.add m (Array.sub st.blocks drop (Array.length st.blocks - drop)) in
-      r.st <- Heap.add m { base = st.base + (drop * r.bsize); start; length = st.length - n; blocks })
+      let blocks = if drop = 0 then st.blocks else new_blocks m (Array.length st.blocks - drop) (fun i -> st.blocks.(drop + i)) in
+      r.st <- new_state m ~base:(st.base + (drop * r.bsize)) ~start ~length:(st.length - n) blocks)
 
-let clear b = Heap.modify b (fun _ -> (Heap.root b).st <- empty)
+(* a fresh state in the heap ([empty] is a value of this process) *)
+let clear b = Heap.modify b (fun m -> (Heap.root b).st <- new_state m ~base:0 ~start:0 ~length:0 [||])
 let header b = (Heap.root b).header
 let descr_of_buffer = Heap.descr_of_heap
 let buffer_of_descr = Heap.heap_of_descr

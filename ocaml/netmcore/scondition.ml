@@ -11,8 +11,11 @@
    allocated and freed through the set. [wait_e] opens the pipe, queues the
    entry, releases the mutex, and returns an engine that waits until the
    pipe is readable and the entry is marked signalled; then it takes the
-   mutex and continues with [cont]. [signal] and [broadcast] unlink queued
-   entries, mark them and write a byte into their pipes. *)
+   mutex and continues with [cont]. [signal] and [broadcast] mark queued
+   entries, write a byte into their pipes and only then unlink them (a
+   signaller that dies in between leaves the entry queued, for the next
+   signal); so a woken waiter unlinks its entry itself if it is still
+   queued. *)
 
 type condition = string
 type wait_entry = int
@@ -64,6 +67,7 @@ let wait (_ : wait_entry) c mx =
   let r = Sync.cond_wait c (Smutex.raw mx) in
   if r < 0 then
     if r = Sync.e_not_owner then failwith "Netmcore_condition.wait: mutex not locked by this thread"
+    else if r = Sync.e_not_locked then failwith "Netmcore_condition.wait: mutex not locked"
     else Sync.fail_code "Netmcore_condition.wait" r
 
 let signal c =
@@ -108,6 +112,8 @@ let wait_e ?debug_name:_ (we : wait_entry_e) (c : condition) (mx : Smutex.mutex)
     Uq_engines.seq_engine poll (fun _ ->
         drain fd;
         if Sync.entry_signalled we = 1 then begin
+          (* still queued if the signaller died before unlinking it *)
+          ignore (Sync.cond_dequeue c we);
           close ();
           Smutex.lock mx;
           cont ()
@@ -116,11 +122,14 @@ let wait_e ?debug_name:_ (we : wait_entry_e) (c : condition) (mx : Smutex.mutex)
   in
   let eng = ready () in
   (* given up before waking: leave the queue; a signal already taken by
-     this entry is passed on, so no other waiter misses it *)
+     this entry is passed on, so no other waiter misses it (if its
+     signaller died half-way, this may be one signal too many: a spurious
+     wake-up, which conditions allow) *)
   let give_up () =
     if not !closed then begin
       close ();
-      if Sync.cond_dequeue c we = 0 && Sync.entry_signalled we = 1 then ignore (Sync.cond_signal c 0)
+      ignore (Sync.cond_dequeue c we);
+      if Sync.entry_signalled we = 1 then ignore (Sync.cond_signal c 0)
     end
   in
   Uq_engines.when_state ~is_aborted:give_up ~is_error:(fun _ -> give_up ()) eng;

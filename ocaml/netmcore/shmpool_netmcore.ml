@@ -15,6 +15,7 @@ module Netmcore_condition = Scondition
 
 module Struct_internal = struct
   let commit_hook = Commit_point.hook
+  let sync_crash_at = Sync.crash_at
 end
 
 module Heap_internal = struct

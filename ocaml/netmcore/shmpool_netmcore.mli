@@ -445,31 +445,40 @@ end
 (** {2 Mutexes, semaphores, conditions}
 
     With OCamlnet 4.1.9's signatures; create them with a mutator and store
-    them in a heap value (a header), as with the original. A mutex is a
-    robust process-shared pthread mutex: {b a mutex whose owner died (even
-    by [SIGKILL]) is taken over by the next locker, whose [lock] returns
-    normally}; [Netmcore_mutex.recoveries] (ours only) counts the
+    them in a heap value (a header), as with the original. A [`Normal]
+    mutex is a binary semaphore with no owner, as the original's: any
+    thread of any process may [unlock] it; an [`Errorcheck] or
+    [`Recursive] mutex is a robust process-shared pthread mutex, owned by
+    a thread. {b A mutex whose holder died (even by [SIGKILL], even if it
+    is not reaped yet) is taken over by the next locker, whose [lock]
+    returns normally} (a [`Normal] mutex's sleeping locker notices the
+    death within 50 ms); [Netmcore_mutex.recoveries] (ours only) counts the
     takeovers, so a program that must know whether the data the mutex
     protects may be half-updated can compare it before and after [lock].
     Semaphores and conditions are futexes: a waiter that dies leaves
     nothing blocked or lost.
 
     {b Deliberate differences}:
-    - Owners are threads, not processes ([`Errorcheck] fails for a second
-      lock by the same thread).
+    - Owners of [`Errorcheck] and [`Recursive] mutexes are threads, not
+      processes ([`Errorcheck] fails for a second lock by the same thread).
     - A [`Recursive] mutex excludes other processes until its owner's last
       [unlock] (the original's releases at every [unlock]: after lock, lock,
       unlock another process gets it, and the owner's last unlock raises).
-    - [unlock] by a thread that does not hold the mutex raises [Failure
-      "Netmcore_mutex.unlock: not locked by this process"] for every kind
-      (the original's [`Normal] mutex then counts one more free slot).
+    - [unlock] of an [`Errorcheck] or [`Recursive] mutex by a thread that
+      does not hold it raises [Failure "Netmcore_mutex.unlock: not locked
+      by this process"]; [unlock] of a free [`Normal] mutex raises [Failure
+      "Netmcore_mutex.unlock: not locked"] (the original's then counts one
+      more free slot, so two lockers get it).
     - A plain [wait] needs no wait entry: [wait_entry] is a token.
       [Netmcore_condition.wait_e] works as the original's (the entry's named
       pipe receives a byte when the condition is signalled; the engine then
       takes the mutex and continues with the given function); queued
       event waiters are woken before plain waiters, oldest first, and a
       [signal] whose event waiter died (no reader on its pipe) goes on to
-      the next waiter instead of being lost. An aborted [wait_e] engine
+      the next waiter instead of being lost; a signaller or waiter that
+      dies inside [signal], [broadcast] or [wait_e] (even one left an
+      unreaped zombie) blocks no one and leaves no event waiter waiting
+      for a signal already given. An aborted [wait_e] engine
       leaves the queue and passes on a signal it had already been given.
       The wait set keeps its event entries alive: allocate and free them
       through it, as the original requires. *)
@@ -492,6 +501,13 @@ module Struct_internal : sig
   val commit_hook : (string -> unit) ref
   (* Test-only: called with a point's name at each staged-death point of
      the structures (see commit_point.ml). *)
+
+  val sync_crash_at : string -> unit
+  (* Test-only: this process SIGKILLs itself when a condition operation
+     reaches the named point: ["signal:marked"] (an event waiter's entry
+     marked signalled, its pipe not yet written), ["signal:written"] (the
+     pipe written, the entry still queued), ["cond:list-locked"] (the
+     event-waiter list locked); [""] disarms. *)
 end
 
 (**/**)

@@ -1,7 +1,10 @@
-(* Netmcore_mutex on shmpool: a robust, process-shared pthread mutex in a
-   string of the shared heap (see sync.ml). Owners are threads. A mutex
-   whose owner died (even by SIGKILL) is taken over by the next locker:
-   its [lock] succeeds, and [recoveries] counts such takeovers. *)
+(* Netmcore_mutex on shmpool, in a string of the shared heap (see
+   sync.ml): a [`Normal] mutex is a binary semaphore (no owner: any thread
+   of any process may unlock it, as OCamlnet's); [`Errorcheck] and
+   [`Recursive] ones are robust process-shared pthread mutexes, owned by
+   threads. A mutex whose holder died (even by SIGKILL) is taken over by
+   the next locker: its [lock] succeeds, and [recoveries] counts such
+   takeovers. *)
 
 type mutex_type = [ `Normal | `Errorcheck | `Recursive ]
 type mutex = string
@@ -26,6 +29,7 @@ let unlock mx =
   if c < 0 then
     if c = Sync.e_dummy then failwith "Netmcore_mutex.unlock: dummy mutex"
     else if c = Sync.e_not_owner then failwith "Netmcore_mutex.unlock: not locked by this process"
+    else if c = Sync.e_not_locked then failwith "Netmcore_mutex.unlock: not locked"
     else Sync.fail_code "Netmcore_mutex.unlock" c
 
 let destroy mx = ignore (Sync.sync_destroy mx)

@@ -9,29 +9,40 @@
 //! destroyed object is told apart):
 //!
 //! - mutex (`MUTEX_BYTES`): magic, `u32` kind, `u32` recoveries (times the
-//!   mutex was taken over from a dead owner), then a robust,
-//!   process-shared `pthread_mutex_t` at offset 16.
+//!   mutex was taken over from a dead owner), then at offset 16: for an
+//!   error-checking or recursive mutex a robust, process-shared
+//!   `pthread_mutex_t` (owners are threads); for a normal mutex a binary
+//!   semaphore, one `u32` futex word holding the pid of the process that
+//!   locked it (0 when free) and a "sleepers" bit (anyone may unlock it).
 //! - semaphore (`SYNC_BYTES`): magic, `u32` value, `u32` waiters, reached
 //!   through atomics and waited on with a futex.
 //! - condition (`COND_BYTES`): magic, `u32` sequence number, `u32` futex
-//!   waiters, then the list of event-loop waiters (`wait_e`): `u32` list
-//!   lock (the pid of its holder, 0 when free), 4 bytes unused, `u64`
-//!   address of the first queued wait entry (0: none).
+//!   waiters, then the list of event-loop waiters (`wait_e`): `u64`
+//!   address of the first queued wait entry (0: none) at offset 16, and
+//!   the list lock, a robust process-shared `pthread_mutex_t`, at offset
+//!   `LIST_LOCK_OFF`.
 //! - event wait entry (`ENTRY_HDR` + name): magic, `u64` address of the
 //!   next queued entry, `u32` state (1 once signalled), `u32` length of
 //!   the named pipe's path, then the path. Entries are strings of the same
 //!   heap (kept alive by their wait set), so addresses are valid in every
 //!   worker.
 //!
-//! Crash safety: a mutex held by a dead thread is given to the next locker
-//! by the kernel (robust mutex, `EOWNERDEAD`); we mark it consistent at
-//! once, count a recovery in the mutex, and the lock succeeds. A dead
+//! Crash safety: a pthread mutex held by a dead thread is given to the next
+//! locker by the kernel (robust mutex, `EOWNERDEAD`); we mark it consistent
+//! at once, count a recovery in the mutex, and the lock succeeds. A normal
+//! mutex whose holder process is gone (or a zombie) is taken over by a
+//! sleeping locker, which checks the holder every `HOLDER_CHECK_NS`; also
+//! counted as a recovery. A dead
 //! waiter of a semaphore or condition leaves at most a stale waiter count,
 //! which costs a needless wake-up call, never a lost or blocked one. The
 //! event-waiter list changes by single stores (append: the last entry's
 //! `next`; removal: one predecessor's `next` or the head), so a process
-//! dying inside the list lock leaves a well-formed list; the lock of a
-//! dead holder is taken over. A signal whose waiter died (its pipe has no
+//! dying inside the list lock leaves a well-formed list; the kernel
+//! releases the lock of a dead holder at its death (robust mutex, even if
+//! the holder stays an unreaped zombie) and the next locker takes it over. A signal marks an entry and writes its pipe
+//! before it unlinks it, all under the list lock, so a signaller dying
+//! in between leaves the entry queued for the next signal (see
+//! `signal_event_waiters`). A signal whose waiter died (its pipe has no
 //! reader any more) goes on to the next waiter, so it is not lost.
 //!
 //! Every stub catches panics; waiting stubs release the OCaml runtime lock
@@ -42,19 +53,47 @@ use ocaml::Raw;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-const MUTEX_MAGIC: u64 = u64::from_le_bytes(*b"SHMMTX01");
+const MUTEX_MAGIC: u64 = u64::from_le_bytes(*b"SHMMTX02");
 const SEM_MAGIC: u64 = u64::from_le_bytes(*b"SHMSEM01");
-const COND_MAGIC: u64 = u64::from_le_bytes(*b"SHMCND02");
+const COND_MAGIC: u64 = u64::from_le_bytes(*b"SHMCND03");
 const ENTRY_MAGIC: u64 = u64::from_le_bytes(*b"SHMWTE01");
 const MUTEX_OFF: usize = 16;
 /// Bytes of a mutex string.
 pub const MUTEX_BYTES: usize = MUTEX_OFF + std::mem::size_of::<libc::pthread_mutex_t>();
 /// Bytes of a semaphore or condition string.
 pub const SYNC_BYTES: usize = 16;
+/// Offset of a condition's list lock.
+const LIST_LOCK_OFF: usize = 24;
 /// Bytes of a condition string.
-pub const COND_BYTES: usize = 32;
+pub const COND_BYTES: usize = LIST_LOCK_OFF + std::mem::size_of::<libc::pthread_mutex_t>();
 /// Bytes of an event wait entry before its pipe path.
 pub const ENTRY_HDR: usize = 24;
+
+/// Test-only staged death (`Shmpool_netmcore.Struct_internal.sync_crash_at`):
+/// the process SIGKILLs itself when it reaches the point numbered
+/// `CRASH_AT` (0: none), so a test can die exactly between two steps of a
+/// signal. One relaxed load per point otherwise.
+static CRASH_AT: AtomicU32 = AtomicU32::new(0);
+/// A signal has marked its event waiter's entry but not written its pipe.
+const CP_SIGNAL_MARKED: u32 = 1;
+/// A signal has written its event waiter's pipe but not unlinked it.
+const CP_SIGNAL_WRITTEN: u32 = 2;
+/// A signal holds the list lock of a condition.
+const CP_LIST_LOCKED: u32 = 3;
+
+fn crash_point(n: u32) {
+    if CRASH_AT.load(Ordering::Relaxed) == n {
+        // SAFETY: getpid and kill have no memory preconditions.
+        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+    }
+}
+
+/// Arms crash point `n` (0 disarms) in this process.
+#[no_mangle]
+pub extern "C" fn shmpool_sync_test_crash_at(n: Raw) -> Raw {
+    CRASH_AT.store(untag(n) as u32, Ordering::Relaxed);
+    tag(0)
+}
 
 /// Codes returned to OCaml (negative: errors).
 const E_DUMMY: isize = -1;
@@ -63,6 +102,7 @@ const E_NOT_OWNER: isize = -3;
 const E_AGAIN: isize = -4;
 const E_OTHER: isize = -5;
 const E_OVERFLOW: isize = -6;
+const E_NOT_LOCKED: isize = -7;
 
 #[inline]
 fn untag(v: Raw) -> isize {
@@ -126,6 +166,27 @@ fn futex_wait(w: &AtomicU32, expected: u32) {
     }
 }
 
+/// Sleeps while `w` holds `expected`, at most `ns` nanoseconds; false if
+/// the time ran out.
+fn futex_wait_for(w: &AtomicU32, expected: u32, ns: i64) -> bool {
+    let t = libc::timespec {
+        tv_sec: ns / 1_000_000_000,
+        tv_nsec: ns % 1_000_000_000,
+    };
+    // SAFETY: FUTEX_WAIT on a live, aligned 32-bit word; t is a local
+    // relative timeout.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            w.as_ptr(),
+            libc::FUTEX_WAIT,
+            expected,
+            &t as *const libc::timespec,
+        )
+    };
+    !(r == -1 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ETIMEDOUT))
+}
+
 fn futex_wake(w: &AtomicU32, n: i32) {
     // SAFETY: FUTEX_WAKE on a live, aligned 32-bit word.
     unsafe {
@@ -133,41 +194,192 @@ fn futex_wake(w: &AtomicU32, n: i32) {
     }
 }
 
+/// Initialises a robust process-shared pthread mutex of type `ty` at `m`
+/// (memory of a fresh object nobody uses yet); false on failure.
+fn init_robust(m: *mut libc::pthread_mutex_t, ty: libc::c_int) -> bool {
+    // SAFETY: attr is a local initialised by pthread_mutexattr_init; the
+    // mutex memory is the object's, not in use by anyone yet.
+    unsafe {
+        let mut attr: libc::pthread_mutexattr_t = std::mem::zeroed();
+        if libc::pthread_mutexattr_init(&mut attr) != 0 {
+            return false;
+        }
+        libc::pthread_mutexattr_settype(&mut attr, ty);
+        libc::pthread_mutexattr_setpshared(&mut attr, libc::PTHREAD_PROCESS_SHARED);
+        libc::pthread_mutexattr_setrobust(&mut attr, libc::PTHREAD_MUTEX_ROBUST);
+        let r = libc::pthread_mutex_init(m, &attr);
+        libc::pthread_mutexattr_destroy(&mut attr);
+        r == 0
+    }
+}
+
+/// Mutex kinds (the word at offset 8).
+const KIND_NORMAL: u32 = 0;
+
 /// Initialises a mutex of `kind` (0 normal, 1 error-checking, 2
 /// recursive) in the string `s` (MUTEX_BYTES long, no one else using it).
 #[no_mangle]
 pub extern "C" fn shmpool_sync_mutex_init(s: Raw, kind: Raw) -> Raw {
     guarded(|| {
         let p = base(s);
-        let ty = match untag(kind) {
-            0 => libc::PTHREAD_MUTEX_NORMAL,
-            1 => libc::PTHREAD_MUTEX_ERRORCHECK,
-            _ => libc::PTHREAD_MUTEX_RECURSIVE,
-        };
-        // SAFETY: attr is a local initialised by pthread_mutexattr_init;
-        // the mutex memory is the string's, not in use by anyone yet.
-        unsafe {
-            let mut attr: libc::pthread_mutexattr_t = std::mem::zeroed();
-            if libc::pthread_mutexattr_init(&mut attr) != 0 {
-                return E_OTHER;
-            }
-            libc::pthread_mutexattr_settype(&mut attr, ty);
-            libc::pthread_mutexattr_setpshared(&mut attr, libc::PTHREAD_PROCESS_SHARED);
-            libc::pthread_mutexattr_setrobust(&mut attr, libc::PTHREAD_MUTEX_ROBUST);
-            let r = libc::pthread_mutex_init(mutex_ptr(p), &attr);
-            libc::pthread_mutexattr_destroy(&mut attr);
-            if r != 0 {
+        let kind = untag(kind).clamp(0, 2) as u32;
+        if kind == KIND_NORMAL {
+            word(p, MUTEX_OFF).store(0, Ordering::Relaxed);
+        } else {
+            let ty = if kind == 1 {
+                libc::PTHREAD_MUTEX_ERRORCHECK
+            } else {
+                libc::PTHREAD_MUTEX_RECURSIVE
+            };
+            if !init_robust(mutex_ptr(p), ty) {
                 return E_OTHER;
             }
         }
-        word(p, 8).store(untag(kind) as u32, Ordering::Relaxed);
+        word(p, 8).store(kind, Ordering::Relaxed);
         word(p, 12).store(0, Ordering::Relaxed);
         magic(p).store(MUTEX_MAGIC, Ordering::Release);
         0
     })
 }
 
-/// Locks; 0, or 1 if taken over from a dead owner (then made consistent).
+fn is_normal(p: *mut u8) -> bool {
+    word(p, 8).load(Ordering::Relaxed) == KIND_NORMAL
+}
+
+/// Set in a `Normal` mutex's word while a locker may sleep on it.
+const SLEEPERS: u32 = 1 << 31;
+/// How long a locker of a `Normal` mutex sleeps before it checks whether
+/// the holder still lives (a dead holder wakes no one).
+const HOLDER_CHECK_NS: i64 = 50_000_000;
+
+// `Normal` mutex: a binary semaphore in one futex word, which holds the
+// pid of the process that locked it (0: free), plus SLEEPERS. Anyone may
+// unlock it (as OCamlnet's, which has no owner checks). A holder that died
+// (even one left an unreaped zombie) is seen by a sleeping locker after at
+// most HOLDER_CHECK_NS; the locker swaps its own pid in for the dead one
+// with one compare-and-swap, so exactly one locker takes the lock over. A
+// dead holder whose pid was reused meanwhile is taken for alive (a pid
+// alone cannot tell): the lock then waits for that process's end.
+
+/// Tries to lock a `Normal` mutex at once; false if held.
+fn normal_try(p: *mut u8) -> bool {
+    // SAFETY: getpid has no preconditions.
+    let me = unsafe { libc::getpid() } as u32;
+    word(p, MUTEX_OFF)
+        .compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed)
+        .is_ok()
+}
+
+/// Locks a `Normal` mutex, sleeping while it is held (call without the
+/// OCaml runtime lock); 0, or 1 if taken over from a dead holder.
+fn normal_lock_wait(p: *mut u8) -> isize {
+    let w = word(p, MUTEX_OFF);
+    // SAFETY: getpid has no preconditions.
+    let me = unsafe { libc::getpid() } as u32;
+    loop {
+        let cur = w.load(Ordering::Relaxed);
+        if cur == 0 {
+            // others may sleep: keep SLEEPERS so our unlock wakes one
+            if w.compare_exchange(0, me | SLEEPERS, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+            {
+                return 0;
+            }
+            continue;
+        }
+        if cur & SLEEPERS == 0
+            && w.compare_exchange(cur, cur | SLEEPERS, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            continue;
+        }
+        if futex_wait_for(w, cur | SLEEPERS, HOLDER_CHECK_NS) {
+            continue;
+        }
+        let holder = (cur & !SLEEPERS) as i32;
+        if crate::owner::probe(holder) == crate::owner::Liveness::Gone
+            && w.compare_exchange(
+                cur | SLEEPERS,
+                me | SLEEPERS,
+                Ordering::Acquire,
+                Ordering::Relaxed,
+            )
+            .is_ok()
+        {
+            word(p, 12).fetch_add(1, Ordering::Relaxed);
+            return 1;
+        }
+    }
+}
+
+/// Unlocks a `Normal` mutex, whoever locked it; E_NOT_LOCKED if free.
+fn normal_unlock(p: *mut u8) -> isize {
+    let w = word(p, MUTEX_OFF);
+    let old = w.swap(0, Ordering::Release);
+    if old == 0 {
+        return E_NOT_LOCKED;
+    }
+    if old & SLEEPERS != 0 {
+        futex_wake(w, 1);
+    }
+    0
+}
+
+/// The result of locking a pthread (error-checking or recursive) mutex.
+fn pthread_locked(p: *mut u8, r: libc::c_int) -> isize {
+    match r {
+        0 => 0,
+        libc::EOWNERDEAD => {
+            // SAFETY: we own the mutex now (EOWNERDEAD).
+            unsafe { libc::pthread_mutex_consistent(mutex_ptr(p)) };
+            word(p, 12).fetch_add(1, Ordering::Relaxed);
+            1
+        }
+        libc::EDEADLK => E_DEADLOCK,
+        libc::EAGAIN => E_OVERFLOW,
+        _ => E_OTHER,
+    }
+}
+
+/// Tries to lock mutex `p` at once: Some(result), or None if it is held
+/// by someone else (then `mutex_lock_wait`).
+fn mutex_try(p: *mut u8) -> Option<isize> {
+    if is_normal(p) {
+        return normal_try(p).then_some(0);
+    }
+    // SAFETY: an initialised robust process-shared mutex.
+    match unsafe { libc::pthread_mutex_trylock(mutex_ptr(p)) } {
+        libc::EBUSY => None,
+        r => Some(pthread_locked(p, r)),
+    }
+}
+
+/// Locks mutex `p`, waiting as long as it takes (call without the OCaml
+/// runtime lock); 0, 1 if taken over from a dead owner, or an error.
+fn mutex_lock_wait(p: *mut u8) -> isize {
+    if is_normal(p) {
+        return normal_lock_wait(p);
+    }
+    // SAFETY: an initialised robust mutex in shared memory.
+    pthread_locked(p, unsafe { libc::pthread_mutex_lock(mutex_ptr(p)) })
+}
+
+/// Unlocks mutex `p`: 0, E_NOT_OWNER (a pthread mutex this thread does
+/// not hold) or E_NOT_LOCKED (a free `Normal` mutex).
+fn mutex_unlock(p: *mut u8) -> isize {
+    if is_normal(p) {
+        return normal_unlock(p);
+    }
+    // SAFETY: an initialised robust mutex (robust mutexes check the
+    // owner: EPERM when this thread does not hold it).
+    match unsafe { libc::pthread_mutex_unlock(mutex_ptr(p)) } {
+        0 => 0,
+        libc::EPERM => E_NOT_OWNER,
+        _ => E_OTHER,
+    }
+}
+
+/// Locks; 0, or 1 if taken over from a dead owner.
 #[no_mangle]
 pub extern "C" fn shmpool_sync_mutex_lock(s: Raw) -> Raw {
     guarded(|| {
@@ -175,24 +387,10 @@ pub extern "C" fn shmpool_sync_mutex_lock(s: Raw) -> Raw {
         if magic(p).load(Ordering::Acquire) != MUTEX_MAGIC {
             return E_DUMMY;
         }
-        let m = mutex_ptr(p);
-        // SAFETY: m is an initialised robust process-shared mutex.
-        let mut r = unsafe { libc::pthread_mutex_trylock(m) };
-        if r == libc::EBUSY {
-            // SAFETY: as above; the mutex is in shared memory, not OCaml's.
-            r = blocking(|| unsafe { libc::pthread_mutex_lock(m) });
-        }
-        match r {
-            0 => 0,
-            libc::EOWNERDEAD => {
-                // SAFETY: we own the mutex now (EOWNERDEAD).
-                unsafe { libc::pthread_mutex_consistent(m) };
-                word(p, 12).fetch_add(1, Ordering::Relaxed);
-                1
-            }
-            libc::EDEADLK => E_DEADLOCK,
-            libc::EAGAIN => E_OVERFLOW,
-            _ => E_OTHER,
+        match mutex_try(p) {
+            Some(r) => r,
+            // the mutex is in shared memory, not OCaml's
+            None => blocking(|| mutex_lock_wait(p)),
         }
     })
 }
@@ -204,13 +402,7 @@ pub extern "C" fn shmpool_sync_mutex_unlock(s: Raw) -> Raw {
         if magic(p).load(Ordering::Acquire) != MUTEX_MAGIC {
             return E_DUMMY;
         }
-        // SAFETY: an initialised robust mutex (robust mutexes check the
-        // owner: EPERM when this thread does not hold it).
-        match unsafe { libc::pthread_mutex_unlock(mutex_ptr(p)) } {
-            0 => 0,
-            libc::EPERM => E_NOT_OWNER,
-            _ => E_OTHER,
-        }
+        mutex_unlock(p)
     })
 }
 
@@ -241,8 +433,10 @@ pub extern "C" fn shmpool_sync_init(s: Raw, which: Raw, value: Raw) -> Raw {
         let m = if untag(which) == 0 {
             SEM_MAGIC
         } else {
-            word(p, 16).store(0, Ordering::Relaxed);
-            dword(p, 24).store(0, Ordering::Relaxed);
+            dword(p, 16).store(0, Ordering::Relaxed);
+            if !init_robust(list_mutex(p), libc::PTHREAD_MUTEX_NORMAL) {
+                return E_OTHER;
+            }
             COND_MAGIC
         };
         magic(p).store(m, Ordering::Release);
@@ -255,10 +449,14 @@ pub extern "C" fn shmpool_sync_init(s: Raw, which: Raw, value: Raw) -> Raw {
 pub extern "C" fn shmpool_sync_destroy(s: Raw) -> Raw {
     guarded(|| {
         let p = base(s);
-        if magic(p).swap(0, Ordering::AcqRel) == MUTEX_MAGIC {
+        match magic(p).swap(0, Ordering::AcqRel) {
+            MUTEX_MAGIC if is_normal(p) => 0,
             // SAFETY: an initialised mutex nobody may use any more.
-            unsafe { libc::pthread_mutex_destroy(mutex_ptr(p)) };
-        }
+            MUTEX_MAGIC => unsafe { libc::pthread_mutex_destroy(mutex_ptr(p)) },
+            // SAFETY: as above.
+            COND_MAGIC => unsafe { libc::pthread_mutex_destroy(list_mutex(p)) },
+            _ => 0,
+        };
         0
     })
 }
@@ -357,28 +555,16 @@ pub extern "C" fn shmpool_sync_cond_wait(c: Raw, m: Raw) -> Raw {
         let waiters = word(cp, 12);
         let s0 = seq.load(Ordering::SeqCst);
         waiters.fetch_add(1, Ordering::SeqCst);
-        let mx = mutex_ptr(mp);
-        // SAFETY: an initialised robust mutex.
-        if unsafe { libc::pthread_mutex_unlock(mx) } != 0 {
+        let u = mutex_unlock(mp);
+        if u != 0 {
             waiters.fetch_sub(1, Ordering::SeqCst);
-            return E_NOT_OWNER;
+            return u;
         }
-        let r = blocking(|| {
+        blocking(|| {
             futex_wait(seq, s0);
             waiters.fetch_sub(1, Ordering::SeqCst);
-            // SAFETY: as above.
-            unsafe { libc::pthread_mutex_lock(mx) }
-        });
-        match r {
-            0 => 0,
-            libc::EOWNERDEAD => {
-                // SAFETY: we own the mutex (EOWNERDEAD).
-                unsafe { libc::pthread_mutex_consistent(mx) };
-                word(mp, 12).fetch_add(1, Ordering::Relaxed);
-                1
-            }
-            _ => E_OTHER,
-        }
+            mutex_lock_wait(mp)
+        })
     })
 }
 
@@ -393,18 +579,10 @@ pub extern "C" fn shmpool_sync_cond_signal(c: Raw, all: Raw) -> Raw {
             return E_DUMMY;
         }
         let all = untag(all) != 0;
-        loop {
-            let paths = take_event_waiters(p, all);
-            if paths.is_empty() {
-                break;
-            }
-            let notified = paths.iter().filter(|path| notify(path)).count();
-            if !all && notified > 0 {
-                return 0;
-            }
-            if all {
-                break;
-            }
+        match signal_event_waiters(p, all) {
+            None => return E_OTHER,
+            Some(true) if !all => return 0,
+            Some(_) => {}
         }
         let seq = word(p, 8);
         seq.fetch_add(1, Ordering::SeqCst);
@@ -415,78 +593,96 @@ pub extern "C" fn shmpool_sync_cond_signal(c: Raw, all: Raw) -> Raw {
     })
 }
 
-fn dword(p: *mut u8, off: usize) -> &'static AtomicU64 {
-    // SAFETY: as `magic`; off + 8 is within the object and 8-aligned.
-    unsafe { AtomicU64::from_ptr(p.add(off).cast()) }
-}
-
-/// Takes the list lock of condition `p` (the word holds its holder's pid).
-/// A holder that no longer exists left the list well-formed (see the
-/// module doc): its lock is taken over.
-fn list_lock(p: *mut u8) {
-    let w = word(p, 16);
-    // SAFETY: getpid has no preconditions.
-    let me = unsafe { libc::getpid() } as u32;
-    let mut spins = 0u32;
-    loop {
-        match w.compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed) {
-            Ok(_) => return,
-            Err(holder) => {
-                spins = spins.wrapping_add(1);
-                if spins % 128 == 0 {
-                    // SAFETY: signal 0 only checks that the process exists.
-                    let gone = unsafe { libc::kill(holder as libc::pid_t, 0) } == -1
-                        && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
-                    if gone {
-                        let _ = w.compare_exchange(holder, 0, Ordering::AcqRel, Ordering::Relaxed);
-                    }
-                    std::thread::yield_now();
-                } else {
-                    std::hint::spin_loop();
-                }
-            }
-        }
+/// Notifies the first queued event waiter that is still alive (every
+/// queued waiter if `all`); true if one was notified for this call.
+///
+/// Invariant: an entry leaves the list only after its pipe was written,
+/// and all of it happens under the list lock. So a signaller dying at any
+/// step leaves the entry queued: either still unmarked (the signal did not
+/// happen), or marked (and perhaps written): the next signal or broadcast
+/// finds it again, writes its pipe and unlinks it, without counting it as
+/// its own wake-up (a spurious wake-up at worst, never a lost one). The
+/// entry is marked before its pipe is written because the waiter accepts a
+/// byte only from a marked entry. A waiter woken while its entry is still
+/// queued (its signaller died before unlinking) unlinks it itself.
+fn signal_event_waiters(p: *mut u8, all: bool) -> Option<bool> {
+    let head = dword(p, 16);
+    let mut notified = false;
+    if !list_lock(p) {
+        return None;
     }
-}
-
-fn list_unlock(p: *mut u8) {
-    word(p, 16).store(0, Ordering::Release);
-}
-
-/// The entry at address `a` (a live entry string of the condition's heap:
-/// only such addresses are ever stored in the list).
-fn entry(a: u64) -> *mut u8 {
-    a as usize as *mut u8
-}
-
-/// Unlinks the first queued entry (every entry if `all`), marks each
-/// signalled and returns their pipe paths. Runs under the list lock.
-fn take_event_waiters(p: *mut u8, all: bool) -> Vec<std::ffi::CString> {
-    let mut out = Vec::new();
-    let head = dword(p, 24);
-    list_lock(p);
+    crash_point(CP_LIST_LOCKED);
     loop {
         let a = head.load(Ordering::Acquire);
         if a == 0 {
             break;
         }
         let e = entry(a);
-        // single store: the list stays well-formed if we die here
-        head.store(dword(e, 8).load(Ordering::Acquire), Ordering::Release);
-        word(e, 16).store(1, Ordering::Release);
+        let left_over = word(e, 16).swap(1, Ordering::AcqRel) == 1;
+        crash_point(CP_SIGNAL_MARKED);
         let len = word(e, 20).load(Ordering::Relaxed) as usize;
         // SAFETY: the entry string holds len path bytes after its header
         // (written once by shmpool_sync_entry_init, never changed).
         let bytes = unsafe { std::slice::from_raw_parts(e.add(ENTRY_HDR), len) };
-        if let Ok(cs) = std::ffi::CString::new(bytes) {
-            out.push(cs);
-        }
-        if !all {
-            break;
+        let alive = std::ffi::CString::new(bytes).is_ok_and(|path| notify(&path));
+        crash_point(CP_SIGNAL_WRITTEN);
+        // single store: the list stays well-formed if we die here
+        head.store(dword(e, 8).load(Ordering::Acquire), Ordering::Release);
+        if alive && !left_over {
+            notified = true;
+            if !all {
+                break;
+            }
         }
     }
     list_unlock(p);
-    out
+    Some(notified)
+}
+
+fn dword(p: *mut u8, off: usize) -> &'static AtomicU64 {
+    // SAFETY: as `magic`; off + 8 is within the object and 8-aligned.
+    unsafe { AtomicU64::from_ptr(p.add(off).cast()) }
+}
+
+fn list_mutex(p: *mut u8) -> *mut libc::pthread_mutex_t {
+    // SAFETY: offset within the condition string (COND_BYTES long).
+    unsafe { p.add(LIST_LOCK_OFF).cast() }
+}
+
+/// Takes the list lock of condition `p`, waiting without the OCaml
+/// runtime lock (so the caller's stub must not be `noalloc`). A lock whose
+/// holder died is taken over: the list is well-formed at every step (see
+/// the module doc), so it is marked consistent at once. False if the lock
+/// could not be taken (a broken object).
+fn list_lock(p: *mut u8) -> bool {
+    let m = list_mutex(p);
+    // SAFETY: m is an initialised robust process-shared mutex (the
+    // condition's magic was checked); it is in shared memory, not OCaml's.
+    let mut r = unsafe { libc::pthread_mutex_trylock(m) };
+    if r == libc::EBUSY {
+        // SAFETY: as above.
+        r = blocking(|| unsafe { libc::pthread_mutex_lock(m) });
+    }
+    match r {
+        0 => true,
+        libc::EOWNERDEAD => {
+            // SAFETY: we own the mutex now (EOWNERDEAD).
+            unsafe { libc::pthread_mutex_consistent(m) };
+            true
+        }
+        _ => false,
+    }
+}
+
+fn list_unlock(p: *mut u8) {
+    // SAFETY: held by this thread (list_lock returned true).
+    unsafe { libc::pthread_mutex_unlock(list_mutex(p)) };
+}
+
+/// The entry at address `a` (a live entry string of the condition's heap:
+/// only such addresses are ever stored in the list).
+fn entry(a: u64) -> *mut u8 {
+    a as usize as *mut u8
 }
 
 /// Writes one byte into the named pipe `path` without blocking; false if
@@ -540,8 +736,10 @@ pub extern "C" fn shmpool_sync_cond_enqueue(c: Raw, e: Raw) -> Raw {
             return E_DUMMY;
         }
         let ea = ep as usize as u64;
-        list_lock(p);
-        let mut link = dword(p, 24);
+        if !list_lock(p) {
+            return E_OTHER;
+        }
+        let mut link = dword(p, 16);
         loop {
             let a = link.load(Ordering::Acquire);
             if a == ea {
@@ -573,8 +771,10 @@ pub extern "C" fn shmpool_sync_cond_dequeue(c: Raw, e: Raw) -> Raw {
             return E_DUMMY;
         }
         let ea = ep as usize as u64;
-        list_lock(p);
-        let mut link = dword(p, 24);
+        if !list_lock(p) {
+            return E_OTHER;
+        }
+        let mut link = dword(p, 16);
         let mut found = 0;
         loop {
             let a = link.load(Ordering::Acquire);
