@@ -174,7 +174,18 @@ let make pool descr hh =
 
 external h_descr : int -> int = "shmpool_heap_descr"
 
+(* A heap holds addresses, valid only where the pool is mapped at the
+   address every process sees it at: not in the worker that created the
+   pool (see Mempool.create_mempool). *)
+let require_shared_address fn pool =
+  if not (Mempool.at_shared_address pool) then
+    failwith
+      (fn
+     ^ ": this worker created the pool and maps it at an address of its own; use heaps on it from \
+        the master or from workers started later")
+
 let create_heap pool size (root : 'a) : 'a heap =
+  require_shared_address "Netmcore_heap.create_heap" pool;
   if Obj.is_int (Obj.repr root) then
     failwith "Netmcore_heap.create_heap: the root element is not a block";
   if size <= 0 then invalid_arg "Netmcore_mempool.alloc_mem: bad size";
@@ -209,6 +220,7 @@ let root h = Obj.obj (if h.nonce = !last_nonce then !last_root else root_slow h)
 let descr_of_heap h = h.descr
 
 let heap_of_descr pool (d : 'a descr) : 'a heap =
+  require_shared_address "Netmcore_heap.heap_of_descr" pool;
   let h = { pool; descr = d; nonce = -1; hh = -1; pid = -1 } in
   (* [handle] checks a cached handle is on a live heap *)
   let hh = try handle h with Failure _ -> no_heap () in

@@ -31,6 +31,9 @@ type entry = {
   name : string;
   container : Netsys_sem.container;
   gen : int;
+  private_address : bool;
+      (** mapped by the worker that created it, at an address of its own
+          (not the one every other process sees it at) *)
 }
 
 let pools : (int, entry) Hashtbl.t = Hashtbl.create 7
@@ -58,7 +61,7 @@ let lookup_slow (`Resource n as id) =
       | `Posix_shm_preallocated_sc (name, mem, container) ->
           let pool = try Shmpool.attach_in_place mem with Shmpool.Not_a_pool _ -> not_a_pool () in
           (match stale with Some old -> Shmpool.close old.pool | None -> ());
-          let e = { pool; name; container; gen } in
+          let e = { pool; name; container; gen; private_address = false } in
           remember n e;
           e
       | _ -> not_a_pool ())
@@ -69,6 +72,7 @@ let lookup (`Resource n as id) =
   | _ -> lookup_slow id
 
 let shmpool id = (lookup id).pool
+let at_shared_address id = not (lookup id).private_address
 
 (* Is the caller a Netmcore worker (a Netplex container)? There Netmcore
    creates a preallocated object on the worker's behalf in the master, which
@@ -110,14 +114,15 @@ let create_mempool ?(alloc_really = false) size =
         whichever process first touches the metadata. *)
      let payload = (size + Shmpool.page_size - 1) / Shmpool.page_size * Shmpool.page_size in
      Shmpool.prefault_shm ?len:(if alloc_really then None else Some (total - payload)) name;
+     let private_address = in_worker () in
      let pool =
-       if in_worker () then format_in_worker name total
+       if private_address then format_in_worker name total
        else
          match (Netmcore.get_resource id)#repr with
          | `Posix_shm_preallocated_sc (_, mem, _) -> Shmpool.format_in_place ~zeroed:true mem
          | _ -> not_a_pool ()
      in
-     remember n { pool; name; container; gen = Shmpool.fork_generation () }
+     remember n { pool; name; container; gen = Shmpool.fork_generation (); private_address }
    with e -> (try Netsys_posix.shm_unlink name with _ -> ()); raise e);
   dlog (Printf.sprintf "create_mempool (id=%d) size=%d shm=%s" n size name);
   id

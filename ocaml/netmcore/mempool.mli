@@ -19,3 +19,8 @@ module Debug : sig
 end
 
 val shmpool : Netmcore.res_id -> Shmpool.t
+
+(** Whether this process sees the pool at the address every process of the
+    program sees it at: false only in the worker that created it (which
+    maps it itself). Heaps hold addresses: they need true. *)
+val at_shared_address : Netmcore.res_id -> bool

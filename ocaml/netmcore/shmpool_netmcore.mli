@@ -85,7 +85,10 @@ module Netmcore_mempool : sig
       "Netmcore.get_resource: The `Posix_shm_preallocated_sc resource
       exists but is not shared with this worker"] on every use), the
       creating worker can use the pool at once, through a mapping of its
-      own at its own address: pass blocks to other processes by offset.
+      own at its own address: pass blocks to other processes by offset,
+      and use heaps on it ({!Netmcore_heap}, which hold addresses) from
+      other processes only: in the creating worker, [create_heap] and
+      [heap_of_descr] raise [Failure].
 
       [alloc_really]: reserve the memory now ([posix_fallocate]), so that a
       machine short of memory fails here rather than with a bus error at

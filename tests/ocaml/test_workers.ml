@@ -194,6 +194,7 @@ module In_worker (P : MEMPOOL) = struct
   type outcome = {
     creator_alloc : string;
     creator_stats : string;
+    creator_heap : string;  (** our Netmcore_heap.create_heap there *)
     creator_read_all : string;  (** the creator's block, read by a later `All worker *)
     creator_read_res : string;  (** ... and freed by a `Resources [p] worker *)
     fresh : (int * int * int, string) result;  (** from a later worker *)
@@ -221,6 +222,11 @@ module In_worker (P : MEMPOOL) = struct
           "allocated")
     in
     let creator_stats = show (fun () -> ignore (P.stats id); "stats") in
+    let creator_heap =
+      show (fun () ->
+          ignore (Shmpool_netmcore.Netmcore_heap.create_heap id 4096 (ref 1));
+          "heap created")
+    in
     let write c = Option.value (run `All writer_fork writer_join (id, c)) ~default:(Error "no result") in
     let read inh w c =
       match w with
@@ -246,7 +252,7 @@ module In_worker (P : MEMPOOL) = struct
     let outsider = stats_in (`Resources []) in
     let final = stats_in `All in
     let shm = match w1 with Ok (_, _, n) -> n | Error _ -> "" in
-    { creator_alloc; creator_stats; creator_read_all; creator_read_res; fresh; read_all; read_res; outsider; final; shm }
+    { creator_alloc; creator_stats; creator_heap; creator_read_all; creator_read_res; fresh; read_all; read_res; outsider; final; shm }
 
   let creator_fork, creator_join = Netmcore_process.def_process creator
 end
@@ -479,6 +485,10 @@ let () =
                   check string "for stats too" not_shared o.In_worker_orig.creator_stats;
                   check string "our creator allocates, writes, frees" "allocated" s.creator_alloc;
                   check string "and reads stats" "stats" s.creator_stats;
+                  (* heaps hold addresses: not on its own mapping *)
+                  check bool ("but creates no heap there: " ^ s.creator_heap) true
+                    (String.length s.creator_heap > 40
+                    && String.sub s.creator_heap 0 40 = "Failure: Netmcore_heap.create_heap: this");
                   check string "the creator's block, read by a later `All worker" "read" s.creator_read_all;
                   check string "... and read and freed by a `Resources [p] worker" "read and freed"
                     s.creator_read_res;
