@@ -148,19 +148,6 @@ let first (pool, seed) =
 
 let first_fork, first_join = Netmcore_process.def_process first
 
-(* Netplex logs each killed worker on stderr: keep that in a file, shown
-   only when something failed. *)
-let with_stderr_to file f =
-  let saved = Unix.dup Unix.stderr in
-  let fd = Unix.openfile file [ Unix.O_WRONLY; Unix.O_CREAT; Unix.O_TRUNC ] 0o600 in
-  flush stderr;
-  Unix.dup2 fd Unix.stderr;
-  Unix.close fd;
-  Fun.protect f ~finally:(fun () ->
-      flush stderr;
-      Unix.dup2 saved Unix.stderr;
-      Unix.close saved)
-
 let run () =
   let t0 = now () in
   mb := mailbox ((nworkers + 1) * slot_words);
