@@ -127,21 +127,13 @@ let pool_bytes = 1024 * mib
 
 (* ----- deterministic sizes ---------------------------------------------- *)
 
-let size_table sizes seed =
+let rec size_table sizes seed =
   let n = 4096 in
   match sizes with
   | Pages p -> Array.make n (p * page)
-  | Mixed ->
-      (* xorshift64 *)
-      let s = ref (Int64.of_int (seed * 2654435761 + 88172645463325252)) in
-      Array.init n (fun _ ->
-          let x = !s in
-          let x = Int64.logxor x (Int64.shift_left x 13) in
-          let x = Int64.logxor x (Int64.shift_right_logical x 7) in
-          let x = Int64.logxor x (Int64.shift_left x 17) in
-          s := x;
-          (1 + Int64.to_int (Int64.unsigned_rem x 64L)) * page)
+  | Mixed -> size_table (Range (1, 64)) seed
   | Range (a, b) ->
+      (* xorshift64 *)
       let s = ref (Int64.of_int (seed * 2654435761 + 88172645463325252)) in
       Array.init n (fun _ ->
           let x = !s in

@@ -707,20 +707,31 @@ pub extern "C" fn shmpool_sync_entry_init(e: Raw, path: Raw) -> Raw {
     })
 }
 
-/// Queues entry `e` at the end of condition `c`'s event waiters, state 0
-/// (not yet signalled). An entry already queued there stays where it is.
-#[no_mangle]
-pub extern "C" fn shmpool_sync_cond_enqueue(c: Raw, e: Raw) -> Raw {
+/// Runs `f(c, e)` on condition `c` and event wait entry `e` (E_DUMMY if
+/// either is not one) with `c`'s list of event waiters locked (E_OTHER if
+/// that lock cannot be taken), unlocking it after.
+fn on_waiter_list(c: Raw, e: Raw, f: impl FnOnce(*mut u8, *mut u8) -> isize) -> Raw {
     guarded(|| {
         let p = base(c);
         let ep = base(e);
         if !is(p, COND_MAGIC) || !is(ep, ENTRY_MAGIC) {
             return E_DUMMY;
         }
-        let ea = ep as usize as u64;
         if !list_lock(p) {
             return E_OTHER;
         }
+        let r = f(p, ep);
+        list_unlock(p);
+        r
+    })
+}
+
+/// Queues entry `e` at the end of condition `c`'s event waiters, state 0
+/// (not yet signalled). An entry already queued there stays where it is.
+#[no_mangle]
+pub extern "C" fn shmpool_sync_cond_enqueue(c: Raw, e: Raw) -> Raw {
+    on_waiter_list(c, e, |p, ep| {
+        let ea = ep as usize as u64;
         let mut link = dword(p, 16);
         loop {
             let a = link.load(Ordering::Acquire);
@@ -737,7 +748,6 @@ pub extern "C" fn shmpool_sync_cond_enqueue(c: Raw, e: Raw) -> Raw {
             }
             link = dword(entry(a), 8);
         }
-        list_unlock(p);
         0
     })
 }
@@ -746,16 +756,8 @@ pub extern "C" fn shmpool_sync_cond_enqueue(c: Raw, e: Raw) -> Raw {
 /// there; returns 1 if it was, 0 otherwise.
 #[no_mangle]
 pub extern "C" fn shmpool_sync_cond_dequeue(c: Raw, e: Raw) -> Raw {
-    guarded(|| {
-        let p = base(c);
-        let ep = base(e);
-        if !is(p, COND_MAGIC) || !is(ep, ENTRY_MAGIC) {
-            return E_DUMMY;
-        }
+    on_waiter_list(c, e, |p, ep| {
         let ea = ep as usize as u64;
-        if !list_lock(p) {
-            return E_OTHER;
-        }
         let mut link = dword(p, 16);
         let mut found = 0;
         loop {
@@ -770,7 +772,6 @@ pub extern "C" fn shmpool_sync_cond_dequeue(c: Raw, e: Raw) -> Raw {
             }
             link = dword(entry(a), 8);
         }
-        list_unlock(p);
         found
     })
 }

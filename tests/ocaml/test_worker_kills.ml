@@ -59,14 +59,7 @@ let mailbox_words = parker_base + p_blocks + (2 * List.length parker_pages)
 (* created by the master before Netmcore.run, inherited by every process *)
 let mb = ref (Bigarray.Array1.create Bigarray.int64 Bigarray.c_layout 0)
 
-let api pool =
-  {
-    alloc = M.alloc_mem pool;
-    free = M.free_mem pool;
-    size = M.size_mem pool;
-    is_oom = (function M.Out_of_pool_memory -> true | _ -> false);
-    flush = (fun () -> Shmpool.flush_cache (Shmpool_netmcore.shmpool pool));
-  }
+let api = Torture_mcore.netmcore_api
 
 (* A churning worker: Torture's stamped alloc/free loop, until killed. *)
 let churner (pool, slot, tag, s) =

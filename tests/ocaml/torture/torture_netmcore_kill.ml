@@ -20,14 +20,7 @@ let deadline = 20.0
 (* created by the master before Netmcore.run, inherited by every process *)
 let mb = ref (Bigarray.Array1.create Bigarray.int64 Bigarray.c_layout 0)
 
-let api pool =
-  {
-    alloc = M.alloc_mem pool;
-    free = M.free_mem pool;
-    size = M.size_mem pool;
-    is_oom = (function M.Out_of_pool_memory -> true | _ -> false);
-    flush = (fun () -> Shmpool.flush_cache (Shmpool_netmcore.shmpool pool));
-  }
+let api = Torture_mcore.netmcore_api
 
 let worker (pool, slot, ops, tag, s) =
   churn (api pool) !mb (slot * slot_words) ~rng:(Random.State.make [| s |]) ~ops ~tag;
