@@ -16,33 +16,29 @@ module Ours = Shmpool_netmcore.Netmcore_mempool
 
 let page = Netsys_mem.pagesize
 let mib = 1024 * 1024
-let now = Unix.gettimeofday
+let now = Benchutil.now
 
 (* ----- options ---------------------------------------------------------- *)
 
-let rounds = ref 5
+(* -rounds, -secs, -o, -shm-log and -sockdir are Benchutil's *)
+let rounds = Benchutil.rounds
+let secs = Benchutil.secs
+let out_md = Benchutil.out_md
+let sockdir_opt = Benchutil.sockdir_opt
 let create_rounds_big = ref 3 (* 1 GiB with alloc_really: seconds each *)
-let secs = ref 0.3 (* measuring window of one worker run *)
-let out_md = ref "bench.md"
 let out_dat = ref "ratios.dat"
 let only = ref "" (* substring filter on case names, for quick checks *)
 let impls = ref "both" (* or "orig", "ours": for profiling one side *)
-let shm_log = ref "" (* file to which each pool's shm name is appended *)
-let sockdir_opt = ref "" (* Netmcore's socket directory (created, removed after) *)
 
 let () =
   Arg.parse
-    [
-      ("-rounds", Arg.Set_int rounds, "N rounds per implementation (5)");
-      ("-big-rounds", Arg.Set_int create_rounds_big, "N rounds of create 1 GiB alloc_really (3)");
-      ("-secs", Arg.Set_float secs, "S seconds per measurement (0.3)");
-      ("-o", Arg.Set_string out_md, "FILE markdown table");
-      ("-dat", Arg.Set_string out_dat, "FILE speed-ups for gnuplot");
-      ("-only", Arg.Set_string only, "S1|S2.. run only the cases whose name contains one of these");
-      ("-shm-log", Arg.Set_string shm_log, "FILE append the name of every shm object created");
-      ("-sockdir", Arg.Set_string sockdir_opt, "DIR socket directory to create (default: a fresh temp dir)");
-      ("-impl", Arg.Symbol ([ "both"; "orig"; "ours" ], fun s -> impls := s), " run only one implementation (profiling)");
-    ]
+    (Benchutil.common_options
+    @ [
+        ("-big-rounds", Arg.Set_int create_rounds_big, "N rounds of create 1 GiB alloc_really (3)");
+        ("-dat", Arg.Set_string out_dat, "FILE speed-ups for gnuplot");
+        ("-only", Arg.Set_string only, "S1|S2.. run only the cases whose name contains one of these");
+        ("-impl", Arg.Symbol ([ "both"; "orig"; "ours" ], fun s -> impls := s), " run only one implementation (profiling)");
+      ])
     (fun _ -> ())
     "bench.exe [options]"
 
@@ -53,14 +49,7 @@ let contains s sub =
 
 let selected name = List.exists (contains name) (String.split_on_char '|' !only)
 
-(* Every pool's shm name goes to the log as soon as it exists, so that
-   scripts/bench.sh can unlink it even if this program dies. *)
-let log_shm name =
-  if !shm_log <> "" then begin
-    let oc = open_out_gen [ Open_append; Open_creat; Open_wronly ] 0o600 !shm_log in
-    output_string oc (name ^ "\n");
-    close_out oc
-  end
+let log_shm = Benchutil.log_shm
 
 (* ----- the cases -------------------------------------------------------- *)
 
@@ -138,21 +127,13 @@ let pool_bytes = 1024 * mib
 
 (* ----- deterministic sizes ---------------------------------------------- *)
 
-let size_table sizes seed =
+let rec size_table sizes seed =
   let n = 4096 in
   match sizes with
   | Pages p -> Array.make n (p * page)
-  | Mixed ->
-      (* xorshift64 *)
-      let s = ref (Int64.of_int (seed * 2654435761 + 88172645463325252)) in
-      Array.init n (fun _ ->
-          let x = !s in
-          let x = Int64.logxor x (Int64.shift_left x 13) in
-          let x = Int64.logxor x (Int64.shift_right_logical x 7) in
-          let x = Int64.logxor x (Int64.shift_left x 17) in
-          s := x;
-          (1 + Int64.to_int (Int64.unsigned_rem x 64L)) * page)
+  | Mixed -> size_table (Range (1, 64)) seed
   | Range (a, b) ->
+      (* xorshift64 *)
       let s = ref (Int64.of_int (seed * 2654435761 + 88172645463325252)) in
       Array.init n (fun _ ->
           let x = !s in

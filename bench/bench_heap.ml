@@ -43,29 +43,9 @@ module Ours : IMPL = struct
   let sref_destroy r = destroy (heap r)
 end
 
-let now = Unix.gettimeofday
-let rounds = ref 5
-let secs = ref 0.3
-let out_md = ref "bench-heap.md"
-let shm_log = ref ""
-let sockdir_opt = ref ""
+open Benchutil
 
-let () =
-  Arg.parse
-    [
-      ("-rounds", Arg.Set_int rounds, "N rounds per implementation (5)");
-      ("-secs", Arg.Set_float secs, "S seconds per measurement (0.3)");
-      ("-o", Arg.Set_string out_md, "FILE markdown table");
-      ("-shm-log", Arg.Set_string shm_log, "FILE append the name of every shm object created");
-      ("-sockdir", Arg.Set_string sockdir_opt, "DIR socket directory to create");
-      (* bench.exe's other options, which scripts/bench.sh passes to both *)
-      ("-big-rounds", Arg.Int ignore, " (ignored)");
-      ("-only", Arg.String ignore, " (ignored)");
-      ("-impl", Arg.String ignore, " (ignored)");
-      ("-dat", Arg.String ignore, " (ignored)");
-    ]
-    (fun _ -> ())
-    "bench_heap [options]"
+let () = parse_side ~out:"bench-heap.md" ~usage:"bench_heap [options]"
 
 type kind = List10 | String10k | Assign | Deref | Gc_garbage
 type case = { name : string; kind : kind; workers : int; per_op : bool }
@@ -82,16 +62,6 @@ let cases =
 
 (* (operations, seconds timed) *)
 module Work (I : IMPL) = struct
-  let timed dur f =
-    let n = ref 0 and t0 = now () in
-    while now () -. t0 < dur do
-      for _ = 1 to 100 do
-        f !n;
-        incr n
-      done
-    done;
-    (!n, now () -. t0)
-
   let run pool kind dur =
     match kind with
     | List10 | String10k ->
@@ -158,23 +128,12 @@ let coordinator (orig_pool, ours_pool, nrounds, dur) =
                 Ok (s +. if c.per_op then t /. float n else float n /. t))
           (Ok 0.) rs
       in
-      let o = ref [] and u = ref [] and errs = ref [] in
-      for _ = 1 to nrounds do
-        (match measure false with Ok v -> o := v :: !o | Error e -> errs := ("ocamlnet: " ^ e) :: !errs);
-        match measure true with Ok v -> u := v :: !u | Error e -> errs := ("shmpool: " ^ e) :: !errs
-      done;
+      let o, u, errs = alternate nrounds measure in
       Printf.eprintf "  %s done\n%!" c.name;
-      (c, !o, !u, List.sort_uniq compare !errs))
+      (c, o, u, errs))
     cases
 
 let coord_fork, coord_join = Netmcore_process.def_process coordinator
-
-let median = function
-  | [] -> nan
-  | l ->
-      let a = Array.of_list l in
-      Array.sort compare a;
-      a.(Array.length a / 2)
 
 let fmt c v =
   if Float.is_nan v then "—"
@@ -186,34 +145,13 @@ let fmt c v =
 let () =
   let orig_pool = Orig.create_mempool (256 * 1024 * 1024) in
   let ours_pool = Ours.create_mempool (256 * 1024 * 1024) in
-  let log n =
-    if !shm_log <> "" then begin
-      let oc = open_out_gen [ Open_append; Open_creat ] 0o644 !shm_log in
-      output_string oc (n ^ "\n");
-      close_out oc
-    end
+  log_shm (Orig.shm_name orig_pool);
+  log_shm (Ours.shm_name ours_pool);
+  let cleanup () =
+    (try Orig.unlink_mempool orig_pool with _ -> ());
+    try Ours.unlink_mempool ours_pool with _ -> ()
   in
-  log (Orig.shm_name orig_pool);
-  log (Ours.shm_name ours_pool);
-  let master = Unix.getpid () in
-  let sockdir =
-    if !sockdir_opt <> "" then !sockdir_opt
-    else Filename.concat (Filename.get_temp_dir_name ()) (Printf.sprintf "bench-heap-%d" master)
-  in
-  at_exit (fun () ->
-      if Unix.getpid () = master then begin
-        (try Orig.unlink_mempool orig_pool with _ -> ());
-        (try Ours.unlink_mempool ours_pool with _ -> ());
-        ignore (Sys.command ("rm -rf " ^ Filename.quote sockdir))
-      end);
-  Unix.mkdir sockdir 0o700;
-  let res =
-    Netmcore.run ~socket_directory:sockdir
-      ~first_process:(fun () ->
-        Netmcore_process.start ~inherit_resources:`All coord_fork (orig_pool, ours_pool, !rounds, !secs))
-      ~extract_result:(fun _ pid -> Netmcore_process.join_nowait coord_join pid)
-      ()
-  in
+  let res = run_master ~name:"bench-heap" ~cleanup coord_fork coord_join (orig_pool, ours_pool, !rounds, !secs) in
   let res = match res with Some r -> r | None -> failwith "bench_heap: the coordinator returned nothing" in
   let oc = open_out !out_md in
   let p fmt = Printf.fprintf oc fmt in

@@ -62,6 +62,21 @@ fn assert_sound(h: &Heap) {
     assert!(p.is_empty(), "pool check: {p:?}");
 }
 
+/// The end of most tests: heap and pool sound, then the heap destroyed.
+fn check_and_destroy(h: &Heap) {
+    assert_sound(h);
+    h.destroy().unwrap();
+}
+
+/// Makes the list `[from; ...; from+n-1]` the root (taking the lock).
+fn set_root_list(h: &Heap, from: i64, n: i64) {
+    h.with_lock(|h| {
+        let l = build_list(h, from, n);
+        h.set_root(l)
+    })
+    .unwrap();
+}
+
 #[test]
 fn create_attach_destroy_restores_the_pool() {
     let pool = anon(256);
@@ -157,8 +172,7 @@ fn blocks_are_black_and_initialised() {
     .unwrap();
     assert_eq!(h.alloc(1, 0), Err(HeapError::NotLocked));
     assert_eq!(h.set_root(VAL_UNIT), Err(HeapError::NotLocked));
-    assert_sound(&h);
-    h.destroy().unwrap();
+    check_and_destroy(&h);
 }
 
 #[test]
@@ -181,17 +195,12 @@ fn gc_keeps_the_reachable_and_frees_the_rest() {
     assert_sound(&h);
     // Freed space is reused: the same garbage again does not grow the heap.
     for round in 0..20 {
-        h.with_lock(|h| {
-            let l = build_list(h, round, 500);
-            h.set_root(l)
-        })
-        .unwrap();
+        set_root_list(&h, round, 500);
         h.gc().unwrap();
     }
     assert_eq!(h.stats().unwrap().chunks, 1);
     assert_eq!(read_list(h.root()).unwrap(), (19..519).collect::<Vec<_>>());
-    assert_sound(&h);
-    h.destroy().unwrap();
+    check_and_destroy(&h);
 }
 
 #[test]
@@ -213,8 +222,7 @@ fn additions_of_the_current_lock_survive_a_gc() {
     .unwrap();
     h.gc().unwrap();
     assert_eq!(h.stats().unwrap().live_words, 30);
-    assert_sound(&h);
-    h.destroy().unwrap();
+    check_and_destroy(&h);
 }
 
 #[test]
@@ -222,11 +230,7 @@ fn growth_and_giving_chunks_back() {
     let pool = anon(2048);
     let h = Heap::create(&pool, 4096).unwrap();
     let after_create = pool.stats();
-    h.with_lock(|h| {
-        let l = build_list(h, 0, 20_000);
-        h.set_root(l)
-    })
-    .unwrap();
+    set_root_list(&h, 0, 20_000);
     let s = h.stats().unwrap();
     assert!(s.chunks > 1, "{s:?}");
     assert!(pool.stats().free_bytes < after_create.free_bytes);
@@ -249,8 +253,7 @@ fn growth_and_giving_chunks_back() {
     let s = h.stats().unwrap();
     assert_eq!((s.chunks, s.live_words), (1, 0));
     assert_eq!(pool.stats(), after_create);
-    assert_sound(&h);
-    h.destroy().unwrap();
+    check_and_destroy(&h);
 }
 
 #[test]
@@ -259,8 +262,7 @@ fn out_of_pool_memory_changes_nothing() {
     let h = Heap::create(&pool, 4096).unwrap();
     let r = h.with_lock(|h| h.alloc(1 << 20, STRING_TAG).map(|_| ()));
     assert_eq!(r, Err(HeapError::Pool(shmpool::Error::OutOfMemory)));
-    assert_sound(&h);
-    h.destroy().unwrap();
+    check_and_destroy(&h);
     assert_eq!(pool.stats().live_blocks, 0);
 }
 
@@ -282,8 +284,7 @@ fn pins_keep_values_alive_until_unpinned() {
     h.with_lock(|h| h.unpin(pin)).unwrap();
     h.gc().unwrap();
     assert_eq!(h.stats().unwrap().live_words, 0);
-    assert_sound(&h);
-    h.destroy().unwrap();
+    check_and_destroy(&h);
 }
 
 #[test]
@@ -318,8 +319,7 @@ fn pins_have_no_limit_and_unpin_any_order() {
     h.gc().unwrap();
     let s = h.stats().unwrap();
     assert_eq!((s.pins, s.live_words), (0, 0));
-    assert_sound(&h);
-    h.destroy().unwrap();
+    check_and_destroy(&h);
 }
 
 #[test]
@@ -437,11 +437,7 @@ fn staged_death_inside_the_lock_is_recovered_from_the_root() {
         let pool = anon(1024);
         let before = pool.stats();
         let h = Heap::create(&pool, 8192).unwrap();
-        h.with_lock(|h| {
-            let l = build_list(h, 0, 20);
-            h.set_root(l)
-        })
-        .unwrap();
+        set_root_list(&h, 0, 20);
         let d = h.descr();
         let mut c = fork_child(|| victim(&pool, d, step));
         wait_until(Duration::from_secs(10), || c.poll().is_some()).unwrap();
@@ -466,11 +462,7 @@ fn staged_death_inside_the_lock_is_recovered_from_the_root() {
         assert_eq!(s.chunks, 1, "{step:?}: grown chunk not given back");
         assert_sound(&h);
         // The heap is usable again, and destroy restores the pool.
-        h.with_lock(|h| {
-            let l = build_list(h, 0, 1000);
-            h.set_root(l)
-        })
-        .unwrap();
+        set_root_list(&h, 0, 1000);
         h.destroy().unwrap();
         assert_eq!(pool.stats().free_bytes, before.free_bytes, "{step:?}");
         assert_eq!(pool.stats().live_blocks, 0, "{step:?}");
@@ -605,11 +597,7 @@ fn death_at_each_heap_crash_point_is_recovered() {
         let pool = anon(2048);
         let before = pool.stats();
         let h = Heap::create(&pool, 8192).unwrap();
-        h.with_lock(|h| {
-            let l = build_list(h, 0, 20);
-            h.set_root(l)
-        })
-        .unwrap();
+        set_root_list(&h, 0, 20);
         let d = h.descr();
         let mut c = fork_child(|| {
             let h = Heap::attach(&pool, d).map_err(|e| e.to_string())?;
@@ -661,8 +649,7 @@ fn death_at_each_heap_crash_point_is_recovered() {
             "{point:?}: {s:?}"
         );
         assert_eq!(s.live_words, 60, "{point:?}");
-        assert_sound(&h);
-        h.destroy().unwrap();
+        check_and_destroy(&h);
         assert_eq!(
             pool.reclaim_dead().unwrap().blocks,
             0,
@@ -692,11 +679,7 @@ fn a_full_pool_makes_the_heap_collect_instead_of_failing() {
     while let Ok(off) = pool.alloc(4096) {
         filler.push(off);
     }
-    h.with_lock(|h| {
-        let l = build_list(h, 0, 400);
-        h.set_root(l)
-    })
-    .unwrap();
+    set_root_list(&h, 0, 400);
     for round in 0..50 {
         // build_list panics if an allocation fails
         h.with_lock(|h| {

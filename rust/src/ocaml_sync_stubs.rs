@@ -382,11 +382,7 @@ fn mutex_unlock(p: *mut u8) -> isize {
 /// Locks; 0, or 1 if taken over from a dead owner.
 #[no_mangle]
 pub extern "C" fn shmpool_sync_mutex_lock(s: Raw) -> Raw {
-    guarded(|| {
-        let p = base(s);
-        if magic(p).load(Ordering::Acquire) != MUTEX_MAGIC {
-            return E_DUMMY;
-        }
+    on(s, MUTEX_MAGIC, |p| {
         match mutex_try(p) {
             Some(r) => r,
             // the mutex is in shared memory, not OCaml's
@@ -397,23 +393,13 @@ pub extern "C" fn shmpool_sync_mutex_lock(s: Raw) -> Raw {
 
 #[no_mangle]
 pub extern "C" fn shmpool_sync_mutex_unlock(s: Raw) -> Raw {
-    guarded(|| {
-        let p = base(s);
-        if magic(p).load(Ordering::Acquire) != MUTEX_MAGIC {
-            return E_DUMMY;
-        }
-        mutex_unlock(p)
-    })
+    on(s, MUTEX_MAGIC, mutex_unlock)
 }
 
 /// Times the mutex was taken over from a dead owner.
 #[no_mangle]
 pub extern "C" fn shmpool_sync_mutex_recoveries(s: Raw) -> Raw {
-    guarded(|| {
-        let p = base(s);
-        if magic(p).load(Ordering::Acquire) != MUTEX_MAGIC {
-            return E_DUMMY;
-        }
+    on(s, MUTEX_MAGIC, |p| {
         word(p, 12).load(Ordering::Relaxed) as isize
     })
 }
@@ -465,13 +451,21 @@ fn is(p: *mut u8, m: u64) -> bool {
     magic(p).load(Ordering::Acquire) == m
 }
 
-#[no_mangle]
-pub extern "C" fn shmpool_sync_sem_post(s: Raw) -> Raw {
+/// Runs `f` on object `s` if it carries magic `m` (E_DUMMY otherwise: a
+/// dummy or another kind of object), guarded as every stub.
+fn on(s: Raw, m: u64, f: impl FnOnce(*mut u8) -> isize) -> Raw {
     guarded(|| {
         let p = base(s);
-        if !is(p, SEM_MAGIC) {
+        if !is(p, m) {
             return E_DUMMY;
         }
+        f(p)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn shmpool_sync_sem_post(s: Raw) -> Raw {
+    on(s, SEM_MAGIC, |p| {
         let v = word(p, 8);
         let mut c = v.load(Ordering::Relaxed);
         loop {
@@ -505,11 +499,7 @@ fn try_down(v: &AtomicU32) -> bool {
 /// E_AGAIN).
 #[no_mangle]
 pub extern "C" fn shmpool_sync_sem_wait(s: Raw, nonblock: Raw) -> Raw {
-    guarded(|| {
-        let p = base(s);
-        if !is(p, SEM_MAGIC) {
-            return E_DUMMY;
-        }
+    on(s, SEM_MAGIC, |p| {
         let v = word(p, 8);
         if try_down(v) {
             return 0;
@@ -531,11 +521,7 @@ pub extern "C" fn shmpool_sync_sem_wait(s: Raw, nonblock: Raw) -> Raw {
 
 #[no_mangle]
 pub extern "C" fn shmpool_sync_sem_getvalue(s: Raw) -> Raw {
-    guarded(|| {
-        let p = base(s);
-        if !is(p, SEM_MAGIC) {
-            return E_DUMMY;
-        }
+    on(s, SEM_MAGIC, |p| {
         word(p, 8).load(Ordering::Relaxed) as isize
     })
 }
@@ -573,11 +559,7 @@ pub extern "C" fn shmpool_sync_cond_wait(c: Raw, m: Raw) -> Raw {
 /// by `signal` only when no event waiter could be notified.
 #[no_mangle]
 pub extern "C" fn shmpool_sync_cond_signal(c: Raw, all: Raw) -> Raw {
-    guarded(|| {
-        let p = base(c);
-        if !is(p, COND_MAGIC) {
-            return E_DUMMY;
-        }
+    on(c, COND_MAGIC, |p| {
         let all = untag(all) != 0;
         match signal_event_waiters(p, all) {
             None => return E_OTHER,
@@ -725,20 +707,31 @@ pub extern "C" fn shmpool_sync_entry_init(e: Raw, path: Raw) -> Raw {
     })
 }
 
-/// Queues entry `e` at the end of condition `c`'s event waiters, state 0
-/// (not yet signalled). An entry already queued there stays where it is.
-#[no_mangle]
-pub extern "C" fn shmpool_sync_cond_enqueue(c: Raw, e: Raw) -> Raw {
+/// Runs `f(c, e)` on condition `c` and event wait entry `e` (E_DUMMY if
+/// either is not one) with `c`'s list of event waiters locked (E_OTHER if
+/// that lock cannot be taken), unlocking it after.
+fn on_waiter_list(c: Raw, e: Raw, f: impl FnOnce(*mut u8, *mut u8) -> isize) -> Raw {
     guarded(|| {
         let p = base(c);
         let ep = base(e);
         if !is(p, COND_MAGIC) || !is(ep, ENTRY_MAGIC) {
             return E_DUMMY;
         }
-        let ea = ep as usize as u64;
         if !list_lock(p) {
             return E_OTHER;
         }
+        let r = f(p, ep);
+        list_unlock(p);
+        r
+    })
+}
+
+/// Queues entry `e` at the end of condition `c`'s event waiters, state 0
+/// (not yet signalled). An entry already queued there stays where it is.
+#[no_mangle]
+pub extern "C" fn shmpool_sync_cond_enqueue(c: Raw, e: Raw) -> Raw {
+    on_waiter_list(c, e, |p, ep| {
+        let ea = ep as usize as u64;
         let mut link = dword(p, 16);
         loop {
             let a = link.load(Ordering::Acquire);
@@ -755,7 +748,6 @@ pub extern "C" fn shmpool_sync_cond_enqueue(c: Raw, e: Raw) -> Raw {
             }
             link = dword(entry(a), 8);
         }
-        list_unlock(p);
         0
     })
 }
@@ -764,16 +756,8 @@ pub extern "C" fn shmpool_sync_cond_enqueue(c: Raw, e: Raw) -> Raw {
 /// there; returns 1 if it was, 0 otherwise.
 #[no_mangle]
 pub extern "C" fn shmpool_sync_cond_dequeue(c: Raw, e: Raw) -> Raw {
-    guarded(|| {
-        let p = base(c);
-        let ep = base(e);
-        if !is(p, COND_MAGIC) || !is(ep, ENTRY_MAGIC) {
-            return E_DUMMY;
-        }
+    on_waiter_list(c, e, |p, ep| {
         let ea = ep as usize as u64;
-        if !list_lock(p) {
-            return E_OTHER;
-        }
         let mut link = dword(p, 16);
         let mut found = 0;
         loop {
@@ -788,7 +772,6 @@ pub extern "C" fn shmpool_sync_cond_dequeue(c: Raw, e: Raw) -> Raw {
             }
             link = dword(entry(a), 8);
         }
-        list_unlock(p);
         found
     })
 }
@@ -796,11 +779,7 @@ pub extern "C" fn shmpool_sync_cond_dequeue(c: Raw, e: Raw) -> Raw {
 /// 1 once entry `e` was signalled since it was last queued, else 0.
 #[no_mangle]
 pub extern "C" fn shmpool_sync_entry_signalled(e: Raw) -> Raw {
-    guarded(|| {
-        let p = base(e);
-        if !is(p, ENTRY_MAGIC) {
-            return E_DUMMY;
-        }
+    on(e, ENTRY_MAGIC, |p| {
         word(p, 16).load(Ordering::Acquire) as isize
     })
 }

@@ -137,22 +137,8 @@ module X = Shmpool_netmcore.Netmcore_matrix
 
 let ps = Shmpool.page_size
 
-let get mb slot =
-  let b = Bytes.create 8 in
-  Netsys_mem.blit_memory_to_bytes mb (slot * 8) b 0 8;
-  Int64.to_int (Bytes.get_int64_le b 0)
-
-let set mb slot v =
-  let b = Bytes.create 8 in
-  Bytes.set_int64_le b 0 (Int64.of_int v);
-  Netsys_mem.blit_bytes_to_memory b 0 mb (slot * 8) 8
-
-let wait_until ?(timeout = 60.0) what f =
-  let t0 = Unix.gettimeofday () in
-  while not (f ()) do
-    if Unix.gettimeofday () -. t0 > timeout then failwith ("timeout waiting for " ^ what);
-    Unix.sleepf 0.0005
-  done
+let get, set = Testutil_mcore.(get, set)
+let wait_until what f = Testutil_mcore.wait_until ~timeout:60.0 ~poll:0.0005 what f
 
 type structs = {
   tbl : (int, string, unit) T.t_descr;
@@ -352,22 +338,8 @@ let kills (pool, s, mb_addr) =
 let kills_fork, kills_join = Netmcore_process.def_process kills
 
 let () =
-  let sockdir =
-    Filename.concat (Filename.get_temp_dir_name ()) (Printf.sprintf "shmpool-structw-%d" (Unix.getpid ()))
-  in
-  Unix.mkdir sockdir 0o700;
-  let master = Unix.getpid () in
-  at_exit (fun () -> if Unix.getpid () = master then ignore (Sys.command ("rm -rf " ^ Filename.quote sockdir)));
-  let runs = ref 0 in
-  let netmcore_run fp jp arg =
-    incr runs;
-    let dir = Filename.concat sockdir (string_of_int !runs) in
-    Unix.mkdir dir 0o700;
-    Netmcore.run ~socket_directory:dir
-      ~first_process:(fun () -> Netmcore_process.start ~inherit_resources:`All fp arg)
-      ~extract_result:(fun _ pid -> Netmcore_process.join_nowait jp pid)
-      ()
-  in
+  let sockdir = Testutil_mcore.sockdir "shmpool-structw" in
+  let netmcore_run fp jp arg = Testutil_mcore.netmcore_run sockdir fp jp arg in
   let orig = D_orig.run netmcore_run in
   let ours = D_ours.run netmcore_run in
   let pool = M.create_mempool (64 * 1024 * 1024) in

@@ -206,10 +206,8 @@ let first (pool, d) =
 let first_fork, first_join = Netmcore_process.def_process first
 
 let () =
-  let sockdir = Filename.concat (Filename.get_temp_dir_name ()) (Printf.sprintf "shmpool-sync-%d" (Unix.getpid ())) in
-  Unix.mkdir sockdir 0o700;
+  let sockdir = Testutil_mcore.sockdir "shmpool-sync" in
   let master = Unix.getpid () in
-  at_exit (fun () -> if Unix.getpid () = master then ignore (Sys.command ("rm -rf " ^ Filename.quote sockdir)));
   let pool = M.create_mempool (16 * 1024 * 1024) in
   (* Alcotest.run exits: unlink at exit (in the master only) *)
   at_exit (fun () -> if Unix.getpid () = master then try M.unlink_mempool pool with _ -> ());
@@ -300,14 +298,7 @@ let () =
           ( "workers",
             [
               test_case "producer/consumer, recursive exclusion, dead owner" `Quick (fun () ->
-                  let dir = Filename.concat sockdir "1" in
-                  Unix.mkdir dir 0o700;
-                  match
-                    Netmcore.run ~socket_directory:dir
-                      ~first_process:(fun () -> Netmcore_process.start ~inherit_resources:`All first_fork (pool, Q.descr_of_squeue q))
-                      ~extract_result:(fun _ pid -> Netmcore_process.join_nowait first_join pid)
-                      ()
-                  with
+                  match Testutil_mcore.netmcore_run sockdir first_fork first_join (pool, Q.descr_of_squeue q) with
                   | None -> fail "no result"
                   | Some (pc, n, rec_ok, dead, e_ok, dead_e) ->
                       check bool "wait_e in another process wakes on signal, with the mutex" true e_ok;

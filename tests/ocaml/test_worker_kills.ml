@@ -59,14 +59,7 @@ let mailbox_words = parker_base + p_blocks + (2 * List.length parker_pages)
 (* created by the master before Netmcore.run, inherited by every process *)
 let mb = ref (Bigarray.Array1.create Bigarray.int64 Bigarray.c_layout 0)
 
-let api pool =
-  {
-    alloc = M.alloc_mem pool;
-    free = M.free_mem pool;
-    size = M.size_mem pool;
-    is_oom = (function M.Out_of_pool_memory -> true | _ -> false);
-    flush = (fun () -> Shmpool.flush_cache (Shmpool_netmcore.shmpool pool));
-  }
+let api = Torture_mcore.netmcore_api
 
 (* A churning worker: Torture's stamped alloc/free loop, until killed. *)
 let churner (pool, slot, tag, s) =
@@ -385,19 +378,6 @@ let first (pool, seed) =
   }
 
 let first_fork, first_join = Netmcore_process.def_process first
-
-(* Netplex logs each killed worker on stderr: keep that in a file, shown
-   only when something failed. *)
-let with_stderr_to file f =
-  let saved = Unix.dup Unix.stderr in
-  let fd = Unix.openfile file [ Unix.O_WRONLY; Unix.O_CREAT; Unix.O_TRUNC ] 0o600 in
-  flush stderr;
-  Unix.dup2 fd Unix.stderr;
-  Unix.close fd;
-  Fun.protect f ~finally:(fun () ->
-      flush stderr;
-      Unix.dup2 saved Unix.stderr;
-      Unix.close saved)
 
 let show_log log =
   let ic = open_in log in

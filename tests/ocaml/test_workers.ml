@@ -15,19 +15,8 @@ let rounds = 2000
 (* mailbox layout (one page, allocated by the master): slot i (8 words of
    8 bytes): 0 = address of worker i's shared block, 1 = its size,
    2 = pid of the victim; word 64 = workers done with phase 1 *)
-let get mb slot = Int64.to_int (Bytes.get_int64_le (let b = Bytes.create 8 in Netsys_mem.blit_memory_to_bytes mb (slot * 8) b 0 8; b) 0)
-
-let set mb slot v =
-  let b = Bytes.create 8 in
-  Bytes.set_int64_le b 0 (Int64.of_int v);
-  Netsys_mem.blit_bytes_to_memory b 0 mb (slot * 8) 8
-
-let wait_until ?(timeout = 20.0) what f =
-  let t0 = Unix.gettimeofday () in
-  while not (f ()) do
-    if Unix.gettimeofday () -. t0 > timeout then failwith ("timeout waiting for " ^ what);
-    Unix.sleepf 0.001
-  done
+let get, set = Testutil_mcore.(get, set)
+let wait_until what f = Testutil_mcore.wait_until ~timeout:20.0 ~poll:0.001 what f
 
 let fill m c = Bigarray.Array1.fill m c
 
@@ -361,18 +350,7 @@ module Cache_ours = Cache_at_join (M) (Flushing) (Ours_cache)
 module Cache_ours_raw = Cache_at_join (M) (Flushing_raw) (Ours_cache)
 module Cache_ours_plain = Cache_at_join (M) (Plain) (Ours_cache)
 
-(* Runs [first arg] as Netmcore's first process in a socket directory of
-   its own, and returns its result. *)
-let runs = ref 0
-
-let netmcore_run sockdir fp jp arg =
-  incr runs;
-  let dir = Filename.concat sockdir (string_of_int !runs) in
-  Unix.mkdir dir 0o700;
-  Netmcore.run ~socket_directory:dir
-    ~first_process:(fun () -> Netmcore_process.start ~inherit_resources:`All fp arg)
-    ~extract_result:(fun _ pid -> Netmcore_process.join_nowait jp pid)
-    ()
+let netmcore_run = Testutil_mcore.netmcore_run
 
 (* [create], a mailbox page, [orchestrate]; then the stats once every
    worker has exited, and the pool freed and unlinked. *)
@@ -388,18 +366,12 @@ let cache_case sockdir create alloc free stats unlink fp jp =
 
 let () =
   let pool = M.create_mempool (4 * 1024 * 1024) in
-  let sockdir = Filename.concat (Filename.get_temp_dir_name ()) (Printf.sprintf "shmpool-workers-%d" (Unix.getpid ())) in
-  Unix.mkdir sockdir 0o700;
+  let sockdir = Testutil_mcore.sockdir "shmpool-workers" in
   (* at_exit also runs in every Netmcore worker (forked from here) when it
-     exits: only the master may clean up. *)
+     exits: only the master may clean up (the pool before the directory,
+     at_exit handlers running last-registered first). *)
   let master = Unix.getpid () in
-  let cleanup () =
-    if Unix.getpid () = master then begin
-      (try M.unlink_mempool pool with _ -> ());
-      ignore (Sys.command ("rm -rf " ^ Filename.quote sockdir))
-    end
-  in
-  at_exit cleanup;
+  at_exit (fun () -> if Unix.getpid () = master then try M.unlink_mempool pool with _ -> ());
   let mb = M.alloc_mem pool ps in
   fill mb '\000';
   let mb_addr = Netsys_mem.memory_address mb in

@@ -115,6 +115,20 @@ let temp_dir what =
 
 let rm_rf path = ignore (Sys.command ("rm -rf " ^ Filename.quote path))
 
+(* Runs [f] with stderr sent to [file] (then restored). Netplex logs each
+   killed worker on stderr: the Netmcore suites keep that in a file, shown
+   only when something failed. *)
+let with_stderr_to file f =
+  let saved = Unix.dup Unix.stderr in
+  let fd = Unix.openfile file [ Unix.O_WRONLY; Unix.O_CREAT; Unix.O_TRUNC ] 0o600 in
+  flush stderr;
+  Unix.dup2 fd Unix.stderr;
+  Unix.close fd;
+  Fun.protect f ~finally:(fun () ->
+      flush stderr;
+      Unix.dup2 saved Unix.stderr;
+      Unix.close saved)
+
 (* ----- children ------------------------------------------------------------ *)
 
 let children : int list ref = ref []

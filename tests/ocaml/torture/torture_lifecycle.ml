@@ -165,14 +165,7 @@ let fork_trial rng trial =
 
 (* ----- a Netmcore master ---------------------------------------------------------- *)
 
-let nm_api id =
-  {
-    alloc = M.alloc_mem id;
-    free = M.free_mem id;
-    size = M.size_mem id;
-    is_oom = (function M.Out_of_pool_memory -> true | _ -> false);
-    flush = (fun () -> Shmpool.flush_cache (Shmpool_netmcore.shmpool id));
-  }
+let nm_api = Torture_mcore.netmcore_api
 
 let nm_worker (id, i, tag, s) =
   churn (nm_api id) mb (worker_base i) ~rng:(Random.State.make [| s |]) ~ops:worker_ops ~tag;

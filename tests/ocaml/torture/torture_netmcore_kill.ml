@@ -20,14 +20,7 @@ let deadline = 20.0
 (* created by the master before Netmcore.run, inherited by every process *)
 let mb = ref (Bigarray.Array1.create Bigarray.int64 Bigarray.c_layout 0)
 
-let api pool =
-  {
-    alloc = M.alloc_mem pool;
-    free = M.free_mem pool;
-    size = M.size_mem pool;
-    is_oom = (function M.Out_of_pool_memory -> true | _ -> false);
-    flush = (fun () -> Shmpool.flush_cache (Shmpool_netmcore.shmpool pool));
-  }
+let api = Torture_mcore.netmcore_api
 
 let worker (pool, slot, ops, tag, s) =
   churn (api pool) !mb (slot * slot_words) ~rng:(Random.State.make [| s |]) ~ops ~tag;
@@ -147,19 +140,6 @@ let first (pool, seed) =
   }
 
 let first_fork, first_join = Netmcore_process.def_process first
-
-(* Netplex logs each killed worker on stderr: keep that in a file, shown
-   only when something failed. *)
-let with_stderr_to file f =
-  let saved = Unix.dup Unix.stderr in
-  let fd = Unix.openfile file [ Unix.O_WRONLY; Unix.O_CREAT; Unix.O_TRUNC ] 0o600 in
-  flush stderr;
-  Unix.dup2 fd Unix.stderr;
-  Unix.close fd;
-  Fun.protect f ~finally:(fun () ->
-      flush stderr;
-      Unix.dup2 saved Unix.stderr;
-      Unix.close saved)
 
 let run () =
   let t0 = now () in
