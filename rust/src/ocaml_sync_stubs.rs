@@ -261,10 +261,30 @@ const HOLDER_CHECK_NS: i64 = 50_000_000;
 // dead holder whose pid was reused meanwhile is taken for alive (a pid
 // alone cannot tell): the lock then waits for that process's end.
 
+/// This process's pid, cached per fork generation: `getpid` is a system
+/// call (glibc no longer caches it), and every `Normal` lock needs the pid.
+fn my_pid() -> u32 {
+    use std::sync::atomic::AtomicU64;
+    // (fork generation << 32) | pid; u64::MAX: not known yet.
+    static PID: AtomicU64 = AtomicU64::new(u64::MAX);
+    let gen = crate::owner::fork_generation() & 0xFFFF_FFFF;
+    let c = PID.load(Ordering::Relaxed);
+    if c != u64::MAX && c >> 32 == gen {
+        return c as u32;
+    }
+    // The fork hook bumps the generation in every child, so the pid cached
+    // here is looked up again after any fork from now on.
+    crate::owner::ensure_fork_hook();
+    let gen = crate::owner::fork_generation() & 0xFFFF_FFFF;
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() } as u32;
+    PID.store(gen << 32 | pid as u64, Ordering::Relaxed);
+    pid
+}
+
 /// Tries to lock a `Normal` mutex at once; false if held.
 fn normal_try(p: *mut u8) -> bool {
-    // SAFETY: getpid has no preconditions.
-    let me = unsafe { libc::getpid() } as u32;
+    let me = my_pid();
     word(p, MUTEX_OFF)
         .compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed)
         .is_ok()
@@ -274,8 +294,7 @@ fn normal_try(p: *mut u8) -> bool {
 /// OCaml runtime lock); 0, or 1 if taken over from a dead holder.
 fn normal_lock_wait(p: *mut u8) -> isize {
     let w = word(p, MUTEX_OFF);
-    // SAFETY: getpid has no preconditions.
-    let me = unsafe { libc::getpid() } as u32;
+    let me = my_pid();
     loop {
         let cur = w.load(Ordering::Relaxed);
         if cur == 0 {
