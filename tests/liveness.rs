@@ -20,6 +20,15 @@ use std::time::Duration;
 
 const T: Duration = Duration::from_secs(30);
 
+/// The tests of this file run one at a time: they fork, and a fork taken
+/// while another test thread holds a lock (the child registry of
+/// `common`, an allocator or thread-spawn lock) leaves the child with that
+/// lock held forever; it then hangs before doing anything.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn clean(p: &Pool) {
     assert_eq!(p.check(), Vec::<String>::new());
 }
@@ -81,6 +90,7 @@ fn worker(p: &Pool, ops: &AtomicU64, seed: u64) -> Result<(), String> {
 
 #[test]
 fn after_many_kills_contiguous_allocations_obtain_exactly_free() {
+    let _serial = serial();
     let kills = (200 * scale()).min(1000);
     let _w = Watchdog::new("kills and greedy allocation", 120 + kills / 2);
     let pg = shmpool::mapping::page_size();
@@ -256,6 +266,7 @@ struct NsBoard {
 
 #[test]
 fn a_process_in_another_pid_namespace_is_never_reclaimed_while_it_lives() {
+    let _serial = serial();
     let _w = Watchdog::new("pid namespace", 120);
     let pg = shmpool::mapping::page_size();
     let name = ShmName::new();
@@ -325,6 +336,7 @@ fn a_process_in_another_pid_namespace_is_never_reclaimed_while_it_lives() {
 
 #[test]
 fn a_process_of_another_pid_namespace_that_dies_is_reclaimed() {
+    let _serial = serial();
     let _w = Watchdog::new("pid namespace death", 120);
     let pg = shmpool::mapping::page_size();
     let p = anon(256);
