@@ -4,7 +4,6 @@
    marshalled to another worker; the Rust handle of the heap is looked up
    per process and cached in the record. *)
 
-external error_code : string -> int = "shmpool_ml_error_code"
 external last_error : unit -> string option = "shmpool_ml_last_error"
 external h_create : int -> int -> 'a -> int = "shmpool_heap_create"
 external h_open : int -> int -> int = "shmpool_heap_open"
@@ -29,9 +28,7 @@ external h_repaired : int -> int = "shmpool_heap_repaired" [@@noalloc]
 (* waits for the heap lock with the runtime lock released: may allocate *)
 external h_stats : int -> int array = "shmpool_heap_stats"
 
-let code name =
-  let c = error_code name in
-  if c >= 0 then failwith ("Shmpool_netmcore: the Rust stubs define no error code " ^ name) else c
+let code = Shmpool.error_code
 
 let e_oom = code "out_of_memory"
 let e_bad_size = code "bad_size"

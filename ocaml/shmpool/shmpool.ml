@@ -38,6 +38,8 @@ let code name =
   let c = error_code name in
   if c >= 0 then failwith ("Shmpool: the Rust stubs define no error code " ^ name) else c
 
+let error_code = code
+
 let e_oom = code "out_of_memory"
 let e_bad_size = code "bad_size"
 let e_not_a_block = code "not_a_block"

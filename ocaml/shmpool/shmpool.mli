@@ -280,3 +280,7 @@ val prefault_shm : ?len:int -> string -> unit
 val heap_handle : t -> int
 (** Internal: the handle the shared-heap stubs take
     ([Shmpool_netmcore.Netmcore_heap]). *)
+
+val error_code : string -> int
+(** Internal: the (negative) FFI error code of that name, defined once in
+    [rust/src/error.rs]; fails if the stubs define no such code. *)
