@@ -184,20 +184,32 @@ fn another_process_can_free_a_block_the_owner_cached_only_once() {
 }
 
 #[test]
-fn long_blocks_are_cached_by_exact_length() {
+fn long_blocks_are_cached_split_and_merged() {
     let p = anon(4096);
     let pg = p.geometry().page_size;
     let a = p.alloc(100 * pg).unwrap();
     let _guard = p.alloc(pg).unwrap();
     p.free(a).unwrap();
     assert_eq!(p.size(a), Err(Error::NotABlock));
-    // Another length does not take it...
+    clean(&p);
+    // A shorter block is carved from the cached run (rust/src/large_cache.rs)...
     let b = p.alloc(99 * pg).unwrap();
-    assert_ne!(b, a);
-    // ...the same length does.
+    assert_eq!(b, a);
+    assert!(p.debug_info().contains(&format!(
+        "cached in processes (offs->bsize): {{{}->{pg}}}",
+        a + 99 * pg
+    )));
+    clean(&p);
+    // ...and freed, merges with its tail again: the whole run comes back.
+    p.free(b).unwrap();
+    assert!(p.debug_info().contains(&format!(
+        "cached in processes (offs->bsize): {{{a}->{}}}",
+        100 * pg
+    )));
+    clean(&p);
     assert_eq!(p.alloc(100 * pg).unwrap(), a);
     clean(&p);
-    // Longer than a 16th of the pool: never cached.
+    // Longer than half the bound (a 16th of the pool): never cached.
     let big = p.alloc(300 * pg).unwrap();
     p.free(big).unwrap();
     assert!(p

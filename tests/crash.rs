@@ -58,10 +58,18 @@ fn reached(p: CrashPoint, op: Op) -> bool {
         Locked | BeforeUnlock => true,
         AllocUnlinked | AllocCommitted | AllocRemainderFiled => op == Op::Alloc,
         FreeCommitted | FreeNeighboursUnlinked | FreeFiled => op == Op::Free,
+        // Only with caching on (tests/large_cache.rs); these pools run
+        // uncached.
+        AllocSpareCached => false,
         // Not in ALL: reached without the pool lock.
-        FreeLoaded | CachePushLocked | InboxPushLocked | InboxPushCommitted | InboxDrainMoving => {
-            false
-        }
+        FreeLoaded
+        | CachePushLocked
+        | InboxPushLocked
+        | InboxPushCommitted
+        | InboxDrainMoving
+        | LargeSplitTailWritten
+        | LargeSplitCommitted
+        | LargeMergeCommitted => false,
     }
 }
 

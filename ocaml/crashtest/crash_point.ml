@@ -11,10 +11,11 @@ type t =
   | Free_neighbours_unlinked
   | Free_filed
   | Before_unlock
+  | Alloc_spare_cached
 
 let all =
   [ Locked; Alloc_unlinked; Alloc_committed; Alloc_remainder_filed; Free_committed;
-    Free_neighbours_unlinked; Free_filed; Before_unlock ]
+    Free_neighbours_unlinked; Free_filed; Before_unlock; Alloc_spare_cached ]
 
 (* Spelled as in Rust, so a point is found in the Rust list by its name. *)
 let name = function
@@ -26,6 +27,7 @@ let name = function
   | Free_neighbours_unlinked -> "FreeNeighboursUnlinked"
   | Free_filed -> "FreeFiled"
   | Before_unlock -> "BeforeUnlock"
+  | Alloc_spare_cached -> "AllocSpareCached"
 
 external rust_points : unit -> (string * int) array option = "shmpool_ml_crash_points"
 

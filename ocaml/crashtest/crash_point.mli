@@ -9,6 +9,7 @@ type t =
   | Free_neighbours_unlinked
   | Free_filed
   | Before_unlock
+  | Alloc_spare_cached
 
 val all : t list
 (** Every point, in the order of the Rust list. *)

@@ -487,6 +487,10 @@ fn main() {
         unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }
     );
 
+    // SHMPOOL_CORE_ONLY=rings runs only the ring cases, =large only the
+    // 65-256 page ring (for before/after comparisons of one change).
+    let only = std::env::var("SHMPOOL_CORE_ONLY").unwrap_or_default();
+
     // The last case is just past the per-process cache: the locked path.
     let past = CACHE_CLASSES as usize + 1;
     let cases: [(String, usize, usize); 4] = [
@@ -499,6 +503,9 @@ fn main() {
     let mut ratios: Vec<(String, f64)> = Vec::new();
     for (label, lo, hi) in cases.iter().map(|(l, a, b)| (l.as_str(), *a, *b)) {
         for ring in [64usize, 1024] {
+            if only == "large" {
+                continue;
+            }
             let sz = sizes(lo, hi, 42 + ring as u64);
             // 65 pages: one exact length, served by the cache's list of
             // longer blocks after warm-up (labelled so).
@@ -526,6 +533,9 @@ fn main() {
     // remote free goes to the owner's inbox), with the inbox off (caching
     // off: every free takes the pool lock) beside it; and large blocks.
     for (label, lo, hi) in [("1p", 1usize, 1usize), ("mixed 1-64p", 1, 64)] {
+        if !only.is_empty() {
+            continue;
+        }
         let sz = sizes(lo, hi, 5);
         let mut on: Vec<f64> = (0..5).map(|_| handoff(&sz, 400_000, true)).collect();
         let mut off: Vec<f64> = (0..5).map(|_| handoff(&sz, 400_000, false)).collect();
@@ -536,7 +546,7 @@ fn main() {
             on[2] / 1e6, on[0] / 1e6, on[4] / 1e6, off[2] / 1e6, off[0] / 1e6, off[4] / 1e6
         );
     }
-    {
+    if only != "rings" {
         let sz = sizes(65, 256, 13);
         let f1 = one_proc(64, &sz, clock);
         line(
@@ -554,6 +564,10 @@ fn main() {
                 both.ops_per_s / f1.ops_per_s
             ),
         );
+    }
+
+    if !only.is_empty() {
+        return;
     }
 
     // Fragmented against empty, with blocks past the per-process cache.

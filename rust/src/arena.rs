@@ -52,6 +52,9 @@ pub struct PageStats {
 pub struct Arena<'a> {
     pub(crate) st: &'a mut AllocState,
     pub(crate) d: &'a [AtomicU64],
+    /// Set by every `rebuild`, so that the pool reconciles the owners'
+    /// block counts afterwards (see `Pool::after_rebuild`).
+    pub(crate) rebuilt: bool,
 }
 
 impl<'a> Arena<'a> {
@@ -74,7 +77,11 @@ impl<'a> Arena<'a> {
                 st.npages
             )));
         }
-        Ok(Arena { st, d })
+        Ok(Arena {
+            st,
+            d,
+            rebuilt: false,
+        })
     }
 
     /// Makes the whole pool one free run.
@@ -102,7 +109,10 @@ impl<'a> Arena<'a> {
     pub(crate) fn w(&self, p: u32) -> u64 {
         self.d
             .get(p as usize)
-            .map_or(INTERIOR, |w| w.load(Ordering::Relaxed))
+            // Acquire: a head's new word is seen with the words its owner
+            // wrote before it (a split's tail, `large_cache.rs`); a plain
+            // load on x86.
+            .map_or(INTERIOR, |w| w.load(Ordering::Acquire))
     }
 
     /// Replaces `old` by `new` at page `p` if `p` still holds `old`.
@@ -232,6 +242,28 @@ impl<'a> Arena<'a> {
         if pages as u64 > self.st.free_pages {
             return Err(Error::OutOfMemory);
         }
+        let (h, len) = self.pick(pages)?;
+        self.unfile_run(h, len);
+        hit(CrashPoint::AllocUnlinked);
+        let epoch = self.st.alloc_epoch;
+        self.st.alloc_epoch = epoch.wrapping_add(1);
+        self.set(h, alloc_word_at(pages, owner, epoch)); // commit
+        hit(CrashPoint::AllocCommitted);
+        if len > pages {
+            self.file_run(h + pages, len - pages);
+        }
+        hit(CrashPoint::AllocRemainderFiled);
+        self.st.free_pages -= pages as u64;
+        self.st.live_blocks += 1;
+        let u = &mut self.st.usage[owner as usize % MAX_OWNERS];
+        u.pages += pages as u64;
+        u.blocks += 1;
+        Ok(h)
+    }
+
+    /// The best-fitting free run of at least `pages` pages, checked.
+    #[inline]
+    fn pick(&self, pages: u32) -> Result<(u32, u32)> {
         let (h, len) = match (pages <= SMALL_MAX)
             .then(|| self.small_class_from(pages))
             .flatten()
@@ -254,22 +286,44 @@ impl<'a> Arena<'a> {
         {
             return Err(Error::Corrupt(format!("free structures point at page {h}")));
         }
+        Ok((h, len))
+    }
+
+    /// Allocates a block of `pages` pages for `owner` and, right after it,
+    /// a cached run of `spare` pages for the owner's large cache (see
+    /// `large_cache.rs`) if a free run holds both; returns the block's
+    /// first page and the spare's length (0 if none fitted). Two commits:
+    /// the block's `ALLOC` word, then the spare's `ALLOC|CACHED` word (a
+    /// death between them leaves the spare's pages free, which recovery
+    /// files). The caller holds the owner's slot lock and counts the spare.
+    pub fn alloc_spare(&mut self, pages: u32, spare: u32, owner: u16) -> Result<(u32, u32)> {
+        let want = pages.saturating_add(spare);
+        if spare == 0 || want as u64 > self.st.free_pages || want > MAX_PAGES {
+            return self.alloc(pages, owner).map(|h| (h, 0));
+        }
+        let (h, len) = match self.pick(want) {
+            Ok(r) => r,
+            Err(Error::OutOfMemory) => return self.alloc(pages, owner).map(|h| (h, 0)),
+            Err(e) => return Err(e),
+        };
         self.unfile_run(h, len);
         hit(CrashPoint::AllocUnlinked);
         let epoch = self.st.alloc_epoch;
         self.st.alloc_epoch = epoch.wrapping_add(1);
         self.set(h, alloc_word_at(pages, owner, epoch)); // commit
         hit(CrashPoint::AllocCommitted);
-        if len > pages {
-            self.file_run(h + pages, len - pages);
+        self.set(h + pages, alloc_word_at(spare, owner, epoch) | CACHED); // the spare's
+        hit(CrashPoint::AllocSpareCached);
+        if len > want {
+            self.file_run(h + want, len - want);
         }
         hit(CrashPoint::AllocRemainderFiled);
-        self.st.free_pages -= pages as u64;
-        self.st.live_blocks += 1;
+        self.st.free_pages -= want as u64;
+        self.st.live_blocks += 2;
         let u = &mut self.st.usage[owner as usize % MAX_OWNERS];
-        u.pages += pages as u64;
-        u.blocks += 1;
-        Ok(h)
+        u.pages += want as u64;
+        u.blocks += 2;
+        Ok((h, spare))
     }
 
     /// Frees the live block starting at page `p`; returns its length.

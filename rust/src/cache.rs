@@ -112,6 +112,7 @@
 use crate::arena::MAX_OWNERS;
 use crate::crashpoint::{hit, CrashPoint};
 use crate::desc::{alloc_len, alloc_owner, is_cached, reused, tag, CACHED, TAG_ALLOC};
+use crate::large_cache::LargeIndex;
 use crate::layout::{Inbox, INBOX_CAP};
 use crate::liveness::{self, KeeperState};
 use crate::owner::{self, OwnerIdentity};
@@ -124,9 +125,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub const CACHE_CLASSES: u32 = 64;
 /// Entries per size class in a process's stacks.
 const CACHE_DEPTH: usize = 32;
-/// Entries for blocks longer than `CACHE_CLASSES` pages (exact-length
-/// matches only: enough for a process that reuses a few large sizes).
-const LARGE_ENTRIES: usize = 16;
 /// How long a taker tries a slot lock held by a live process before leaving
 /// that slot alone: spins, then yields (so that a holder descheduled on our
 /// own core gets to finish). A holder keeps it for tens of nanoseconds.
@@ -164,7 +162,7 @@ fn token_pid(t: u64) -> i32 {
 
 /// How a taker got a slot lock.
 #[derive(PartialEq, Eq, Clone, Copy)]
-enum Taken {
+pub(crate) enum Taken {
     /// Released normally by its previous holder: counters are exact.
     Clean,
     /// From a holder that died: recount before trusting the counters.
@@ -239,12 +237,12 @@ impl Inbox {
 
 impl SlotCache {
     #[inline]
-    fn try_lock(&self, tok: u64) -> bool {
+    pub(crate) fn try_lock(&self, tok: u64) -> bool {
         try_lock_word(&self.lock, tok)
     }
 
     #[inline]
-    fn unlock(&self, tok: u64) {
+    pub(crate) fn unlock(&self, tok: u64) {
         unlock_word(&self.lock, tok)
     }
 
@@ -263,7 +261,7 @@ impl SlotCache {
     /// slot lock held, so a plain load and store suffice (no locked
     /// instruction on the fast path); readers without the lock only read.
     #[inline]
-    fn add(&self, pages: u64, blocks: u64) {
+    pub(crate) fn add(&self, pages: u64, blocks: u64) {
         self.pages
             .store(self.pages().wrapping_add(pages), Ordering::Relaxed);
         self.blocks
@@ -271,7 +269,7 @@ impl SlotCache {
     }
 
     #[inline]
-    fn sub(&self, pages: u64, blocks: u64) {
+    pub(crate) fn sub(&self, pages: u64, blocks: u64) {
         self.pages
             .store(self.pages().saturating_sub(pages), Ordering::Relaxed);
         let left = self.blocks().saturating_sub(blocks);
@@ -284,7 +282,7 @@ impl SlotCache {
     /// Raises the bound on the longest cached block before a block of
     /// `len` pages is cached (slot lock held; a store only when it grows).
     #[inline]
-    fn raise_max(&self, len: u32) {
+    pub(crate) fn raise_max(&self, len: u32) {
         if self.max_len() < len as u64 {
             self.max_len.store(len as u64, Ordering::Relaxed);
         }
@@ -323,6 +321,9 @@ impl SlotCache {
 /// by a thread holding this process's slot lock with this process's token.
 pub(crate) struct LocalCache {
     stacks: UnsafeCell<Stacks>,
+    /// The index of our large cached runs (see `large_cache.rs`), under
+    /// the same rule as `stacks`.
+    large: UnsafeCell<LargeIndex>,
     /// The fork generation the stacks belong to (a child inherits its
     /// parent's, naming the parent's blocks, and must start empty).
     gen: AtomicU64,
@@ -331,9 +332,6 @@ pub(crate) struct LocalCache {
 struct Stacks {
     len: [usize; CACHE_CLASSES as usize + 1],
     pages: [[u32; CACHE_DEPTH]; CACHE_CLASSES as usize + 1],
-    /// `(length, page)` of cached blocks longer than `CACHE_CLASSES`.
-    large: [(u32, u32); LARGE_ENTRIES],
-    nlarge: usize,
     /// Pages pushed and not yet popped (entries may have gone stale).
     held: u64,
 }
@@ -341,51 +339,35 @@ struct Stacks {
 impl Stacks {
     /// Whether a block of `len` pages fits (per-class room and the cap).
     fn has_room(&self, len: u32, cap: u64) -> bool {
-        let room = if len <= CACHE_CLASSES {
-            self.len[len as usize] < CACHE_DEPTH
-        } else {
-            self.nlarge < LARGE_ENTRIES
-        };
-        room && self.held + len as u64 <= cap
+        // Longer blocks go to the large cache (`large_cache.rs`).
+        len <= CACHE_CLASSES
+            && self.len[len as usize] < CACHE_DEPTH
+            && self.held + len as u64 <= cap
     }
 
     /// Records a block (the caller checked `has_room`).
     fn push(&mut self, len: u32, page: u32) {
-        if len <= CACHE_CLASSES {
-            let k = len as usize;
-            self.pages[k][self.len[k]] = page;
-            self.len[k] += 1;
-        } else {
-            self.large[self.nlarge] = (len, page);
-            self.nlarge += 1;
-        }
+        let k = len as usize;
+        self.pages[k][self.len[k]] = page;
+        self.len[k] += 1;
         self.held += len as u64;
     }
 
     /// Removes and returns an entry of exactly `len` pages (maybe stale).
     fn pop(&mut self, len: u32) -> Option<u32> {
-        let page = if len <= CACHE_CLASSES {
-            let k = len as usize;
-            if self.len[k] == 0 {
-                return None;
-            }
-            self.len[k] -= 1;
-            self.pages[k][self.len[k]]
-        } else {
-            let i = self.large[..self.nlarge].iter().rposition(|e| e.0 == len)?;
-            self.nlarge -= 1;
-            self.large.swap(i, self.nlarge);
-            self.large[self.nlarge].1
-        };
+        let k = len as usize;
+        if len > CACHE_CLASSES || self.len[k] == 0 {
+            return None;
+        }
+        self.len[k] -= 1;
+        let page = self.pages[k][self.len[k]];
         self.held -= len as u64;
         Some(page)
     }
 
     /// Pages of every entry.
     fn all_pages(&self) -> impl Iterator<Item = u32> + '_ {
-        let small =
-            (1..=CACHE_CLASSES as usize).flat_map(|k| self.pages[k][..self.len[k]].iter().copied());
-        small.chain(self.large[..self.nlarge].iter().map(|e| e.1))
+        (1..=CACHE_CLASSES as usize).flat_map(|k| self.pages[k][..self.len[k]].iter().copied())
     }
 }
 
@@ -395,10 +377,9 @@ impl LocalCache {
             stacks: UnsafeCell::new(Stacks {
                 len: [0; CACHE_CLASSES as usize + 1],
                 pages: [[0; CACHE_DEPTH]; CACHE_CLASSES as usize + 1],
-                large: [(0, 0); LARGE_ENTRIES],
-                nlarge: 0,
                 held: 0,
             }),
+            large: UnsafeCell::new(LargeIndex::default()),
             gen: AtomicU64::new(crate::owner::fork_generation()),
         }
     }
@@ -415,6 +396,14 @@ impl LocalCache {
         unsafe { &mut *self.stacks.get() }
     }
 
+    /// # Safety
+    /// As for `stacks` (and no other reference from `large` lives).
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn large(&self) -> &mut LargeIndex {
+        // SAFETY: as in `stacks`: the slot lock makes us the only user.
+        unsafe { &mut *self.large.get() }
+    }
+
     /// Forgets every entry.
     ///
     /// # Safety
@@ -423,8 +412,9 @@ impl LocalCache {
         // SAFETY: the caller's contract is ours.
         let s = unsafe { self.stacks() };
         s.len = [0; CACHE_CLASSES as usize + 1];
-        s.nlarge = 0;
         s.held = 0;
+        // SAFETY: the caller's contract; `s` is not used after this.
+        unsafe { self.large() }.clear();
     }
 }
 
@@ -456,13 +446,22 @@ impl Pool {
     /// (O(pages), once per such death), which leaves both records exact
     /// and empty, reported as `Clean`. `FromTheDead` means the slot's own
     /// record needs a recount (see [`Pool::recount`]).
-    fn lock_slot(&self, l: &mut Locked, q: u16, tok: u64) -> Option<Taken> {
+    pub(crate) fn lock_slot(&self, l: &mut Locked, q: u16, tok: u64) -> Option<Taken> {
         let sc = self.slot_cache(q);
         let how = self.take_word(l, &sc.lock, q, tok)?;
         let Some(inbox) = self.take_word(l, &sc.inbox.lock, q, tok) else {
             sc.unlock(tok);
             return None;
         };
+        // No owner operation is under way now: a dead holder's stale words
+        // go (L3 of `large_cache.rs`), and the slot's block count joins the
+        // arena's (L5).
+        if how == Taken::FromTheDead {
+            l.arena.scrub_cached(q);
+            self.recount_owner(l, q);
+        } else {
+            self.fold_extra(l, q);
+        }
         if inbox == Taken::FromTheDead {
             self.empty_slot(l, q);
             return Some(Taken::Clean);
@@ -522,7 +521,7 @@ impl Pool {
     }
 
     /// Releases both locks of slot `q` taken by [`Pool::lock_slot`].
-    fn unlock_slot(&self, q: u16, tok: u64) {
+    pub(crate) fn unlock_slot(&self, q: u16, tok: u64) {
         let sc = self.slot_cache(q);
         unlock_word(&sc.inbox.lock, tok);
         sc.unlock(tok);
@@ -751,6 +750,13 @@ impl Pool {
         if tok == 0 || tag(w) != TAG_ALLOC || is_cached(w) || alloc_owner(w) != slot {
             return None;
         }
+        if len > CACHE_CLASSES {
+            let (n, over) = self.large_push(page, w, slot, tok)?;
+            if over {
+                self.large_trim(slot, tok);
+            }
+            return Some(n);
+        }
         let sc = self.slot_cache(slot);
         if !sc.try_lock(tok) {
             return None;
@@ -799,7 +805,9 @@ impl Pool {
             };
             // SAFETY: we hold our slot lock.
             let s = unsafe { self.cache.stacks() };
-            for p in s.all_pages() {
+            // SAFETY: as above (a distinct cell).
+            let large: Vec<u32> = unsafe { self.cache.large() }.pages().collect();
+            for p in s.all_pages().chain(large) {
                 // Stale entries (taken back meanwhile) fail here. A stale
                 // page may since have become another process's cached
                 // block: never free that one (its owner counts it).
@@ -990,6 +998,22 @@ impl Pool {
                 held.push((s, how));
             }
         }
+        if verify {
+            // The descriptors and the arena's counts, with the slots we
+            // hold strict (their `extra` folded, no operation under way)
+            // and the others loose (L2, L5 of `large_cache.rs`).
+            let mut extra = [0i64; MAX_OWNERS];
+            let mut loose = [true; MAX_OWNERS];
+            for (q, e) in extra.iter_mut().enumerate() {
+                *e = self.slot_cache(q as u16).extra();
+            }
+            for &(q, _) in &held {
+                loose[q as usize % MAX_OWNERS] = false;
+            }
+            // Never used: nobody to be mid-operation there.
+            loose[self.owners_hwm() as usize..].fill(false);
+            v.extend(l.arena.check_with(&extra, &loose));
+        }
         if held.is_empty() {
             return v;
         }
@@ -1123,7 +1147,7 @@ impl Pool {
     /// Notes that `slot` may hold cached blocks (its owner, slot lock held).
     /// Writes the shared bitmap only the first time.
     #[inline]
-    fn mark_caching(&self, slot: u16) {
+    pub(crate) fn mark_caching(&self, slot: u16) {
         let (w, bit) = self.caching_bit(slot);
         if w.load(Ordering::Relaxed) & bit == 0 {
             w.fetch_or(bit, Ordering::Relaxed);

@@ -64,6 +64,9 @@ crash_points! {
     FreeFiled = 7,
     /// Operation complete, lock still held.
     BeforeUnlock = 8,
+    /// Large refill: the block and the spare run after it are committed
+    /// (`Arena::alloc_spare`), the remainder not yet filed.
+    AllocSpareCached = 14,
   }
   unlocked {
     /// Free: the block's `ALLOC` word is read, nothing written, no lock
@@ -81,6 +84,15 @@ crash_points! {
     /// Drain: the owner holds its slot lock and its inbox lock, and has
     /// moved part of the inbox into its stacks.
     InboxDrainMoving = 13,
+    /// Large split (`large_cache.rs`): the tail's CACHED word is written
+    /// inside the cached run, the head not yet committed.
+    LargeSplitTailWritten = 15,
+    /// Large split: the head is committed live, `extra` and the counters
+    /// not yet updated.
+    LargeSplitCommitted = 16,
+    /// Large merge: the first run's head covers both runs (committed), the
+    /// absorbed head word not yet cleared, counters not yet updated.
+    LargeMergeCommitted = 17,
   }
 }
 

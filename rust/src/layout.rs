@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64};
 pub const MAGIC: u64 = u64::from_le_bytes(*b"SHMPOOL\x01");
 /// Bumped whenever the meaning or position of any shared field changes
 /// (the assertions at the end of this file fail until it is).
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// Runs of up to this many pages have exact-size free lists.
 pub const SMALL_MAX: u32 = 127;
@@ -265,6 +265,13 @@ pub struct SlotCache {
     /// Written under the slot lock, raised *before* a block is cached, so
     /// it is never below the truth even if the owner dies.
     pub(crate) max_len: AtomicU64,
+    /// `ALLOC` words of this slot minus what the arena's `usage.blocks`
+    /// counts, as an `i64`: the owner's splits and merges of large cached
+    /// runs (`large_cache.rs`, L5) change the number of words without the
+    /// pool lock. Written under the slot lock; folded into the arena's
+    /// counts by takers holding both locks. (Format 6: the same bytes as
+    /// format 5 plus this word, and words inside cached runs may be stale.)
+    pub(crate) extra: AtomicU64,
     /// Blocks of this slot's owner freed by other processes (see `cache.rs`).
     pub(crate) inbox: Inbox,
 }
@@ -298,7 +305,7 @@ pub struct Inbox {
 // format: bump LAYOUT_VERSION (here too) so that old and new code refuse
 // each other's pools instead of misreading them.
 const _: () = assert!(
-    LAYOUT_VERSION == 5
+    LAYOUT_VERSION == 6
         && size_of::<Header>() == 41728 + MAX_OWNERS * size_of::<KeeperMutex>()
         && align_of::<Header>() == 64
         && offset_of!(Header, magic) == 0
@@ -340,6 +347,7 @@ const _: () = assert!(
         && offset_of!(SlotCache, pages) == 8
         && offset_of!(SlotCache, blocks) == 16
         && offset_of!(SlotCache, max_len) == 24
+        && offset_of!(SlotCache, extra) == 32
         && offset_of!(SlotCache, inbox) == 64
         && size_of::<Inbox>() == 64
         && offset_of!(Inbox, lock) == 0

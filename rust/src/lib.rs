@@ -34,6 +34,7 @@ pub mod crashpoint;
 pub mod desc;
 pub mod error;
 pub mod heap;
+mod large_cache;
 pub mod layout;
 pub mod liveness;
 pub mod lock;

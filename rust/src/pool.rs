@@ -209,7 +209,13 @@ impl Pool {
                     l.arena.st.npages
                 )));
             }
-            if !l.arena.check().is_empty() {
+            // Other processes may be splitting or merging their large
+            // cached runs right now: their slots are checked loosely.
+            let mut extra = [0i64; MAX_OWNERS];
+            for (q, e) in extra.iter_mut().enumerate() {
+                *e = self.slot_cache(q as u16).extra();
+            }
+            if !l.arena.check_with(&extra, &[true; MAX_OWNERS]).is_empty() {
                 l.arena.rebuild();
                 *l.recoveries = l.recoveries.wrapping_add(1);
             }
@@ -352,6 +358,7 @@ impl Pool {
             arena: Arena {
                 st: x.alloc,
                 d: self.descriptors(),
+                rebuilt: false,
             },
             owners: x.owners,
             recoveries: x.recoveries,
@@ -458,6 +465,11 @@ impl Pool {
             *l.recoveries = l.recoveries.wrapping_add(1);
             Err(Error::Corrupt("internal panic under the pool lock".into()))
         });
+        if l.arena.rebuilt {
+            // The rebuild counted the words; the owners' `extra` counts
+            // no longer apply (L5 of `large_cache.rs`).
+            let _ = catch_unwind(AssertUnwindSafe(|| self.after_rebuild(&mut l)));
+        }
         hit(CrashPoint::BeforeUnlock);
         guard.unlock();
         r
@@ -494,7 +506,10 @@ impl Pool {
             }
             return i as u16;
         }
-        let empty = |l: &Locked, i: usize| l.arena.st.usage[i].blocks == 0;
+        // Counting the words its owner's splits and merges added (L5).
+        let empty = |l: &Locked, i: usize| {
+            (l.arena.st.usage[i].blocks as i64).wrapping_add(self.slot_cache(i as u16).extra()) == 0
+        };
         // A free slot, or one whose process the kernel saw die and which
         // holds nothing; else a never used one; else one that `/proc` says
         // is dead and holds nothing.
@@ -514,6 +529,7 @@ impl Pool {
                 if keepers[i].state() == liveness::KeeperState::OwnerDied {
                     keepers[i].clear_mark();
                 }
+                self.fold_extra(l, i as u16);
                 self.reset_slot(i as u16);
                 l.owners[i] = *me;
                 l.owners_hwm.fetch_max(i as u32 + 1, Ordering::Relaxed);
@@ -565,10 +581,17 @@ impl Pool {
     pub fn alloc(&self, bytes: usize) -> Result<usize> {
         let pages = self.pages_for(bytes)?;
         let page = match self.my_identity() {
-            Some((slot, tok)) => match self.cache_pop(pages, slot, tok) {
-                Some(p) => p,
-                None => self.alloc_locked(pages, slot, tok)?,
-            },
+            Some((slot, tok)) => {
+                let hit = if pages > CACHE_CLASSES {
+                    self.large_pop(pages, slot, tok)
+                } else {
+                    self.cache_pop(pages, slot, tok)
+                };
+                match hit {
+                    Some(p) => p,
+                    None => self.alloc_locked(pages, slot, tok)?,
+                }
+            }
             None => self.alloc_registering(pages)?,
         };
         Ok(self.offset_of_page(page))
@@ -584,7 +607,12 @@ impl Pool {
     fn alloc_locked(&self, pages: u32, slot: u16, tok: u64) -> Result<u32> {
         let r = self.locked(|l| {
             self.repair_own_inbox(l, slot, tok);
-            l.arena.alloc(pages, slot)
+            if pages > CACHE_CLASSES && slot != 0 {
+                // With a spare run for our large cache (`large_cache.rs`).
+                self.large_refill(l, pages, slot, tok)
+            } else {
+                l.arena.alloc(pages, slot)
+            }
         });
         match r {
             Err(Error::OutOfMemory) => {
@@ -799,7 +827,9 @@ impl Pool {
                 {
                     self.take_back_cached(l, tok, |_, sc| sc.max_held() > longest);
                 }
-                Ok((l.arena.stats(), *l.recoveries, self.cached_totals()))
+                let mut ps = l.arena.stats();
+                ps.live_blocks = (ps.live_blocks as i64).wrapping_add(self.extra_total()) as u64;
+                Ok((ps, *l.recoveries, self.cached_totals()))
             })
             .unwrap_or((
                 PageStats {
@@ -828,13 +858,14 @@ impl Pool {
     pub fn check(&self) -> Vec<String> {
         let tok = self.taker_token();
         self.locked(|l| {
-            let mut v = l.arena.check();
+            // The descriptors and counts first (under the slot locks,
+            // `check_slots`), then the owner table.
+            let mut v = self.check_slots(l, tok, true);
             for (i, o) in l.owners.iter().enumerate().skip(1) {
                 if o.pid == 0 && l.arena.st.usage[i] != OwnerUsage::default() {
                     v.push(format!("owner slot {i} is empty but holds blocks"));
                 }
             }
-            v.extend(self.check_slots(l, tok, true));
             Ok(v)
         })
         .unwrap_or_else(|e| vec![format!("could not lock the pool: {e}")])
@@ -853,8 +884,8 @@ impl Pool {
                 pages: usage[i]
                     .pages
                     .saturating_sub(self.slot_cache(i as u16).held().0),
-                blocks: usage[i]
-                    .blocks
+                blocks: ((usage[i].blocks as i64).wrapping_add(self.slot_cache(i as u16).extra())
+                    as u64)
                     .saturating_sub(self.slot_cache(i as u16).held().1),
             })
             .collect())

@@ -15,6 +15,14 @@
 //!    that an interrupted free had not yet merged are merged now);
 //! 3. recounts free pages, live blocks and per-owner usage.
 //!
+//! Inside a *cached* run it leaves `INTERIOR` words and stale CACHED words
+//! of the same owner alone, and clears anything else by compare-and-swap
+//! from the value read: the run's owner may be splitting or merging it
+//! right now without the pool lock (L2, L4 of `large_cache.rs`). Stale
+//! words inside a *live* block are cleared (none is ever legitimate there).
+//! Per-owner counts are taken from the words; the pool then reconciles
+//! them with the owners' `extra` counts (`Pool::after_rebuild`).
+//!
 //! It only ever writes derived words and never creates an `ALLOC` word, so a
 //! process that dies *during* recovery leaves the truth intact and the next
 //! locker simply runs it again. It is O(pages): about 1 ms per GiB of pool.
@@ -35,6 +43,7 @@ pub struct RebuildReport {
 impl Arena<'_> {
     /// Rebuilds lists, treap and counters from the `ALLOC` words.
     pub fn rebuild(&mut self) -> RebuildReport {
+        self.rebuilt = true;
         let n = self.st.npages;
         self.st.tree_root = NIL;
         self.st.tree_max = 0;
@@ -52,11 +61,23 @@ impl Arena<'_> {
                     self.file_run(g, p - g);
                     rep.free_pages += (p - g) as u64;
                 }
+                let owner = alloc_owner(w);
                 for q in p + 1..p + len {
-                    if tag(self.w(q)) == TAG_ALLOC {
+                    let x = self.w(q);
+                    if x == INTERIOR {
+                        continue;
+                    }
+                    if is_cached(w)
+                        && tag(x) == TAG_ALLOC
+                        && is_cached(x)
+                        && alloc_owner(x) == owner
+                    {
+                        continue; // the owner's split or merge in progress
+                    }
+                    if tag(x) == TAG_ALLOC {
                         rep.bad_alloc_words += 1;
                     }
-                    self.set(q, INTERIOR);
+                    let _ = self.swap_word(q, x, INTERIOR);
                 }
                 rep.live_blocks += 1;
                 let u = &mut self.st.usage[alloc_owner(w) as usize % MAX_OWNERS];

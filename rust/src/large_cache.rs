@@ -1,0 +1,767 @@
+//! The per-process cache of large runs: blocks of more than
+//! [`CACHE_CLASSES`] pages allocated and freed without the pool lock.
+//!
+//! # Why
+//!
+//! The per-class stacks of `cache.rs` serve a process that reuses a few
+//! sizes. Large blocks of random sizes (buffers of a few hundred KiB to a
+//! few MiB) almost never find a cached block of their exact length, so
+//! every such alloc and free took the pool lock, and two processes doing it
+//! ran slower together than one alone (the lock's and the treap's cache
+//! lines bounce between cores).
+//!
+//! How the best allocators handle large allocations:
+//! - tcmalloc sends large objects (more than its largest size class)
+//!   straight to its page heap, a central structure under a lock, and
+//!   caches only small objects per thread or per CPU, refilled in batches
+//!   from central lists;
+//! - jemalloc spreads threads over several *arenas* (by default a few per
+//!   CPU), each with its own lock and its own extents, which it splits for
+//!   an allocation and coalesces on free; its per-thread cache holds only
+//!   sizes up to `tcache_max` (32 KiB by default);
+//! - mimalloc gives each thread its own heap of pages and segments, so a
+//!   thread allocates from memory it owns without any lock, and only
+//!   remote frees and huge blocks go elsewhere.
+//!
+//! The common idea is that memory a thread (here: a process) *owns* can be
+//! carved and coalesced without a global lock, and a global structure is
+//! visited only to refill or give back in bulk. Here that owned memory is
+//! a set of *cached runs*: `ALLOC|CACHED` words of the process's owner
+//! slot, exactly as the small cache's blocks (so recovery, `reclaim_dead`,
+//! the dead-cache reaping and take-backs already see them), which the owner
+//! splits and merges under its slot lock, each change committed by one
+//! compare-and-swap on a head word. The pool lock is taken once per
+//! refill (a run of several allocations' worth) and once per give-back.
+//!
+//! # The operations (owner, slot lock held, no pool lock)
+//!
+//! - **exact fit**: a cached run of exactly `n` pages flips to live, as a
+//!   small cache pop (`CAS (CACHED, n) -> (live, n)`, the commit);
+//! - **split**: for a cached run `[p, p+L)` and `n < L`, first write the
+//!   tail's word `(CACHED, L-n)` at `p+n`, inside the run (no-one reads an
+//!   interior word as a head: see the invariants), then
+//!   `CAS p: (CACHED, L) -> (live, n)` (the commit). Before the commit the
+//!   tail word is a *stale* word inside a cached run; after it, a cached
+//!   run of its own;
+//! - **merge** (on free, with the runs that end where the freed block
+//!   starts and start where it ends): the freed block first flips to
+//!   CACHED as for a small cache push (its commit). Then for two adjacent
+//!   cached runs `A = [a, b)` and `B = [b, c)`:
+//!   `CAS a: (CACHED, b-a) -> (CACHED, c-a)` (the commit; `B`'s word is now
+//!   a stale word inside `A`), then clear `b` (the cleanup).
+//! - **refill** (no fitting run): under the pool lock and then the slot
+//!   lock, one allocation from the free runs of `n` pages *plus a spare*
+//!   run written as a cached run right after it (`Arena::alloc_spare`);
+//! - **give back**: when the process caches more than its bound (a 16th of
+//!   the pool, as the small cache), under the pool lock and the slot lock
+//!   its smallest runs go back to the free runs until it holds 3/4 of it.
+//!
+//! A process keeps its runs in a process-local index (`LargeIndex`: best
+//! fit by `(length, page)` and neighbours by start page, both B-trees:
+//! O(log n)). The index is only a hint: every entry is checked against the
+//! descriptor (owner, CACHED, length) under the slot lock before use, and
+//! dropped when it is stale (a taker took the run back meanwhile).
+//!
+//! # Invariants (who writes which words)
+//!
+//! - L1: the CACHED words of slot `q` are changed only by holders of `q`'s
+//!   slot lock: the owner (no pool lock), or a taker holding the pool lock
+//!   first (take-back, reaping, `reclaim_dead`, `check`, `flush_cache`).
+//!   Remote freers only create CACHED words from live ones (inbox, small
+//!   blocks only); `free`, `size`, `disown` reject CACHED words.
+//! - L2: the pages inside a cached run of `q` hold `INTERIOR`, except
+//!   while `q`'s slot lock is held by its owner (or the owner died holding
+//!   it): then they may also hold *stale* `(CACHED, owner q)` words (a
+//!   split's tail before its commit, a merge's absorbed head before its
+//!   cleanup). Such a word never starts a block: every walk goes head to
+//!   head by lengths, and `free`/`size` of its address see CACHED and
+//!   answer `NotABlock`, changing nothing.
+//! - L3: a live block's interior and a free run's pages never hold stale
+//!   words (D1, D2 of `desc.rs` unchanged). Whoever takes a slot lock from
+//!   a holder that died first clears the stale words of that slot's cached
+//!   runs (`Arena::scrub_cached`, O(pages), once per death), so a cached
+//!   run that goes back to the free runs is always clean.
+//! - L4: recovery (`rebuild`) takes every `ALLOC` head as before, but in a
+//!   cached run's interior it leaves `INTERIOR` and same-owner CACHED words
+//!   alone (the owner may be in the middle of a split or merge right now,
+//!   without the pool lock), and clears anything else by compare-and-swap
+//!   from the value it read (so it never overwrites a word the owner just
+//!   wrote).
+//! - L5 (counts): splits and merges change the number of `ALLOC` words
+//!   without the pool lock, so the arena's block counts (`live_blocks`,
+//!   per-owner `usage.blocks`) would drift. Each slot keeps `extra`
+//!   ([`SlotCache`]), written under its slot lock: `ALLOC` words of the
+//!   slot minus what `usage[q].blocks` counts. A taker that holds the pool
+//!   lock and the slot lock folds it into the arena's counts
+//!   (`fold_extra`); readers add it (`stats`, `owners`, `check`). After a
+//!   rebuild (which counts the words as they are, while an owner may be
+//!   between its commit and its `extra` update) every slot with a nonzero
+//!   `extra` is locked and recounted from its words (`recount_owner`); a
+//!   slot whose live owner is frozen in the middle of a split or merge
+//!   during a rebuild may stay one block off until its next recount (its
+//!   death, or `check`), a double fault we accept. Pages are unaffected:
+//!   splits and merges keep the slot's page total.
+//! - L6: `sc.pages`/`sc.blocks` count the slot's cached runs as for the
+//!   small cache (a split: `-n` pages, same blocks; a merge: same pages,
+//!   one block less); `max_len` is raised before a merge commits.
+//!
+//! # Crash safety
+//!
+//! A process killed at any instruction of an owner operation leaves its
+//! slot lock holding its token: the next taker (any process holding the
+//! pool lock that needs the slot: the per-acquisition reaping of dead
+//! caches, a take-back, `reclaim_dead`) takes it over, scrubs (L3),
+//! recounts (L5, L6) and frees the cached runs. Each step is a single
+//! commit, so the words say exactly which pages are live, cached or free:
+//! before a split's commit the whole run is cached, after it the head is
+//! live and the tail cached; before a merge's commit both runs are cached,
+//! after it one is. Refill and give-back run under the pool lock and are
+//! arena operations with their own commits; a death there is repaired by
+//! the rebuild as any locked operation.
+
+use crate::arena::{Arena, MAX_OWNERS};
+use crate::cache::CACHE_CLASSES;
+use crate::crashpoint::{hit, CrashPoint};
+use crate::desc::*;
+use crate::layout::SlotCache;
+use crate::pool::{Locked, Pool};
+use std::sync::atomic::Ordering;
+
+/// Runs of up to this many pages have an exact-length list in the index;
+/// longer ones are filed by power of two.
+const EXACT: u32 = 1024;
+/// Classes: `1..=EXACT` exact, then one per power of two above.
+const CLASSES: usize = EXACT as usize + 1 + 32;
+
+/// The class of a run of `len` pages.
+#[inline]
+fn class_of(len: u32) -> usize {
+    if len <= EXACT {
+        len as usize
+    } else {
+        // EXACT is a power of two: 2^10 < len <= ... -> classes above it.
+        EXACT as usize + (31 - len.leading_zeros() - EXACT.trailing_zeros()) as usize + 1
+    }
+}
+
+/// The process-local index of this process's cached large runs (O(1) for
+/// every operation, like the arena's exact-size lists). Only touched with
+/// this process's slot lock held (see `LocalCache`).
+///
+/// Per-page arrays (allocated zeroed on first use: the kernel maps only
+/// the pages of them that runs touch) give each run's length at its
+/// first page and its first page at its last page (neighbours for
+/// merging), and the links of the doubly linked list of its class; a
+/// bitmap of non-empty classes gives the best-fitting class with a few
+/// `trailing_zeros`. Lengths up to [`EXACT`] are exact classes (best fit);
+/// a longer request takes the first run of its power-of-two class if it
+/// fits, else any run of a higher class (good fit, O(1)).
+#[derive(Default)]
+pub(crate) struct LargeIndex {
+    /// `len_at[p]`: length of the entry starting at `p` (0: none).
+    len_at: Vec<u32>,
+    /// `start_at_end[e]`: `1 +` first page of the entry whose last page is `e`.
+    start_at_end: Vec<u32>,
+    next: Vec<u32>,
+    prev: Vec<u32>,
+    head: Vec<u32>,
+    bitmap: Vec<u64>,
+    /// Pages of all entries (some may be stale).
+    held: u64,
+    entries: usize,
+}
+
+impl LargeIndex {
+    /// Sizes the arrays for a pool of `npages` pages (once).
+    #[inline]
+    pub(crate) fn ensure(&mut self, npages: u32) {
+        if self.len_at.len() != npages as usize {
+            let n = npages as usize;
+            *self = LargeIndex {
+                len_at: vec![0; n],
+                start_at_end: vec![0; n],
+                next: vec![NIL; n],
+                prev: vec![NIL; n],
+                head: vec![NIL; CLASSES],
+                bitmap: vec![0; CLASSES.div_ceil(64)],
+                held: 0,
+                entries: 0,
+            };
+        }
+    }
+
+    pub(crate) fn insert(&mut self, page: u32, len: u32) {
+        let (p, l) = (page as usize, len as usize);
+        if len == 0 || p + l > self.len_at.len() {
+            return;
+        }
+        self.remove(page);
+        // A stale entry ending at the same page loses its end mark.
+        if let Some(other) = self.ending_at(page + len) {
+            self.remove(other.0);
+        }
+        self.len_at[p] = len;
+        self.start_at_end[p + l - 1] = page + 1;
+        let c = class_of(len);
+        let h = self.head[c];
+        self.next[p] = h;
+        self.prev[p] = NIL;
+        if h != NIL {
+            self.prev[h as usize] = page;
+        }
+        self.head[c] = page;
+        self.bitmap[c / 64] |= 1 << (c % 64);
+        self.held += len as u64;
+        self.entries += 1;
+    }
+
+    pub(crate) fn remove(&mut self, page: u32) -> Option<u32> {
+        let p = page as usize;
+        let len = *self.len_at.get(p)?;
+        if len == 0 {
+            return None;
+        }
+        self.len_at[p] = 0;
+        let e = p + len as usize - 1;
+        if self.start_at_end[e] == page + 1 {
+            self.start_at_end[e] = 0;
+        }
+        let c = class_of(len);
+        let (n, pr) = (self.next[p], self.prev[p]);
+        if pr == NIL {
+            self.head[c] = n;
+            if n == NIL {
+                self.bitmap[c / 64] &= !(1 << (c % 64));
+            }
+        } else {
+            self.next[pr as usize] = n;
+        }
+        if n != NIL {
+            self.prev[n as usize] = pr;
+        }
+        self.held -= len as u64;
+        self.entries -= 1;
+        Some(len)
+    }
+
+    /// The first non-empty class `>= c`.
+    #[inline]
+    fn class_from(&self, c: usize) -> Option<usize> {
+        let mut i = c / 64;
+        let mut bits = *self.bitmap.get(i)? & (!0u64 << (c % 64));
+        loop {
+            if bits != 0 {
+                return Some(i * 64 + bits.trailing_zeros() as usize);
+            }
+            i += 1;
+            bits = *self.bitmap.get(i)?;
+        }
+    }
+
+    /// An entry of at least `n` pages (best fit up to [`EXACT`]), as
+    /// `(page, len)`.
+    #[inline]
+    pub(crate) fn best_fit(&self, n: u32) -> Option<(u32, u32)> {
+        let c = class_of(n);
+        if n > EXACT {
+            let h = *self.head.get(c)?;
+            if h != NIL && self.len_at[h as usize] >= n {
+                return Some((h, self.len_at[h as usize]));
+            }
+            let k = self.class_from(c + 1)?;
+            let h = self.head[k];
+            return Some((h, self.len_at[h as usize]));
+        }
+        let k = self.class_from(c)?;
+        let h = self.head[k];
+        Some((h, self.len_at[h as usize]))
+    }
+
+    /// The smallest entry, as `(page, len)` (first of the lowest class).
+    pub(crate) fn smallest(&self) -> Option<(u32, u32)> {
+        let k = self.class_from(0)?;
+        let h = self.head[k];
+        Some((h, self.len_at[h as usize]))
+    }
+
+    /// The entry that ends exactly at `page`, as `(page, len)`.
+    #[inline]
+    pub(crate) fn ending_at(&self, page: u32) -> Option<(u32, u32)> {
+        let e = (page as usize).checked_sub(1)?;
+        let s = *self.start_at_end.get(e)?;
+        if s == 0 {
+            return None;
+        }
+        let len = self.len_at[s as usize - 1];
+        (len != 0 && s as usize - 1 + len as usize == page as usize).then_some((s - 1, len))
+    }
+
+    /// The length of the entry that starts at `page`.
+    #[inline]
+    pub(crate) fn starting_at(&self, page: u32) -> Option<u32> {
+        self.len_at.get(page as usize).copied().filter(|&l| l != 0)
+    }
+
+    pub(crate) fn held(&self) -> u64 {
+        self.held
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.entries == 0
+    }
+
+    /// Forgets every entry: O(entries).
+    pub(crate) fn clear(&mut self) {
+        for p in self.pages().collect::<Vec<_>>() {
+            self.remove(p);
+        }
+        self.held = 0;
+        self.entries = 0;
+    }
+
+    pub(crate) fn pages(&self) -> impl Iterator<Item = u32> + '_ {
+        let mut c = 0usize;
+        let mut cur = NIL;
+        std::iter::from_fn(move || loop {
+            if cur != NIL {
+                let p = cur;
+                cur = self.next[p as usize];
+                return Some(p);
+            }
+            c = self.class_from(c)?;
+            cur = self.head[c];
+            c += 1;
+        })
+    }
+}
+
+/// The word of a cached run of `len` pages of `slot` with generation bits
+/// taken from `gen_of`.
+#[inline]
+fn cached_word(len: u32, slot: u16, gen_of: u64) -> u64 {
+    alloc_word(len, slot) | (gen_of & GEN_MASK) | CACHED
+}
+
+/// The same `ALLOC` word with another length.
+#[inline]
+fn with_len(w: u64, len: u32) -> u64 {
+    (w & !(NIL as u64)) | len as u64
+}
+
+impl SlotCache {
+    /// `extra` as a signed number (see the module doc, L5).
+    pub fn extra(&self) -> i64 {
+        self.extra.load(Ordering::Relaxed) as i64
+    }
+
+    /// Adds `d` to `extra` (slot lock held: a plain load and store).
+    #[inline]
+    fn add_extra(&self, d: i64) {
+        self.extra
+            .store(self.extra().wrapping_add(d) as u64, Ordering::Relaxed);
+    }
+}
+
+impl Arena<'_> {
+    /// Clears the stale words inside every cached run of `q` (the caller
+    /// holds the pool lock and `q`'s slot lock, taken from a holder that
+    /// died: L3). O(pages).
+    pub(crate) fn scrub_cached(&mut self, q: u16) {
+        let n = self.st.npages;
+        let mut p = 0u32;
+        while p < n {
+            let w = self.w(p);
+            let len = match tag(w) {
+                TAG_ALLOC => alloc_len(w),
+                TAG_FREE => self.free_len(p),
+                _ => 1,
+            }
+            .max(1);
+            if tag(w) == TAG_ALLOC && is_cached(w) && alloc_owner(w) == q {
+                for i in p + 1..(p as u64 + len as u64).min(n as u64) as u32 {
+                    if self.w(i) != INTERIOR {
+                        self.set(i, INTERIOR);
+                    }
+                }
+            }
+            p = p.saturating_add(len);
+        }
+    }
+
+    /// `(pages, blocks)` of every `ALLOC` head of owner `q`. O(pages).
+    pub(crate) fn count_owner(&self, q: u16) -> (u64, u64) {
+        let mut c = (0u64, 0u64);
+        for (_, len, o) in self.live_blocks().into_iter().chain(self.cached_blocks()) {
+            if o == q {
+                c.0 += len as u64;
+                c.1 += 1;
+            }
+        }
+        c
+    }
+}
+
+impl Pool {
+    /// Most pages this process keeps in large cached runs: a 16th of the
+    /// pool, as the small cache (0 for pools too small to hold a large
+    /// block in it).
+    #[inline]
+    pub(crate) fn large_cap(&self) -> u64 {
+        if self.cache_cap <= CACHE_CLASSES as u64 {
+            0
+        } else {
+            self.cache_cap
+        }
+    }
+
+    /// Folds slot `q`'s `extra` into the arena's counts (pool lock and `q`'s
+    /// slot lock held: no owner operation is under way, L5).
+    pub(crate) fn fold_extra(&self, l: &mut Locked, q: u16) {
+        let sc = self.slot_cache(q);
+        let e = sc.extra();
+        if e != 0 {
+            let u = &mut l.arena.st.usage[q as usize % MAX_OWNERS];
+            u.blocks = (u.blocks as i64).wrapping_add(e) as u64;
+            l.arena.st.live_blocks = (l.arena.st.live_blocks as i64).wrapping_add(e) as u64;
+            sc.extra.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Sets `usage[q]` from `q`'s words and `extra` to 0 (pool lock and
+    /// `q`'s slot lock held). O(pages).
+    pub(crate) fn recount_owner(&self, l: &mut Locked, q: u16) {
+        let (pages, blocks) = l.arena.count_owner(q);
+        let u = &mut l.arena.st.usage[q as usize % MAX_OWNERS];
+        let old = u.blocks;
+        u.pages = pages;
+        u.blocks = blocks;
+        l.arena.st.live_blocks = l
+            .arena
+            .st
+            .live_blocks
+            .wrapping_sub(old)
+            .wrapping_add(blocks);
+        self.slot_cache(q).extra.store(0, Ordering::Relaxed);
+    }
+
+    /// After a rebuild (pool lock held): the rebuild counted every slot's
+    /// words, so the `extra` of a slot no longer applies; lock and recount
+    /// each slot that has one (L5). A slot whose live owner keeps its lock
+    /// past our patience gets its `extra` subtracted instead.
+    pub(crate) fn after_rebuild(&self, l: &mut Locked) {
+        let tok = self.taker_token();
+        for q in 0..self.owners_hwm() {
+            let sc = self.slot_cache(q);
+            if sc.extra() == 0 {
+                continue;
+            }
+            if self.lock_slot(l, q, tok).is_some() {
+                self.recount_owner(l, q);
+                self.unlock_slot(q, tok);
+            } else {
+                let e = sc.extra();
+                let u = &mut l.arena.st.usage[q as usize % MAX_OWNERS];
+                u.blocks = (u.blocks as i64).wrapping_sub(e) as u64;
+                l.arena.st.live_blocks = (l.arena.st.live_blocks as i64).wrapping_sub(e) as u64;
+            }
+        }
+    }
+
+    /// Sum of every slot's `extra` (for `stats`).
+    pub(crate) fn extra_total(&self) -> i64 {
+        (0..self.owners_hwm()).fold(0i64, |a, q| a.wrapping_add(self.slot_cache(q).extra()))
+    }
+
+    /// Takes a cached run for a block of `n > CACHE_CLASSES` pages, without
+    /// the pool lock: exact fit or split (see the module doc). `None` on a
+    /// miss (or when the slot lock is busy).
+    #[inline]
+    pub(crate) fn large_pop(&self, n: u32, slot: u16, tok: u64) -> Option<u32> {
+        if !self.caching.load(Ordering::Relaxed) || self.large_cap() == 0 {
+            return None;
+        }
+        let sc = self.slot_cache(slot);
+        if !sc.try_lock(tok) {
+            return None;
+        }
+        // SAFETY: we hold our slot lock.
+        let ix = unsafe { self.cache.large() };
+        ix.ensure(self.geometry().npages);
+        if sc.pages() == 0 && !ix.is_empty() {
+            ix.clear(); // a taker took everything back: all entries stale
+        }
+        let d = self.descriptors();
+        let mut got = None;
+        while let Some((p, len)) = ix.best_fit(n) {
+            ix.remove(p);
+            let Some(w) = self.my_cached_word(p, len, slot) else {
+                continue; // stale
+            };
+            let live = with_len(reused(w), n);
+            if len == n {
+                // Exact fit: the commit.
+                if d[p as usize]
+                    .compare_exchange(w, live, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    sc.sub(n as u64, 1);
+                    got = Some(p);
+                }
+                break;
+            }
+            // Split: the tail's word first, inside the run (stale until the
+            // commit: L2), then the head's commit.
+            let t = p + n;
+            let tw = cached_word(len - n, slot, live);
+            d[t as usize].store(tw, Ordering::Relaxed);
+            hit(CrashPoint::LargeSplitTailWritten);
+            if d[p as usize]
+                .compare_exchange(w, live, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+            {
+                hit(CrashPoint::LargeSplitCommitted);
+                sc.add_extra(1);
+                sc.sub(n as u64, 0);
+                ix.insert(t, len - n);
+                got = Some(p);
+            } else {
+                // Cannot happen (L1); undo the tail word all the same.
+                let _ = d[t as usize].compare_exchange(
+                    tw,
+                    INTERIOR,
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                );
+            }
+            break;
+        }
+        sc.unlock(tok);
+        got
+    }
+
+    /// The word at `p` if it is a cached run of `len` pages of `slot`.
+    #[inline]
+    fn my_cached_word(&self, p: u32, len: u32, slot: u16) -> Option<u64> {
+        let w = self.descriptors().get(p as usize)?.load(Ordering::Acquire);
+        (tag(w) == TAG_ALLOC && is_cached(w) && alloc_owner(w) == slot && alloc_len(w) == len)
+            .then_some(w)
+    }
+
+    /// Caches our own live block at `page` of more than `CACHE_CLASSES`
+    /// pages, whose word the caller read as `w`, merging it with the
+    /// adjacent runs we cache. `Some((len, over))`, `over` when we now hold
+    /// more than our bound (the caller gives some back, see `large_trim`);
+    /// `None` for the locked path.
+    #[inline]
+    pub(crate) fn large_push(&self, page: u32, w: u64, slot: u16, tok: u64) -> Option<(u32, bool)> {
+        let cap = self.large_cap();
+        let len = alloc_len(w);
+        if cap == 0 || len as u64 > cap / 2 {
+            return None;
+        }
+        let sc = self.slot_cache(slot);
+        if !sc.try_lock(tok) {
+            return None;
+        }
+        // SAFETY: we hold our slot lock.
+        let ix = unsafe { self.cache.large() };
+        ix.ensure(self.geometry().npages);
+        if sc.pages() == 0 && !ix.is_empty() {
+            ix.clear();
+        }
+        let d = self.descriptors();
+        hit(CrashPoint::CachePushLocked);
+        // Marked and bounded before the commit (see `cache_push`).
+        self.mark_caching(slot);
+        sc.raise_max(len);
+        let mut done = None;
+        let cw = w | CACHED;
+        if d[page as usize]
+            .compare_exchange(w, cw, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
+            sc.add(len as u64, 1);
+            let (mut a, mut aw, mut alen) = (page, cw, len);
+            // The run ending where this one starts.
+            if let Some((lp, ll)) = ix.ending_at(a) {
+                ix.remove(lp);
+                if let Some(lw) = self.my_cached_word(lp, ll, slot) {
+                    if let Some(nw) = self.merge(lp, lw, a, aw, alen) {
+                        (a, aw, alen) = (lp, nw, ll + alen);
+                    }
+                }
+            }
+            // The run starting where this one ends.
+            let e = a as u64 + alen as u64;
+            if e < d.len() as u64 {
+                if let Some(rl) = ix.starting_at(e as u32) {
+                    ix.remove(e as u32);
+                    if let Some(rw) = self.my_cached_word(e as u32, rl, slot) {
+                        if let Some(nw) = self.merge(a, aw, e as u32, rw, rl) {
+                            (aw, alen) = (nw, alen + rl);
+                        }
+                    }
+                }
+            }
+            let _ = aw;
+            ix.insert(a, alen);
+            done = Some((len, ix.held() > cap));
+        }
+        sc.unlock(tok);
+        done
+    }
+
+    /// Merges the cached run at `b` (word `bw`, `blen` pages) into the
+    /// cached run at `a` (word `aw`) that ends at `b` (slot lock held, both
+    /// words checked); returns `a`'s new word.
+    #[inline]
+    fn merge(&self, a: u32, aw: u64, b: u32, bw: u64, blen: u32) -> Option<u64> {
+        let d = self.descriptors();
+        let slot = alloc_owner(aw);
+        let sc = self.slot_cache(slot);
+        let total = alloc_len(aw) + blen;
+        sc.raise_max(total);
+        let nw = with_len(aw, total);
+        // The commit: `b`'s word is now stale inside `a`'s run (L2).
+        d[a as usize]
+            .compare_exchange(aw, nw, Ordering::AcqRel, Ordering::Relaxed)
+            .ok()?;
+        hit(CrashPoint::LargeMergeCommitted);
+        sc.add_extra(-1);
+        sc.sub(0, 1);
+        // The cleanup.
+        let _ = d[b as usize].compare_exchange(bw, INTERIOR, Ordering::AcqRel, Ordering::Relaxed);
+        Some(nw)
+    }
+
+    /// Under the pool lock: a block of `n` pages for us, from the free runs,
+    /// with a spare run after it for our large cache when there is room
+    /// (one lock for several allocations).
+    pub(crate) fn large_refill(
+        &self,
+        l: &mut Locked,
+        n: u32,
+        slot: u16,
+        tok: u64,
+    ) -> crate::Result<u32> {
+        let cap = self.large_cap();
+        if cap == 0
+            || !self.caching.load(Ordering::Relaxed)
+            || self.lock_slot(l, slot, tok).is_none()
+        {
+            return l.arena.alloc(n, slot);
+        }
+        // SAFETY: we hold our slot lock.
+        let ix = unsafe { self.cache.large() };
+        ix.ensure(self.geometry().npages);
+        let sc = self.slot_cache(slot);
+        if sc.pages() == 0 && !ix.is_empty() {
+            ix.clear();
+        }
+        if ix.held() > cap * 3 / 4 {
+            self.give_back(l, slot, cap / 2);
+        }
+        let room = cap.saturating_sub(ix.held());
+        let spare = (cap / 4).min(room) as u32;
+        let spare = if spare > CACHE_CLASSES { spare } else { 0 };
+        if spare > 0 {
+            // Marked and bounded before the spare's word is written.
+            self.mark_caching(slot);
+            sc.raise_max(spare);
+        }
+        let r = l.arena.alloc_spare(n, spare, slot);
+        if let Ok((p, got)) = r {
+            if got > 0 {
+                sc.add(got as u64, 1);
+                ix.insert(p + n, got);
+            }
+        }
+        self.unlock_slot(slot, tok);
+        r.map(|(p, _)| p)
+    }
+
+    /// Under the pool lock: gives our smallest large runs back to the free
+    /// runs until we hold at most `3/4` of our bound.
+    pub(crate) fn large_trim(&self, slot: u16, tok: u64) {
+        let cap = self.large_cap();
+        let _ = self.locked(|l| {
+            if self.lock_slot(l, slot, tok).is_some() {
+                self.give_back(l, slot, cap * 3 / 4);
+                self.unlock_slot(slot, tok);
+            }
+            Ok(())
+        });
+    }
+
+    /// Pool lock and our slot lock held: frees our smallest runs until the
+    /// index holds at most `keep` pages.
+    fn give_back(&self, l: &mut Locked, slot: u16, keep: u64) {
+        // SAFETY: we hold our slot lock (caller).
+        let ix = unsafe { self.cache.large() };
+        let sc = self.slot_cache(slot);
+        while ix.held() > keep {
+            let Some((p, len)) = ix.smallest() else { break };
+            ix.remove(p);
+            if self.my_cached_word(p, len, slot).is_some() && l.arena.free_cached(p).is_ok() {
+                sc.sub(len as u64, 1);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_best_fit_and_neighbours() {
+        let mut ix = LargeIndex::default();
+        ix.ensure(10_000);
+        ix.insert(100, 80);
+        ix.insert(300, 200);
+        ix.insert(180, 70);
+        assert_eq!(ix.best_fit(75), Some((100, 80)));
+        assert_eq!(ix.best_fit(81), Some((300, 200)));
+        assert_eq!(ix.best_fit(201), None);
+        assert_eq!(ix.ending_at(180), Some((100, 80)));
+        assert_eq!(ix.ending_at(250), Some((180, 70)));
+        assert_eq!(ix.ending_at(299), None);
+        assert_eq!(ix.starting_at(300), Some(200));
+        assert_eq!(ix.held(), 350);
+        // Re-inserting a page replaces its entry.
+        ix.insert(300, 100);
+        assert_eq!(ix.held(), 250);
+        assert_eq!(ix.best_fit(101), None);
+        assert_eq!(ix.smallest(), Some((180, 70)));
+        assert_eq!(ix.remove(180), Some(70));
+        assert_eq!(ix.remove(180), None);
+        ix.clear();
+        assert!(ix.is_empty() && ix.held() == 0);
+        assert_eq!(ix.pages().count(), 0);
+        // Long runs: a power-of-two class, good fit.
+        ix.insert(2000, 1500);
+        ix.insert(5000, 3000);
+        ix.insert(9000, 100);
+        assert_eq!(ix.best_fit(1400), Some((2000, 1500)));
+        assert_eq!(ix.best_fit(1600), Some((5000, 3000)));
+        assert_eq!(ix.best_fit(3001), None);
+        assert_eq!(ix.smallest(), Some((9000, 100)));
+        let mut all: Vec<u32> = ix.pages().collect();
+        all.sort();
+        assert_eq!(all, vec![2000, 5000, 9000]);
+        assert_eq!(ix.ending_at(3500), Some((2000, 1500)));
+    }
+
+    #[test]
+    fn words() {
+        let w = alloc_word_at(300, 7, 9) | CACHED;
+        let v = with_len(w, 120);
+        assert_eq!((alloc_len(v), alloc_owner(v), is_cached(v)), (120, 7, true));
+        assert_eq!(alloc_gen(v), alloc_gen(w));
+        let t = cached_word(5, 7, reused(w));
+        assert_eq!(
+            (alloc_len(t), alloc_owner(t), is_cached(t), tag(t)),
+            (5, 7, true, TAG_ALLOC)
+        );
+    }
+}
