@@ -456,6 +456,10 @@ impl Pool {
         // No owner operation is under way now: a dead holder's stale words
         // go (L3 of `large_cache.rs`), and the slot's block count joins the
         // arena's (L5).
+        // (After a rebuild under this lock, which counted the words as
+        // they were, `fold_extra` recounts instead: a fold would count the
+        // owner's splits twice; found by tests/large_cache.rs's random
+        // kills.)
         if how == Taken::FromTheDead {
             l.arena.scrub_cached(q);
             self.recount_owner(l, q);

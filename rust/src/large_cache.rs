@@ -417,6 +417,10 @@ impl Pool {
     /// Folds slot `q`'s `extra` into the arena's counts (pool lock and `q`'s
     /// slot lock held: no owner operation is under way, L5).
     pub(crate) fn fold_extra(&self, l: &mut Locked, q: u16) {
+        if l.arena.rebuilt {
+            // The rebuild counted the words already: `extra` is void.
+            return self.recount_owner(l, q);
+        }
         let sc = self.slot_cache(q);
         let e = sc.extra();
         if e != 0 {

@@ -1,0 +1,254 @@
+//! The per-process cache of large runs (rust/src/large_cache.rs): staged
+//! death at each of its write steps, stale interior words rejected by
+//! `free` and `size` while an owner is stopped mid-operation, and random
+//! kills of two processes allocating and freeing large blocks.
+
+mod common;
+
+use common::*;
+use shmpool::crashpoint::{self, CrashPoint};
+use shmpool::{Error, Pool};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(20);
+/// Pages of the test pools: a 16th (the large cache's bound) is 512.
+const NPAGES: usize = 8192;
+
+/// What the child did before it stopped: offsets in shared memory.
+#[repr(C)]
+struct Report {
+    /// Offset of a stale interior word while the child is stopped (0: none).
+    stale: AtomicU64,
+    /// Pages the child holds live once the operation under way committed
+    /// (`live_done`) or not (`live_before`).
+    live_before: AtomicU64,
+    live_done: AtomicU64,
+}
+
+/// Takes everything back and allocates the largest free block again and
+/// again: the pool must yield exactly `free_bytes`, then be whole.
+fn greedy_gets_everything(p: &Pool, what: &str) {
+    let st = p.stats();
+    let mut got = Vec::new();
+    let mut total = 0usize;
+    loop {
+        let s = p.stats();
+        if s.largest_free_bytes == 0 {
+            break;
+        }
+        let o = p
+            .alloc(s.largest_free_bytes)
+            .unwrap_or_else(|e| panic!("{what}: alloc of largest_free_bytes: {e:?}"));
+        total += s.largest_free_bytes;
+        got.push(o);
+    }
+    assert_eq!(total, st.free_bytes, "{what}: greedy total");
+    for o in got {
+        p.free(o).unwrap();
+    }
+    assert_eq!(p.check(), Vec::<String>::new(), "{what}");
+}
+
+/// A child that sets up its large cache, arms `point`, and runs the
+/// operation that reaches it.
+fn child(p: &Pool, point: CrashPoint, r: &Report) -> Result<(), String> {
+    let pg = p.geometry().page_size;
+    let e = |e: Error| format!("{e:?}");
+    // The first alloc takes a spare run for the cache (a refill).
+    if point == CrashPoint::AllocSpareCached {
+        r.live_before.store(0, Ordering::SeqCst);
+        r.live_done.store(100, Ordering::SeqCst);
+        crashpoint::arm(Some(point));
+        p.alloc(100 * pg).map_err(e)?;
+        crashpoint::arm(None);
+        return Err("not reached".into());
+    }
+    let a = p.alloc(100 * pg).map_err(e)?;
+    match point {
+        CrashPoint::LargeSplitTailWritten | CrashPoint::LargeSplitCommitted => {
+            // The spare run right after `a` is split for 70 pages: its tail
+            // word is written at a + 70 pages.
+            r.stale.store(
+                if point == CrashPoint::LargeSplitTailWritten {
+                    (a + 170 * pg) as u64
+                } else {
+                    0
+                },
+                Ordering::SeqCst,
+            );
+            r.live_before.store(100, Ordering::SeqCst);
+            r.live_done.store(170, Ordering::SeqCst);
+            crashpoint::arm(Some(point));
+            let b = p.alloc(70 * pg).map_err(e)?;
+            crashpoint::arm(None);
+            Err(format!("not reached (got {b} after {a})"))
+        }
+        CrashPoint::LargeMergeCommitted => {
+            // b comes from the spare right after a; a is cached, then b's
+            // free merges it into a's run: b's word becomes stale.
+            let b = p.alloc(100 * pg).map_err(e)?;
+            if b != a + 100 * pg {
+                return Err(format!("b at {b}, a at {a}"));
+            }
+            p.free(a).map_err(e)?;
+            r.stale.store(b as u64, Ordering::SeqCst);
+            r.live_before.store(100, Ordering::SeqCst);
+            r.live_done.store(0, Ordering::SeqCst);
+            crashpoint::arm(Some(point));
+            p.free(b).map_err(e)?;
+            crashpoint::arm(None);
+            Err("not reached".into())
+        }
+        _ => Err(format!("no scenario for {point:?}")),
+    }
+}
+
+fn one_death(point: CrashPoint) {
+    let what = format!("killed at {point:?}");
+    let p = anon(NPAGES);
+    let pg = p.geometry().page_size;
+    // SAFETY: Report is atomics only.
+    let r: SharedMem<Report> = unsafe { SharedMem::new() };
+    let mut c = fork_child(|| child(&p, point, &r));
+    c.wait_stopped(T).unwrap_or_else(|e| panic!("{what}: {e}"));
+    // Stopped in the middle: a stale interior word is no block, and
+    // freeing it changes nothing.
+    let stale = r.stale.load(Ordering::SeqCst) as usize;
+    if stale != 0 {
+        assert_eq!(p.size(stale), Err(Error::NotABlock), "{what}");
+        assert_eq!(p.free(stale), Err(Error::NotABlock), "{what}");
+        assert_eq!(p.size(stale), Err(Error::NotABlock), "{what}");
+    }
+    if point != CrashPoint::AllocSpareCached {
+        // The owner holds only its slot lock: `check` leaves its slot to
+        // it (loose) and finds nothing wrong.
+        assert_eq!(p.check(), Vec::<String>::new(), "{what}: stopped owner");
+    }
+    let st = c.kill();
+    assert!(libc::WIFSIGNALED(st), "{what}: {}", describe(st));
+    // Anything done now reaps the dead cache (and recovers if it held the
+    // pool lock).
+    let s = p.stats();
+    assert_eq!(p.check(), Vec::<String>::new(), "{what}");
+    let live = r.live_before.load(Ordering::SeqCst);
+    let done = r.live_done.load(Ordering::SeqCst);
+    let held = (p.stats().payload_bytes - s.free_bytes) / pg;
+    assert!(
+        held as u64 == live || held as u64 == done,
+        "{what}: the dead child holds {held} pages (expected {live} or {done})"
+    );
+    let want = match point {
+        CrashPoint::LargeSplitTailWritten => live,
+        _ => done,
+    };
+    assert_eq!(held as u64, want, "{what}: committed or not");
+    let got = p.reclaim_dead().unwrap();
+    assert_eq!(got.pages, want, "{what}: reclaim_dead");
+    let after = p.stats();
+    assert_eq!(after.free_bytes, after.payload_bytes, "{what}");
+    assert_eq!(after.live_blocks, 0, "{what}");
+    assert_eq!(p.check(), Vec::<String>::new(), "{what}");
+    greedy_gets_everything(&p, &what);
+    assert_eq!(p.stats().largest_free_bytes, after.payload_bytes, "{what}");
+}
+
+#[test]
+fn killed_at_each_step_of_split_merge_and_refill() {
+    let _w = Watchdog::new("large cache staged death", 120);
+    for point in [
+        CrashPoint::AllocSpareCached,
+        CrashPoint::LargeSplitTailWritten,
+        CrashPoint::LargeSplitCommitted,
+        CrashPoint::LargeMergeCommitted,
+    ] {
+        one_death(point);
+    }
+}
+
+#[test]
+fn split_merge_and_take_back_keep_the_counts() {
+    let p = anon(NPAGES);
+    let pg = p.geometry().page_size;
+    let mut rng = Rng(7);
+    let mut live: Vec<(usize, usize)> = Vec::new();
+    for i in 0..4000 {
+        if live.len() < 24 && rng.below(2) == 0 || live.is_empty() {
+            let n = 65 + rng.below(192) as usize;
+            let o = p.alloc(n * pg).unwrap();
+            mark(&p, o, n * pg, o as u64);
+            live.push((o, n));
+        } else {
+            let k = rng.below(live.len() as u64) as usize;
+            let (o, n) = live.swap_remove(k);
+            assert!(marked(&p, o, n * pg, o as u64), "block {o} overwritten");
+            p.free(o).unwrap();
+            assert_eq!(p.free(o), Err(Error::NotABlock));
+        }
+        if i % 500 == 0 {
+            assert_eq!(p.check(), Vec::<String>::new(), "step {i}");
+            let st = p.stats();
+            let held: usize = live.iter().map(|b| b.1).sum();
+            assert_eq!(st.free_bytes, st.payload_bytes - held * pg, "step {i}");
+            assert_eq!(st.live_blocks, live.len() as u64, "step {i}");
+            for &(o, n) in &live {
+                assert_eq!(p.size(o), Ok(n * pg));
+            }
+        }
+    }
+    // Exhaustion takes the cache back: the whole free space is allocatable.
+    greedy_gets_everything(&p, "after the ring");
+    for (o, _) in live {
+        p.free(o).unwrap();
+    }
+    let st = p.stats();
+    assert_eq!((st.free_bytes, st.live_blocks), (st.payload_bytes, 0));
+}
+
+#[test]
+fn two_processes_killed_at_random_moments() {
+    let _w = Watchdog::new("large cache random kills", 240);
+    let p = anon(NPAGES);
+    let pg = p.geometry().page_size;
+    let mut rng = Rng(99);
+    for round in 0..scale() * 12 {
+        let kids: Vec<Child> = (0..2u64)
+            .map(|k| {
+                let seed = round * 2 + k;
+                fork_child(|| {
+                    let mut r = Rng(seed + 1000);
+                    let mut live: Vec<usize> = Vec::new();
+                    loop {
+                        if live.len() < 16 && r.below(2) == 0 || live.is_empty() {
+                            let n = 65 + r.below(192) as usize;
+                            match p.alloc(n * pg) {
+                                Ok(o) => live.push(o),
+                                Err(Error::OutOfMemory) => {}
+                                Err(e) => return Err(format!("{e:?}")),
+                            }
+                        } else {
+                            let k = r.below(live.len() as u64) as usize;
+                            let o = live.swap_remove(k);
+                            p.free(o).map_err(|e| format!("free {o}: {e:?}"))?;
+                        }
+                    }
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_micros(200 + rng.below(3000)));
+        for mut c in kids {
+            c.kill();
+        }
+        let v = p.check();
+        assert_eq!(v, Vec::<String>::new(), "round {round}");
+        p.reclaim_dead().unwrap();
+        let st = p.stats();
+        assert_eq!(
+            (st.free_bytes, st.live_blocks),
+            (st.payload_bytes, 0),
+            "round {round}"
+        );
+        assert_eq!(p.check(), Vec::<String>::new(), "round {round}");
+    }
+    greedy_gets_everything(&p, "after the kills");
+}
