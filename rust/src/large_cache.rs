@@ -144,6 +144,26 @@ fn class_of(len: u32) -> usize {
     }
 }
 
+/// A list link as stored: 0 for none, so that the arrays start as zeroed
+/// memory the kernel maps only when touched.
+#[inline]
+fn enc(p: u32) -> u32 {
+    if p == NIL {
+        0
+    } else {
+        p + 1
+    }
+}
+
+#[inline]
+fn dec(v: u32) -> u32 {
+    if v == 0 {
+        NIL
+    } else {
+        v - 1
+    }
+}
+
 /// The process-local index of this process's cached large runs (O(1) for
 /// every operation, like the arena's exact-size lists). Only touched with
 /// this process's slot lock held (see `LocalCache`).
@@ -180,8 +200,8 @@ impl LargeIndex {
             *self = LargeIndex {
                 len_at: vec![0; n],
                 start_at_end: vec![0; n],
-                next: vec![NIL; n],
-                prev: vec![NIL; n],
+                next: vec![0; n],
+                prev: vec![0; n],
                 head: vec![NIL; CLASSES],
                 bitmap: vec![0; CLASSES.div_ceil(64)],
                 held: 0,
@@ -204,10 +224,10 @@ impl LargeIndex {
         self.start_at_end[p + l - 1] = page + 1;
         let c = class_of(len);
         let h = self.head[c];
-        self.next[p] = h;
-        self.prev[p] = NIL;
+        self.next[p] = enc(h);
+        self.prev[p] = enc(NIL);
         if h != NIL {
-            self.prev[h as usize] = page;
+            self.prev[h as usize] = enc(page);
         }
         self.head[c] = page;
         self.bitmap[c / 64] |= 1 << (c % 64);
@@ -227,17 +247,17 @@ impl LargeIndex {
             self.start_at_end[e] = 0;
         }
         let c = class_of(len);
-        let (n, pr) = (self.next[p], self.prev[p]);
+        let (n, pr) = (dec(self.next[p]), dec(self.prev[p]));
         if pr == NIL {
             self.head[c] = n;
             if n == NIL {
                 self.bitmap[c / 64] &= !(1 << (c % 64));
             }
         } else {
-            self.next[pr as usize] = n;
+            self.next[pr as usize] = enc(n);
         }
         if n != NIL {
-            self.prev[n as usize] = pr;
+            self.prev[n as usize] = enc(pr);
         }
         self.held -= len as u64;
         self.entries -= 1;
@@ -325,7 +345,7 @@ impl LargeIndex {
         std::iter::from_fn(move || loop {
             if cur != NIL {
                 let p = cur;
-                cur = self.next[p as usize];
+                cur = dec(self.next[p as usize]);
                 return Some(p);
             }
             c = self.class_from(c)?;
