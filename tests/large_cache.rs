@@ -252,3 +252,126 @@ fn two_processes_killed_at_random_moments() {
     }
     greedy_gets_everything(&p, "after the kills");
 }
+
+/// A walk of the descriptors under the pool lock (here `debug_info`'s)
+/// must see every block while another process splits and merges its large
+/// runs without the pool lock. The first version cleared a merged run's
+/// absorbed head word at once: a walk that had read the run's old length
+/// then found `INTERIOR` where it expected a head, and stopped there
+/// (the take-backs, `reclaim_dead` and recovery walk the same way).
+#[test]
+fn walks_see_every_block_while_another_process_merges() {
+    let _w = Watchdog::new("large cache walks during merges", 240);
+    let p = anon(NPAGES);
+    let pg = p.geometry().page_size;
+    // Our block at the very end, the rest of the pool free for the child.
+    p.set_caching(false).unwrap();
+    let f = p.alloc((NPAGES - 1) * pg).unwrap();
+    let x = p.alloc(pg).unwrap();
+    p.free(f).unwrap();
+    assert_eq!(
+        x,
+        p.geometry().payload_offset + (NPAGES - 1) * pg,
+        "our block is not at the end"
+    );
+    let mut c = fork_child(|| {
+        let mut r = Rng(5);
+        let mut live: Vec<usize> = Vec::new();
+        loop {
+            if live.len() < 6 && r.below(2) == 0 || live.is_empty() {
+                let n = 65 + r.below(100) as usize;
+                match p.alloc(n * pg) {
+                    Ok(o) => live.push(o),
+                    Err(Error::OutOfMemory) => {}
+                    Err(e) => return Err(format!("{e:?}")),
+                }
+            } else {
+                let k = r.below(live.len() as u64) as usize;
+                let o = live.swap_remove(k);
+                p.free(o).map_err(|e| format!("free {o}: {e:?}"))?;
+            }
+        }
+    });
+    let want = format!("{x}->{pg}");
+    let mut missed = 0;
+    for _ in 0..scale() * 20_000 {
+        let d = p.debug_info();
+        if !d.contains(&want) {
+            missed += 1;
+        }
+    }
+    c.kill();
+    assert_eq!(missed, 0, "walks that did not reach our block");
+    p.reclaim_dead().unwrap();
+    p.free(x).unwrap();
+    assert_eq!(p.check(), Vec::<String>::new());
+    let st = p.stats();
+    assert_eq!((st.free_bytes, st.live_blocks), (st.payload_bytes, 0));
+}
+
+/// The descriptor word of `page`, read from the pool's header region
+/// (white box: what a walker under the pool lock reads).
+fn word(p: &Pool, page: usize) -> u64 {
+    let g = p.geometry();
+    assert!(page < g.npages as usize);
+    // SAFETY: the descriptors are `npages` aligned u64 words at
+    // `desc_offset` of the mapping, written with atomics by the pool: an
+    // atomic load of one is sound.
+    unsafe { (*p.base().add(g.desc_offset + 8 * page).cast::<AtomicU64>()).load(Ordering::SeqCst) }
+}
+
+/// Walks run heads from `page` to the end as the pool's walkers do (by
+/// each head's length); `Err` names the first page that is no head.
+fn walk_from(p: &Pool, mut page: usize) -> Result<usize, String> {
+    let n = p.geometry().npages as usize;
+    let mut heads = 0;
+    while page < n {
+        let w = word(p, page);
+        let len = match w >> 62 {
+            1 => (w & ((1 << 30) - 1)) as usize,
+            2 if page + 1 < n && word(p, page + 1) >> 60 == 0b1100 => {
+                (word(p, page + 1) & ((1 << 60) - 1)) as usize
+            }
+            2 => 1,
+            _ => 0,
+        };
+        if len == 0 {
+            return Err(format!("page {page} (word {w:#x}) is no head"));
+        }
+        heads += 1;
+        page += len;
+    }
+    Ok(heads)
+}
+
+/// The deterministic form of the race above: a walker that read a run's
+/// length before the owner merged the next run into it lands on the
+/// absorbed run's head afterwards, and must be able to step over it.
+#[test]
+fn a_merged_runs_old_head_still_leads_a_walker_on() {
+    let p = anon(NPAGES);
+    let pg = p.geometry().page_size;
+    let first = |o: usize| (o - p.geometry().payload_offset) / pg;
+    // a from the free runs with a spare run after it, b split from it.
+    let a = p.alloc(100 * pg).unwrap();
+    let b = p.alloc(100 * pg).unwrap();
+    assert_eq!(first(b), first(a) + 100, "b does not follow a");
+    p.free(a).unwrap();
+    // A walker reads a's word now (100 pages), and is descheduled.
+    assert_eq!(word(&p, first(a)) & ((1 << 30) - 1), 100);
+    // b's free merges b (and the spare's tail) into a's run.
+    p.free(b).unwrap();
+    assert!(word(&p, first(a)) & ((1 << 30) - 1) > 100, "no merge");
+    // The walker resumes at b.
+    assert_eq!(walk_from(&p, first(a)).map(|_| ()), Ok(()));
+    assert!(
+        walk_from(&p, first(b)).is_ok(),
+        "{:?}",
+        walk_from(&p, first(b))
+    );
+    assert_eq!(p.check(), Vec::<String>::new());
+    let st = p.stats();
+    assert_eq!((st.free_bytes, st.live_blocks), (st.payload_bytes, 0));
+    assert_eq!(p.check(), Vec::<String>::new());
+    assert!(walk_from(&p, 0).is_ok());
+}

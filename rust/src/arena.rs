@@ -24,6 +24,7 @@
 //! then coalesce and file. A crash anywhere leaves the `ALLOC` words telling
 //! the truth and recovery (`recovery.rs`) rebuilds the rest.
 
+use crate::cache::CACHE_CLASSES;
 use crate::crashpoint::{hit, CrashPoint};
 use crate::desc::*;
 use crate::error::{Error, Result};
@@ -375,6 +376,15 @@ impl<'a> Arena<'a> {
                 "block at page {p} has length {len}"
             )));
         }
+        if len > CACHE_CLASSES || is_cached(w) {
+            // Ghost words the owner's large cache left inside (L2, L3 of
+            // `large_cache.rs`) go before the commit: once the head is gone,
+            // a ghost would read as a head to recovery. Nobody else writes
+            // inside (a live block's interior is its user's; a cached run's
+            // owner is dead or its slot lock is ours), and no walker runs
+            // (we hold the pool lock).
+            self.clear_ghosts(p, len);
+        }
         // The commit. A compare-and-swap, because the block's owner may be
         // flipping its CACHED flag without the lock at this very moment.
         if !self.swap_word(p, w, INTERIOR) {
@@ -421,6 +431,20 @@ impl<'a> Arena<'a> {
         u.pages = u.pages.saturating_sub(len as u64);
         u.blocks = u.blocks.saturating_sub(1);
         Ok(len)
+    }
+
+    /// Clears the words inside the block `[p, p + len)` that are not
+    /// `INTERIOR` (the large cache's ghosts), for a block whose interior no
+    /// other process writes (being freed, or live and disowned), each by
+    /// compare-and-swap from the word read. O(len).
+    pub(crate) fn clear_ghosts(&self, p: u32, len: u32) {
+        let end = (p as u64 + len as u64).min(self.st.npages as u64) as u32;
+        for q in p.saturating_add(1)..end {
+            let x = self.w(q);
+            if x != INTERIOR {
+                let _ = self.swap_word(q, x, INTERIOR);
+            }
+        }
     }
 
     /// The `ALLOC` word of the live (not cached) block starting at `p`.

@@ -453,15 +453,10 @@ impl Pool {
             sc.unlock(tok);
             return None;
         };
-        // No owner operation is under way now: a dead holder's stale words
-        // go (L3 of `large_cache.rs`), and the slot's block count joins the
-        // arena's (L5).
-        // (After a rebuild under this lock, which counted the words as
-        // they were, `fold_extra` recounts instead: a fold would count the
-        // owner's splits twice; found by tests/large_cache.rs's random
-        // kills.)
+        // No owner operation is under way now: the slot's block count joins
+        // the arena's (L5 of `large_cache.rs`; recounted from the words if a
+        // holder died mid-operation or a recovery made it unknown).
         if how == Taken::FromTheDead {
-            l.arena.scrub_cached(q);
             self.recount_owner(l, q);
         } else {
             self.fold_extra(l, q);
@@ -916,7 +911,7 @@ impl Pool {
         self.take_back_cached(l, tok, |s, sc| slots.contains(&s) && dead(s, sc));
         for s in slots {
             let i = s as usize % MAX_OWNERS;
-            if i != 0 && l.arena.st.usage[i].blocks == 0 && !self.slot_alive(l, s) {
+            if i != 0 && l.arena.st.usage[i].pages == 0 && !self.slot_alive(l, s) {
                 l.owners[i] = OwnerIdentity::default();
             }
         }
@@ -1162,6 +1157,12 @@ impl Pool {
     fn unmark_caching(&self, slot: u16) {
         let (w, bit) = self.caching_bit(slot);
         w.fetch_and(!bit, Ordering::Relaxed);
+    }
+
+    /// Whether `slot` may hold cached blocks (its caching bit).
+    pub(crate) fn may_cache(&self, slot: u16) -> bool {
+        let (w, bit) = self.caching_bit(slot);
+        w.load(Ordering::Relaxed) & bit != 0
     }
 
     fn caching_bit(&self, slot: u16) -> (&AtomicU64, u64) {

@@ -35,7 +35,9 @@
 //!   n >= 2 has `FREE` at its head and `LEN(n)` at head+1 and at its last
 //!   page; a tree run also has `LINKS` and `UP`; all its other words are
 //!   `INTERIOR`.
-//! - D2: every page inside a live block but its first is `INTERIOR`.
+//! - D2: every page inside a block but its first is `INTERIOR`, or a ghost of
+//!   the block's owner (a CACHED word its large cache left: L2 of
+//!   `large_cache.rs`).
 //! - D3: two free runs are never adjacent (free coalesces).
 //!
 //! # The generation of an `ALLOC` word

@@ -41,14 +41,14 @@
 //!   tail's word `(CACHED, L-n)` at `p+n`, inside the run (no-one reads an
 //!   interior word as a head: see the invariants), then
 //!   `CAS p: (CACHED, L) -> (live, n)` (the commit). Before the commit the
-//!   tail word is a *stale* word inside a cached run; after it, a cached
+//!   tail word is a ghost inside the cached run (L2); after it, a cached
 //!   run of its own;
 //! - **merge** (on free, with the runs that end where the freed block
 //!   starts and start where it ends): the freed block first flips to
 //!   CACHED as for a small cache push (its commit). Then for two adjacent
 //!   cached runs `A = [a, b)` and `B = [b, c)`:
-//!   `CAS a: (CACHED, b-a) -> (CACHED, c-a)` (the commit; `B`'s word is now
-//!   a stale word inside `A`), then clear `b` (the cleanup).
+//!   `CAS a: (CACHED, b-a) -> (CACHED, c-a)` (the commit). `B`'s word stays
+//!   where it is, a *ghost* inside `A` (L2, L3).
 //! - **refill** (no fitting run): under the pool lock and then the slot
 //!   lock, one allocation from the free runs of `n` pages *plus a spare*
 //!   run written as a cached run right after it (`Arena::alloc_spare`);
@@ -56,11 +56,11 @@
 //!   the pool, as the small cache), under the pool lock and the slot lock
 //!   its smallest runs go back to the free runs until it holds 3/4 of it.
 //!
-//! A process keeps its runs in a process-local index (`LargeIndex`: best
-//! fit by `(length, page)` and neighbours by start page, both B-trees:
-//! O(log n)). The index is only a hint: every entry is checked against the
-//! descriptor (owner, CACHED, length) under the slot lock before use, and
-//! dropped when it is stale (a taker took the run back meanwhile).
+//! A process keeps its runs in a process-local index ([`LargeIndex`]:
+//! size-class lists and per-page arrays, O(1)). The index is only a hint:
+//! every entry is checked against the descriptor (owner, CACHED, length)
+//! under the slot lock before use, and dropped when it is stale (a taker
+//! took the run back meanwhile).
 //!
 //! # Invariants (who writes which words)
 //!
@@ -69,38 +69,46 @@
 //!   first (take-back, reaping, `reclaim_dead`, `check`, `flush_cache`).
 //!   Remote freers only create CACHED words from live ones (inbox, small
 //!   blocks only); `free`, `size`, `disown` reject CACHED words.
-//! - L2: the pages inside a cached run of `q` hold `INTERIOR`, except
-//!   while `q`'s slot lock is held by its owner (or the owner died holding
-//!   it): then they may also hold *stale* `(CACHED, owner q)` words (a
-//!   split's tail before its commit, a merge's absorbed head before its
-//!   cleanup). Such a word never starts a block: every walk goes head to
-//!   head by lengths, and `free`/`size` of its address see CACHED and
-//!   answer `NotABlock`, changing nothing.
-//! - L3: a live block's interior and a free run's pages never hold stale
-//!   words (D1, D2 of `desc.rs` unchanged). Whoever takes a slot lock from
-//!   a holder that died first clears the stale words of that slot's cached
-//!   runs (`Arena::scrub_cached`, O(pages), once per death), so a cached
-//!   run that goes back to the free runs is always clean.
-//! - L4: recovery (`rebuild`) takes every `ALLOC` head as before, but in a
-//!   cached run's interior it leaves `INTERIOR` and same-owner CACHED words
-//!   alone (the owner may be in the middle of a split or merge right now,
-//!   without the pool lock), and clears anything else by compare-and-swap
-//!   from the value it read (so it never overwrites a word the owner just
-//!   wrote).
+//! - L2 (ghosts): inside a block (live or cached) of owner `q` a word is
+//!   `INTERIOR` or a *ghost*: a CACHED word of `q` that once was a head (a
+//!   merged run's absorbed head, a split's tail written before a commit
+//!   that never came). A ghost never starts a block: every walk goes head
+//!   to head by lengths, and `free`/`size`/`disown` of its address see
+//!   CACHED and answer `NotABlock`, changing nothing. A split may cut a
+//!   live block out of a run holding ghosts: they stay inside it.
+//! - L3 (why ghosts stay): nothing clears a word without the pool lock.
+//!   Walks under the pool lock (recovery, `check`, the take-backs,
+//!   `reclaim_dead`, `debug_info`) run while owners split and merge; a walk
+//!   that read `a`'s length before a merge lands on `b` after it, and must
+//!   find a head there, not `INTERIOR` (the first version cleared `b` at
+//!   once: such a walk stopped, or recovery filed the rest of the run as
+//!   free; tests/large_cache.rs). Each word a walk lands on was a true head
+//!   at some instant since it read the previous one, and an owner's page
+//!   set cannot change while the walk holds the pool lock, so every walk
+//!   tiles the pool exactly: pages per owner and free runs are exact, block
+//!   counts of owners busy meanwhile may mix two instants. Ghosts go when
+//!   their block is freed under the pool lock, before its commit
+//!   (`Arena::clear_ghosts`, O(length), for blocks of more than
+//!   [`CACHE_CLASSES`] pages and cached runs), or is disowned; so free runs
+//!   never hold one (D1 of `desc.rs`).
+//! - L4: recovery (`rebuild`) takes every `ALLOC` head as before, and inside
+//!   a block of owner `q` leaves `INTERIOR` and every `ALLOC` word of `q`
+//!   alone (a ghost, or, if it read the head before the owner's last
+//!   commits, the owner's new heads), and clears anything else by
+//!   compare-and-swap from the value it read.
 //! - L5 (counts): splits and merges change the number of `ALLOC` words
-//!   without the pool lock, so the arena's block counts (`live_blocks`,
-//!   per-owner `usage.blocks`) would drift. Each slot keeps `extra`
-//!   ([`SlotCache`]), written under its slot lock: `ALLOC` words of the
-//!   slot minus what `usage[q].blocks` counts. A taker that holds the pool
+//!   without the pool lock, never an owner's pages. So `usage[q].pages` is
+//!   exact and decides whether a slot holds anything; for blocks each slot
+//!   keeps `extra` ([`SlotCache`], written under its slot lock): `ALLOC`
+//!   words of the slot minus `usage[q].blocks`. A taker that holds the pool
 //!   lock and the slot lock folds it into the arena's counts
-//!   (`fold_extra`); readers add it (`stats`, `owners`, `check`). After a
-//!   rebuild (which counts the words as they are, while an owner may be
-//!   between its commit and its `extra` update) every slot with a nonzero
-//!   `extra` is locked and recounted from its words (`recount_owner`); a
-//!   slot whose live owner is frozen in the middle of a split or merge
-//!   during a rebuild may stay one block off until its next recount (its
-//!   death, or `check`), a double fault we accept. Pages are unaffected:
-//!   splits and merges keep the slot's page total.
+//!   (`fold_extra`); readers add it (`stats`, `owners`, `check`). A
+//!   recovery counts words while owners may be splitting and merging
+//!   (L3), so afterwards every slot that may hold runs is marked
+//!   (`SlotCache::recount`) and recounted under its slot lock: at once if
+//!   the lock is free, else by the next taker of the lock, and `stats`
+//!   takes every marked slot's lock first. So the counts agree with the
+//!   words whenever no owner is frozen in the middle of an operation.
 //! - L6: `sc.pages`/`sc.blocks` count the slot's cached runs as for the
 //!   small cache (a split: `-n` pages, same blocks; a merge: same pages,
 //!   one block less); `max_len` is raised before a merge commits.
@@ -110,8 +118,8 @@
 //! A process killed at any instruction of an owner operation leaves its
 //! slot lock holding its token: the next taker (any process holding the
 //! pool lock that needs the slot: the per-acquisition reaping of dead
-//! caches, a take-back, `reclaim_dead`) takes it over, scrubs (L3),
-//! recounts (L5, L6) and frees the cached runs. Each step is a single
+//! caches, a take-back, `reclaim_dead`) takes it over, recounts (L5, L6)
+//! and frees the cached runs (clearing their ghosts, L3). Each step is a single
 //! commit, so the words say exactly which pages are live, cached or free:
 //! before a split's commit the whole run is cached, after it the head is
 //! live and the tail cached; before a merge's commit both runs are cached,
@@ -189,25 +197,59 @@ pub(crate) struct LargeIndex {
     /// Pages of all entries (some may be stale).
     held: u64,
     entries: usize,
+    /// The arrays could not be allocated (see `ensure`).
+    failed: bool,
+}
+
+/// `n` zeroed words, or `None` if the allocator refuses. Zeroed by the
+/// allocator (`calloc`: fresh pages from the kernel stay untouched until a
+/// run uses them), as `vec![0; n]` does, but without aborting on failure.
+fn zeroed(n: usize) -> Option<Vec<u32>> {
+    if n == 0 {
+        return Some(Vec::new());
+    }
+    let layout = std::alloc::Layout::array::<u32>(n).ok()?;
+    // SAFETY: `layout` has a non-zero size (n > 0).
+    let p = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<u32>();
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: `p` was allocated by the global allocator with the layout of
+    // `[u32; n]` (so capacity `n` matches on deallocation), and all `n`
+    // elements are initialised (zero is a valid u32).
+    Some(unsafe { Vec::from_raw_parts(p, n, n) })
 }
 
 impl LargeIndex {
-    /// Sizes the arrays for a pool of `npages` pages (once).
+    /// Sizes the arrays for a pool of `npages` pages (once); `false` if the
+    /// memory for them cannot be had (then, for good, this process serves
+    /// its large blocks through the pool lock instead: no abort).
     #[inline]
-    pub(crate) fn ensure(&mut self, npages: u32) {
-        if self.len_at.len() != npages as usize {
-            let n = npages as usize;
-            *self = LargeIndex {
-                len_at: vec![0; n],
-                start_at_end: vec![0; n],
-                next: vec![0; n],
-                prev: vec![0; n],
-                head: vec![NIL; CLASSES],
-                bitmap: vec![0; CLASSES.div_ceil(64)],
-                held: 0,
-                entries: 0,
-            };
+    pub(crate) fn ensure(&mut self, npages: u32) -> bool {
+        if self.len_at.len() == npages as usize {
+            return true;
         }
+        if self.failed {
+            return false;
+        }
+        let n = npages as usize;
+        let arrays = (|| Some((zeroed(n)?, zeroed(n)?, zeroed(n)?, zeroed(n)?)))();
+        let Some((len_at, start_at_end, next, prev)) = arrays else {
+            self.failed = true;
+            return false;
+        };
+        *self = LargeIndex {
+            len_at,
+            start_at_end,
+            next,
+            prev,
+            head: vec![NIL; CLASSES],
+            bitmap: vec![0; CLASSES.div_ceil(64)],
+            held: 0,
+            entries: 0,
+            failed: false,
+        };
+        true
     }
 
     pub(crate) fn insert(&mut self, page: u32, len: u32) {
@@ -383,39 +425,13 @@ impl SlotCache {
 }
 
 impl Arena<'_> {
-    /// Clears the stale words inside every cached run of `q` (the caller
-    /// holds the pool lock and `q`'s slot lock, taken from a holder that
-    /// died: L3). O(pages).
-    pub(crate) fn scrub_cached(&mut self, q: u16) {
-        let n = self.st.npages;
-        let mut p = 0u32;
-        while p < n {
-            let w = self.w(p);
-            let len = match tag(w) {
-                TAG_ALLOC => alloc_len(w),
-                TAG_FREE => self.free_len(p),
-                _ => 1,
-            }
-            .max(1);
-            if tag(w) == TAG_ALLOC && is_cached(w) && alloc_owner(w) == q {
-                for i in p + 1..(p as u64 + len as u64).min(n as u64) as u32 {
-                    if self.w(i) != INTERIOR {
-                        self.set(i, INTERIOR);
-                    }
-                }
-            }
-            p = p.saturating_add(len);
-        }
-    }
-
-    /// `(pages, blocks)` of every `ALLOC` head of owner `q`. O(pages).
-    pub(crate) fn count_owner(&self, q: u16) -> (u64, u64) {
-        let mut c = (0u64, 0u64);
+    /// `(pages, blocks)` of the `ALLOC` heads of each owner slot. O(pages).
+    pub(crate) fn count_owners(&self) -> Vec<(u64, u64)> {
+        let mut c = vec![(0u64, 0u64); MAX_OWNERS];
         for (_, len, o) in self.live_blocks().into_iter().chain(self.cached_blocks()) {
-            if o == q {
-                c.0 += len as u64;
-                c.1 += 1;
-            }
+            let x = &mut c[o as usize % MAX_OWNERS];
+            x.0 += len as u64;
+            x.1 += 1;
         }
         c
     }
@@ -435,13 +451,13 @@ impl Pool {
     }
 
     /// Folds slot `q`'s `extra` into the arena's counts (pool lock and `q`'s
-    /// slot lock held: no owner operation is under way, L5).
+    /// slot lock held: no owner operation is under way, L5), or recounts
+    /// the slot when its count is unknown (a recovery ran).
     pub(crate) fn fold_extra(&self, l: &mut Locked, q: u16) {
-        if l.arena.rebuilt {
-            // The rebuild counted the words already: `extra` is void.
+        let sc = self.slot_cache(q);
+        if l.arena.rebuilt || sc.recount.load(Ordering::Relaxed) != 0 {
             return self.recount_owner(l, q);
         }
-        let sc = self.slot_cache(q);
         let e = sc.extra();
         if e != 0 {
             let u = &mut l.arena.st.usage[q as usize % MAX_OWNERS];
@@ -451,10 +467,16 @@ impl Pool {
         }
     }
 
-    /// Sets `usage[q]` from `q`'s words and `extra` to 0 (pool lock and
-    /// `q`'s slot lock held). O(pages).
+    /// Sets `usage[q]` from `q`'s words, `extra` to 0 and clears the
+    /// recount mark (pool lock and `q`'s slot lock held). O(pages).
     pub(crate) fn recount_owner(&self, l: &mut Locked, q: u16) {
-        let (pages, blocks) = l.arena.count_owner(q);
+        let c = l.arena.count_owners();
+        self.set_counted(l, q, c[q as usize % MAX_OWNERS]);
+    }
+
+    /// `usage[q]` from a count of its words (pool lock and `q`'s slot lock
+    /// held, the count taken under them).
+    pub(crate) fn set_counted(&self, l: &mut Locked, q: u16, (pages, blocks): (u64, u64)) {
         let u = &mut l.arena.st.usage[q as usize % MAX_OWNERS];
         let old = u.blocks;
         u.pages = pages;
@@ -465,28 +487,54 @@ impl Pool {
             .live_blocks
             .wrapping_sub(old)
             .wrapping_add(blocks);
-        self.slot_cache(q).extra.store(0, Ordering::Relaxed);
+        let sc = self.slot_cache(q);
+        sc.extra.store(0, Ordering::Relaxed);
+        sc.recount.store(0, Ordering::Relaxed);
     }
 
-    /// After a rebuild (pool lock held): the rebuild counted every slot's
-    /// words, so the `extra` of a slot no longer applies; lock and recount
-    /// each slot that has one (L5). A slot whose live owner keeps its lock
-    /// past our patience gets its `extra` subtracted instead.
+    /// After a recovery (pool lock held, at the end of the locked
+    /// operation). The rebuild took each owner's block count from its
+    /// words, but an owner splitting and merging while it walked may have
+    /// been counted partly before and partly after an operation, and its
+    /// `extra` no longer applies either way. So every slot that may hold
+    /// large runs or has an `extra` is marked for a recount (L5); those
+    /// whose slot lock is free now are locked and recounted at once, with
+    /// one walk; the others (a live owner mid-operation, or a dead holder,
+    /// left to the takers) are recounted by the next holder of the pool
+    /// lock that takes their slot lock (`fold_extra`; `stats` does it).
     pub(crate) fn after_rebuild(&self, l: &mut Locked) {
+        l.arena.rebuilt = false;
         let tok = self.taker_token();
+        let mut held = Vec::new();
         for q in 0..self.owners_hwm() {
             let sc = self.slot_cache(q);
-            if sc.extra() == 0 {
+            if sc.extra() == 0 && !self.may_cache(q) {
                 continue;
             }
-            if self.lock_slot(l, q, tok).is_some() {
-                self.recount_owner(l, q);
+            sc.recount.store(1, Ordering::Relaxed);
+            if sc.try_lock(tok) {
+                held.push(q);
+            }
+        }
+        if held.is_empty() {
+            return;
+        }
+        let c = l.arena.count_owners();
+        for q in held {
+            self.set_counted(l, q, c[q as usize % MAX_OWNERS]);
+            self.slot_cache(q).unlock(tok);
+        }
+    }
+
+    /// Recounts every slot marked for it whose locks we can take (pool
+    /// lock held; for `stats`, so that its block count is exact unless an
+    /// owner is frozen in the middle of an operation).
+    pub(crate) fn settle_recounts(&self, l: &mut Locked, tok: u64) {
+        for q in 0..self.owners_hwm() {
+            if self.slot_cache(q).recount.load(Ordering::Relaxed) != 0
+                && self.lock_slot(l, q, tok).is_some()
+            {
                 self.unlock_slot(q, tok);
-            } else {
-                let e = sc.extra();
-                let u = &mut l.arena.st.usage[q as usize % MAX_OWNERS];
-                u.blocks = (u.blocks as i64).wrapping_sub(e) as u64;
-                l.arena.st.live_blocks = (l.arena.st.live_blocks as i64).wrapping_sub(e) as u64;
             }
         }
     }
@@ -510,7 +558,10 @@ impl Pool {
         }
         // SAFETY: we hold our slot lock.
         let ix = unsafe { self.cache.large() };
-        ix.ensure(self.geometry().npages);
+        if !ix.ensure(self.geometry().npages) {
+            sc.unlock(tok);
+            return None;
+        }
         if sc.pages() == 0 && !ix.is_empty() {
             ix.clear(); // a taker took everything back: all entries stale
         }
@@ -533,7 +584,7 @@ impl Pool {
                 }
                 break;
             }
-            // Split: the tail's word first, inside the run (stale until the
+            // Split: the tail's word first, inside the run (a ghost until the
             // commit: L2), then the head's commit.
             let t = p + n;
             let tw = cached_word(len - n, slot, live);
@@ -589,7 +640,10 @@ impl Pool {
         }
         // SAFETY: we hold our slot lock.
         let ix = unsafe { self.cache.large() };
-        ix.ensure(self.geometry().npages);
+        if !ix.ensure(self.geometry().npages) {
+            sc.unlock(tok);
+            return None;
+        }
         if sc.pages() == 0 && !ix.is_empty() {
             ix.clear();
         }
@@ -610,7 +664,7 @@ impl Pool {
             if let Some((lp, ll)) = ix.ending_at(a) {
                 ix.remove(lp);
                 if let Some(lw) = self.my_cached_word(lp, ll, slot) {
-                    if let Some(nw) = self.merge(lp, lw, a, aw, alen) {
+                    if let Some(nw) = self.merge(lp, lw, alen) {
                         (a, aw, alen) = (lp, nw, ll + alen);
                     }
                 }
@@ -620,8 +674,8 @@ impl Pool {
             if e < d.len() as u64 {
                 if let Some(rl) = ix.starting_at(e as u32) {
                     ix.remove(e as u32);
-                    if let Some(rw) = self.my_cached_word(e as u32, rl, slot) {
-                        if let Some(nw) = self.merge(a, aw, e as u32, rw, rl) {
+                    if self.my_cached_word(e as u32, rl, slot).is_some() {
+                        if let Some(nw) = self.merge(a, aw, rl) {
                             (aw, alen) = (nw, alen + rl);
                         }
                     }
@@ -635,26 +689,27 @@ impl Pool {
         done
     }
 
-    /// Merges the cached run at `b` (word `bw`, `blen` pages) into the
-    /// cached run at `a` (word `aw`) that ends at `b` (slot lock held, both
-    /// words checked); returns `a`'s new word.
+    /// Merges the cached run of `blen` pages that starts where the cached
+    /// run at `a` (word `aw`) ends into it (slot lock held, both words
+    /// checked); returns `a`'s new word.
     #[inline]
-    fn merge(&self, a: u32, aw: u64, b: u32, bw: u64, blen: u32) -> Option<u64> {
+    fn merge(&self, a: u32, aw: u64, blen: u32) -> Option<u64> {
         let d = self.descriptors();
         let slot = alloc_owner(aw);
         let sc = self.slot_cache(slot);
         let total = alloc_len(aw) + blen;
         sc.raise_max(total);
         let nw = with_len(aw, total);
-        // The commit: `b`'s word is now stale inside `a`'s run (L2).
+        // The commit: `b`'s word is now a ghost inside `a`'s run (L2). It
+        // is left there: clearing it without the pool lock would make a
+        // walker that read `a`'s old length land on an `INTERIOR` word
+        // where it expects a head (L3).
         d[a as usize]
             .compare_exchange(aw, nw, Ordering::AcqRel, Ordering::Relaxed)
             .ok()?;
         hit(CrashPoint::LargeMergeCommitted);
         sc.add_extra(-1);
         sc.sub(0, 1);
-        // The cleanup.
-        let _ = d[b as usize].compare_exchange(bw, INTERIOR, Ordering::AcqRel, Ordering::Relaxed);
         Some(nw)
     }
 
@@ -677,7 +732,10 @@ impl Pool {
         }
         // SAFETY: we hold our slot lock.
         let ix = unsafe { self.cache.large() };
-        ix.ensure(self.geometry().npages);
+        if !ix.ensure(self.geometry().npages) {
+            self.unlock_slot(slot, tok);
+            return l.arena.alloc(n, slot);
+        }
         let sc = self.slot_cache(slot);
         if sc.pages() == 0 && !ix.is_empty() {
             ix.clear();
@@ -740,7 +798,7 @@ mod tests {
     #[test]
     fn index_best_fit_and_neighbours() {
         let mut ix = LargeIndex::default();
-        ix.ensure(10_000);
+        assert!(ix.ensure(10_000));
         ix.insert(100, 80);
         ix.insert(300, 200);
         ix.insert(180, 70);

@@ -270,8 +270,15 @@ pub struct SlotCache {
     /// runs (`large_cache.rs`, L5) change the number of words without the
     /// pool lock. Written under the slot lock; folded into the arena's
     /// counts by takers holding both locks. (Format 6: the same bytes as
-    /// format 5 plus this word, and words inside cached runs may be stale.)
+    /// format 5 plus this word and `recount`, and blocks may hold ghost words:
+    /// L2 of `large_cache.rs`.)
     pub(crate) extra: AtomicU64,
+    /// 1 when the arena's `usage.blocks` of this slot is unknown: a
+    /// recovery counted the slot's words while its owner may have been
+    /// splitting or merging, and could not take its slot lock afterwards
+    /// (L5 of `large_cache.rs`). Whoever holds the pool lock and the slot
+    /// lock recounts and clears it. Written under the pool lock only.
+    pub(crate) recount: AtomicU64,
     /// Blocks of this slot's owner freed by other processes (see `cache.rs`).
     pub(crate) inbox: Inbox,
 }
@@ -348,6 +355,7 @@ const _: () = assert!(
         && offset_of!(SlotCache, blocks) == 16
         && offset_of!(SlotCache, max_len) == 24
         && offset_of!(SlotCache, extra) == 32
+        && offset_of!(SlotCache, recount) == 40
         && offset_of!(SlotCache, inbox) == 64
         && size_of::<Inbox>() == 64
         && offset_of!(Inbox, lock) == 0

@@ -466,8 +466,8 @@ impl Pool {
             Err(Error::Corrupt("internal panic under the pool lock".into()))
         });
         if l.arena.rebuilt {
-            // The rebuild counted the words; the owners' `extra` counts
-            // no longer apply (L5 of `large_cache.rs`).
+            // The rebuild counted the words, maybe while owners split and
+            // merged: recount them (L5 of `large_cache.rs`).
             let _ = catch_unwind(AssertUnwindSafe(|| self.after_rebuild(&mut l)));
         }
         hit(CrashPoint::BeforeUnlock);
@@ -506,10 +506,9 @@ impl Pool {
             }
             return i as u16;
         }
-        // Counting the words its owner's splits and merges added (L5).
-        let empty = |l: &Locked, i: usize| {
-            (l.arena.st.usage[i].blocks as i64).wrapping_add(self.slot_cache(i as u16).extra()) == 0
-        };
+        // Pages, not blocks: its owner's splits and merges change its
+        // block count without the pool lock, never its pages (L5).
+        let empty = |l: &Locked, i: usize| l.arena.st.usage[i].pages == 0;
         // A free slot, or one whose process the kernel saw die and which
         // holds nothing; else a never used one; else one that `/proc` says
         // is dead and holds nothing.
@@ -529,7 +528,8 @@ impl Pool {
                 if keepers[i].state() == liveness::KeeperState::OwnerDied {
                     keepers[i].clear_mark();
                 }
-                self.fold_extra(l, i as u16);
+                // It holds no page, so no word: no block either.
+                self.set_counted(l, i as u16, (0, 0));
                 self.reset_slot(i as u16);
                 l.owners[i] = *me;
                 l.owners_hwm.fetch_max(i as u32 + 1, Ordering::Relaxed);
@@ -720,6 +720,11 @@ impl Pool {
             if !l.arena.swap_word(page, w, w & !owner_bits) {
                 return Err(Error::NotABlock);
             }
+            if len > CACHE_CLASSES {
+                // Its old owner's ghosts (`large_cache.rs`, L2) would not
+                // name the new owner: gone (the interior is its user's).
+                l.arena.clear_ghosts(page, len);
+            }
             let u = &mut l.arena.st.usage;
             let o = owner as usize % MAX_OWNERS;
             u[o].pages = u[o].pages.saturating_sub(len as u64);
@@ -814,6 +819,7 @@ impl Pool {
         let (ps, recoveries, (cached_pages, cached_blocks)) = self
             .locked(|l| {
                 self.reap_keeperless_dead(l);
+                self.settle_recounts(l, tok);
                 // Blocks other processes freed into inboxes coalesce now.
                 self.take_back_inboxes(l, tok);
                 // `largest_free_bytes` must be a size alloc gets from the
@@ -875,7 +881,7 @@ impl Pool {
     pub fn owners(&self) -> Result<Vec<OwnerInfo>> {
         let (ids, usage) = self.locked(|l| Ok((*l.owners, l.arena.st.usage)))?;
         Ok((0..MAX_OWNERS)
-            .filter(|&i| ids[i].pid != 0 || usage[i].blocks != 0)
+            .filter(|&i| ids[i].pid != 0 || usage[i].pages != 0)
             .map(|i| OwnerInfo {
                 slot: i as u16,
                 pid: ids[i].pid,

@@ -15,13 +15,14 @@
 //!    that an interrupted free had not yet merged are merged now);
 //! 3. recounts free pages, live blocks and per-owner usage.
 //!
-//! Inside a *cached* run it leaves `INTERIOR` words and stale CACHED words
-//! of the same owner alone, and clears anything else by compare-and-swap
-//! from the value read: the run's owner may be splitting or merging it
-//! right now without the pool lock (L2, L4 of `large_cache.rs`). Stale
-//! words inside a *live* block are cleared (none is ever legitimate there).
-//! Per-owner counts are taken from the words; the pool then reconciles
-//! them with the owners' `extra` counts (`Pool::after_rebuild`).
+//! Inside a block it leaves `INTERIOR` words and `ALLOC` words of the
+//! block's owner alone (ghosts, or the owner's own splits and merges under
+//! way without the pool lock: L2, L4 of `large_cache.rs`), and clears
+//! anything else by compare-and-swap from the value read. Per-owner pages
+//! are exact (an owner's splits and merges never change which pages it
+//! holds); per-owner block counts are exact only for owners that were not
+//! splitting or merging meanwhile, so the pool recounts them under their
+//! slot locks afterwards (`Pool::after_rebuild`).
 //!
 //! It only ever writes derived words and never creates an `ALLOC` word, so a
 //! process that dies *during* recovery leaves the truth intact and the next
@@ -67,12 +68,12 @@ impl Arena<'_> {
                     if x == INTERIOR {
                         continue;
                     }
-                    if is_cached(w)
-                        && tag(x) == TAG_ALLOC
-                        && is_cached(x)
-                        && alloc_owner(x) == owner
-                    {
-                        continue; // the owner's split or merge in progress
+                    if tag(x) == TAG_ALLOC && alloc_owner(x) == owner {
+                        // A ghost, or a head of the owner's, which may be
+                        // splitting, merging and taking its runs right now
+                        // (we may have read `w` before its last commit):
+                        // never ours to clear (L2, L4 of `large_cache.rs`).
+                        continue;
                     }
                     if tag(x) == TAG_ALLOC {
                         rep.bad_alloc_words += 1;
