@@ -1,5 +1,7 @@
 (* Staged death, driven from OCaml: a child stopped at each write step of
-   an alloc and of a free (holding the pool lock), then SIGKILLed. The
+   an alloc and of a free (holding the pool lock), and of a refill of its
+   large cache (an alloc of more than 64 pages with a spare run after it,
+   in a pool large enough to have one), then SIGKILLed. The
    parent must find the pool repaired (one recovery, check clean) and
    reclaim_dead must return exactly what the child held. *)
 
@@ -25,11 +27,16 @@ let kill_and_reap pid =
   (try Unix.kill pid Sys.sigkill with Unix.Unix_error _ -> ());
   try ignore (Unix.waitpid [] pid) with Unix.Unix_error _ -> ()
 
-type op = Alloc | Free
+type op = Alloc | Free | Refill
 
 let points_of = function
   | Alloc -> C.[ Locked; Alloc_unlinked; Alloc_committed; Alloc_remainder_filed; Before_unlock ]
   | Free -> C.[ Locked; Free_committed; Free_neighbours_unlinked; Free_filed; Before_unlock ]
+  | Refill -> C.[ Alloc_spare_cached ]
+
+(* A process caches at most a 16th of the pool, and a spare run must be
+   longer than 64 pages: 8192 pages give spares of 128. *)
+let pool_pages = function Refill -> 8192 | Alloc | Free -> 1024
 
 (* pages the child holds when killed at [p] during [op] *)
 let held op p =
@@ -39,9 +46,10 @@ let held op p =
   | Alloc, _ -> warm
   | Free, C.(Locked) -> warm + big
   | Free, _ -> warm
+  | Refill, _ -> warm + big (* the spare is cached: free already *)
 
 let trial op p =
-  let pool = P.create (1024 * ps) in
+  let pool = P.create (pool_pages op * ps) in
   Fun.protect ~finally:(fun () -> P.close pool) @@ fun () ->
   (* a neighbour on each side, so free coalesces and alloc splits *)
   let left = P.alloc pool (3 * ps) in
@@ -80,7 +88,7 @@ let test_same_points_as_rust () =
     (List.map fst C.in_rust) (List.map C.name C.all)
 
 let test_every_point_visited () =
-  let visited = points_of Alloc @ points_of Free in
+  let visited = points_of Alloc @ points_of Free @ points_of Refill in
   List.iter
     (fun p -> Alcotest.(check bool) (C.name p ^ " is visited by a trial") true (List.mem p visited))
     C.all
@@ -132,7 +140,9 @@ let () =
     List.map
       (fun p ->
         Alcotest.test_case
-          (Printf.sprintf "%s killed at %s" (if op = Alloc then "alloc" else "free") (C.name p))
+          (Printf.sprintf "%s killed at %s"
+             (match op with Alloc -> "alloc" | Free -> "free" | Refill -> "large refill")
+             (C.name p))
           `Quick (fun () -> trial op p))
       (points_of op)
   in
@@ -145,5 +155,6 @@ let () =
         ] );
       ("alloc", cases Alloc);
       ("free", cases Free);
+      ("refill", cases Refill);
       ("panic", [ Alcotest.test_case "induced internal panics" `Quick test_induced_panics ]);
     ]

@@ -113,6 +113,19 @@ let listed what d =
       if s = "" then []
       else List.map (fun a -> Scanf.sscanf a "%d->%d" (fun o n -> (o, n))) (String.split_on_char ',' s)
 
+(* Whether cached entry [(addr, size)] is the parker's, [p] being its
+   blocks: one of them of up to 64 pages (cached as it is), or a run that
+   holds one of its longer blocks (the large cache merges a freed long block
+   with the runs it caches next to it, such as the spare run that came with
+   its allocation: rust/src/large_cache.rs). *)
+let parkers p (o, n) =
+  let ends o n = Nativeint.add o (Nativeint.of_int n) in
+  List.mem (o, n) p
+  || List.exists (fun (o', n') -> n' > 64 * ps && o <= o' && ends o' n' <= ends o n) p
+
+(* Whether every block of the parker's is cached, as it is or in a run. *)
+let all_cached c p = List.for_all (fun b -> List.exists (parkers [ b ]) c) p
+
 (* The address of the pool's mapping (debug_info's offsets are from it). *)
 let base pool =
   match (Netmcore.get_resource pool)#repr with
@@ -238,7 +251,6 @@ let first (pool, seed) =
         (Nativeint.of_int (get mb (b + p_blocks + (2 * k))), get mb (b + p_blocks + (2 * k) + 1)))
     |> List.sort compare
   in
-  let sorted l = List.sort compare l in
   let run_batch batch ~with_parker =
     let killed = ref [] in
     for i = 0 to nworkers - 1 do start i done;
@@ -256,8 +268,8 @@ let first (pool, seed) =
     let c = cached () in
     (if with_parker then begin
        let p = parker_blocks () in
-       if sorted c <> p then
-         let others = List.filter (fun x -> not (List.mem x p)) c in
+       if not (all_cached c p && List.for_all (parkers p) c) then
+         let others = List.filter (fun x -> not (parkers p x)) c in
          if others <> [] then
            note dead_cached "batch %d: %d blocks (%d bytes) cached besides the live parker's %d" batch
              (List.length others) (bytes others) (List.length p)
@@ -317,11 +329,11 @@ let first (pool, seed) =
       parker_fill 2;
       ignore (M.stats pool);
       let c = cached () and p = parker_blocks () in
-      if sorted c <> p then
+      if not (all_cached c p && List.for_all (parkers p) c) then
         note parker_cached "batch %d: refilled, %d of the parker's %d blocks cached, and %d others" batch
-          (List.length (List.filter (fun x -> List.mem x p) c))
+          (List.length (List.filter (fun b -> List.exists (parkers [ b ]) c) p))
           (List.length p)
-          (List.length (List.filter (fun x -> not (List.mem x p)) c));
+          (List.length (List.filter (fun x -> not (parkers p x)) c));
       greedy_live := Some (greedy ())
     end
   in
@@ -339,7 +351,8 @@ let first (pool, seed) =
          parker_id := Some id;
          parker_fill 1;
          ignore (M.stats pool);
-         if sorted (cached ()) <> parker_blocks () then
+         let c = cached () and p = parker_blocks () in
+         if not (all_cached c p && List.for_all (parkers p) c) then
            note parker_cached "the parked worker's %d freed blocks are not what is cached: %d blocks"
              (List.length parker_pages) (List.length (cached ()))
        end;
