@@ -16,9 +16,9 @@ impl Arena<'_> {
 
     /// [`Arena::check`] with owner `q`'s block count adjusted by
     /// `extra[q]`, and for each `loose[q]` (a slot whose lock we do not
-    /// hold: its owner may be splitting or merging right now) any `ALLOC`
-    /// word of `q` tolerated inside `q`'s blocks and `q`'s block count not
-    /// compared. Ghosts (CACHED words of a block's owner inside it, L2 of
+    /// hold: its owner may be splitting or merging right now) a head of
+    /// `q` tolerated inside a block of `q` whose head changed meanwhile, and
+    /// `q`'s block count not compared. Ghosts (CACHED words of a block's owner inside it, L2 of
     /// `large_cache.rs`) are tolerated for every owner.
     pub fn check_with(&self, extra: &[i64; MAX_OWNERS], loose: &[bool; MAX_OWNERS]) -> Vec<String> {
         let mut v = Vec::new();
@@ -43,12 +43,12 @@ impl Arena<'_> {
                     for q in p + 1..p + len {
                         let x = self.w(q);
                         // Ghosts of the owner (CACHED words, L2 of
-                        // `large_cache.rs`); for a loose owner, any word of
-                        // its own (its splits, merges and pops under way).
+                        // `large_cache.rs`); for a loose owner, also a head
+                        // it made since we read `w` (the head changed).
                         if x == INTERIOR
                             || tag(x) == TAG_ALLOC
                                 && alloc_owner(x) == owner
-                                && (is_cached(x) || lenient)
+                                && (is_cached(x) || lenient && self.w(p) != w)
                         {
                             continue;
                         }

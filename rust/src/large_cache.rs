@@ -92,9 +92,10 @@
 //!   [`CACHE_CLASSES`] pages and cached runs), or is disowned; so free runs
 //!   never hold one (D1 of `desc.rs`).
 //! - L4: recovery (`rebuild`) takes every `ALLOC` head as before, and inside
-//!   a block of owner `q` leaves `INTERIOR` and every `ALLOC` word of `q`
-//!   alone (a ghost, or, if it read the head before the owner's last
-//!   commits, the owner's new heads), and clears anything else by
+//!   a block of owner `q` leaves `INTERIOR`, ghosts, and heads of `q` when
+//!   the block's head has changed since it read it (the owner split the
+//!   run and took the pieces meanwhile: a live word inside a block whose
+//!   head stayed the same is damage), and clears anything else by
 //!   compare-and-swap from the value it read.
 //! - L5 (counts): splits and merges change the number of `ALLOC` words
 //!   without the pool lock, never an owner's pages. So `usage[q].pages` is

@@ -68,11 +68,15 @@ impl Arena<'_> {
                     if x == INTERIOR {
                         continue;
                     }
-                    if tag(x) == TAG_ALLOC && alloc_owner(x) == owner {
-                        // A ghost, or a head of the owner's, which may be
-                        // splitting, merging and taking its runs right now
-                        // (we may have read `w` before its last commit):
-                        // never ours to clear (L2, L4 of `large_cache.rs`).
+                    if tag(x) == TAG_ALLOC
+                        && alloc_owner(x) == owner
+                        && (is_cached(x) || self.w(p) != w)
+                    {
+                        // A ghost (L2 of `large_cache.rs`), or a head the
+                        // owner made after we read `w` (it has split and
+                        // taken this run since: its head changed, read
+                        // after `x`): never ours to clear (L4). A live word
+                        // inside a block whose head stayed `w` is damage.
                         continue;
                     }
                     if tag(x) == TAG_ALLOC {
