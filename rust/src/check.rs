@@ -43,12 +43,14 @@ impl Arena<'_> {
                     for q in p + 1..p + len {
                         let x = self.w(q);
                         // Ghosts of the owner (CACHED words, L2 of
-                        // `large_cache.rs`); for a loose owner, also a head
-                        // it made since we read `w` (the head changed).
+                        // `large_cache.rs`) in a block marked GHOSTS; for a
+                        // loose owner, also a head it made since we read
+                        // `w` (the head changed).
                         if x == INTERIOR
+                            || is_skip(x) && skip_owner(x) == owner && w & GHOSTS != 0
                             || tag(x) == TAG_ALLOC
                                 && alloc_owner(x) == owner
-                                && (is_cached(x) || lenient && self.w(p) != w)
+                                && (is_cached(x) && w & GHOSTS != 0 || lenient && self.w(p) != w)
                         {
                             continue;
                         }
@@ -100,6 +102,19 @@ impl Arena<'_> {
                     free_pages += len as u64;
                     prev_free = true;
                     p += len;
+                }
+                // A ghost a length read before its owner merged the run led
+                // us to (L3 of `large_cache.rs`), only while that owner may
+                // be mid-operation: its pages are its owner's, no block.
+                _ if is_skip(w)
+                    && loose[skip_owner(w) as usize % MAX_OWNERS]
+                    && p > 0
+                    && !prev_free
+                    && skip_len(w) > 0
+                    && p as u64 + skip_len(w) as u64 <= n as u64 =>
+                {
+                    usage[skip_owner(w) as usize % MAX_OWNERS].pages += skip_len(w) as u64;
+                    p += skip_len(w);
                 }
                 _ => {
                     v.push(format!("D1: page {p} starts no run (word {w:#x})"));

@@ -20,14 +20,19 @@
 //! ALLOC    01  bits 0..29 length in pages, bits 30..37 owner slot, bit 38
 //!              CACHED: the block sits in its owner's per-process cache
 //!              (free for the user, still held by the owner; see
-//!              `cache.rs`), bits 39..61 generation (see below).
+//!              `cache.rs`), bits 39..60 generation (see below), bit 61
+//!              GHOSTS: the block may hold ghost words (L2 of
+//!              `large_cache.rs`), cleared when it is freed.
 //! FREE     10  head of a free run: bits 0..29 next, bits 30..59 prev
 //!              (the run's exact-size list; NIL for runs kept in the tree).
-//! AUX      11  bits 61..60 kind, bits 0..59 payload; only ever inside a
-//!              free run:
-//!                LEN   at head+1 and at the last page (length >= 2)
-//!                LINKS at head+2 of a tree run: left | right << 30
-//!                UP    at head+3 of a tree run: parent
+//! AUX      11  bits 61..60 kind, bits 0..59 payload:
+//!                LEN   at head+1 and at the last page (length >= 2) of a
+//!                      free run
+//!                LINKS at head+2 of a free tree run: left | right << 30
+//!                UP    at head+3 of a free tree run: parent
+//!                SKIP  inside a block: a ghost, the former head of a run
+//!                      its owner's large cache merged into the block (L2
+//!                      of `large_cache.rs`): length | owner << 30
 //! ```
 //!
 //! Invariants (verified by `check.rs`):
@@ -49,7 +54,7 @@
 //! compare-and-swap succeeds, freeing B's new block (handed out twice
 //! from then on). So every allocation gives the word a new generation:
 //! bits 39..50 count reuses from the owner's cache (each cache pop adds
-//! one), bits 51..61 take a pool-wide epoch that every allocation from the
+//! one), bits 51..60 take a pool-wide epoch that every allocation from the
 //! free runs advances (`AllocState::alloc_epoch`). A free reads the word
 //! once and every later step (the cache flip, the locked commit) requires
 //! exactly that word, so a free that read b's word before b was freed and
@@ -59,7 +64,7 @@
 //! (the caller has only an address); and a free that stays between its
 //! read and its commit while the same block is re-allocated exactly 4096
 //! times in a row from its owner's cache, or is re-allocated from the free
-//! runs after a multiple of 2048 allocations from them, with the same
+//! runs after a multiple of 1024 allocations from them, with the same
 //! length and owner, is not detected. Recovery and `check` accept any
 //! generation.
 //!
@@ -86,6 +91,7 @@ const KIND_SHIFT: u32 = 60;
 pub const AUX_LEN: u64 = 0;
 pub const AUX_LINKS: u64 = 1;
 pub const AUX_UP: u64 = 2;
+pub const AUX_SKIP: u64 = 3;
 
 pub const INTERIOR: u64 = 0;
 
@@ -99,9 +105,9 @@ const OWNER_MASK: u64 = 0xFF;
 /// The reuse count: bits 39..50.
 const REUSE_SHIFT: u32 = 39;
 const REUSE_MASK: u64 = 0xFFF << REUSE_SHIFT;
-/// The epoch: bits 51..61.
+/// The epoch: bits 51..60.
 const EPOCH_SHIFT: u32 = 51;
-const EPOCH_MASK: u64 = 0x7FF << EPOCH_SHIFT;
+const EPOCH_MASK: u64 = 0x3FF << EPOCH_SHIFT;
 /// The whole generation (reuse count and epoch).
 pub const GEN_MASK: u64 = REUSE_MASK | EPOCH_MASK;
 
@@ -110,7 +116,8 @@ const _: () = assert!(
     LINK_MASK & (OWNER_MASK << OWNER_SHIFT) == 0
         && (LINK_MASK | OWNER_MASK << OWNER_SHIFT) & CACHED == 0
         && (LINK_MASK | OWNER_MASK << OWNER_SHIFT | CACHED) & GEN_MASK == 0
-        && (LINK_MASK | OWNER_MASK << OWNER_SHIFT | CACHED | GEN_MASK) >> TAG_SHIFT == 0
+        && (LINK_MASK | OWNER_MASK << OWNER_SHIFT | CACHED | GEN_MASK) & GHOSTS == 0
+        && (LINK_MASK | OWNER_MASK << OWNER_SHIFT | CACHED | GEN_MASK | GHOSTS) >> TAG_SHIFT == 0
         && OWNER_MASK as usize + 1 == crate::layout::MAX_OWNERS
 );
 
@@ -144,6 +151,12 @@ pub fn alloc_gen(w: u64) -> u64 {
 
 /// The CACHED flag of an `ALLOC` word.
 pub const CACHED: u64 = 1 << 38;
+
+/// The GHOSTS flag of an `ALLOC` word: the block may hold ghost words
+/// (former heads its owner's large cache left inside it: L2 of
+/// `large_cache.rs`), which whoever frees it clears first. Never set on a
+/// block allocated from the free runs, so freeing one of those stays O(1).
+pub const GHOSTS: u64 = 1 << 61;
 
 #[inline]
 pub fn is_cached(w: u64) -> bool {
@@ -223,6 +236,32 @@ pub fn up_word(parent: u32) -> u64 {
     aux_word(AUX_UP, parent as u64 & LINK_MASK)
 }
 
+/// The ghost of a merged run's head of `len` pages of `owner` (L2 of
+/// `large_cache.rs`): never a head for an operation, but a walker that
+/// lands on it (having read a length from before the merge) steps `len`.
+#[inline]
+pub fn skip_word(len: u32, owner: u16) -> u64 {
+    aux_word(
+        AUX_SKIP,
+        (len as u64 & LINK_MASK) | ((owner as u64 & OWNER_MASK) << LINK_BITS),
+    )
+}
+
+#[inline]
+pub fn is_skip(w: u64) -> bool {
+    tag(w) == TAG_AUX && aux_kind(w) == AUX_SKIP
+}
+
+#[inline]
+pub fn skip_len(w: u64) -> u32 {
+    (aux_payload(w) & LINK_MASK) as u32
+}
+
+#[inline]
+pub fn skip_owner(w: u64) -> u16 {
+    ((aux_payload(w) >> LINK_BITS) & OWNER_MASK) as u16
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,6 +285,10 @@ mod tests {
         assert!(is_len_word(len_word(9)));
         assert_eq!(aux_payload(len_word(9)), 9);
         assert!(!is_len_word(up_word(9)));
+        let s = skip_word(MAX_PAGES, 0xEF);
+        assert!(is_skip(s) && !is_len_word(s) && tag(s) == TAG_AUX);
+        assert_eq!((skip_len(s), skip_owner(s)), (MAX_PAGES, 0xEF));
+        assert!(!is_skip(len_word(9)) && !is_skip(up_word(9)));
         assert_eq!(tag(INTERIOR), TAG_INTERIOR);
     }
 
@@ -256,7 +299,8 @@ mod tests {
             (tag(w), alloc_len(w), alloc_owner(w), is_cached(w)),
             (TAG_ALLOC, MAX_PAGES, 255, false)
         );
-        assert_eq!(alloc_gen(w), 0x7FF << 12);
+        assert_eq!(alloc_gen(w), 0x3FF << 12);
+        assert_eq!(w & GHOSTS, 0);
         // A cache pop clears CACHED and counts one more reuse, wrapping
         // within the reuse bits without touching the epoch.
         let mut c = alloc_word_at(7, 3, 5);
@@ -269,6 +313,10 @@ mod tests {
         }
         // Different epochs give different words.
         assert_ne!(alloc_word_at(7, 3, 5), alloc_word_at(7, 3, 6));
-        assert_eq!(alloc_word_at(7, 3, 5), alloc_word_at(7, 3, 5 + 2048));
+        assert_eq!(alloc_word_at(7, 3, 5), alloc_word_at(7, 3, 5 + 1024));
+        // GHOSTS survives a reuse and is no part of the generation.
+        let g = alloc_word_at(7, 3, 5) | GHOSTS | CACHED;
+        assert_eq!(reused(g) & GHOSTS, GHOSTS);
+        assert_eq!(alloc_gen(g), alloc_gen(alloc_word_at(7, 3, 5)));
     }
 }

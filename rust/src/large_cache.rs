@@ -47,8 +47,8 @@
 //!   starts and start where it ends): the freed block first flips to
 //!   CACHED as for a small cache push (its commit). Then for two adjacent
 //!   cached runs `A = [a, b)` and `B = [b, c)`:
-//!   `CAS a: (CACHED, b-a) -> (CACHED, c-a)` (the commit). `B`'s word stays
-//!   where it is, a *ghost* inside `A` (L2, L3).
+//!   `CAS a: (CACHED, b-a) -> (CACHED|GHOSTS, c-a)` (the commit), then
+//!   `CAS b: B's word -> SKIP(c-b)`: a *ghost* inside `A` (L2, L3).
 //! - **refill** (no fitting run): under the pool lock and then the slot
 //!   lock, one allocation from the free runs of `n` pages *plus a spare*
 //!   run written as a cached run right after it (`Arena::alloc_spare`);
@@ -70,27 +70,41 @@
 //!   Remote freers only create CACHED words from live ones (inbox, small
 //!   blocks only); `free`, `size`, `disown` reject CACHED words.
 //! - L2 (ghosts): inside a block (live or cached) of owner `q` a word is
-//!   `INTERIOR` or a *ghost*: a CACHED word of `q` that once was a head (a
-//!   merged run's absorbed head, a split's tail written before a commit
-//!   that never came). A ghost never starts a block: every walk goes head
-//!   to head by lengths, and `free`/`size`/`disown` of its address see
-//!   CACHED and answer `NotABlock`, changing nothing. A split may cut a
-//!   live block out of a run holding ghosts: they stay inside it.
+//!   `INTERIOR` or a *ghost* of `q`, a word that once was a head: a `SKIP`
+//!   word (`desc.rs`: length and owner) for a merged run's absorbed head;
+//!   and, only while `q` holds its slot lock mid-operation or after it
+//!   died, a CACHED word of `q` (a split's tail before its commit, an
+//!   absorbed head before it becomes a `SKIP`). A ghost never starts a
+//!   block: every walk goes head to head by lengths, and `free`/`size`/
+//!   `disown` of its address see a `SKIP` or a CACHED word and answer
+//!   `NotABlock`, changing nothing. An absorbed head turns into a `SKIP`
+//!   because a CACHED word would pass for a cached block to a stale entry
+//!   of the owner's stacks or index naming its page (its block was taken
+//!   back, the page later became a split's tail, then was merged): the
+//!   first version left the word as it was and handed out a block inside
+//!   a cached run (tests/torture_signals.rs; tests/large_cache.rs has the
+//!   deterministic case). A split may cut a live block out of a run
+//!   holding ghosts: they stay inside it.
 //! - L3 (why ghosts stay): nothing clears a word without the pool lock.
 //!   Walks under the pool lock (recovery, `check`, the take-backs,
 //!   `reclaim_dead`, `debug_info`) run while owners split and merge; a walk
 //!   that read `a`'s length before a merge lands on `b` after it, and must
-//!   find a head there, not `INTERIOR` (the first version cleared `b` at
+//!   find a length there, not `INTERIOR` (the first version cleared `b` at
 //!   once: such a walk stopped, or recovery filed the rest of the run as
-//!   free; tests/large_cache.rs). Each word a walk lands on was a true head
-//!   at some instant since it read the previous one, and an owner's page
+//!   free; tests/large_cache.rs). Each word a walk lands on was true at
+//!   some instant since it read the previous one (a head, or a `SKIP`
+//!   giving the length its run had when it was merged), and an owner's page
 //!   set cannot change while the walk holds the pool lock, so every walk
 //!   tiles the pool exactly: pages per owner and free runs are exact, block
-//!   counts of owners busy meanwhile may mix two instants. Ghosts go when
-//!   their block is freed under the pool lock, before its commit
-//!   (`Arena::clear_ghosts`, O(length), for blocks of more than
-//!   [`CACHE_CLASSES`] pages and cached runs), or is disowned; so free runs
-//!   never hold one (D1 of `desc.rs`).
+//!   counts of owners busy meanwhile may mix two instants. Walks step over
+//!   a `SKIP` they land on. Ghosts go when their block is freed under the
+//!   pool lock, before its commit (`Arena::clear_ghosts`, O(length)), or
+//!   is disowned; so free runs never hold one (D1 of `desc.rs`). A block
+//!   that may hold ghosts carries the `GHOSTS` flag in its word (set with
+//!   the merge's commit, and before a split writes its tail; kept by the
+//!   pieces), so that only such blocks pay for the clearing: a block from
+//!   the free runs is freed in O(1) as before, and a block with ghosts came
+//!   from a large cache, so is at most about the cache's bound long.
 //! - L4: recovery (`rebuild`) takes every `ALLOC` head as before, and inside
 //!   a block of owner `q` leaves `INTERIOR`, ghosts, and heads of `q` when
 //!   the block's head has changed since it read it (the owner split the
@@ -398,11 +412,11 @@ impl LargeIndex {
     }
 }
 
-/// The word of a cached run of `len` pages of `slot` with generation bits
-/// taken from `gen_of`.
+/// The word of a cached run of `len` pages of `slot` that may hold ghosts,
+/// with generation bits taken from `gen_of`.
 #[inline]
 fn cached_word(len: u32, slot: u16, gen_of: u64) -> u64 {
-    alloc_word(len, slot) | (gen_of & GEN_MASK) | CACHED
+    alloc_word(len, slot) | (gen_of & GEN_MASK) | CACHED | GHOSTS
 }
 
 /// The same `ALLOC` word with another length.
@@ -570,9 +584,21 @@ impl Pool {
         let mut got = None;
         while let Some((p, len)) = ix.best_fit(n) {
             ix.remove(p);
-            let Some(w) = self.my_cached_word(p, len, slot) else {
+            let Some(mut w) = self.my_cached_word(p, len, slot) else {
                 continue; // stale
             };
+            if len != n && w & GHOSTS == 0 {
+                // The run is marked as holding ghosts before the split
+                // writes one (its tail's word, a ghost until the commit),
+                // so that whoever frees it clears them (L3).
+                if d[p as usize]
+                    .compare_exchange(w, w | GHOSTS, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_err()
+                {
+                    break; // cannot happen (L1)
+                }
+                w |= GHOSTS;
+            }
             let live = with_len(reused(w), n);
             if len == n {
                 // Exact fit: the commit.
@@ -665,7 +691,7 @@ impl Pool {
             if let Some((lp, ll)) = ix.ending_at(a) {
                 ix.remove(lp);
                 if let Some(lw) = self.my_cached_word(lp, ll, slot) {
-                    if let Some(nw) = self.merge(lp, lw, alen) {
+                    if let Some(nw) = self.merge(lp, lw, a, aw, alen) {
                         (a, aw, alen) = (lp, nw, ll + alen);
                     }
                 }
@@ -675,8 +701,8 @@ impl Pool {
             if e < d.len() as u64 {
                 if let Some(rl) = ix.starting_at(e as u32) {
                     ix.remove(e as u32);
-                    if self.my_cached_word(e as u32, rl, slot).is_some() {
-                        if let Some(nw) = self.merge(a, aw, rl) {
+                    if let Some(rw) = self.my_cached_word(e as u32, rl, slot) {
+                        if let Some(nw) = self.merge(a, aw, e as u32, rw, rl) {
                             (aw, alen) = (nw, alen + rl);
                         }
                     }
@@ -690,27 +716,36 @@ impl Pool {
         done
     }
 
-    /// Merges the cached run of `blen` pages that starts where the cached
-    /// run at `a` (word `aw`) ends into it (slot lock held, both words
-    /// checked); returns `a`'s new word.
+    /// Merges the cached run at `b` (word `bw`, `blen` pages) into the
+    /// cached run at `a` (word `aw`) that ends at `b` (slot lock held, both
+    /// words checked); returns `a`'s new word.
     #[inline]
-    fn merge(&self, a: u32, aw: u64, blen: u32) -> Option<u64> {
+    fn merge(&self, a: u32, aw: u64, b: u32, bw: u64, blen: u32) -> Option<u64> {
         let d = self.descriptors();
         let slot = alloc_owner(aw);
         let sc = self.slot_cache(slot);
         let total = alloc_len(aw) + blen;
         sc.raise_max(total);
-        let nw = with_len(aw, total);
+        let nw = with_len(aw, total) | GHOSTS;
         // The commit: `b`'s word is now a ghost inside `a`'s run (L2). It
-        // is left there: clearing it without the pool lock would make a
-        // walker that read `a`'s old length land on an `INTERIOR` word
-        // where it expects a head (L3).
+        // is never cleared without the pool lock: a walker that read `a`'s
+        // old length lands on it, and must find a length there (L3).
         d[a as usize]
             .compare_exchange(aw, nw, Ordering::AcqRel, Ordering::Relaxed)
             .ok()?;
         hit(CrashPoint::LargeMergeCommitted);
         sc.add_extra(-1);
         sc.sub(0, 1);
+        // `b`'s word becomes a SKIP ghost: a walker still steps over it,
+        // but it no longer passes for a cached head (a stale entry of our
+        // stacks or index naming `b` would otherwise take it for one: a
+        // block inside a run, handed out twice).
+        let _ = d[b as usize].compare_exchange(
+            bw,
+            skip_word(blen, slot),
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        );
         Some(nw)
     }
 

@@ -717,12 +717,17 @@ impl Pool {
                 return Err(Error::NotABlock);
             }
             let (len, owner) = (crate::desc::alloc_len(w), crate::desc::alloc_owner(w));
-            if !l.arena.swap_word(page, w, w & !owner_bits) {
+            if !l
+                .arena
+                .swap_word(page, w, w & !owner_bits & !crate::desc::GHOSTS)
+            {
                 return Err(Error::NotABlock);
             }
-            if len > CACHE_CLASSES {
+            if w & crate::desc::GHOSTS != 0 {
                 // Its old owner's ghosts (`large_cache.rs`, L2) would not
-                // name the new owner: gone (the interior is its user's).
+                // name the new owner: gone (its interior is its user's, and
+                // a death before this is repaired by recovery, which clears
+                // words of another owner inside a block).
                 l.arena.clear_ghosts(page, len);
             }
             let u = &mut l.arena.st.usage;

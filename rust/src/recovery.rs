@@ -56,27 +56,37 @@ impl Arena<'_> {
         let mut p = 0u32;
         while p < n {
             let w = self.w(p);
-            let len = alloc_len(w);
-            if tag(w) == TAG_ALLOC && len > 0 && p as u64 + len as u64 <= n as u64 {
+            // A head; or, right after a block (never in a gap: an owner's
+            // pages start with a head), a SKIP ghost that a length read
+            // before its owner merged the run led us to (L3 of
+            // `large_cache.rs`): its pages are its owner's, no block.
+            let (len, owner, block) = if tag(w) == TAG_ALLOC {
+                (alloc_len(w), alloc_owner(w), true)
+            } else if is_skip(w) && gap_start.is_none() && p > 0 {
+                (skip_len(w), skip_owner(w), false)
+            } else {
+                (0, 0, false)
+            };
+            if len > 0 && p as u64 + len as u64 <= n as u64 {
                 if let Some(g) = gap_start.take() {
                     self.file_run(g, p - g);
                     rep.free_pages += (p - g) as u64;
                 }
-                let owner = alloc_owner(w);
+                let marked = !block || w & GHOSTS != 0;
                 for q in p + 1..p + len {
                     let x = self.w(q);
                     if x == INTERIOR {
                         continue;
                     }
-                    if tag(x) == TAG_ALLOC
-                        && alloc_owner(x) == owner
-                        && (is_cached(x) || self.w(p) != w)
-                    {
-                        // A ghost (L2 of `large_cache.rs`), or a head the
-                        // owner made after we read `w` (it has split and
-                        // taken this run since: its head changed, read
-                        // after `x`): never ours to clear (L4). A live word
-                        // inside a block whose head stayed `w` is damage.
+                    let alloc = tag(x) == TAG_ALLOC && alloc_owner(x) == owner;
+                    let ghost = is_skip(x) && skip_owner(x) == owner || alloc && is_cached(x);
+                    if ghost && marked || alloc && self.w(p) != w {
+                        // A ghost (L2 of `large_cache.rs`) in a block
+                        // marked for them, or a head the owner made after
+                        // we read `w` (it has split and taken this run
+                        // since: its head changed, read after `x`): never
+                        // ours to clear (L4). Anything else inside a block
+                        // whose head stayed `w` is damage.
                         continue;
                     }
                     if tag(x) == TAG_ALLOC {
@@ -84,10 +94,12 @@ impl Arena<'_> {
                     }
                     let _ = self.swap_word(q, x, INTERIOR);
                 }
-                rep.live_blocks += 1;
-                let u = &mut self.st.usage[alloc_owner(w) as usize % MAX_OWNERS];
+                let u = &mut self.st.usage[owner as usize % MAX_OWNERS];
                 u.pages += len as u64;
-                u.blocks += 1;
+                if block {
+                    rep.live_blocks += 1;
+                    u.blocks += 1;
+                }
                 p += len;
             } else {
                 if tag(w) == TAG_ALLOC {
