@@ -425,3 +425,35 @@ fn a_merged_runs_old_head_is_no_cached_block_to_a_stale_entry() {
     assert_eq!((st.free_bytes, st.live_blocks), (st.payload_bytes, 0));
     assert_eq!(p.check(), Vec::<String>::new());
 }
+
+/// The arena's block count of an owner is its words minus what its splits
+/// and merges added (`extra`), so it may have to go below zero: a free or
+/// a disown of a block split from a cached run, before any fold, must not
+/// stop at 0 (a saturating count made `check` and `stats` drift by one:
+/// test_heap_workers' "live_blocks 18446744073709551615 but counted 0").
+#[test]
+fn blocks_split_from_a_run_can_be_disowned_and_freed_before_a_fold() {
+    let p = anon(NPAGES);
+    let pg = p.geometry().page_size;
+    // A run of 228 pages (a block and its spare, merged), folded by check.
+    let a = p.alloc(100 * pg).unwrap();
+    p.free(a).unwrap();
+    assert_eq!(p.check(), Vec::<String>::new());
+    // Two blocks split from it, disowned: the owner's arena count was 1.
+    let b = p.alloc(100 * pg).unwrap();
+    let c = p.alloc(100 * pg).unwrap();
+    p.disown(b).unwrap();
+    p.disown(c).unwrap();
+    assert_eq!(p.check(), Vec::<String>::new());
+    assert_eq!(p.stats().live_blocks, 2);
+    // Again, freed by the locked path (disowned: nobody's cache).
+    let d = p.alloc(70 * pg).unwrap();
+    p.disown(d).unwrap();
+    for o in [b, c, d] {
+        p.free(o).unwrap();
+    }
+    assert_eq!(p.check(), Vec::<String>::new());
+    let st = p.stats();
+    assert_eq!((st.free_bytes, st.live_blocks), (st.payload_bytes, 0));
+    assert_eq!(p.check(), Vec::<String>::new());
+}

@@ -428,7 +428,7 @@ impl<'a> Arena<'a> {
         self.st.live_blocks -= 1;
         let u = &mut self.st.usage[owner as usize % MAX_OWNERS];
         u.pages = u.pages.saturating_sub(len as u64);
-        u.blocks = u.blocks.saturating_sub(1);
+        u.blocks = u.blocks.wrapping_sub(1); // may be "negative": L5 of `large_cache.rs`
         Ok(len)
     }
 

@@ -115,7 +115,10 @@
 //!   without the pool lock, never an owner's pages. So `usage[q].pages` is
 //!   exact and decides whether a slot holds anything; for blocks each slot
 //!   keeps `extra` ([`SlotCache`], written under its slot lock): `ALLOC`
-//!   words of the slot minus `usage[q].blocks`. A taker that holds the pool
+//!   words of the slot minus `usage[q].blocks` (so `usage[q].blocks` is a
+//!   count only with `extra` added, and may go below zero: a block split
+//!   from a run and freed or disowned before a fold; wrapping arithmetic
+//!   throughout). A taker that holds the pool
 //!   lock and the slot lock folds it into the arena's counts
 //!   (`fold_extra`); readers add it (`stats`, `owners`, `check`). A
 //!   recovery counts words while owners may be splitting and merging

@@ -733,7 +733,7 @@ impl Pool {
             let u = &mut l.arena.st.usage;
             let o = owner as usize % MAX_OWNERS;
             u[o].pages = u[o].pages.saturating_sub(len as u64);
-            u[o].blocks = u[o].blocks.saturating_sub(1);
+            u[o].blocks = u[o].blocks.wrapping_sub(1); // may be "negative" (L5)
             u[0].pages += len as u64;
             u[0].blocks += 1;
             Ok(())
