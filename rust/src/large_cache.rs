@@ -780,7 +780,7 @@ impl Pool {
             ix.clear();
         }
         if ix.held() > cap * 3 / 4 {
-            self.give_back(l, slot, cap / 2);
+            self.give_back(l, ix, slot, cap / 2);
         }
         let room = cap.saturating_sub(ix.held());
         let spare = (cap / 4).min(room) as u32;
@@ -807,7 +807,9 @@ impl Pool {
         let cap = self.large_cap();
         let _ = self.locked(|l| {
             if self.lock_slot(l, slot, tok).is_some() {
-                self.give_back(l, slot, cap * 3 / 4);
+                // SAFETY: we hold our slot lock.
+                let ix = unsafe { self.cache.large() };
+                self.give_back(l, ix, slot, cap * 3 / 4);
                 self.unlock_slot(slot, tok);
             }
             Ok(())
@@ -816,9 +818,9 @@ impl Pool {
 
     /// Pool lock and our slot lock held: frees our smallest runs until the
     /// index holds at most `keep` pages.
-    fn give_back(&self, l: &mut Locked, slot: u16, keep: u64) {
-        // SAFETY: we hold our slot lock (caller).
-        let ix = unsafe { self.cache.large() };
+    /// (`ix` is our index, lent by the caller, which holds our slot lock:
+    /// one reference to it at a time.)
+    fn give_back(&self, l: &mut Locked, ix: &mut LargeIndex, slot: u16, keep: u64) {
         let sc = self.slot_cache(slot);
         while ix.held() > keep {
             let Some((p, len)) = ix.smallest() else { break };
