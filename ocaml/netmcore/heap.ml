@@ -207,7 +207,11 @@ let last_nonce = last_nonce_ref
 let last_root = last_root_ref
 
 let root_slow h =
-  let r = Array.unsafe_get !roots (handle h) in
+  (* [handle] first: opening the heap here may grow [roots], so the table
+     is read only after it (an argument order left to the compiler read
+     the old, shorter table) *)
+  let hh = handle h in
+  let r = Array.unsafe_get !roots hh in
   if Obj.is_int r then failwith "Netmcore_heap: heap destroyed";
   last_root := r;
   last_nonce := h.nonce;
