@@ -57,6 +57,8 @@ struct Entry {
     _pool: Arc<Pool>,
 }
 
+/// Also `max_handles` of ocaml/netmcore/heap.ml (which packs a handle and
+/// a pid into one word).
 const MAX_HEAPS: usize = 1 << 14;
 static HEAPS: [AtomicPtr<Entry>; MAX_HEAPS] =
     [const { AtomicPtr::new(ptr::null_mut()) }; MAX_HEAPS];
