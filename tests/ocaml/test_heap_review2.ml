@@ -114,11 +114,47 @@ let t_heap_record_in_heap () =
   done;
   if !bad_rounds > 0 then Alcotest.failf "%d rounds of 100 went wrong" !bad_rounds
 
+(* 3. A private copy of an error-checking or recursive mutex
+   ([Netmcore_heap.copy], [deref_c], [get_c], [find_c] of a value holding
+   one) still carried the mutex's magic, so [lock] locked a pthread
+   robust mutex inside OCaml's own heap, which registers its address in
+   the thread's robust list. Once the GC moved the copy, the next robust
+   lock of the thread (any heap [modify]) wrote a list pointer at the old
+   address: into whatever private value lives there now. Locking such a
+   copy must fail (it is no shared mutex) and corrupt nothing. *)
+let private_mutex_copy kind pool =
+  let h = H.create_heap pool 4096 (ref (Netmcore_mutex.dummy ())) in
+  H.modify h (fun m -> H.root h := Netmcore_mutex.create m kind);
+  (* the copy near the top of the minor heap, then moved by a minor GC;
+     young arrays of zeros over its old place *)
+  Gc.minor ();
+  let c = H.copy !(H.root h) in
+  let refused = match Netmcore_mutex.lock c with () -> false | exception Failure _ -> true in
+  if not refused then prerr_endline "a private copy of the mutex was locked";
+  Gc.minor ();
+  let arrs = Array.init 64 (fun _ -> Array.make 200 0) in
+  H.modify h ignore;
+  let bad = Array.fold_left (fun n a -> Array.fold_left (fun n x -> if x <> 0 then n + 1 else n) n a) 0 arrs in
+  if bad > 0 then Printf.eprintf "%d fields of private arrays overwritten\n%!" bad;
+  (try Netmcore_mutex.unlock c with Failure _ -> ());
+  (* the shared mutex itself still works *)
+  Netmcore_mutex.lock !(H.root h);
+  Netmcore_mutex.unlock !(H.root h);
+  H.destroy h;
+  refused && bad = 0
+
+let t_private_mutex_copy () =
+  List.iter
+    (fun (name, kind) ->
+      with_pool (16 * 1024 * 1024) (fun pool -> check name (fork_run (fun () -> private_mutex_copy kind pool))))
+    [ ("Errorcheck", `Errorcheck); ("Recursive", `Recursive) ]
+
 let () =
   Alcotest.run "heap review 2"
     [
       ( "memory safety",
         [ Alcotest.test_case "first use of a heap through root in a worker" `Quick t_root_first_use;
           Alcotest.test_case "a heap record inside a heap, used by two workers" `Quick t_heap_record_in_heap;
+          Alcotest.test_case "a private copy of a mutex is no mutex" `Quick t_private_mutex_copy;
         ] );
     ]
