@@ -470,12 +470,35 @@ fn is(p: *mut u8, m: u64) -> bool {
     magic(p).load(Ordering::Acquire) == m
 }
 
+extern "C" {
+    // caml/address_class.h (exported by every 4.x runtime).
+    fn caml_page_table_lookup(addr: *mut libc::c_void) -> libc::c_int;
+}
+
+/// Whether `p` lies in this process's own OCaml heap (major or minor):
+/// a private copy of an object (`Netmcore_heap.copy`, `deref_c`, ...),
+/// which the GC may move. Such a copy is no shared object: a pthread
+/// robust mutex there would be put on the thread's robust list at an
+/// address the GC then reuses (the next robust lock writes a list pointer
+/// into whatever private value lives there), so the stubs that use one
+/// treat the copy as a dummy.
+fn in_ocaml_heap(p: *mut u8) -> bool {
+    // SAFETY: the lookup only hashes the address. In_heap | In_young.
+    unsafe { caml_page_table_lookup(p.cast()) & 3 != 0 }
+}
+
+/// A pthread-based object (an error-checking or recursive mutex, a
+/// condition: its list lock) that must not be used: a private copy.
+fn private_pthread_object(p: *mut u8, m: u64) -> bool {
+    (m == COND_MAGIC || (m == MUTEX_MAGIC && !is_normal(p))) && in_ocaml_heap(p)
+}
+
 /// Runs `f` on object `s` if it carries magic `m` (E_DUMMY otherwise: a
 /// dummy or another kind of object), guarded as every stub.
 fn on(s: Raw, m: u64, f: impl FnOnce(*mut u8) -> isize) -> Raw {
     guarded(|| {
         let p = base(s);
-        if !is(p, m) {
+        if !is(p, m) || private_pthread_object(p, m) {
             return E_DUMMY;
         }
         f(p)
@@ -553,7 +576,11 @@ pub extern "C" fn shmpool_sync_cond_wait(c: Raw, m: Raw) -> Raw {
     guarded(|| {
         let cp = base(c);
         let mp = base(m);
-        if !is(cp, COND_MAGIC) || !is(mp, MUTEX_MAGIC) {
+        if !is(cp, COND_MAGIC)
+            || !is(mp, MUTEX_MAGIC)
+            || private_pthread_object(cp, COND_MAGIC)
+            || private_pthread_object(mp, MUTEX_MAGIC)
+        {
             return E_DUMMY;
         }
         let seq = word(cp, 8);
@@ -733,7 +760,7 @@ fn on_waiter_list(c: Raw, e: Raw, f: impl FnOnce(*mut u8, *mut u8) -> isize) -> 
     guarded(|| {
         let p = base(c);
         let ep = base(e);
-        if !is(p, COND_MAGIC) || !is(ep, ENTRY_MAGIC) {
+        if !is(p, COND_MAGIC) || !is(ep, ENTRY_MAGIC) || private_pthread_object(p, COND_MAGIC) {
             return E_DUMMY;
         }
         if !list_lock(p) {
