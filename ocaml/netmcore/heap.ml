@@ -384,15 +384,23 @@ let with_pins h (find : unit -> 'b) (blocks : 'b -> Obj.t list) (process : 'b ->
   let x =
     modify h (fun _ ->
         let x = find () in
-        List.iter
-          (fun v ->
-            if Obj.is_block v then begin
-              (* 0: not a block of this heap, nothing pinned *)
-              let i = h_pin hh v in
-              check_code i;
-              if i > 0 then pinned := i :: !pinned
-            end)
-          (blocks x);
+        (* Pins are heap blocks: the pool may run out after some of them
+           were taken. Those must go at once (still under the lock), as
+           nothing else releases the pins of a live process. *)
+        (try
+           List.iter
+             (fun v ->
+               if Obj.is_block v then begin
+                 (* 0: not a block of this heap, nothing pinned *)
+                 let i = h_pin hh v in
+                 check_code i;
+                 if i > 0 then pinned := i :: !pinned
+               end)
+             (blocks x)
+         with e ->
+           List.iter (fun i -> ignore (h_unpin hh i)) !pinned;
+           pinned := [];
+           raise e);
         x)
   in
   (* [process] may have destroyed the heap: nothing to unpin then *)

@@ -149,6 +149,28 @@ let t_private_mutex_copy () =
       with_pool (16 * 1024 * 1024) (fun pool -> check name (fork_run (fun () -> private_mutex_copy kind pool))))
     [ ("Errorcheck", `Errorcheck); ("Recursive", `Recursive) ]
 
+(* 4. with_value_n pins its values one by one inside the lock; when the
+   pool runs out in the middle (each pin is a heap block), the pins
+   already taken must go too: nothing else would ever release them (their
+   process is alive), and the values they hold would never be collected. *)
+let pins_released_on_oom pool =
+  let n = 100_000 in
+  let h = H.create_heap pool (2 * 1024 * 1024) (Array.init n (fun i -> ref i)) in
+  let before = (H.stats h).H.pins in
+  let raised =
+    try
+      H.with_value_n h (fun () -> Array.to_list (H.root h)) (fun _ -> ());
+      false
+    with Netmcore_mempool.Out_of_pool_memory -> true
+  in
+  let after = (H.stats h).H.pins in
+  if not raised then prerr_endline "pinning 100,000 values did not run out of pool memory";
+  if after <> before then Printf.eprintf "%d pins left after the failed with_value_n\n%!" (after - before);
+  raised && after = before
+
+let t_pins_released_on_oom () =
+  with_pool (6 * 1024 * 1024) (fun pool -> check "pins" (fork_run (fun () -> pins_released_on_oom pool)))
+
 let () =
   Alcotest.run "heap review 2"
     [
@@ -156,5 +178,6 @@ let () =
         [ Alcotest.test_case "first use of a heap through root in a worker" `Quick t_root_first_use;
           Alcotest.test_case "a heap record inside a heap, used by two workers" `Quick t_heap_record_in_heap;
           Alcotest.test_case "a private copy of a mutex is no mutex" `Quick t_private_mutex_copy;
+          Alcotest.test_case "pins taken before the pool ran out are released" `Quick t_pins_released_on_oom;
         ] );
     ]
