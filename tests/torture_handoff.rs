@@ -832,6 +832,7 @@ fn trial(pool: &Pool, rng: &mut Rng, t: &mut Totals) -> Result<(), Fail> {
 
 #[test]
 fn torture_handoff() {
+    let _serial = serial();
     let trials = DEFAULT_TRIALS * scale();
     let _w = Watchdog::new("torture_handoff", 60 + trials);
     let t0 = Instant::now();
