@@ -79,6 +79,7 @@ fn set_root_list(h: &Heap, from: i64, n: i64) {
 
 #[test]
 fn create_attach_destroy_restores_the_pool() {
+    let _serial = serial();
     let pool = anon(256);
     let before = pool.stats();
     let h = Heap::create(&pool, 1000).unwrap();
@@ -122,6 +123,7 @@ fn create_attach_destroy_restores_the_pool() {
 /// heap gone (no double free of its chunks or descriptor).
 #[test]
 fn concurrent_destroys_free_once() {
+    let _serial = serial();
     let pool = anon(256);
     let before = pool.stats();
     let h = Heap::create(&pool, 1000).unwrap();
@@ -156,6 +158,7 @@ fn concurrent_destroys_free_once() {
 
 #[test]
 fn blocks_are_black_and_initialised() {
+    let _serial = serial();
     let pool = anon(64);
     let h = Heap::create(&pool, 4096).unwrap();
     h.with_lock(|h| {
@@ -177,6 +180,7 @@ fn blocks_are_black_and_initialised() {
 
 #[test]
 fn gc_keeps_the_reachable_and_frees_the_rest() {
+    let _serial = serial();
     let pool = anon(256);
     let h = Heap::create(&pool, 64 << 10).unwrap();
     h.with_lock(|h| {
@@ -205,6 +209,7 @@ fn gc_keeps_the_reachable_and_frees_the_rest() {
 
 #[test]
 fn additions_of_the_current_lock_survive_a_gc() {
+    let _serial = serial();
     let pool = anon(64);
     let h = Heap::create(&pool, 4096).unwrap();
     h.with_lock(|h| {
@@ -227,6 +232,7 @@ fn additions_of_the_current_lock_survive_a_gc() {
 
 #[test]
 fn growth_and_giving_chunks_back() {
+    let _serial = serial();
     let pool = anon(2048);
     let h = Heap::create(&pool, 4096).unwrap();
     let after_create = pool.stats();
@@ -258,6 +264,7 @@ fn growth_and_giving_chunks_back() {
 
 #[test]
 fn out_of_pool_memory_changes_nothing() {
+    let _serial = serial();
     let pool = anon(32);
     let h = Heap::create(&pool, 4096).unwrap();
     let r = h.with_lock(|h| h.alloc(1 << 20, STRING_TAG).map(|_| ()));
@@ -268,6 +275,7 @@ fn out_of_pool_memory_changes_nothing() {
 
 #[test]
 fn pins_keep_values_alive_until_unpinned() {
+    let _serial = serial();
     let pool = anon(64);
     let h = Heap::create(&pool, 4096).unwrap();
     let (l, pin) = h
@@ -289,6 +297,7 @@ fn pins_keep_values_alive_until_unpinned() {
 
 #[test]
 fn pins_have_no_limit_and_unpin_any_order() {
+    let _serial = serial();
     let pool = anon(256);
     let h = Heap::create(&pool, 4096).unwrap();
     let pins = h
@@ -324,6 +333,7 @@ fn pins_have_no_limit_and_unpin_any_order() {
 
 #[test]
 fn pins_of_a_dead_process_stop_counting() {
+    let _serial = serial();
     let pool = anon(64);
     let h = Heap::create(&pool, 4096).unwrap();
     let d = h.descr();
@@ -345,6 +355,7 @@ fn pins_of_a_dead_process_stop_counting() {
 
 #[test]
 fn lock_is_reentrant_and_excludes_other_threads() {
+    let _serial = serial();
     let pool = anon(64);
     let h = Heap::create(&pool, 4096).unwrap();
     assert!(!h.lock().unwrap().nested);
@@ -425,6 +436,7 @@ fn victim(pool: &Pool, d: usize, step: Step) -> Result<(), String> {
 
 #[test]
 fn staged_death_inside_the_lock_is_recovered_from_the_root() {
+    let _serial = serial();
     let _w = Watchdog::new("staged heap death", 120);
     for step in [
         Step::JustLocked,
@@ -478,6 +490,7 @@ struct Board {
 
 #[test]
 fn random_kills_never_wedge_or_corrupt_the_heap() {
+    let _serial = serial();
     let _w = Watchdog::new("random heap kills", 300);
     let pool = anon(4096);
     let before = pool.stats();
@@ -559,6 +572,7 @@ fn random_kills_never_wedge_or_corrupt_the_heap() {
 
 #[test]
 fn disowned_blocks_outlive_their_allocator() {
+    let _serial = serial();
     let pool = anon(64);
     // SAFETY: a u64 cell made of an atomic, valid when zero.
     let out = unsafe { SharedMem::<AtomicU64>::new() };
@@ -591,6 +605,7 @@ fn disowned_blocks_outlive_their_allocator() {
 #[cfg(feature = "crash-points")]
 #[test]
 fn death_at_each_heap_crash_point_is_recovered() {
+    let _serial = serial();
     use shmpool::heap::crash::{self, HeapPoint};
     let _w = Watchdog::new("heap crash points", 120);
     for point in crash::ALL {
@@ -663,6 +678,7 @@ fn death_at_each_heap_crash_point_is_recovered() {
 #[cfg(not(feature = "crash-points"))]
 #[test]
 fn death_at_each_heap_crash_point_is_recovered() {
+    let _serial = serial();
     skipped(
         "death_at_each_heap_crash_point_is_recovered",
         "needs --features crash-points",
@@ -673,6 +689,7 @@ fn death_at_each_heap_crash_point_is_recovered() {
 /// `OutOfMemory`, even far below the GC's usual threshold.
 #[test]
 fn a_full_pool_makes_the_heap_collect_instead_of_failing() {
+    let _serial = serial();
     let pool = anon(64);
     let h = Heap::create(&pool, 16 << 10).unwrap();
     let mut filler = Vec::new();

@@ -33,6 +33,7 @@ fn cached_offsets(p: &Pool) -> Vec<usize> {
 
 #[test]
 fn a_block_freed_by_another_process_goes_back_to_its_owner() {
+    let _serial = serial();
     let _w = Watchdog::new("inbox hand-off", 60);
     let p = anon(1024);
     let pg = p.geometry().page_size;
@@ -67,6 +68,7 @@ fn a_block_freed_by_another_process_goes_back_to_its_owner() {
 
 #[test]
 fn a_full_inbox_sends_frees_to_the_pool_and_stats_coalesces_the_rest() {
+    let _serial = serial();
     let _w = Watchdog::new("inbox overflow", 60);
     let p = anon(1024);
     let pg = p.geometry().page_size;
@@ -103,6 +105,7 @@ fn a_full_inbox_sends_frees_to_the_pool_and_stats_coalesces_the_rest() {
 
 #[test]
 fn a_dead_owners_inbox_is_reaped_and_its_live_blocks_reclaimed() {
+    let _serial = serial();
     let _w = Watchdog::new("dead owner inbox", 60);
     let p = anon(1024);
     let pg = p.geometry().page_size;
@@ -179,11 +182,13 @@ mod staged {
 
     #[test]
     fn a_freer_killed_holding_the_inbox_before_its_commit() {
+        let _serial = serial();
         freer_killed_at(CrashPoint::InboxPushLocked, false);
     }
 
     #[test]
     fn a_freer_killed_between_its_commit_and_the_inbox_entry() {
+        let _serial = serial();
         freer_killed_at(CrashPoint::InboxPushCommitted, true);
     }
 
@@ -250,16 +255,19 @@ mod staged {
 
     #[test]
     fn reclaim_dead_while_a_live_freer_is_in_the_dead_owners_inbox() {
+        let _serial = serial();
         reclaim_while_a_live_freer_holds_the_dead_owners_inbox(false);
     }
 
     #[test]
     fn reclaim_dead_and_slot_reuse_while_a_live_freer_is_in_the_inbox() {
+        let _serial = serial();
         reclaim_while_a_live_freer_holds_the_dead_owners_inbox(true);
     }
 
     #[test]
     fn an_owner_killed_while_draining_its_inbox() {
+        let _serial = serial();
         let _w = Watchdog::new("owner killed draining", 60);
         let p = anon(1024);
         let pg = p.geometry().page_size;
@@ -297,5 +305,6 @@ mod staged {
 #[cfg(not(feature = "crash-points"))]
 #[test]
 fn staged_inbox_deaths_need_crash_points() {
+    let _serial = serial();
     common::skipped("inbox staged deaths", "needs --features crash-points");
 }
