@@ -518,6 +518,13 @@ module Struct_internal : sig
      (queued, the mutex not yet released), ["wait_e:woken"] (its pipe read
      and its entry signalled, not yet unlinked), ["wait_e:dequeued"]
      (unlinked, the mutex not yet locked). *)
+
+  val mutex_set_holder : Netmcore_mutex.mutex -> int -> int -> unit
+  (* Test-only: [mutex_set_holder m pid d] makes the [`Normal] mutex [m]
+     look held by the running process [pid] as if it had started [d]
+     clock ticks later than it did: a dead holder whose pid was reused
+     ([d] = 0: the start time unknown, only the pid is checked). Failure if
+     [m] is not a [`Normal] mutex or [pid] does not run. *)
 end
 
 (**/**)

@@ -44,6 +44,7 @@ let fail_code what c =
 let alloc m n = Heap.add_string m n
 
 external test_crash_at : int -> int = "shmpool_sync_test_crash_at" [@@noalloc]
+external test_set_holder : string -> int -> int -> int = "shmpool_sync_test_set_holder"
 
 (* Test-only: the process SIGKILLs itself at the point named (see
    ocaml_sync_stubs.rs); "" disarms. *)

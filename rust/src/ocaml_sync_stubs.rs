@@ -106,6 +106,29 @@ fn crash_point(n: u32) {
     }
 }
 
+/// Test-only: makes `Normal` mutex `s` look held by process `pid` started
+/// `start_delta` clock ticks after its real start (a `pid` running with
+/// another start time: a dead holder whose pid was reused), or by `pid`
+/// with an unknown start time if `start_delta` is 0. E_DUMMY if `s` is
+/// not a `Normal` mutex, E_OTHER if `pid` does not run.
+#[no_mangle]
+pub extern "C" fn shmpool_sync_test_set_holder(s: Raw, pid: Raw, start_delta: Raw) -> Raw {
+    on(s, MUTEX_MAGIC, |p| {
+        if !is_normal(p) {
+            return E_DUMMY;
+        }
+        let pid = untag(pid) as u32;
+        let delta = untag(start_delta);
+        let start = match crate::owner::start_time_of(pid as i32) {
+            Some(t) => t,
+            None => return E_OTHER,
+        };
+        let start = (delta != 0).then(|| start.wrapping_add_signed(delta as i64));
+        word(p, MUTEX_OFF).store(identity(pid, start), Ordering::Release);
+        0
+    })
+}
+
 /// Arms crash point `n` (0 disarms) in this process.
 #[no_mangle]
 pub extern "C" fn shmpool_sync_test_crash_at(n: Raw) -> Raw {
@@ -271,16 +294,52 @@ const SLEEPERS: u32 = 1 << 31;
 const HOLDER_CHECK_NS: i64 = 50_000_000;
 
 // `Normal` mutex: a binary semaphore in one futex word, which holds the
-// pid of the process that locked it (0: free), plus SLEEPERS. Anyone may
-// unlock it (as OCamlnet's, which has no owner checks). A holder that died
-// (even one left an unreaped zombie) is seen by a sleeping locker after at
-// most HOLDER_CHECK_NS; the locker swaps its own pid in for the dead one
-// with one compare-and-swap, so exactly one locker takes the lock over. A
-// dead holder whose pid was reused meanwhile is taken for alive (a pid
-// alone cannot tell): the lock then waits for that process's end.
+// identity of the process that locked it (0: free), plus SLEEPERS. Anyone
+// may unlock it (as OCamlnet's, which has no owner checks). A holder that
+// died (even one left an unreaped zombie) is seen by a sleeping locker
+// after at most HOLDER_CHECK_NS; the locker swaps its own identity in for
+// the dead one with one compare-and-swap, so exactly one locker takes the
+// lock over.
+//
+// Identity: the pid (HOLDER_PID_BITS: Linux pids are below 2^22,
+// PID_MAX_LIMIT) and, above it, a tag of the process's start time
+// (START_TAG_BITS: a "known" bit and the start time's low 8 bits, in clock
+// ticks), all in the one word, so that locking stays one compare-and-swap
+// with a cached value. A holder whose pid runs but with another start tag
+// is a dead holder whose pid was reused: taken over like a gone one. The
+// tag is 8 bits: a reused pid whose process started a multiple of 256
+// ticks (2.56 s at 100 Hz) after the dead holder is still taken for the
+// holder (then the lock waits for that process's end, as it did for every
+// reused pid before). A tag of 0 (start time unreadable) checks the pid only.
+const HOLDER_PID_BITS: u32 = 22;
+const HOLDER_PID_MASK: u32 = (1 << HOLDER_PID_BITS) - 1;
+const START_TAG_KNOWN: u32 = 0x100;
 
-/// This process's pid, cached per fork generation: `getpid` is a system
-/// call (glibc no longer caches it), and every `Normal` lock needs the pid.
+/// The start tag of a process started at `start` (clock ticks since boot).
+fn start_tag(start: u64) -> u32 {
+    START_TAG_KNOWN | (start & 0xFF) as u32
+}
+
+/// The identity word of process `pid` started at `start` (None: unknown).
+fn identity(pid: u32, start: Option<u64>) -> u32 {
+    (pid & HOLDER_PID_MASK) | (start.map_or(0, start_tag) << HOLDER_PID_BITS)
+}
+
+/// Whether the holder `ident` (SLEEPERS cleared) is known to be dead: its
+/// pid is gone (or a zombie), or runs with another start tag (reused).
+fn holder_dead(ident: u32) -> bool {
+    let pid = (ident & HOLDER_PID_MASK) as i32;
+    let tag = ident >> HOLDER_PID_BITS;
+    match crate::owner::probe(pid) {
+        crate::owner::Liveness::Gone => true,
+        crate::owner::Liveness::Alive(start) => tag != 0 && start_tag(start) != tag,
+        crate::owner::Liveness::Unknown => false,
+    }
+}
+
+/// This process's identity word (see above), cached per fork generation:
+/// `getpid` is a system call (glibc no longer caches it) and the start
+/// time is read from /proc, and every `Normal` lock needs the identity.
 fn my_pid() -> u32 {
     use std::sync::atomic::AtomicU64;
     // (fork generation << 32) | pid; u64::MAX: not known yet.
@@ -296,8 +355,9 @@ fn my_pid() -> u32 {
     let gen = crate::owner::fork_generation() & 0xFFFF_FFFF;
     // SAFETY: getpid has no preconditions.
     let pid = unsafe { libc::getpid() } as u32;
-    PID.store(gen << 32 | pid as u64, Ordering::Relaxed);
-    pid
+    let me = identity(pid, crate::owner::start_time_of(pid as i32));
+    PID.store(gen << 32 | me as u64, Ordering::Relaxed);
+    me
 }
 
 /// Tries to lock a `Normal` mutex at once; false if held.
@@ -333,8 +393,7 @@ fn normal_lock_wait(p: *mut u8) -> isize {
         if futex_wait_for(w, cur | SLEEPERS, HOLDER_CHECK_NS) {
             continue;
         }
-        let holder = (cur & !SLEEPERS) as i32;
-        if crate::owner::probe(holder) == crate::owner::Liveness::Gone
+        if holder_dead(cur & !SLEEPERS)
             && w.compare_exchange(
                 cur | SLEEPERS,
                 me | SLEEPERS,

@@ -498,6 +498,49 @@ let free_queued_entry () =
           Bytes.fill (Bytes.unsafe_of_string raw) 0 (String.length raw) '\xff';
           wake_all h `Signal [ live ]))
 
+(* A [`Normal] mutex whose dead holder's pid now belongs to another
+   running process (simulated: the holder is recorded as a running process
+   with another start time, Struct_internal.mutex_set_holder) is taken
+   over by the next locker; a live holder, checked by the same lockers
+   while it holds the mutex, is not. *)
+let normal_reused_pid () =
+  with_pool (fun pool ->
+      with_header pool `Normal (fun _ h ->
+          (* a process that runs on under the dead holder's pid *)
+          let reuser = fork_child (fun () -> Unix.sleepf 3600.0; false) in
+          Struct_internal.mutex_set_holder h.m reuser 1;
+          check_status "a locker takes over from the dead holder whose pid was reused" (Unix.WEXITED 0) (await (lock_unlock_child h.m));
+          Alcotest.(check int) "one takeover" 1 (Mx.recoveries h.m);
+          (* the same process as a genuine holder: not taken over *)
+          let r, w = Unix.pipe ~cloexec:true () in
+          let r2, w2 = Unix.pipe ~cloexec:true () in
+          let holder =
+            fork_child (fun () ->
+                Unix.close r;
+                Unix.close w2;
+                Mx.lock h.m;
+                ignore (Unix.write_substring w "l" 0 1);
+                ignore (Unix.read r2 (Bytes.create 1) 0 1);
+                Mx.unlock h.m;
+                true)
+          in
+          Unix.close w;
+          Unix.close r2;
+          ignore (Unix.read r (Bytes.create 1) 0 1);
+          Unix.close r;
+          let locker = lock_unlock_child h.m in
+          (* several of the locker's holder checks (one per 50 ms) pass
+             while the holder lives: it must still be waiting *)
+          Unix.sleepf 0.3;
+          Alcotest.(check bool) "the locker waits while the holder lives" true (fst (Unix.waitpid [ Unix.WNOHANG ] locker) = 0);
+          ignore (Unix.write_substring w2 "u" 0 1);
+          Unix.close w2;
+          check_status "the holder unlocked" (Unix.WEXITED 0) (await holder);
+          check_status "then the locker got it" (Unix.WEXITED 0) (await locker);
+          Alcotest.(check int) "no takeover of a live holder" 1 (Mx.recoveries h.m);
+          Unix.kill reuser Sys.sigkill;
+          ignore (await reuser)))
+
 (* Heap words that [f ()] allocates in the heap of [b] (used words after
    minus before; retried if a collection ran meanwhile, which frees
    garbage and so hides allocations). *)
@@ -561,6 +604,7 @@ let () =
         [
           Alcotest.test_case "unlocked by another process or thread" `Quick normal_hand_off;
           Alcotest.test_case "holder killed" `Quick normal_dead_holder;
+          Alcotest.test_case "dead holder's pid reused (simulated)" `Quick normal_reused_pid;
         ] );
       ("buffer", [ Alcotest.test_case "add and delete_hd allocate small values only" `Quick buffer_allocation ]);
       ( "dead waiter",
