@@ -59,7 +59,7 @@ use ocaml::Raw;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-const MUTEX_MAGIC: u64 = u64::from_le_bytes(*b"SHMMTX02");
+const MUTEX_MAGIC: u64 = u64::from_le_bytes(*b"SHMMTX03");
 const SEM_MAGIC: u64 = u64::from_le_bytes(*b"SHMSEM01");
 const COND_MAGIC: u64 = u64::from_le_bytes(*b"SHMCND03");
 const ENTRY_MAGIC: u64 = u64::from_le_bytes(*b"SHMWTE02");

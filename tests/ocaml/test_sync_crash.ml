@@ -541,6 +541,28 @@ let normal_reused_pid () =
           Unix.kill reuser Sys.sigkill;
           ignore (await reuser)))
 
+(* A semaphore waiter killed asleep does not take a later post: the next
+   waiter gets it. *)
+let sem_dead_waiter () =
+  with_pool (fun pool ->
+      let r = Netmcore_ref.sref pool [| Netmcore_sem.dummy () |] in
+      H.modify (Netmcore_ref.heap r) (fun mu -> (Netmcore_ref.deref_ro r).(0) <- Netmcore_sem.create mu 0);
+      let s = (Netmcore_ref.deref_ro r).(0) in
+      let waiter () = fork_child (fun () -> Netmcore_sem.wait s Netsys_posix.SEM_WAIT_BLOCK; true) in
+      (* asleep once counted among the waiters (offset 12, see
+         ocaml_sync_stubs.rs); a kill before only tests an earlier step *)
+      let waiters () = Int32.to_int (String.get_int32_le (Obj.magic s : string) 12) in
+      let until_asleep n = until (Printf.sprintf "%d semaphore waiters asleep" n) (fun () -> waiters () >= n) in
+      let d = waiter () in
+      until_asleep 1;
+      Unix.kill d Sys.sigkill;
+      check_status "the waiter died" (Unix.WSIGNALED Sys.sigkill) (await d);
+      let l = waiter () in
+      until_asleep 2;
+      Netmcore_sem.post s;
+      check_status "the live waiter got the post" (Unix.WEXITED 0) (await l);
+      Alcotest.(check int) "taken once" 0 (Netmcore_sem.getvalue s))
+
 (* Heap words that [f ()] allocates in the heap of [b] (used words after
    minus before; retried if a collection ran meanwhile, which frees
    garbage and so hides allocations). *)
@@ -622,4 +644,5 @@ let () =
             (Futex, Stub "wait:woken", "wait: woken, mutex not locked again") ]
         @ [ Alcotest.test_case "random kills while signals race" `Quick random_kills;
             Alcotest.test_case "free_wait_entry_e of a dead waiter's queued entry" `Quick free_queued_entry ] );
+      ("semaphore", [ Alcotest.test_case "a waiter killed asleep" `Quick sem_dead_waiter ]);
     ]
