@@ -24,8 +24,9 @@
 //!   `LIST_LOCK_OFF`.
 //! - event wait entry (`ENTRY_HDR` + name): magic, `u64` address of the
 //!   next queued entry, `u64` address of the condition it is queued on (0:
-//!   none), `u32` state (1 once signalled), `u32` length of the named
-//!   pipe's path, then the path. Entries are strings of the same heap
+//!   none), `u32` state (1 once signalled), `u32` identity of the waiter
+//!   that queued it (as a `Normal` mutex's holder word), 4 unused bytes,
+//!   `u32` length of the named pipe's path, then the path. Entries are strings of the same heap
 //!   (kept alive by their wait set), so addresses are valid in every
 //!   worker. Invariant: an entry reachable from a condition's list has
 //!   that condition's address in its `cond` field (set before it is
@@ -48,8 +49,10 @@
 //! the holder stays an unreaped zombie) and the next locker takes it over. A signal marks an entry and writes its pipe
 //! before it unlinks it, all under the list lock, so a signaller dying
 //! in between leaves the entry queued for the next signal (see
-//! `signal_event_waiters`). A signal whose waiter died (its pipe has no
-//! reader any more) goes on to the next waiter, so it is not lost.
+//! `signal_event_waiters`). A signal whose waiter died (its identity,
+//! pid and start tag as for a `Normal` mutex's holder, is dead; or its
+//! pipe has no reader any more) goes on to the next waiter, so it is not
+//! lost.
 //!
 //! Every stub catches panics; waiting stubs release the OCaml runtime lock
 //! (they touch no OCaml value while waiting: the object is in shared
@@ -62,7 +65,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 const MUTEX_MAGIC: u64 = u64::from_le_bytes(*b"SHMMTX03");
 const SEM_MAGIC: u64 = u64::from_le_bytes(*b"SHMSEM01");
 const COND_MAGIC: u64 = u64::from_le_bytes(*b"SHMCND03");
-const ENTRY_MAGIC: u64 = u64::from_le_bytes(*b"SHMWTE02");
+const ENTRY_MAGIC: u64 = u64::from_le_bytes(*b"SHMWTE03");
 const MUTEX_OFF: usize = 16;
 /// Bytes of a mutex string.
 pub const MUTEX_BYTES: usize = MUTEX_OFF + std::mem::size_of::<libc::pthread_mutex_t>();
@@ -73,13 +76,15 @@ const LIST_LOCK_OFF: usize = 24;
 /// Bytes of a condition string.
 pub const COND_BYTES: usize = LIST_LOCK_OFF + std::mem::size_of::<libc::pthread_mutex_t>();
 /// Bytes of an event wait entry before its pipe path.
-pub const ENTRY_HDR: usize = 32;
+pub const ENTRY_HDR: usize = 40;
 /// Offsets in an event wait entry: next queued entry, condition queued on,
-/// state, path length.
+/// state, waiter, path length (just before the path: the OCaml side reads
+/// it there).
 const ENTRY_NEXT: usize = 8;
 const ENTRY_COND: usize = 16;
 const ENTRY_STATE: usize = 24;
-const ENTRY_LEN: usize = 28;
+const ENTRY_WAITER: usize = 28;
+const ENTRY_LEN: usize = 36;
 
 /// Test-only staged death (`Shmpool_netmcore.Struct_internal.sync_crash_at`):
 /// the process SIGKILLs itself when it reaches the point numbered
@@ -704,7 +709,11 @@ fn signal_event_waiters(p: *mut u8, all: bool) -> Option<bool> {
         // SAFETY: the entry string holds len path bytes after its header
         // (written once by shmpool_sync_entry_init, never changed).
         let bytes = unsafe { std::slice::from_raw_parts(e.add(ENTRY_HDR), len) };
-        let alive = std::ffi::CString::new(bytes).is_ok_and(|path| notify(&path));
+        // a dead waiter's pipe may have another reader (a new waiter given
+        // the same path): its identity, not the pipe, tells it is gone
+        let waiter = word(e, ENTRY_WAITER).load(Ordering::Relaxed);
+        let alive = !(waiter != 0 && holder_dead(waiter))
+            && std::ffi::CString::new(bytes).is_ok_and(|path| notify(&path));
         crash_point(CP_SIGNAL_WRITTEN);
         // single store: the list stays well-formed if we die here
         head.store(
@@ -804,6 +813,8 @@ pub extern "C" fn shmpool_sync_entry_init(e: Raw, path: Raw) -> Raw {
         dword(p, ENTRY_NEXT).store(0, Ordering::Relaxed);
         dword(p, ENTRY_COND).store(0, Ordering::Relaxed);
         word(p, ENTRY_STATE).store(0, Ordering::Relaxed);
+        word(p, ENTRY_WAITER).store(0, Ordering::Relaxed);
+        word(p, 32).store(0, Ordering::Relaxed);
         word(p, ENTRY_LEN).store(len as u32, Ordering::Relaxed);
         magic(p).store(ENTRY_MAGIC, Ordering::Release);
         0
@@ -849,10 +860,12 @@ pub extern "C" fn shmpool_sync_cond_enqueue(c: Raw, e: Raw) -> Raw {
         loop {
             let a = link.load(Ordering::Acquire);
             if a == ea {
+                word(ep, ENTRY_WAITER).store(my_pid(), Ordering::Relaxed);
                 word(ep, ENTRY_STATE).store(0, Ordering::Release);
                 break;
             }
             if a == 0 {
+                word(ep, ENTRY_WAITER).store(my_pid(), Ordering::Relaxed);
                 word(ep, ENTRY_STATE).store(0, Ordering::Release);
                 dword(ep, ENTRY_NEXT).store(0, Ordering::Release);
                 // the condition is recorded before the entry is reachable

@@ -315,8 +315,8 @@ type death = Hook of string | Stub of string | Asleep
 
 (* A child that waits (with [wait_e] on its own pipe, or [wait]) until it
    can take a ticket; exit 0 once it took one. [arm] runs first. *)
-let start_waiter ?(arm = ignore) ?entry r h kind =
-  let path = match kind with Event -> fresh_fifo () | Futex -> "" in
+let start_waiter ?(arm = ignore) ?entry ?path r h kind =
+  let path = match (kind, path) with Event, None -> fresh_fifo () | Event, Some p -> p | Futex, _ -> "" in
   let entry = Option.map (fun f -> f path) entry in
   fork_child (fun () ->
       let heap = Netmcore_ref.heap r in
@@ -541,6 +541,22 @@ let normal_reused_pid () =
           Unix.kill reuser Sys.sigkill;
           ignore (await reuser)))
 
+(* An event waiter dies queued, and a new waiter waits on a pipe of the
+   same path (a restarted worker given its predecessor's pipe): the dead
+   entry's pipe has a reader again, yet a signal must not count the dead
+   waiter as woken, it must reach the live one. *)
+let dead_waiter_pipe_reused () =
+  with_pool (fun pool ->
+      with_header pool `Normal (fun r h ->
+          let path = fresh_fifo () in
+          let d = start_waiter ~path r h Event in
+          until_waiting h 1;
+          Unix.kill d Sys.sigkill;
+          check_status "the waiter died queued" (Unix.WSIGNALED Sys.sigkill) (await d);
+          let live = start_waiter ~path r h Event in
+          until_waiting h 2;
+          wake_all h `Signal [ live ]))
+
 (* A semaphore waiter killed asleep does not take a later post: the next
    waiter gets it. *)
 let sem_dead_waiter () =
@@ -643,6 +659,7 @@ let () =
             (Futex, Asleep, "wait: asleep");
             (Futex, Stub "wait:woken", "wait: woken, mutex not locked again") ]
         @ [ Alcotest.test_case "random kills while signals race" `Quick random_kills;
-            Alcotest.test_case "free_wait_entry_e of a dead waiter's queued entry" `Quick free_queued_entry ] );
+            Alcotest.test_case "free_wait_entry_e of a dead waiter's queued entry" `Quick free_queued_entry;
+          Alcotest.test_case "a dead waiter's pipe path reused by a live waiter" `Quick dead_waiter_pipe_reused ] );
       ("semaphore", [ Alcotest.test_case "a waiter killed asleep" `Quick sem_dead_waiter ]);
     ]
