@@ -104,6 +104,7 @@ impl Heap<'_> {
         d.chunks[n].bytes.store(bytes as u64, Relaxed);
         d.nchunks.store(n as u64 + 1, Relaxed); // commit
         d.chunk_gen.fetch_add(1, Relaxed);
+        crate::crashpoint::hit(crate::crashpoint::CrashPoint::HeapChunkAppended);
         let r = self.range_of(off);
         d.heap_words
             .store(d.heap_words.load(Relaxed) + r.words, Relaxed);
@@ -124,11 +125,12 @@ impl Heap<'_> {
         d.chunks[i]
             .bytes
             .store(d.chunks[last].bytes.load(Relaxed), Relaxed);
+        crate::crashpoint::hit(crate::crashpoint::CrashPoint::HeapChunkEntryMoved);
         d.nchunks.store(last as u64, Relaxed); // commit
         d.chunk_gen.fetch_add(1, Relaxed);
         d.heap_words
             .store(d.heap_words.load(Relaxed).saturating_sub(r.words), Relaxed);
-        super::crash::hit(super::crash::HeapPoint::ChunkRemoved);
+        crate::crashpoint::hit(crate::crashpoint::CrashPoint::HeapChunkRemoved);
         // The table no longer names it: a free that fails (a block the
         // pool does not know as live: damage) leaves nothing of ours
         // behind, and if the block is still live the next recovery's
@@ -180,7 +182,7 @@ impl Heap<'_> {
             let _ = self.pool.free(off);
             return Err(e.into());
         }
-        super::crash::hit(super::crash::HeapPoint::ChunkDisowned);
+        crate::crashpoint::hit(crate::crashpoint::CrashPoint::HeapChunkDisowned);
         self.append_chunk(off as u64, bytes);
         Ok(())
     }

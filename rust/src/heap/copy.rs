@@ -405,7 +405,7 @@ impl Heap<'_> {
         let half = sc.order.len() / 2;
         for (i, &x) in sc.order.iter().enumerate() {
             if i == half {
-                super::crash::hit(super::crash::HeapPoint::CopyHalfDone);
+                crate::crashpoint::hit(crate::crashpoint::CrashPoint::HeapCopyHalfDone);
             }
             let Some(p) = sc.get(x) else { continue };
             let to = span + p.at * 8;

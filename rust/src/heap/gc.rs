@@ -99,7 +99,7 @@ impl Heap<'_> {
                 stack.push(v);
             }
         }
-        super::crash::hit(super::crash::HeapPoint::MidMark);
+        crate::crashpoint::hit(crate::crashpoint::CrashPoint::HeapMidMark);
         while let Some(v) = stack.pop() {
             let hoff = v - self.base() - 8;
             // SAFETY: v was marked, so its header and fields are inside
@@ -123,7 +123,7 @@ impl Heap<'_> {
         let mut empty = Vec::new();
         for (ri, r) in ranges.iter().enumerate() {
             if ri == 1 || ranges.len() == 1 {
-                super::crash::hit(super::crash::HeapPoint::MidSweep);
+                crate::crashpoint::hit(crate::crashpoint::CrashPoint::HeapMidSweep);
             }
             let nwords = r.words.div_ceil(64);
             // SAFETY: bitmap words of our chunk; lock held.
