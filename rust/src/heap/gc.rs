@@ -30,24 +30,31 @@ use super::{HResult, Heap};
 use std::sync::atomic::Ordering::Relaxed;
 
 impl Heap<'_> {
-    /// Collects (lock held by the calling thread).
+    /// Collects (lock held by the calling thread), giving every emptied
+    /// extension chunk back to the pool (an explicit `gc`).
     pub(crate) fn collect(&self) -> HResult<()> {
-        self.collect_with(&|_| {})
+        self.collect_with(&|_| {}, None)
     }
 
     /// Collects with the roots `extra` adds too (lock held): the blocks of
-    /// this heap a copy in progress reads (`copy.rs`).
-    pub(crate) fn collect_with(&self, extra: &dyn Fn(&mut Vec<u64>)) -> HResult<()> {
+    /// this heap a copy in progress reads (`copy.rs`). `pending`: the
+    /// words of the allocation that made this GC run, if one did (see
+    /// `sweep`).
+    pub(crate) fn collect_with(
+        &self,
+        extra: &dyn Fn(&mut Vec<u64>),
+        pending: Option<u64>,
+    ) -> HResult<()> {
         self.prune_dead_pins();
         let d = self.desc();
         let mut roots = vec![d.root.load(Relaxed), d.pin_head.load(Relaxed)];
         roots.extend_from_slice(&self.local()?.added);
         extra(&mut roots);
-        self.collect_from(&roots)
+        self.collect_from(&roots, pending)
     }
 
     /// Marks from `roots` and sweeps (lock held).
-    pub(crate) fn collect_from(&self, roots: &[u64]) -> HResult<()> {
+    pub(crate) fn collect_from(&self, roots: &[u64], pending: Option<u64>) -> HResult<()> {
         let ranges = self.ranges();
         for r in &ranges {
             // SAFETY: the bitmap lies inside the chunk (format_chunk);
@@ -61,7 +68,7 @@ impl Heap<'_> {
             };
         }
         self.mark(&ranges, roots);
-        self.sweep(&ranges)
+        self.sweep(&ranges, pending)
     }
 
     /// Marks `v` if it is an unmarked block of ours; returns whether it
@@ -115,7 +122,19 @@ impl Heap<'_> {
         }
     }
 
-    fn sweep(&self, ranges: &[ChunkRange]) -> HResult<()> {
+    /// Rebuilds the free lists from the marks. An extension chunk with no
+    /// marked block goes back to the pool, except, in a GC that an
+    /// allocation of `pending` words ran, while the free space of the chunks
+    /// kept so far is below what the heap will allocate before its next GC
+    /// (max(live words, `MIN_GC_WORDS`)) plus `pending`, so that a heap whose live data fits in one chunk but whose
+    /// allocation rate needs two does not give a chunk back at every GC and
+    /// take it again a few allocations later (measured: 10 KB strings
+    /// replaced in a 64 KB heap, a grow and a give-back every 15 `add`s,
+    /// each a pool alloc, a bitmap clear on fresh pages, a disown and a
+    /// pool free). An explicit `gc`, and recovery, pass `None`: every empty
+    /// chunk goes back. So the heap holds at most that much free space
+    /// beyond what its live data needs.
+    fn sweep(&self, ranges: &[ChunkRange], pending: Option<u64>) -> HResult<()> {
         let d = self.desc();
         let first = d.first_chunk.load(Relaxed);
         self.clear_free_lists();
@@ -129,7 +148,7 @@ impl Heap<'_> {
             // SAFETY: bitmap words of our chunk; lock held.
             let any = (0..nwords).any(|k| unsafe { self.rd(r.bitmap + 8 * k) } != 0);
             if !any && r.hdr != first {
-                empty.push(r.hdr);
+                empty.push((r.hdr, r.area, r.words));
                 continue;
             }
             let mut pos = 0u64; // first area word not yet accounted for
@@ -158,7 +177,12 @@ impl Heap<'_> {
                 self.push_free(r.area + pos * 8, r.words - pos);
             }
         }
-        for off in empty {
+        let keep_free = pending.map_or(0, |p| live.max(super::MIN_GC_WORDS) + p);
+        for (off, area, words) in empty {
+            if d.free_words.load(Relaxed) < keep_free {
+                self.push_free(area, words);
+                continue;
+            }
             let n = d.nchunks.load(Relaxed) as usize;
             if let Some(i) = (0..n).find(|&i| d.chunks[i].offset.load(Relaxed) == off) {
                 self.remove_chunk(i)?;

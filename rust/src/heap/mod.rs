@@ -547,7 +547,7 @@ impl<'p> Heap<'p> {
         let d = self.desc();
         let since = d.alloc_since_gc.load(Relaxed);
         if since >= d.live_words.load(Relaxed).max(MIN_GC_WORDS) {
-            self.collect_with(extra)?;
+            self.collect_with(extra, Some(words))?;
             // Mostly live after the GC: grow now, so the next GCs stay
             // amortised; but a full pool is no error while the free lists
             // still have room.
@@ -567,7 +567,7 @@ impl<'p> Heap<'p> {
                 // The pool is full: what the heap holds as garbage is the
                 // only room left.
                 Err(HeapError::Pool(Error::OutOfMemory)) if since > 0 => {
-                    self.collect_with(extra)?
+                    self.collect_with(extra, Some(words))?
                 }
                 r => r?,
             }

@@ -39,7 +39,7 @@ impl Heap<'_> {
         self.prune_dead_pins();
         crate::crashpoint::hit(crate::crashpoint::CrashPoint::HeapMidRecovery);
         let roots = [d.root.load(Relaxed), d.pin_head.load(Relaxed)];
-        if self.collect_from(&roots).is_err() {
+        if self.collect_from(&roots, None).is_err() {
             return false;
         }
         self.free_orphan_chunks();
