@@ -28,6 +28,15 @@ let () =
     for _ = 1 to 1000 do
       modify h (fun m -> (root h) := add m v)
     done;
+    (* PROF_HEAP_TRACE: where the first 30 values land (KiB), to see how
+       much memory the copies cycle through *)
+    if Sys.getenv_opt "PROF_HEAP_TRACE" <> None then begin
+      for _ = 1 to 30 do
+        modify h (fun m -> (root h) := add m v);
+        Printf.printf "%d " ((Obj.magic !(root h) : int) * 2 / 1024 mod 100000)
+      done;
+      print_newline ()
+    end;
     let t0 = now () and c0 = Sys.time () in
     for _ = 1 to n do
       modify h (fun m -> (root h) := add m v)

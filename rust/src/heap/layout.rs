@@ -102,7 +102,11 @@ pub struct HeapDesc {
     /// `repaired` to know their counters need recomputing.
     pub needs_repair: AtomicU64,
     pub repaired: AtomicU64,
-    pub _pad1: [u64; 2],
+    /// 1 from the start of a GC's mark to the end of its sweep (version
+    /// 2): while set, a bitmap may hold marks, and the next GC clears them
+    /// all first (`gc.rs`, invariant B).
+    pub bitmaps_dirty: AtomicU64,
+    pub _pad1: [u64; 1],
     /// Offset (from the pool base) of the header of the first free block of
     /// each class; 0 = empty. Index 0: blocks of more than SMALL_WORDS words.
     pub free_heads: [AtomicU64; SMALL_WORDS + 1],
@@ -154,6 +158,7 @@ const _: () = {
     assert!(offset_of!(HeapDesc, lock) == 64);
     assert!(offset_of!(HeapDesc, root) == 128);
     assert!(offset_of!(HeapDesc, repaired) == 216);
+    assert!(offset_of!(HeapDesc, bitmaps_dirty) == 224);
     assert!(offset_of!(HeapDesc, free_heads) == 240);
     assert!(offset_of!(HeapDesc, pin_head) == 240 + 8 * (SMALL_WORDS + 1));
     assert!(offset_of!(HeapDesc, chunks) == 816);
