@@ -21,8 +21,10 @@
 //! readers without the lock never see a live value change. An extension
 //! chunk with no marked block goes back to the pool.
 //!
-//! Cost: O(live blocks + live fields) to mark, O(area / 64) to clear and
-//! scan the bitmaps, O(gaps) to rebuild the lists.
+//! Cost: O(live blocks + live fields) to mark, O(gaps) to rebuild the
+//! lists, and the bitmap words between each chunk's first and last marked
+//! block to sweep (bitmaps stay zero between GCs: invariant B, see
+//! `collect_from`; a whole-bitmap clear only after an interrupted GC).
 
 use super::chunks::{find_index_in, ChunkRange};
 use super::value::*;
