@@ -62,6 +62,25 @@ fn reached(p: CrashPoint, op: Op) -> bool {
         FreeLoaded | CachePushLocked | InboxPushLocked | InboxPushCommitted | InboxDrainMoving => {
             false
         }
+        // The shared heaps' points (tests/heap.rs), never in a pool op.
+        HeapCreateFormatted
+        | HeapCreateBeforeDisown
+        | HeapAllocSplit
+        | HeapCopyHalfDone
+        | HeapRootStored
+        | HeapMidMark
+        | HeapMidSweep
+        | HeapChunkDisowned
+        | HeapChunkAppended
+        | HeapChunkEntryMoved
+        | HeapChunkRemoved
+        | HeapPinWritten
+        | HeapPinRemoved
+        | HeapMidRecovery
+        | HeapDestroyCommitted
+        | HeapDestroyChunkForgotten
+        | HeapDestroyChunksFreed
+        | HeapDestroyUnlocked => false,
     }
 }
 

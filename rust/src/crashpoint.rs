@@ -17,13 +17,16 @@ macro_rules! crash_points {
     (
         locked { $($(#[doc = $doc:literal])* $point:ident = $n:literal,)* }
         unlocked { $($(#[doc = $udoc:literal])* $upoint:ident = $un:literal,)* }
+        heap { $($(#[doc = $hdoc:literal])* $hpoint:ident = $hn:literal,)* }
     ) => {
-        /// The steps of alloc and free, in the order they happen.
+        /// The steps of alloc and free, then of the shared heaps'
+        /// operations, in the order they happen.
         #[derive(Debug, Clone, Copy, PartialEq, Eq)]
         #[repr(u32)]
         pub enum CrashPoint {
             $($(#[doc = $doc])* $point = $n,)*
             $($(#[doc = $udoc])* $upoint = $un,)*
+            $($(#[doc = $hdoc])* $hpoint = $hn,)*
         }
 
         /// Every crash point reached with the pool lock held, in order, for
@@ -34,12 +37,18 @@ macro_rules! crash_points {
         /// thread there through [`on_hit`]).
         pub const UNLOCKED: [CrashPoint; [$($un),*].len()] = [$(CrashPoint::$upoint),*];
 
+        /// The points of the shared heaps (`crate::heap`), in the order
+        /// of the operations' steps: every one but `HeapDestroyUnlocked`
+        /// is reached holding the heap's lock (never the pool's).
+        pub const HEAP: [CrashPoint; [$($hn),*].len()] = [$(CrashPoint::$hpoint),*];
+
         impl CrashPoint {
             /// The point's name, as written here (`"AllocUnlinked"`).
             pub fn name(self) -> &'static str {
                 match self {
                     $(CrashPoint::$point => stringify!($point),)*
                     $(CrashPoint::$upoint => stringify!($upoint),)*
+                    $(CrashPoint::$hpoint => stringify!($hpoint),)*
                 }
             }
         }
@@ -81,6 +90,48 @@ crash_points! {
     /// Drain: the owner holds its slot lock and its inbox lock, and has
     /// moved part of the inbox into its stacks.
     InboxDrainMoving = 13,
+  }
+  heap {
+    /// Create: descriptor and first chunk formatted, magic stored, lock
+    /// held, root not yet set; the block is still owned by the creator.
+    HeapCreateFormatted = 14,
+    /// Create: root set, heap lock released, block not yet disowned.
+    HeapCreateBeforeDisown = 15,
+    /// Allocation: a larger free block unlinked, its remainder not yet filed.
+    HeapAllocSplit = 16,
+    /// Copy-in: the span is allocated and half of its blocks written.
+    HeapCopyHalfDone = 17,
+    /// `modify`: a new root stored (committed), lock still held.
+    HeapRootStored = 18,
+    /// GC: bitmaps cleared and the root's first blocks marked.
+    HeapMidMark = 19,
+    /// GC: the free lists emptied and partly rebuilt.
+    HeapMidSweep = 20,
+    /// Grow: the new chunk is owned by nobody, not yet in the table.
+    HeapChunkDisowned = 21,
+    /// Grow: the chunk is in the table (committed), its area not yet free.
+    HeapChunkAppended = 22,
+    /// Sweep: the last table entry copied over the removed one, the count
+    /// not yet lowered (one chunk listed twice).
+    HeapChunkEntryMoved = 23,
+    /// Sweep: an empty chunk's entry removed, its pool block not yet freed.
+    HeapChunkRemoved = 24,
+    /// A pin is written (`with_value` between `find` and `process`).
+    HeapPinWritten = 25,
+    /// A pin is unlinked (`with_value` after `process`), lock still held.
+    HeapPinRemoved = 26,
+    /// Recovery: chunk table sanitised and dead pins dropped, no GC yet.
+    HeapMidRecovery = 27,
+    /// Destroy: state DESTROYING stored (the commit), nothing freed.
+    HeapDestroyCommitted = 28,
+    /// Destroy: an extension chunk dropped from the table, not yet freed.
+    HeapDestroyChunkForgotten = 29,
+    /// Destroy: every extension chunk freed, the first block's pool word
+    /// recorded, lock still held.
+    HeapDestroyChunksFreed = 30,
+    /// Destroy: heap lock released, the first block not yet freed (the
+    /// only heap point reached without the heap lock).
+    HeapDestroyUnlocked = 31,
   }
 }
 
@@ -145,7 +196,12 @@ mod tests {
     #[test]
     fn numbers_are_distinct_and_nonzero_and_names_unique() {
         // 0 means "disarmed" to `arm` and to the OCaml stub.
-        let every: Vec<CrashPoint> = ALL.iter().chain(UNLOCKED.iter()).copied().collect();
+        let every: Vec<CrashPoint> = ALL
+            .iter()
+            .chain(UNLOCKED.iter())
+            .chain(HEAP.iter())
+            .copied()
+            .collect();
         for (i, a) in every.iter().enumerate() {
             assert_ne!(*a as u32, 0, "{a:?}");
             for b in &every[i + 1..] {

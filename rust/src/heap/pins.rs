@@ -92,7 +92,7 @@ impl Heap<'_> {
         self.set_pin_field(p, START, val_int(id.start_time as i64));
         self.set_pin_field(p, NEXT, d.pin_head.load(Relaxed));
         d.pin_head.store(p, Relaxed); // commit
-        super::crash::hit(super::crash::HeapPoint::PinWritten);
+        crate::crashpoint::hit(crate::crashpoint::CrashPoint::HeapPinWritten);
         Ok(p)
     }
 
@@ -102,6 +102,7 @@ impl Heap<'_> {
         self.local()?;
         if pin != 0 {
             self.unlink_pins(|p| p == pin);
+            crate::crashpoint::hit(crate::crashpoint::CrashPoint::HeapPinRemoved);
         }
         Ok(())
     }
