@@ -1,0 +1,279 @@
+#!/bin/bash
+# `make test-ocaml414`: the shared heap (issue 11) on OCaml 4.14.
+#
+# Debian 12 ships OCaml 4.13.1 only. This script builds, into a cache
+# outside the repository (reused by later runs):
+#   1. OCaml 4.14 from the npm package `ocaml` (OCaml's source tree, esy
+#      packaging), default configure (naked pointers allowed, as in the
+#      distributions' 4.14);
+#   2. findlib and OCamlnet 4.1.9 (Debian 12's source packages, through
+#      apt-get source with a deb-src list of its own, kept in the cache);
+#   3. a copy of this tree (Rust stubs and OCaml libraries, dune into the
+#      copy's own _build and cargo into the copy's own target/), with
+#      stand-ins for Alcotest and QCheck (tests/ocaml414/shim);
+# then runs, on 4.14: tests/ocaml414/test_heap414.ml (heap values held in
+# private data, OCaml mutation inside modify, the issue's 10 KB assign loop,
+# workers, all under full majors, explicit and automatic compactions), the
+# existing heap suites, the issue's loop on OCamlnet's original
+# Netmcore_ref (expected to die at its first compaction) and on a
+# deliberately broken copy of ours (white headers; must fail). Exit 0 only
+# when every expectation holds. Needs: root (apt-get), npm, the packages of
+# scripts/setup.sh. First run: about 20-30 min on 2 cores; later runs
+# rebuild only the copy of the tree.
+#
+#   SHMPOOL_OCAML414_CACHE  cache directory (default
+#                           ${XDG_CACHE_HOME:-$HOME/.cache}/shmpool/ocaml-4.14)
+#   SHMPOOL_414_ITERS       iterations of the assign loop (default 12000)
+#   JOBS                    make -j (default 2)
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+CACHE=${SHMPOOL_OCAML414_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/shmpool/ocaml-4.14}
+PREFIX=$CACHE/prefix
+OCAML_NPM=ocaml@4.14.1000
+OCAMLNET_DEB=4.1.9-1
+FINDLIB_DEB=1.9.6-1
+JOBS=${JOBS:-2}
+ITERS=${SHMPOOL_414_ITERS:-12000}
+export SHMPOOL_414_ITERS=$ITERS
+
+log() { printf '[ocaml414] %s\n' "$*"; }
+die() { log "ERROR: $*"; exit 1; }
+mkdir -p "$CACHE"/{dl,src,logs}
+
+# Runs a build step quietly into logs/NAME.log; on failure shows its end.
+step() {
+  local name=$1
+  shift
+  if ! nice "$@" >"$CACHE/logs/$name.log" 2>&1; then
+    tail -40 "$CACHE/logs/$name.log" >&2
+    die "$name failed (full log: $CACHE/logs/$name.log)"
+  fi
+}
+
+# Nothing of the machine's own OCaml may leak into the 4.14 builds.
+unset OCAMLPATH OCAMLLIB CAML_LD_LIBRARY_PATH OCAMLFIND_CONF OCAMLFIND_DESTDIR OCAMLFIND_LDCONF OPAM_SWITCH_PREFIX
+export PATH=$PREFIX/bin:$HOME/.cargo/bin:/usr/local/bin:/usr/bin:/bin
+
+# ---- 1. OCaml 4.14 --------------------------------------------------------
+if [ ! -f "$CACHE/ocaml.done" ]; then
+  tgz=$(ls "$CACHE"/dl/ocaml-4.14*.tgz 2>/dev/null | head -1 || true)
+  if [ -z "$tgz" ]; then
+    log "fetching $OCAML_NPM (npm pack)"
+    (cd "$CACHE/dl" && npm pack --silent "$OCAML_NPM" >/dev/null) || die "npm pack $OCAML_NPM failed"
+    tgz=$(ls "$CACHE"/dl/ocaml-4.14*.tgz | head -1)
+  fi
+  rm -rf "$CACHE/src/ocaml" "$PREFIX"
+  mkdir -p "$CACHE/src/ocaml"
+  tar xzf "$tgz" -C "$CACHE/src/ocaml" --strip-components=1
+  log "OCaml source: $(basename "$tgz"), VERSION $(head -1 "$CACHE/src/ocaml/VERSION")"
+  log "building OCaml (configure, make -j$JOBS world.opt, install: 10-20 min)"
+  cd "$CACHE/src/ocaml"
+  step ocaml-configure ./configure --prefix="$PREFIX"
+  step ocaml-build make -j"$JOBS" world.opt
+  step ocaml-install make install
+  cd "$ROOT"
+  touch "$CACHE/ocaml.done"
+fi
+[ -x "$PREFIX/bin/ocamlopt.opt" ] || die "no $PREFIX/bin/ocamlopt.opt (remove $CACHE/ocaml.done to rebuild)"
+OCAML_VERSION=$("$PREFIX/bin/ocamlc" -version)
+case "$OCAML_VERSION" in 4.14.*) ;; *) die "expected OCaml 4.14, got $OCAML_VERSION" ;; esac
+NAKED=$("$PREFIX/bin/ocamlc" -config | sed -n 's/^naked_pointers: //p')
+NAKED_CHECKER=$("$PREFIX/bin/ocamlc" -config | sed -n 's/^naked_pointers_checker: //p')
+log "OCaml $OCAML_VERSION in $PREFIX; naked_pointers: $NAKED, naked_pointers_checker: $NAKED_CHECKER"
+
+# ---- 2. findlib and OCamlnet (Debian 12 source packages) ------------------
+# A deb-src list of our own, made from the machine's deb entries, and apt
+# state in the cache: the system's apt configuration is not touched.
+APT=$CACHE/apt
+APT_OPTS=(-o "Dir::Etc::sourcelist=$APT/sources.list" -o "Dir::Etc::sourceparts=$APT/sources.list.d"
+  -o "Dir::State::Lists=$APT/lists" -o "Dir::Cache=$APT/cache" -o "APT::Get::List-Cleanup=0")
+fetch_sources() {
+  mkdir -p "$APT/sources.list.d" "$APT/lists/partial" "$APT/cache/archives/partial" "$CACHE/debsrc"
+  sed -n 's/^deb \(.*\)$/deb-src \1/p' /etc/apt/sources.list 2>/dev/null >"$APT/sources.list" || true
+  for f in /etc/apt/sources.list.d/*.list; do
+    [ -f "$f" ] && sed -n 's/^deb \(.*\)$/deb-src \1/p' "$f" >>"$APT/sources.list"
+  done
+  for f in /etc/apt/sources.list.d/*.sources; do
+    [ -f "$f" ] && sed 's/^Types:.*$/Types: deb-src/' "$f" >"$APT/sources.list.d/$(basename "$f")"
+  done
+  log "apt-get update (deb-src only, state in $APT)"
+  step apt-update apt-get "${APT_OPTS[@]}" update
+  log "apt-get source ocamlnet=$OCAMLNET_DEB findlib=$FINDLIB_DEB"
+  (cd "$CACHE/debsrc" && step apt-source apt-get "${APT_OPTS[@]}" source --download-only \
+    "ocamlnet=$OCAMLNET_DEB" "findlib=$FINDLIB_DEB") ||
+    die "apt-get source failed: no deb-src reachable? (log: $CACHE/logs/apt-source.log)"
+}
+
+if [ ! -f "$CACHE/findlib.done" ] || [ ! -f "$CACHE/ocamlnet.done" ]; then
+  [ -f "$CACHE/debsrc/ocamlnet_$OCAMLNET_DEB.dsc" ] && [ -f "$CACHE/debsrc/findlib_${FINDLIB_DEB%-*}.orig.tar.gz" ] || fetch_sources
+fi
+
+if [ ! -f "$CACHE/findlib.done" ]; then
+  # Upstream's tarball (Debian's patches point findlib at /usr/local and
+  # /usr/share/ocaml-findlib, i.e. at the machine's 4.13 packages).
+  rm -rf "$CACHE/src/findlib"
+  mkdir -p "$CACHE/src/findlib"
+  tar xzf "$CACHE/debsrc/findlib_${FINDLIB_DEB%-*}.orig.tar.gz" -C "$CACHE/src/findlib" --strip-components=1
+  log "building findlib ${FINDLIB_DEB%-*}"
+  cd "$CACHE/src/findlib"
+  mkdir -p "$PREFIX/lib/site-lib" "$PREFIX/etc"
+  step findlib-configure ./configure -bindir "$PREFIX/bin" -mandir "$PREFIX/man" -sitelib "$PREFIX/lib/site-lib" \
+    -config "$PREFIX/etc/findlib.conf" -no-custom
+  step findlib-build make all opt
+  step findlib-install make install
+  cd "$ROOT"
+  touch "$CACHE/findlib.done"
+fi
+export OCAMLFIND_CONF=$PREFIX/etc/findlib.conf
+[ "$(ocamlfind ocamlopt -version)" = "$OCAML_VERSION" ] || die "ocamlfind does not drive OCaml $OCAML_VERSION"
+
+if [ ! -f "$CACHE/ocamlnet.done" ]; then
+  rm -rf "$CACHE/src/ocamlnet"
+  (cd "$CACHE/src" && step ocamlnet-unpack dpkg-source -x "$CACHE/debsrc/ocamlnet_$OCAMLNET_DEB.dsc" ocamlnet)
+  log "building OCamlnet ${OCAMLNET_DEB%-*} (all packages of the default configure: 5-10 min)"
+  cd "$CACHE/src/ocamlnet"
+  step ocamlnet-configure ./configure -bindir "$PREFIX/bin" -datadir "$PREFIX/share/ocamlnet"
+  grep -q 'enable_multicore=1\|netmulticore' Makefile.conf || die "OCamlnet's configure disabled netmulticore (see $CACHE/logs/ocamlnet-configure.log)"
+  step ocamlnet-build make all
+  step ocamlnet-opt make opt
+  step ocamlnet-install make install
+  cd "$ROOT"
+  touch "$CACHE/ocamlnet.done"
+fi
+ocamlfind query netmulticore >/dev/null || die "netmulticore not installed for 4.14"
+log "findlib $(ocamlfind query -format '%v' findlib), OCamlnet $(ocamlfind query -format '%v' netmulticore) for 4.14"
+log "OCamlnet configure: $(grep -i 'out-of-heap' "$CACHE/logs/ocamlnet-configure.log" | head -1 | tr -s ' ')"
+log "netmulticore requires: $(ocamlfind query -format '%(requires)' netmulticore)"
+
+# ---- 3. our libraries, in a copy of the tree --------------------------------
+# The copy has its own _build and target/ (the cargo target of
+# ocaml/shmpool/dune is relative to the tree), so the normal builds of the
+# checkout are never disturbed. OCAMLOPT makes ocaml-sys (ocaml-rs) read the
+# 4.14 compiler.
+TEST_TARGETS=(tests/ocaml414/test_heap414.exe tests/ocaml/test_heap.exe tests/ocaml/test_heap_review.exe
+  tests/ocaml/test_heap_workers.exe tests/ocaml/test_structs.exe tests/ocaml/test_structs2.exe)
+make_copy() { # DEST [broken]
+  local dest=$1
+  mkdir -p "$dest"
+  rm -rf "$dest/tree-new"
+  # the files git knows of (tracked or new, not ignored) that exist, into a
+  # staging copy, then mirrored over the tree (keeping its _build, target)
+  (cd "$ROOT" && git ls-files -co --exclude-standard -z |
+    while IFS= read -r -d '' f; do [ -e "$f" ] && printf '%s\0' "$f"; done) |
+    rsync -a --from0 --files-from=- "$ROOT/" "$dest/tree-new/"
+  rsync -a --delete --exclude=/_build --exclude=/target "$dest/tree-new/" "$dest/tree/"
+  rm -rf "$dest/tree-new"
+  cp "$dest/tree/tests/ocaml414/dune.in" "$dest/tree/tests/ocaml414/dune"
+  cp "$dest/tree/tests/ocaml414/shim/dune.in" "$dest/tree/tests/ocaml414/shim/dune"
+  find "$dest/tree/tests/ocaml" -name dune -exec sed -i 's/qcheck-core/qcheck_core/g' {} +
+  if [ "${2:-}" = broken ]; then
+    # White headers, and our GC no longer insists on black: the layout
+    # OCamlnet's heap has, which OCaml's compactor rewrites.
+    sed -i 's/(wosize << 10) | BLACK | tag as u64/(wosize << 10) | tag as u64/; s/hd & COLOUR_MASK == BLACK$/hd \& COLOUR_MASK == hd \& COLOUR_MASK/' \
+      "$dest/tree/rust/src/heap/value.rs"
+    grep -q '(wosize << 10) | tag as u64' "$dest/tree/rust/src/heap/value.rs" || die "broken variant: patch did not apply"
+  fi
+}
+build_copy() { # DEST LOGNAME TARGETS...
+  local dest=$1 name=$2
+  shift 2
+  (cd "$dest/tree" && OCAMLOPT=$PREFIX/bin/ocamlopt.opt step "$name" dune build --root . -j "$JOBS" "$@")
+}
+
+log "building our libraries and tests against $OCAML_VERSION (copy in $CACHE/work/ok)"
+make_copy "$CACHE/work/ok"
+build_copy "$CACHE/work/ok" build-ours "${TEST_TARGETS[@]}"
+B=$CACHE/work/ok/tree/_build/default
+sysver=$(cat "$CACHE"/work/ok/tree/target/dune/release/build/ocaml-sys-*/out/ocaml_version 2>/dev/null | sort -u | tr '\n' ' ')
+log "ocaml-sys (ocaml-rs) built the stubs against OCaml: ${sysver:-?}"
+[ "${sysver% }" = "$OCAML_VERSION" ] || die "the Rust stubs were configured for '${sysver}', not $OCAML_VERSION"
+
+# Which caml_modify the test programs run: netsys.outofheap's replacement
+# (a strong caml_modify that consults the page table) or the runtime's
+# weak one.
+EXE=$B/tests/ocaml414/test_heap414.exe
+modify_kind=$(nm "$EXE" | awk '$3 == "caml_modify" {print $2}')
+lookups=$(objdump -d --no-show-raw-insn --disassemble=caml_modify "$EXE" 2>/dev/null | grep -c 'caml_page_table_lookup' || true)
+if [ "$modify_kind" = T ] && [ "$lookups" -gt 0 ]; then
+  MODIFY="netsys.outofheap's (strong symbol, calls caml_page_table_lookup)"
+elif [ "$modify_kind" = W ]; then
+  MODIFY="the runtime's own (weak symbol, not overridden)"
+else
+  MODIFY="unknown (nm: '$modify_kind', page-table calls: $lookups)"
+fi
+log "caml_modify linked into the test programs: $MODIFY"
+
+# ---- 4. run ---------------------------------------------------------------------
+declare -a RESULTS
+FAILED=0
+record() { # VERDICT(ok|FAIL) TEXT
+  RESULTS+=("$1: $2")
+  [ "$1" = ok ] || FAILED=1
+}
+# Removes the shm objects a crashed run names on stdout ("shm NAME"), if
+# no process maps them any more.
+cleanup_shm() {
+  local name
+  for name in $(sed -n 's/^shm \/\{0,1\}//p' "$1"); do
+    grep -qs "/dev/shm/$name" /proc/[0-9]*/maps || rm -f "/dev/shm/$name"
+  done
+}
+run_test() { # NAME TIMEOUT CMD... ; sets RC, output in logs/NAME.out
+  local name=$1 t=$2
+  shift 2
+  log "running $name"
+  set +e
+  (cd "$CACHE/work" && nice timeout -k 10 "$t" "$@") >"$CACHE/logs/$name.out" 2>&1
+  RC=$?
+  set -e
+  cleanup_shm "$CACHE/logs/$name.out"
+}
+loop_summary() { # the last progress line of a loop run
+  local last
+  last=$(grep '^iteration ' "$1" | tail -1 || true)
+  echo "${last:-no iteration reported}"
+}
+
+run_test test_heap414-all 1800 "$EXE" all
+sed -n '/^==\|ok:\|FAILED\|workers\?\|iterations\|compactions\|passed/p' "$CACHE/logs/test_heap414-all.out" | sed 's/^/    /'
+[ $RC -eq 0 ] && record ok "test_heap414 all (a)-(d) on $OCAML_VERSION" ||
+  record FAIL "test_heap414 all exited $RC (see $CACHE/logs/test_heap414-all.out)"
+
+for t in test_heap test_heap_review test_heap_workers test_structs test_structs2; do
+  run_test "$t" 900 "$B/tests/ocaml/$t.exe"
+  summary=$(grep -E '[0-9]+ passed, [0-9]+ failed' "$CACHE/logs/$t.out" | tail -1 || true)
+  [ $RC -eq 0 ] && record ok "tests/ocaml/$t on $OCAML_VERSION: ${summary:-exit 0}" ||
+    { grep '\[FAIL\]' "$CACHE/logs/$t.out" | head -5 | sed 's/^/    /'; record FAIL "tests/ocaml/$t exited $RC: $summary"; }
+done
+
+run_test loop-ours 1200 "$EXE" loop ours "$ITERS"
+[ $RC -eq 0 ] && record ok "issue loop, ours, default GC settings: $(tail -1 "$CACHE/logs/loop-ours.out")" ||
+  record FAIL "issue loop, ours: exit $RC after '$(loop_summary "$CACHE/logs/loop-ours.out")'"
+
+run_test loop-ocamlnet 1200 "$EXE" loop ocamlnet "$ITERS"
+if [ $RC -eq 0 ]; then
+  ORIG="OCamlnet's Netmcore_ref survived $ITERS iterations on $OCAML_VERSION: $(tail -1 "$CACHE/logs/loop-ocamlnet.out")"
+else
+  ORIG="OCamlnet's Netmcore_ref died (exit $RC$([ $RC -gt 128 ] && echo ", signal $((RC - 128))")) on $OCAML_VERSION; last progress: $(loop_summary "$CACHE/logs/loop-ocamlnet.out"); last line: $(tail -1 "$CACHE/logs/loop-ocamlnet.out")"
+fi
+record ok "(reported, not judged) $ORIG"
+
+# ---- 5. the harness can fail: white headers -----------------------------------
+if [ "${SHMPOOL_414_SKIP_BROKEN:-0}" != 1 ]; then
+  log "building a deliberately broken copy (white headers) in $CACHE/work/broken"
+  make_copy "$CACHE/work/broken" broken
+  build_copy "$CACHE/work/broken" build-broken tests/ocaml414/test_heap414.exe
+  run_test broken-loop 1200 "$CACHE/work/broken/tree/_build/default/tests/ocaml414/test_heap414.exe" loop ours "$ITERS"
+  [ $RC -ne 0 ] && record ok "broken variant (white headers) fails the loop: exit $RC after '$(loop_summary "$CACHE/logs/broken-loop.out")', $(tail -1 "$CACHE/logs/broken-loop.out")" ||
+    record FAIL "broken variant (white headers) passed the loop: the test cannot see the bug"
+  run_test broken-all 1800 "$CACHE/work/broken/tree/_build/default/tests/ocaml414/test_heap414.exe" all
+  [ $RC -ne 0 ] && record ok "broken variant fails test_heap414 all: exit $RC, $(grep -c FAILED "$CACHE/logs/broken-all.out" || true) failed sections; $(grep FAILED "$CACHE/logs/broken-all.out" | head -1 | cut -c1-160)" ||
+    record FAIL "broken variant passed test_heap414 all"
+fi
+
+echo
+log "summary (OCaml $OCAML_VERSION, naked_pointers $NAKED; caml_modify: $MODIFY)"
+for r in "${RESULTS[@]}"; do echo "  $r"; done
+if [ $FAILED -eq 0 ]; then log "all expectations met"; else log "SOME EXPECTATIONS FAILED (logs in $CACHE/logs)"; fi
+exit $FAILED
