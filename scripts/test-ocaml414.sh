@@ -56,17 +56,24 @@ unset OCAMLPATH OCAMLLIB CAML_LD_LIBRARY_PATH OCAMLFIND_CONF OCAMLFIND_DESTDIR O
 export PATH=$PREFIX/bin:$HOME/.cargo/bin:/usr/local/bin:/usr/bin:/bin
 
 # ---- 1. OCaml 4.14 --------------------------------------------------------
-if [ ! -f "$CACHE/ocaml.done" ]; then
+ocaml_tgz() { # prints the npm tarball, fetching it once
+  local tgz
   tgz=$(ls "$CACHE"/dl/ocaml-4.14*.tgz 2>/dev/null | head -1 || true)
   if [ -z "$tgz" ]; then
-    log "fetching $OCAML_NPM (npm pack)"
     (cd "$CACHE/dl" && npm pack --silent "$OCAML_NPM" >/dev/null) || die "npm pack $OCAML_NPM failed"
     tgz=$(ls "$CACHE"/dl/ocaml-4.14*.tgz | head -1)
   fi
-  rm -rf "$CACHE/src/ocaml" "$PREFIX"
-  mkdir -p "$CACHE/src/ocaml"
-  tar xzf "$tgz" -C "$CACHE/src/ocaml" --strip-components=1
-  log "OCaml source: $(basename "$tgz"), VERSION $(head -1 "$CACHE/src/ocaml/VERSION")"
+  echo "$tgz"
+}
+unpack_ocaml() { # DIR
+  rm -rf "$1"
+  mkdir -p "$1"
+  tar xzf "$(ocaml_tgz)" -C "$1" --strip-components=1
+}
+if [ ! -f "$CACHE/ocaml.done" ]; then
+  rm -rf "$PREFIX" "$CACHE/ocaml-npc.done" "$CACHE/ocaml-nnp.done"
+  unpack_ocaml "$CACHE/src/ocaml"
+  log "OCaml source: $(basename "$(ocaml_tgz)") (npm), VERSION $(head -1 "$CACHE/src/ocaml/VERSION")"
   log "building OCaml (configure, make -j$JOBS world.opt, install: 10-20 min)"
   cd "$CACHE/src/ocaml"
   step ocaml-configure ./configure --prefix="$PREFIX"
@@ -75,12 +82,34 @@ if [ ! -f "$CACHE/ocaml.done" ]; then
   cd "$ROOT"
   touch "$CACHE/ocaml.done"
 fi
+# Two runtime variants of the same compiler and libraries (compiled code does
+# not depend on them: static data always has black headers), linked with
+# `-runtime-variant _npc` / `_nnp`:
+# - npc, configure --enable-naked-pointers-checker (4.14's checker, off by
+#   default): its major GC reports every out-of-heap pointer whose target
+#   header is not black, and turns exit code 0 into 70;
+# - nnp, configure --disable-naked-pointers: the GC and the compactor treat
+#   every out-of-heap pointer as a value (no page table classification),
+#   relying on black headers alone.
+for variant in npc:--enable-naked-pointers-checker nnp:--disable-naked-pointers; do
+  v=${variant%%:*}
+  if [ ! -f "$CACHE/ocaml-$v.done" ]; then
+    unpack_ocaml "$CACHE/src/ocaml-$v"
+    log "building the runtime variant $v (configure ${variant#*:}; libasmrun_$v.a)"
+    cd "$CACHE/src/ocaml-$v"
+    step "$v-configure" ./configure --prefix="$PREFIX" "${variant#*:}"
+    step "$v-build" make -C runtime -j"$JOBS" libasmrun.a
+    cp runtime/libasmrun.a "$PREFIX/lib/ocaml/libasmrun_$v.a"
+    cd "$ROOT"
+    touch "$CACHE/ocaml-$v.done"
+  fi
+done
 [ -x "$PREFIX/bin/ocamlopt.opt" ] || die "no $PREFIX/bin/ocamlopt.opt (remove $CACHE/ocaml.done to rebuild)"
 OCAML_VERSION=$("$PREFIX/bin/ocamlc" -version)
 case "$OCAML_VERSION" in 4.14.*) ;; *) die "expected OCaml 4.14, got $OCAML_VERSION" ;; esac
 NAKED=$("$PREFIX/bin/ocamlc" -config | sed -n 's/^naked_pointers: //p')
-NAKED_CHECKER=$("$PREFIX/bin/ocamlc" -config | sed -n 's/^naked_pointers_checker: //p')
-log "OCaml $OCAML_VERSION in $PREFIX; naked_pointers: $NAKED, naked_pointers_checker: $NAKED_CHECKER"
+log "OCaml $OCAML_VERSION in $PREFIX; ocamlc -config: naked_pointers: $NAKED (default configure);" \
+  "runtime variants: $(cd "$PREFIX/lib/ocaml" && ls libasmrun_n?p.a | tr '\n' ' ')"
 
 # ---- 2. findlib and OCamlnet (Debian 12 source packages) ------------------
 # A deb-src list of our own, made from the machine's deb entries, and apt
@@ -151,7 +180,8 @@ log "netmulticore requires: $(ocamlfind query -format '%(requires)' netmulticore
 # ocaml/shmpool/dune is relative to the tree), so the normal builds of the
 # checkout are never disturbed. OCAMLOPT makes ocaml-sys (ocaml-rs) read the
 # 4.14 compiler.
-TEST_TARGETS=(tests/ocaml414/test_heap414.exe tests/ocaml/test_heap.exe tests/ocaml/test_heap_review.exe
+TEST_TARGETS=(tests/ocaml414/test_heap414.exe tests/ocaml414/test_heap414_npc.exe
+  tests/ocaml414/test_heap414_nnp.exe tests/ocaml/test_heap.exe tests/ocaml/test_heap_review.exe
   tests/ocaml/test_heap_workers.exe tests/ocaml/test_structs.exe tests/ocaml/test_structs2.exe)
 make_copy() { # DEST [broken]
   local dest=$1
@@ -178,7 +208,7 @@ make_copy() { # DEST [broken]
 build_copy() { # DEST LOGNAME TARGETS...
   local dest=$1 name=$2
   shift 2
-  (cd "$dest/tree" && OCAMLOPT=$PREFIX/bin/ocamlopt.opt step "$name" dune build --root . -j "$JOBS" "$@")
+  (cd "$dest/tree" && step "$name" env OCAMLOPT="$PREFIX/bin/ocamlopt.opt" dune build --root . -j "$JOBS" "$@")
 }
 
 log "building our libraries and tests against $OCAML_VERSION (copy in $CACHE/work/ok)"
@@ -246,6 +276,27 @@ for t in test_heap test_heap_review test_heap_workers test_structs test_structs2
   [ $RC -eq 0 ] && record ok "tests/ocaml/$t on $OCAML_VERSION: ${summary:-exit 0}" ||
     { grep '\[FAIL\]' "$CACHE/logs/$t.out" | head -5 | sed 's/^/    /'; record FAIL "tests/ocaml/$t exited $RC: $summary"; }
 done
+
+# Under the naked-pointer checker: no report may come from our heap values
+# (exit 70 or an "Out-of-heap pointer" line fails); OCamlnet's white
+# headers are reported within a few hundred iterations (before any
+# compaction), which shows the checker sees values in the pool.
+NPC=$B/tests/ocaml414/test_heap414_npc.exe
+run_test npc-all 1800 "$NPC" all
+npc_reports=$(grep -c 'Out-of-heap pointer' "$CACHE/logs/npc-all.out" || true)
+[ $RC -eq 0 ] && [ "$npc_reports" -eq 0 ] && record ok "naked-pointer checker, test_heap414 all: exit 0, no report" ||
+  record FAIL "naked-pointer checker, test_heap414 all: exit $RC, $npc_reports reports, e.g. $(grep -m1 'Out-of-heap' "$CACHE/logs/npc-all.out" || true)"
+run_test npc-loop-ocamlnet 600 "$NPC" loop ocamlnet 300
+npc_reports=$(grep -c 'Out-of-heap pointer' "$CACHE/logs/npc-loop-ocamlnet.out" || true)
+record ok "(reported, not judged) naked-pointer checker on OCamlnet's Netmcore_ref, 300 iterations: exit $RC, $npc_reports reports, e.g. $(grep -m1 'Out-of-heap' "$CACHE/logs/npc-loop-ocamlnet.out" || true)"
+
+# No naked pointers: our heap must pass as is; OCamlnet's is reported.
+NNP=$B/tests/ocaml414/test_heap414_nnp.exe
+run_test nnp-all 1800 "$NNP" all
+[ $RC -eq 0 ] && record ok "no-naked-pointers runtime, test_heap414 all: exit 0" ||
+  record FAIL "no-naked-pointers runtime, test_heap414 all: exit $RC (see $CACHE/logs/nnp-all.out)"
+run_test nnp-loop-ocamlnet 1200 "$NNP" loop ocamlnet "$ITERS"
+record ok "(reported, not judged) no-naked-pointers runtime, OCamlnet's Netmcore_ref: exit $RC after '$(loop_summary "$CACHE/logs/nnp-loop-ocamlnet.out")', last line: $(tail -1 "$CACHE/logs/nnp-loop-ocamlnet.out")"
 
 run_test loop-ours 1200 "$EXE" loop ours "$ITERS"
 [ $RC -eq 0 ] && record ok "issue loop, ours, default GC settings: $(tail -1 "$CACHE/logs/loop-ours.out")" ||
