@@ -19,6 +19,14 @@
      and the compactions seen; exit 0 at the end of the loop. The original
      is expected to die (SIGSEGV) at its first compaction.
 
+   [drop-stale] (after [all] or a loop): the loops empty their private
+   references before each assign, so that no private field ever holds the
+   address of a block our heap GC has freed and reused. Such a stale
+   reference is harmless with naked pointers allowed (the runtime never
+   reads through it) but not with the no-naked-pointers runtime, whose
+   GC reads and may mark whatever now lies there (docs/design-heap.md,
+   1.5); the script runs both runtime variants with it.
+
    Every pool is unlinked at exit (also after a failed check); a crash of
    the [loop ocamlnet] child leaves its pool, which it names on stdout for
    the script to remove. *)
@@ -267,13 +275,20 @@ module Loop (Ref : sig
   val deref_p : 'a sref -> ('a -> 'b) -> 'b
 end) =
 struct
-  let run ?(report = 0) ?(compact_in_deref_p = true) ~pool ~iters ~on_iter () =
+  (* [drop_stale]: no private reference to a value survives its
+     replacement (keep and the ring are emptied before each assign), so
+     no private field ever holds the address of a block our GC freed. *)
+  let run ?(report = 0) ?(compact_in_deref_p = true) ?(drop_stale = false) ~pool ~iters ~on_iter () =
     let range = pool_range pool in
     let r = Ref.sref pool (String.make 10_000 'a') in
     let keep = ref (Ref.deref_ro r) in
     let ring = Array.make 8 !keep in
     let ch i = Char.chr (97 + (i mod 26)) in
     for i = 1 to iters do
+      if drop_stale then begin
+        keep := "";
+        Array.fill ring 0 8 ""
+      end;
       Ref.assign r (String.make 10_000 (ch i));
       keep := Ref.deref_ro r;
       ring.(i mod 8) <- !keep;
@@ -295,40 +310,40 @@ end
 module Loop_ours = Loop (R)
 module Loop_orig = Loop (Netmcore_ref)
 
-let section_c ~iters () =
+let section_c ~iters ~drop_stale () =
   let p = new_pool 64 in
   let c0 = compactions () in
   (* explicit compactions every 250 iterations, full majors every 50, and
      automatic compaction between (max_overhead 0) *)
   with_gc (auto_compact ()) (fun () ->
-      Loop_ours.run ~pool:p ~iters ~on_iter:(fun i -> if i mod 250 = 0 then Gc.compact () else if i mod 50 = 0 then Gc.full_major ()) ());
+      Loop_ours.run ~drop_stale ~pool:p ~iters ~on_iter:(fun i -> if i mod 250 = 0 then Gc.compact () else if i mod 50 = 0 then Gc.full_major ()) ());
   let c = compactions () - c0 in
   Printf.printf "   %d iterations of a 10 KB assign, %d compactions\n%!" iters c;
   check "compactions happened" (c >= iters / 250)
 
 (* (d) ---------------------------------------------------------------- *)
 
-let worker (pool, iters, k) =
+let worker (pool, iters, k, drop_stale) =
   try
     let c0 = compactions () in
     with_gc (auto_compact ()) (fun () ->
-        Loop_ours.run ~pool ~iters ~on_iter:(fun i -> if (i + k) mod 200 = 0 then Gc.compact ()) ());
+        Loop_ours.run ~drop_stale ~pool ~iters ~on_iter:(fun i -> if (i + k) mod 200 = 0 then Gc.compact ()) ());
     Ok (compactions () - c0)
   with e -> Error (match e with Check w -> w | e -> Printexc.to_string e)
 
 let worker_fork, worker_join = Netmcore_process.def_process worker
 
-let first (pool, iters) =
-  let ws = List.init 2 (fun k -> Netmcore_process.start ~inherit_resources:`All worker_fork (pool, iters, k * 100)) in
+let first (pool, iters, drop_stale) =
+  let ws = List.init 2 (fun k -> Netmcore_process.start ~inherit_resources:`All worker_fork (pool, iters, k * 100, drop_stale)) in
   List.map (fun w -> match Netmcore_process.join worker_join w with Some r -> r | None -> Error "worker gave no result") ws
 
 let first_fork, first_join = Netmcore_process.def_process first
 
-let section_d ~iters () =
+let section_d ~iters ~drop_stale () =
   let p = new_pool 64 in
   let dir = Testutil_mcore.sockdir "shmpool-h414" in
   (* two workers, each its own sref on the shared pool *)
-  match Testutil_mcore.netmcore_run dir first_fork first_join (p, iters) with
+  match Testutil_mcore.netmcore_run dir first_fork first_join (p, iters, drop_stale) with
   | None -> check "Netmcore.run returned a result" false
   | Some results ->
       List.iteri
@@ -345,7 +360,8 @@ let section_d ~iters () =
 let () =
   Printf.printf "OCaml %s, word size %d\n%!" Sys.ocaml_version Sys.word_size;
   match Array.to_list Sys.argv |> List.tl with
-  | [ "loop"; which; n ] ->
+  | [ "loop"; which; n ] | [ "loop"; which; n; "drop-stale" ] ->
+      let drop_stale = Array.length Sys.argv = 5 in
       let iters = int_of_string n in
       let p =
         if which = "ocamlnet" then begin
@@ -357,19 +373,20 @@ let () =
         else new_pool 64
       in
       let run = if which = "ocamlnet" then Loop_orig.run else Loop_ours.run in
-      (match run ~report:1 ~compact_in_deref_p:false ~pool:p ~iters ~on_iter:ignore () with
+      (match run ~report:1 ~compact_in_deref_p:false ~drop_stale ~pool:p ~iters ~on_iter:ignore () with
       | () -> Printf.printf "%s loop survived %d iterations, %d compactions\n%!" which iters (compactions ())
       | exception Check w ->
           Printf.printf "%s loop FAILED: %s (compactions %d)\n%!" which w (compactions ());
           exit 1)
-  | [] | [ "all" ] ->
+  | [] | [ "all" ] | [ "all"; "drop-stale" ] ->
+      let drop_stale = Array.length Sys.argv = 3 in
       let iters = try int_of_string (Sys.getenv "SHMPOOL_414_ITERS") with Not_found -> 12_000 in
       section "(a) heap values held in private data: full_major, compact, automatic compaction" section_a;
       section "(b) OCaml mutation inside modify, then collections and compactions" section_b;
-      section (Printf.sprintf "(c) %d x 10 KB Netmcore_ref.assign holding deref_ro/deref_p, compacting" iters) (section_c ~iters);
-      section "(d) the same loop in two Netmcore workers at once" (section_d ~iters:(iters / 4));
+      section (Printf.sprintf "(c) %d x 10 KB Netmcore_ref.assign holding deref_ro/deref_p, compacting" iters) (section_c ~iters ~drop_stale);
+      section "(d) the same loop in two Netmcore workers at once" (section_d ~iters:(iters / 4) ~drop_stale);
       Printf.printf "test_heap414: %d passed, %d failed\n%!" (4 - !failures) !failures;
       exit (if !failures = 0 then 0 else 1)
   | _ ->
-      prerr_endline "usage: test_heap414.exe [all | loop (ours|ocamlnet) ITERATIONS]";
+      prerr_endline "usage: test_heap414.exe [all [drop-stale] | loop (ours|ocamlnet) ITERATIONS [drop-stale]]";
       exit 2
