@@ -27,9 +27,9 @@
    GC reads and may mark whatever now lies there (docs/design-heap.md,
    1.5); the script runs both runtime variants with it.
 
-   Every pool is unlinked at exit (also after a failed check); a crash of
-   the [loop ocamlnet] child leaves its pool, which it names on stdout for
-   the script to remove. *)
+   Every pool is named on stdout ("shm NAME") and unlinked at exit (also
+   after a failed check); after a crash (no at_exit runs: OCamlnet's loop,
+   the broken variant) the script removes the named pools. *)
 
 exception Check of string
 
