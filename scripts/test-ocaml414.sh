@@ -287,22 +287,23 @@ for t in test_heap test_heap_review test_heap_workers; do
     { grep '\[FAIL\]' "$CACHE/logs/$t.out" | head -5 | sed 's/^/    /'; record FAIL "tests/ocaml/$t exited $RC: $summary"; }
 done
 # The structure suites compare ours with OCamlnet's original structures
-# (group "differential"), which live on OCamlnet's heap: on 4.14 the runtime
-# compacts automatically during them, and the original then crashes or
-# returns garbage. So: everything with compaction off (O=1000000: the
-# comparison itself), then ours alone with the default GC (compactions
-# included); and, reported only, the original under the default GC.
+# (group "differential"), which live on OCamlnet's heap; each side runs in a
+# child process (Testutil.isolated), and a crash of OCamlnet's side is
+# retried, then noted ("NOTE: ..." at exit) and not compared. On 4.14 the
+# runtime compacts automatically during these suites, which is what breaks
+# OCamlnet's side. So: once with compaction off (O=1000000: every seed
+# compared), once with the default GC (judged on ours; OCamlnet's crashes
+# reported).
 for t in test_structs test_structs2; do
   OCAMLRUNPARAM=O=1000000 run_test "$t-nocompact" 900 "$B/tests/ocaml/$t.exe"
   summary=$(grep -E '[0-9]+ passed, [0-9]+ failed' "$CACHE/logs/$t-nocompact.out" | tail -1 || true)
-  [ $RC -eq 0 ] && record ok "tests/ocaml/$t, compaction off (O=1000000): ${summary:-exit 0}" ||
+  [ $RC -eq 0 ] && record ok "tests/ocaml/$t, compaction off (O=1000000): ${summary:-exit 0}, $(grep -c '^NOTE' "$CACHE/logs/$t-nocompact.out" || true) notes" ||
     record FAIL "tests/ocaml/$t, compaction off: exit $RC, $summary"
-  SHMPOOL_414_SKIP_GROUPS=differential OCAMLRUNPARAM=v=0x200 run_test "$t-ours" 900 "$B/tests/ocaml/$t.exe"
-  summary=$(grep -E '[0-9]+ passed, [0-9]+ failed' "$CACHE/logs/$t-ours.out" | tail -1 || true)
-  [ $RC -eq 0 ] && record ok "tests/ocaml/$t, ours only, default GC: ${summary:-exit 0}, $(grep -c 'compaction triggered' "$CACHE/logs/$t-ours.out" || true) automatic compactions" ||
-    record FAIL "tests/ocaml/$t, ours only, default GC: exit $RC, $summary"
-  OCAMLRUNPARAM=v=0x200 run_test "$t-all" 900 "$B/tests/ocaml/$t.exe"
-  record ok "(reported, not judged) tests/ocaml/$t with OCamlnet's originals, default GC: exit $RC, $(grep -c 'compaction triggered' "$CACHE/logs/$t-all.out" || true) automatic compactions, $(grep -E '[0-9]+ passed' "$CACHE/logs/$t-all.out" | tail -1 || echo 'no summary (crashed)'); $(grep -m1 '\[FAIL\]' "$CACHE/logs/$t-all.out" | cut -c1-120 || true)"
+  OCAMLRUNPARAM=v=0x200 run_test "$t-default" 900 "$B/tests/ocaml/$t.exe"
+  summary=$(grep -E '[0-9]+ passed, [0-9]+ failed' "$CACHE/logs/$t-default.out" | tail -1 || true)
+  notes="$(grep -c '^NOTE' "$CACHE/logs/$t-default.out" || true) notes on OCamlnet's side$(grep -m1 '^NOTE' "$CACHE/logs/$t-default.out" | cut -c1-140 | sed 's/^/, e.g. /' || true)"
+  [ $RC -eq 0 ] && record ok "tests/ocaml/$t, default GC: ${summary:-exit 0}, $(grep -c 'compaction triggered' "$CACHE/logs/$t-default.out" || true) automatic compactions in the test process; $notes" ||
+    { grep '\[FAIL\]' "$CACHE/logs/$t-default.out" | head -5 | sed 's/^/    /'; record FAIL "tests/ocaml/$t, default GC: exit $RC, $summary; $notes"; }
 done
 
 # The two runtime variants. Judged: test_heap414 with "drop-stale" (no

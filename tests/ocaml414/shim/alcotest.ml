@@ -63,7 +63,7 @@ let test_case name speed f = (name, speed, f)
 (* Runs every test, prints one line each and a summary, exits 0 only when
    all passed (as Alcotest.run does). The groups named in
    SHMPOOL_414_SKIP_GROUPS (comma-separated) are not run and counted as
-   skipped, never as passed. *)
+   skipped, never as passed (for runs by hand). *)
 let run ?argv:_ name suites =
   let passed = ref 0 and failed = ref 0 and skipped = ref 0 in
   let skip = try String.split_on_char ',' (Sys.getenv "SHMPOOL_414_SKIP_GROUPS") with Not_found -> [] in
