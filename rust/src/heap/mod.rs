@@ -781,6 +781,15 @@ impl<'p> Heap<'p> {
         let resumed = d.state.load(Acquire) != STATE_LIVE;
         d.state.store(STATE_DESTROYING, Release);
         hit(P::HeapDestroyCommitted);
+        if resumed || died {
+            // A holder killed inside `remove_chunk` (between the entry
+            // move and the count store) leaves one chunk listed twice:
+            // freeing both entries would free it twice (the second free
+            // fails, or frees the block of whoever the pool gave it to in
+            // between). Recovery's table pass drops the duplicate (and
+            // entries that are not chunks of ours); idempotent.
+            self.sanitize_chunk_table();
+        }
         let first = d.first_chunk.load(Relaxed);
         let n = (d.nchunks.load(Relaxed) as usize).min(MAX_CHUNKS);
         let mut r = Ok(());

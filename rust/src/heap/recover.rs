@@ -56,7 +56,7 @@ impl Heap<'_> {
             && self.is_our_chunk(off)
     }
 
-    fn sanitize_chunk_table(&self) {
+    pub(super) fn sanitize_chunk_table(&self) {
         let d = self.desc();
         let first = d.first_chunk.load(Relaxed);
         let n = (d.nchunks.load(Relaxed) as usize).min(MAX_CHUNKS);
