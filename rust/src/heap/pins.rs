@@ -84,6 +84,10 @@ impl Heap<'_> {
             start_time: 0,
         });
         let d = self.desc();
+        // `v` may be reachable from nothing but the caller (a value just
+        // taken out of a structure under this lock, as `pop_p` does): the
+        // GC the pin's own allocation may run must keep it.
+        self.keep(v)?;
         let p = self.alloc(PIN_FIELDS, 0)?;
         self.set_pin_field(p, VALUE, v);
         self.set_pin_field(p, PID, val_int(id.pid as i64));
