@@ -135,3 +135,115 @@ fn pinning_a_detached_value_keeps_it_through_the_pins_own_gc() {
         "pinned value overwritten: {got:x?} (want {want:x?}); heap check: {problems:?}"
     );
 }
+
+/// A live process in another time namespace (`unshare --time`, here with a
+/// boot-time offset of 300 s) reads its own start time in `/proc` shifted
+/// by that offset, and everyone else reads it unshifted: the identity it
+/// records for `/proc` checks (heap pin, `Normal` mutex holder tag,
+/// condition waiter) does not match what the others see, so they take it
+/// for a dead process whose pid was reused. Here: a heap pin of a
+/// grandchild that still runs must survive the parent's GC (which drops
+/// the pins of dead processes), and so must the value it pins.
+#[test]
+fn a_pin_of_a_live_process_in_another_time_namespace_is_kept() {
+    let _serial = serial();
+    let _w = Watchdog::new("time namespace", 60);
+    let pool = anon(256);
+    let before = pool.stats();
+    let h = Heap::create(&pool, 8192).unwrap();
+    // The value the grandchild pins: reachable from nothing else.
+    let v = h
+        .with_lock(|h| {
+            let v = h.alloc(4, 0)?;
+            h.set_root(v)?;
+            Ok(v)
+        })
+        .unwrap();
+    let d = h.descr();
+    let mut up = [0i32; 2]; // grandchild -> test: "pinned" / "cannot"
+    let mut down = [0i32; 2]; // test -> grandchild: closed = exit
+    // SAFETY: pipe writes two fds into each array.
+    unsafe {
+        assert_eq!(libc::pipe(up.as_mut_ptr()), 0);
+        assert_eq!(libc::pipe(down.as_mut_ptr()), 0);
+    }
+    let (up_r, up_w, down_r, down_w) = (up[0], up[1], down[0], down[1]);
+    let pool_ref = &pool;
+    let mut c = fork_child(move || {
+        // SAFETY: single-threaded child; closes fds, makes namespaces,
+        // forks, waits; the grandchild pins, reads a pipe, exits.
+        unsafe {
+            libc::close(up_r);
+            libc::close(down_w);
+            let tell = |b: u8| {
+                libc::write(up_w, (&b as *const u8).cast(), 1);
+            };
+            if libc::unshare(libc::CLONE_NEWUSER) != 0
+                || libc::unshare(0x80 /* CLONE_NEWTIME */) != 0
+                || std::fs::write("/proc/self/timens_offsets", "boottime 300 0\n").is_err()
+            {
+                tell(b'n');
+                return Ok(());
+            }
+            let g = libc::fork();
+            if g == 0 {
+                let pinned = Heap::attach(pool_ref, d)
+                    .and_then(|h| h.with_lock(|h| h.pin_shared(h.root())));
+                tell(if pinned.is_ok() { b'a' } else { b'e' });
+                let mut b = 0u8;
+                libc::read(down_r, (&mut b as *mut u8).cast(), 1);
+                // Its pin goes with it (dropped as a dead process's).
+                libc::_exit(0);
+            }
+            let mut st = 0;
+            libc::waitpid(g, &mut st, 0);
+            if libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 0 {
+                Ok(())
+            } else {
+                Err(format!("grandchild status {st:#x}"))
+            }
+        }
+    });
+    // SAFETY: closes our copies of the child's ends; reads one byte.
+    let got = unsafe {
+        libc::close(up_w);
+        libc::close(down_r);
+        let mut b = 0u8;
+        let n = libc::read(up_r, (&mut b as *mut u8).cast(), 1);
+        libc::close(up_r);
+        if n == 1 {
+            b
+        } else {
+            0
+        }
+    };
+    let mut pins_while_alive = None;
+    if got == b'a' {
+        // The value is held by the grandchild's pin alone.
+        h.with_lock(|h| h.set_root(VAL_UNIT)).unwrap();
+        h.gc().unwrap();
+        pins_while_alive = Some(h.stats().unwrap().pins);
+    }
+    let problems = h.check();
+    // SAFETY: closing the pipe lets the grandchild exit.
+    unsafe { libc::close(down_w) };
+    c.wait_ok(Duration::from_secs(20)).unwrap();
+    let _ = v;
+    h.destroy().unwrap();
+    pool.reclaim_dead().unwrap();
+    assert_eq!(pool.stats(), before);
+    if got == b'n' {
+        skipped(
+            "a_pin_of_a_live_process_in_another_time_namespace_is_kept",
+            "no user + time namespaces here",
+        );
+        return;
+    }
+    assert_eq!(got, b'a', "grandchild could not pin");
+    assert!(problems.is_empty(), "{problems:?}");
+    assert_eq!(
+        pins_while_alive,
+        Some(1),
+        "the pin of a running process was dropped by a GC"
+    );
+}
