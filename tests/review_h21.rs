@@ -162,7 +162,7 @@ fn a_pin_of_a_live_process_in_another_time_namespace_is_kept() {
     let d = h.descr();
     let mut up = [0i32; 2]; // grandchild -> test: "pinned" / "cannot"
     let mut down = [0i32; 2]; // test -> grandchild: closed = exit
-    // SAFETY: pipe writes two fds into each array.
+                              // SAFETY: pipe writes two fds into each array.
     unsafe {
         assert_eq!(libc::pipe(up.as_mut_ptr()), 0);
         assert_eq!(libc::pipe(down.as_mut_ptr()), 0);
@@ -187,9 +187,15 @@ fn a_pin_of_a_live_process_in_another_time_namespace_is_kept() {
             }
             let g = libc::fork();
             if g == 0 {
-                let pinned = Heap::attach(pool_ref, d)
-                    .and_then(|h| h.with_lock(|h| h.pin_shared(h.root())));
+                let pinned =
+                    Heap::attach(pool_ref, d).and_then(|h| h.with_lock(|h| h.pin_shared(h.root())));
                 tell(if pinned.is_ok() { b'a' } else { b'e' });
+                // What it records of itself, for the parent to compare.
+                let me = shmpool::owner::me().map_or(0, |m| m.start_time);
+                let mut rec = [0u8; 12];
+                rec[..4].copy_from_slice(&libc::getpid().to_le_bytes());
+                rec[4..].copy_from_slice(&me.to_le_bytes());
+                libc::write(up_w, rec.as_ptr().cast(), 12);
                 let mut b = 0u8;
                 libc::read(down_r, (&mut b as *mut u8).cast(), 1);
                 // Its pin goes with it (dropped as a dead process's).
@@ -210,13 +216,31 @@ fn a_pin_of_a_live_process_in_another_time_namespace_is_kept() {
         libc::close(down_r);
         let mut b = 0u8;
         let n = libc::read(up_r, (&mut b as *mut u8).cast(), 1);
+        let mut rec = [0u8; 12];
+        if n == 1 && b == b'a' {
+            let mut got = 0;
+            while got < 12 {
+                let k = libc::read(up_r, rec[got..].as_mut_ptr().cast(), 12 - got);
+                if k <= 0 {
+                    break;
+                }
+                got += k as usize;
+            }
+        }
         libc::close(up_r);
         if n == 1 {
-            b
+            (
+                b,
+                i32::from_le_bytes(rec[..4].try_into().unwrap()),
+                u64::from_le_bytes(rec[4..].try_into().unwrap()),
+            )
         } else {
-            0
+            (0, 0, 0)
         }
     };
+    let (got, gpid, gstart) = got;
+    // Both sides of the namespace boundary see the same start time.
+    let seen = (got == b'a').then(|| shmpool::owner::probe(gpid));
     let mut pins_while_alive = None;
     if got == b'a' {
         // The value is held by the grandchild's pin alone.
@@ -241,6 +265,11 @@ fn a_pin_of_a_live_process_in_another_time_namespace_is_kept() {
     }
     assert_eq!(got, b'a', "grandchild could not pin");
     assert!(problems.is_empty(), "{problems:?}");
+    assert_eq!(
+        seen,
+        Some(shmpool::owner::Liveness::Alive(gstart)),
+        "the grandchild's own start time and ours"
+    );
     assert_eq!(
         pins_while_alive,
         Some(1),
