@@ -1,0 +1,78 @@
+(* Regression tests of the h21 review of the heap and structure changes
+   (issues 11 and 12). Each scenario runs in a forked child on a fresh
+   pool, which the parent unlinks whatever happens (a scenario that breaks
+   the heap may segfault); a child still running after 60 s is killed. *)
+open Shmpool_netmcore
+module H = Netmcore_heap
+
+let with_pool size f =
+  let pool = Netmcore_mempool.create_mempool size in
+  Fun.protect ~finally:(fun () -> try Netmcore_mempool.unlink_mempool pool with _ -> ()) (fun () -> f pool)
+
+(* Runs [f ()] in a forked child: Ok if it returned true. *)
+let fork_run f =
+  match Unix.fork () with
+  | 0 ->
+      let ok = try f () with e -> prerr_endline (Printexc.to_string e); false in
+      Unix._exit (if ok then 0 else 1)
+  | pid ->
+      let rec wait n =
+        match Unix.waitpid [ Unix.WNOHANG ] pid with
+        | 0, _ when n > 0 ->
+            Unix.sleepf 0.05;
+            wait (n - 1)
+        | 0, _ ->
+            Unix.kill pid Sys.sigkill;
+            ignore (Unix.waitpid [] pid);
+            Error "hung (killed by the watchdog)"
+        | _, Unix.WEXITED 0 -> Ok ()
+        | _, Unix.WEXITED n -> Error (Printf.sprintf "exited %d" n)
+        | _, (Unix.WSIGNALED s | Unix.WSTOPPED s) -> Error (Printf.sprintf "died of signal %d" s)
+      in
+      wait (60 * 20)
+
+(* [Netmcore_queue.pop_p] inside a [modify] of the queue's heap (nested
+   locks are allowed) when that modify left the free lists empty and a GC
+   due: [take] unlinks the element, then [with_value] pins it, and the
+   pin's own allocation collects. The element, held by nothing but the
+   caller, was freed by that GC (before the fix: the child segfaulted once
+   the next allocations reused its words). *)
+let pop_p_nested pool =
+  let q = Netmcore_queue.create pool () in
+  let h = Netmcore_queue.heap q in
+  let expected = String.init 80 (fun i -> Char.chr (65 + (i mod 26))) in
+  Netmcore_queue.push expected q;
+  let first, later =
+    H.modify h (fun m ->
+        (* more than MIN_GC_WORDS allocated, then the free lists used up
+           (all of it rooted: additions of this modify) *)
+        ignore (H.add m (String.make 80_000 'b'));
+        let rec fill () =
+          let free = (H.stats h).H.free_words in
+          if free >= 2 then begin
+            ignore (H.add m (String.make (if free > 4096 then 4000 else 7) 'f'));
+            fill ()
+          end
+        in
+        fill ();
+        Netmcore_queue.pop_p q (fun s ->
+            let first = String.equal s expected in
+            (* a block of every small size: one of them has the size of
+               whatever the GC freed *)
+            for w = 1 to 62 do
+              ignore (H.add m (String.make ((w * 8) - 1) 'z'))
+            done;
+            (first, String.equal s expected)))
+  in
+  H.destroy h;
+  if not (first && later) then Printf.eprintf "popped element changed: before %b, after %b\n%!" first later;
+  first && later
+
+let t_pop_p_nested () =
+  match with_pool (16 * 1024 * 1024) (fun pool -> fork_run (fun () -> pop_p_nested pool)) with
+  | Ok () -> ()
+  | Error e -> Alcotest.failf "pop_p nested in a modify: %s" e
+
+let () =
+  Alcotest.run "review h21"
+    [ ("heap", [ Alcotest.test_case "pop_p nested in a modify keeps its element" `Quick t_pop_p_nested ]) ]
