@@ -73,6 +73,44 @@ let t_pop_p_nested () =
   | Ok () -> ()
   | Error e -> Alcotest.failf "pop_p nested in a modify: %s" e
 
+(* [add_some m x] where [x] is a heap value the mutator just detached (a
+   value moved from one place of the heap to another, wrapped in [Some]),
+   the free lists used up and a GC due: the allocation of the [Some] block
+   collects, and [x] must survive it. *)
+let add_some_detached pool =
+  let expected = String.init 80 (fun i -> Char.chr (97 + (i mod 26))) in
+  let h = H.create_heap pool 4096 (ref (None : string option), ref (Some expected)) in
+  let ok =
+    H.modify h (fun m ->
+        ignore (H.add m (String.make 80_000 'b'));
+        let rec fill () =
+          let free = (H.stats h).H.free_words in
+          if free >= 2 then begin
+            ignore (H.add m (String.make (if free > 4096 then 4000 else 7) 'f'));
+            fill ()
+          end
+        in
+        fill ();
+        let dst, src = H.root h in
+        let v = Option.get !src in
+        src := None;
+        dst := H.add_some m v;
+        for w = 1 to 62 do
+          ignore (H.add m (String.make ((w * 8) - 1) 'z'))
+        done;
+        !dst = Some expected)
+  in
+  H.destroy h;
+  if not ok then prerr_endline "the moved value changed";
+  ok
+
+let t_add_some_detached () =
+  match with_pool (16 * 1024 * 1024) (fun pool -> fork_run (fun () -> add_some_detached pool)) with
+  | Ok () -> ()
+  | Error e -> Alcotest.failf "add_some of a detached value: %s" e
+
 let () =
   Alcotest.run "review h21"
-    [ ("heap", [ Alcotest.test_case "pop_p nested in a modify keeps its element" `Quick t_pop_p_nested ]) ]
+    [ ( "heap",
+        [ Alcotest.test_case "pop_p nested in a modify keeps its element" `Quick t_pop_p_nested;
+          Alcotest.test_case "add_some keeps a value detached in the same modify" `Quick t_add_some_detached ] ) ]
