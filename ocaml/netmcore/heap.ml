@@ -326,6 +326,8 @@ let add_init_array m n (f : int -> 'a) : 'a array =
   else
     let x0 = f 0 in
     let r0 = Obj.repr x0 in
+    (* as in [add_some]: [x0] is read after the array's allocation *)
+    if Obj.is_block r0 then check_code (h_keep m.mhh x0);
     if Obj.is_block r0 && Obj.tag r0 = Obj.double_tag then begin
       (* filled with 0.0; rooted until modify returns *)
       let a : float array = Obj.obj (block m n Obj.double_array_tag) in
@@ -347,6 +349,10 @@ let add_init_array m n (f : int -> 'a) : 'a array =
 
 let add_some m (x : 'a) : 'a option =
   live m "add_some";
+  (* [x] may be a heap value reachable from nothing but the caller (moved
+     out of its place in this modify): the GC the block's allocation may
+     run must keep it *)
+  if Obj.is_block (Obj.repr x) then check_code (h_keep m.mhh x);
   let b = block m 1 0 in
   Obj.set_field b 0 (Obj.repr x);
   Obj.obj b
