@@ -470,6 +470,23 @@ fn ring_case(name: &str, p: &Pool, ring: usize, sz: &[usize], clock: f64) -> Fig
     f
 }
 
+/// Issue 13: a hand-off (one process allocates, another frees: the
+/// remote free goes to the owner's inbox), with every op locked (caching
+/// off) beside it.
+fn handoff_cases() {
+    for (label, lo, hi) in [("1p", 1usize, 1usize), ("mixed 1-64p", 1, 64)] {
+        let sz = sizes(lo, hi, 5);
+        let mut on: Vec<f64> = (0..5).map(|_| handoff(&sz, 400_000, true)).collect();
+        let mut off: Vec<f64> = (0..5).map(|_| handoff(&sz, 400_000, false)).collect();
+        on.sort_by(f64::total_cmp);
+        off.sort_by(f64::total_cmp);
+        println!(
+            "core  hand-off {label}, 2 procs (A allocs, B frees)  {:.1} M blocks/s (spread {:.1}-{:.1}); every op locked (caching off): {:.1} M ({:.1}-{:.1})",
+            on[2] / 1e6, on[0] / 1e6, on[4] / 1e6, off[2] / 1e6, off[0] / 1e6, off[4] / 1e6
+        );
+    }
+}
+
 fn main() {
     let t_start = Instant::now();
     let clock = clock_cost();
@@ -486,6 +503,11 @@ fn main() {
         // SAFETY: sysconf has no preconditions.
         unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }
     );
+    // CORE_BENCH_ONLY=handoff: only the hand-off cases (for quick checks).
+    if std::env::var("CORE_BENCH_ONLY").as_deref() == Ok("handoff") {
+        handoff_cases();
+        return;
+    }
 
     // The last case is just past the per-process cache: the locked path.
     let past = CACHE_CLASSES as usize + 1;
@@ -522,20 +544,7 @@ fn main() {
         }
     }
 
-    // Issue 13: a hand-off (one process allocates, another frees: the
-    // remote free goes to the owner's inbox), with the inbox off (caching
-    // off: every free takes the pool lock) beside it; and large blocks.
-    for (label, lo, hi) in [("1p", 1usize, 1usize), ("mixed 1-64p", 1, 64)] {
-        let sz = sizes(lo, hi, 5);
-        let mut on: Vec<f64> = (0..5).map(|_| handoff(&sz, 400_000, true)).collect();
-        let mut off: Vec<f64> = (0..5).map(|_| handoff(&sz, 400_000, false)).collect();
-        on.sort_by(f64::total_cmp);
-        off.sort_by(f64::total_cmp);
-        println!(
-            "core  hand-off {label}, 2 procs (A allocs, B frees)  {:.1} M blocks/s (spread {:.1}-{:.1}); every op locked (caching off): {:.1} M ({:.1}-{:.1})",
-            on[2] / 1e6, on[0] / 1e6, on[4] / 1e6, off[2] / 1e6, off[0] / 1e6, off[4] / 1e6
-        );
-    }
+    handoff_cases();
     {
         let sz = sizes(65, 256, 13);
         let f1 = one_proc(64, &sz, clock);
