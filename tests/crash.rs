@@ -59,9 +59,8 @@ fn reached(p: CrashPoint, op: Op) -> bool {
         AllocUnlinked | AllocCommitted | AllocRemainderFiled => op == Op::Alloc,
         FreeCommitted | FreeNeighboursUnlinked | FreeFiled => op == Op::Free,
         // Not in ALL: reached without the pool lock.
-        FreeLoaded | CachePushLocked | InboxPushLocked | InboxPushCommitted | InboxDrainMoving => {
-            false
-        }
+        FreeLoaded | CachePushLocked | InboxPushLocked | InboxPushCommitted | InboxDrainMoving
+        | InboxPushLinked | ChainTaking => false,
     }
 }
 

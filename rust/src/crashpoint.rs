@@ -75,12 +75,19 @@ crash_points! {
     /// Remote free: the freer holds the owner's inbox lock, the block is
     /// not yet flipped to CACHED.
     InboxPushLocked = 11,
-    /// Remote free: the block is flipped to CACHED (committed), not yet in
-    /// the inbox's entries or counters.
+    /// Remote free: the block is flipped to CACHED (committed), not yet
+    /// linked into the inbox's list nor counted.
     InboxPushCommitted = 12,
     /// Drain: the owner holds its slot lock and its inbox lock, and has
-    /// moved part of the inbox into its stacks.
+    /// spliced the inbox's list onto its chain and counted it in its slot,
+    /// the inbox not yet emptied.
     InboxDrainMoving = 13,
+    /// Remote free: the block is committed and linked at the inbox's head,
+    /// the inbox's counters not yet updated.
+    InboxPushLinked = 14,
+    /// Alloc miss: the owner holds its slot lock and has taken a block off
+    /// its chain (chain head and length updated), not yet into its stacks.
+    ChainTaking = 15,
   }
 }
 
