@@ -367,6 +367,7 @@ const KILLS: u64 = 8;
 struct HandRing {
     head: AtomicU64,
     tail: AtomicU64,
+    next: AtomicU64,
     offs: [AtomicU64; KRING],
 }
 
@@ -391,17 +392,19 @@ fn hand_owner(p: &Pool, ring: &HandRing, seed: u64) -> Result<(), String> {
     }
 }
 
-/// The freer: frees what the owner posts, forever. `skip_first`: a freer
-/// taking over from a killed one leaves alone the block that one may have
-/// been freeing (it may be freed already, and even allocated again and
-/// posted further on: freeing it again would free that new allocation, a
-/// double free of the test's own); if it was not freed, it stays the
-/// owner's live block, for `reclaim_dead`.
-fn hand_freer(p: &Pool, ring: &HandRing, skip_first: bool) -> Result<(), String> {
-    let mut k = ring.tail.load(SeqCst) + skip_first as u64;
+/// The freer: frees what the owner posts, forever. Before each free it
+/// raises `next` past the block, so that a freer taking over from a killed
+/// one (starting at `next`) leaves alone the block that one may have been
+/// freeing: it may be freed already, and even allocated again and posted
+/// further on (freeing it again would free that new allocation, a double
+/// free of the test's own); if it was not freed, it stays the owner's live
+/// block, for `reclaim_dead`.
+fn hand_freer(p: &Pool, ring: &HandRing) -> Result<(), String> {
+    let mut k = ring.next.load(SeqCst);
     loop {
         if k < ring.head.load(SeqCst) {
             let off = ring.offs[k as usize % KRING].load(SeqCst);
+            ring.next.store(k + 1, SeqCst);
             p.free(off as usize)
                 .map_err(|e| format!("free {k} of {off}: {e:?}"))?;
             k += 1;
@@ -439,7 +442,7 @@ fn random_kills_during_hand_off_lose_and_duplicate_nothing() {
         });
         let mut freer = fork_child(|| {
             die_with_parent();
-            hand_freer(&p, &ring, false)
+            hand_freer(&p, &ring)
         });
         pause(&mut rng);
         if round % 3 == 0 {
@@ -454,13 +457,18 @@ fn random_kills_during_hand_off_lose_and_duplicate_nothing() {
         // its time is spent in them, the ring being full), and a new one
         // takes over each time; the owner goes on.
         for j in 0..KILLS {
-            freer.kill();
+            let st = freer.kill();
+            assert!(
+                libc::WIFSIGNALED(st),
+                "round {round}, kill {j}: the freer stopped by itself ({})",
+                describe(st)
+            );
             // A freer killed inside the owner's inbox leaves its lock held:
             // check takes it over, and must find every record exact.
             assert_eq!(p.check(), Vec::<String>::new(), "round {round}, kill {j}");
             freer = fork_child(|| {
                 die_with_parent();
-                hand_freer(&p, &ring, true)
+                hand_freer(&p, &ring)
             });
             pause(&mut rng);
             assert_eq!(owner.poll(), None, "round {round}: owner stopped");
@@ -512,7 +520,7 @@ fn random_kills_during_hand_off_lose_and_duplicate_nothing() {
         let r = p.reclaim_dead().unwrap();
         // Posted and not freed, give or take the one the owner was
         // allocating and the one the last freer was freeing when killed,
-        // plus the ones the replaced freers may have left (`skip_first`).
+        // plus the ones the replaced freers may have left (`next`).
         let posted = h - t;
         assert!(
             r.blocks + 1 >= posted && r.blocks <= posted + 1 + KILLS,
