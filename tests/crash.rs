@@ -61,6 +61,25 @@ fn reached(p: CrashPoint, op: Op) -> bool {
         // Not in ALL: reached without the pool lock.
         FreeLoaded | CachePushLocked | InboxPushLocked | InboxPushCommitted | InboxDrainMoving
         | InboxPushLinked | ChainTaking => false,
+        // The shared heaps' points (tests/heap.rs), never in a pool op.
+        HeapCreateFormatted
+        | HeapCreateBeforeDisown
+        | HeapAllocSplit
+        | HeapCopyHalfDone
+        | HeapRootStored
+        | HeapMidMark
+        | HeapMidSweep
+        | HeapChunkDisowned
+        | HeapChunkAppended
+        | HeapChunkEntryMoved
+        | HeapChunkRemoved
+        | HeapPinWritten
+        | HeapPinRemoved
+        | HeapMidRecovery
+        | HeapDestroyCommitted
+        | HeapDestroyChunkForgotten
+        | HeapDestroyChunksFreed
+        | HeapDestroyUnlocked => false,
     }
 }
 
@@ -277,6 +296,7 @@ fn one_crash(state: State, op: Op, point: CrashPoint) {
 
 #[test]
 fn killed_at_every_crash_point() {
+    let _serial = serial();
     let _w = Watchdog::new("killed_at_every_crash_point", 60);
     let mut n = 0;
     for point in ALL {
@@ -297,6 +317,7 @@ fn killed_at_every_crash_point() {
 
 #[test]
 fn a_crash_point_is_reached_only_where_expected() {
+    let _serial = serial();
     // An alloc never passes the free points (and vice versa): the child
     // completes the operation and says so.
     let _w = Watchdog::new("crash_point_not_reached", 30);
@@ -417,6 +438,7 @@ const MAX_TRIALS: u32 = 3000;
 
 #[test]
 fn killed_at_random_moments() {
+    let _serial = serial();
     let _w = Watchdog::new("killed_at_random_moments", 300);
     let t0 = Instant::now();
     let pool = anon(8192);

@@ -33,6 +33,7 @@ fn cached_offsets(p: &Pool) -> Vec<usize> {
 
 #[test]
 fn a_block_freed_by_another_process_goes_back_to_its_owner() {
+    let _serial = serial();
     let _w = Watchdog::new("inbox hand-off", 60);
     let p = anon(1024);
     let pg = p.geometry().page_size;
@@ -67,6 +68,7 @@ fn a_block_freed_by_another_process_goes_back_to_its_owner() {
 
 #[test]
 fn the_inbox_takes_every_cacheable_block_and_stats_coalesces_them() {
+    let _serial = serial();
     let _w = Watchdog::new("inbox take-all", 60);
     let p = anon(1024);
     let pg = p.geometry().page_size;
@@ -108,6 +110,7 @@ fn the_inbox_takes_every_cacheable_block_and_stats_coalesces_them() {
 /// at every step.
 #[test]
 fn a_deep_hand_off_burst_goes_through_the_inbox_and_back() {
+    let _serial = serial();
     let _w = Watchdog::new("inbox burst", 60);
     let p = anon(4096);
     let pg = p.geometry().page_size;
@@ -143,6 +146,7 @@ fn a_deep_hand_off_burst_goes_through_the_inbox_and_back() {
 
 #[test]
 fn a_dead_owners_inbox_is_reaped_and_its_live_blocks_reclaimed() {
+    let _serial = serial();
     let _w = Watchdog::new("dead owner inbox", 60);
     let p = anon(1024);
     let pg = p.geometry().page_size;
@@ -219,16 +223,19 @@ mod staged {
 
     #[test]
     fn a_freer_killed_holding_the_inbox_before_its_commit() {
+        let _serial = serial();
         freer_killed_at(CrashPoint::InboxPushLocked, false);
     }
 
     #[test]
     fn a_freer_killed_between_its_commit_and_the_inbox_entry() {
+        let _serial = serial();
         freer_killed_at(CrashPoint::InboxPushCommitted, true);
     }
 
     #[test]
     fn a_freer_killed_between_linking_and_counting() {
+        let _serial = serial();
         freer_killed_at(CrashPoint::InboxPushLinked, true);
     }
 
@@ -295,11 +302,13 @@ mod staged {
 
     #[test]
     fn reclaim_dead_while_a_live_freer_is_in_the_dead_owners_inbox() {
+        let _serial = serial();
         reclaim_while_a_live_freer_holds_the_dead_owners_inbox(false);
     }
 
     #[test]
     fn reclaim_dead_and_slot_reuse_while_a_live_freer_is_in_the_inbox() {
+        let _serial = serial();
         reclaim_while_a_live_freer_holds_the_dead_owners_inbox(true);
     }
 
@@ -314,6 +323,7 @@ mod staged {
     }
 
     fn owner_killed_at(point: CrashPoint) {
+        let _serial = serial();
         let _w = Watchdog::new("owner killed draining", 60);
         let p = anon(1024);
         let pg = p.geometry().page_size;
@@ -355,6 +365,7 @@ mod staged {
 #[cfg(not(feature = "crash-points"))]
 #[test]
 fn staged_inbox_deaths_need_crash_points() {
+    let _serial = serial();
     common::skipped("inbox staged deaths", "needs --features crash-points");
 }
 
@@ -425,6 +436,7 @@ fn hand_freer(p: &Pool, ring: &HandRing) -> Result<(), String> {
 /// and then the pool is whole again.
 #[test]
 fn random_kills_during_hand_off_lose_and_duplicate_nothing() {
+    let _serial = serial();
     let _w = Watchdog::new("hand-off random kills", 600);
     let total = 16384;
     let p = anon(total);

@@ -559,6 +559,7 @@ fn trial(pool: &Pool, rng: &mut Rng, t: &mut Totals) -> Result<(), Fail> {
 
 #[test]
 fn torture_kill() {
+    let _serial = serial();
     let trials = DEFAULT_TRIALS * scale();
     let _w = Watchdog::new("torture_kill", 60 + trials / 4);
     let t0 = Instant::now();

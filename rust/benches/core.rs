@@ -17,8 +17,12 @@
 //! Blocks of up to `CACHE_CLASSES` pages that a process frees go to its
 //! per-process cache (see `pool.rs`), so the 1-page and 4-page rings
 //! measure that path (and so does mixed 1–64 when the cache takes 64-page
-//! blocks); the `CACHE_CLASSES+1` page rings and the fragmented cases use
-//! larger blocks to measure the locked path and the allocator's searches.
+//! blocks). The `CACHE_CLASSES+1` page rings are one exact length, which the
+//! cache's short list of longer blocks serves after warm-up: they are
+//! labelled "(cached)", and the same rings with the cache off (every alloc
+//! and free takes the pool lock and searches the free runs: the locked
+//! path) are reported beside them. The fragmented cases run uncached, to
+//! measure the allocator's searches.
 
 use shmpool::pool::CACHE_CLASSES;
 use shmpool::{CreateOptions, Pool};
@@ -212,7 +216,14 @@ fn line(name: &str, f: &Figures, extra: &str) {
 const RING_POOL: usize = 1 << 30;
 
 fn one_proc(ring: usize, sz: &[usize], clock: f64) -> Figures {
+    one_proc_caching(ring, sz, clock, true)
+}
+
+/// As [`one_proc`], with the per-process cache on or off (off: every alloc
+/// and free takes the pool lock, the locked path).
+fn one_proc_caching(ring: usize, sz: &[usize], clock: f64, caching: bool) -> Figures {
     let p = pool(RING_POOL);
+    p.set_caching(caching).expect("set_caching");
     let mut r = Ring::fill(&p, ring, sz);
     figures(&[r.run(clock, |_| {})])
 }
@@ -247,7 +258,14 @@ fn spin_yield(what: &str, cond: impl Fn() -> bool) {
 /// Two processes, each with its own ring in the same pool, every round
 /// started together. Returns the figures of both together.
 fn two_procs(ring: usize, sz: &[usize], clock: f64) -> Figures {
+    two_procs_caching(ring, sz, clock, true)
+}
+
+/// As [`two_procs`], with the per-process cache on or off in both
+/// processes (the child inherits the setting).
+fn two_procs_caching(ring: usize, sz: &[usize], clock: f64, caching: bool) -> Figures {
     let p = pool(RING_POOL);
+    p.set_caching(caching).expect("set_caching");
     // SAFETY: a fresh zeroed shared mapping; Ctl is atomics only.
     let ctl: &Ctl = unsafe {
         let m = libc::mmap(
@@ -634,6 +652,31 @@ fn main() {
                 ),
             );
             ratios.push((format!("{label} ring{ring}"), ratio));
+            if lo == past {
+                // The same ring with the cache off: what the locked path
+                // (lock, free-run search, coalescing) costs per op.
+                let u1 = one_proc_caching(ring, &sz, clock, false);
+                line(
+                    &format!("alloc+free {label} ring{ring} 1proc, locked path (caching off)"),
+                    &u1,
+                    &format!(
+                        "  {:.1} Mops/s; pair {:.0} ns uncached vs {:.0} ns cached",
+                        u1.ops_per_s / 1e6,
+                        u1.alloc.0 + u1.free.0,
+                        f1.alloc.0 + f1.free.0
+                    ),
+                );
+                let u2 = two_procs_caching(ring, &sz, clock, false);
+                line(
+                    &format!("alloc+free {label} ring{ring} 2proc, locked path (caching off)"),
+                    &u2,
+                    &format!(
+                        "  {:.1} Mops/s together, 2proc/1proc {:.2}",
+                        u2.ops_per_s / 1e6,
+                        u2.ops_per_s / u1.ops_per_s
+                    ),
+                );
+            }
             one.push((name, f1));
         }
     }

@@ -744,6 +744,32 @@ impl Pool {
         let page = self.page_of_offset(off)?;
         let w = self.descriptors()[page as usize].load(Ordering::Acquire);
         hit(CrashPoint::FreeLoaded);
+        self.free_page_word(page, w)
+    }
+
+    /// The `ALLOC` word of the live block at byte offset `off`: its
+    /// identity (a re-allocation of the same pages has another generation,
+    /// see `desc.rs`), for [`Pool::free_word`].
+    pub(crate) fn block_word(&self, off: usize) -> Result<u64> {
+        let page = self.page_of_offset(off)?;
+        let w = self.descriptors()[page as usize].load(Ordering::Acquire);
+        if tag(w) != TAG_ALLOC || is_cached(w) {
+            return Err(Error::NotABlock);
+        }
+        Ok(w)
+    }
+
+    /// Frees the block at `off` only if it is still the allocation whose
+    /// word [`Pool::block_word`] returned (else `NotABlock`, nothing
+    /// changes): a free decided before a lock was released, which another
+    /// process may have done meanwhile (a heap's `destroy`).
+    pub(crate) fn free_word(&self, off: usize, w: u64) -> Result<usize> {
+        let page = self.page_of_offset(off)?;
+        self.free_page_word(page, w)
+    }
+
+    #[inline]
+    fn free_page_word(&self, page: u32, w: u64) -> Result<usize> {
         if tag(w) != TAG_ALLOC || is_cached(w) {
             return Err(Error::NotABlock);
         }

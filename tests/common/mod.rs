@@ -5,6 +5,19 @@
 //! Every guard checks that it is dropped in the process that created it,
 //! so a forked child that unwinds never kills its siblings or unlinks the
 //! parent's objects.
+//!
+//! # Forks and the test harness's threads
+//!
+//! The harness runs the tests of a file on several threads of one process.
+//! A fork copies only the forking thread: a lock another thread held at
+//! that instant (this module's registries, std's environment, stdio or
+//! panic locks, a pool's in-process state) stays held forever in the
+//! child, which then hangs on its first use of it (it happened in CI).
+//! So every test of a file that forks runs under [`serial`]: one test at
+//! a time per test binary, and no other test thread is running code when a
+//! test forks (the others wait on the mutex, holding nothing). [`fork_child`]
+//! refuses to fork on a thread that does not hold it, so a forking test
+//! that forgets it fails at once instead of hanging now and then.
 #![allow(dead_code)]
 
 use shmpool::Pool;
@@ -17,6 +30,33 @@ static NEXT_NAME: AtomicU32 = AtomicU32::new(0);
 /// Live children and shm names of this process, for the watchdog.
 static CHILDREN: Mutex<Vec<i32>> = Mutex::new(Vec::new());
 static NAMES: Mutex<Vec<String>> = Mutex::new(Vec::new());
+/// The one-test-at-a-time mutex of this test binary (see the module doc).
+static SERIAL: Mutex<()> = Mutex::new(());
+
+thread_local! {
+    /// Whether this thread holds `SERIAL` (a forked child inherits the
+    /// forking thread's value: its own forks are allowed too).
+    static SERIAL_HELD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Held for a whole test by every test of a file that forks: the tests of
+/// this binary then run one at a time (see the module doc). A test that
+/// panicked earlier does not poison it for the next ones.
+pub struct Serial {
+    _g: std::sync::MutexGuard<'static, ()>,
+}
+
+pub fn serial() -> Serial {
+    let g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    SERIAL_HELD.with(|h| h.set(true));
+    Serial { _g: g }
+}
+
+impl Drop for Serial {
+    fn drop(&mut self) {
+        SERIAL_HELD.with(|h| h.set(false));
+    }
+}
 
 fn pid() -> i32 {
     // SAFETY: getpid has no preconditions.
@@ -115,6 +155,11 @@ pub struct Child {
 /// Forks; the child runs `f` and `_exit`s: 0 on `Ok`, 1 on `Err` (the
 /// message goes to stderr), 2 on a panic. The child never returns.
 pub fn fork_child(f: impl FnOnce() -> Result<(), String>) -> Child {
+    assert!(
+        SERIAL_HELD.with(|h| h.get()),
+        "fork_child outside common::serial(): a test that forks must hold it \
+         for its whole run (see tests/common/mod.rs)"
+    );
     // SAFETY: the child only runs `f` (allocator and pool calls; glibc
     // makes malloc usable after fork) and then _exit, never returning into
     // the test harness.
