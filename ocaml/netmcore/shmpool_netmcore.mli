@@ -36,7 +36,7 @@ module Netmcore_mempool : sig
         each time); a pool can be filled entirely with 1-page blocks.
       - 1- and 2-page pools work (the original corrupts memory).
       - The size given to [create_mempool] is the payload: the shared object
-        is larger by the header (about 51 KiB plus 8 bytes per page, rounded
+        is larger by the header (about 51 KiB plus 12 bytes per page, rounded
         up to whole pages: [Shmpool.total_for_payload] gives the size), so a
         fresh pool has all of [stats]' [total] (the size given, rounded up
         to pages, as the original's) free. The original carves its header

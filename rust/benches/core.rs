@@ -246,6 +246,15 @@ fn spin(what: &str, cond: impl Fn() -> bool) {
     }
 }
 
+/// As `spin`, yielding the CPU (the other process may need it).
+fn spin_yield(what: &str, cond: impl Fn() -> bool) {
+    let t = Instant::now();
+    while !cond() {
+        assert!(t.elapsed() < Duration::from_secs(60), "bench: {what} hung");
+        std::thread::yield_now();
+    }
+}
+
 /// Two processes, each with its own ring in the same pool, every round
 /// started together. Returns the figures of both together.
 fn two_procs(ring: usize, sz: &[usize], clock: f64) -> Figures {
@@ -488,6 +497,106 @@ fn ring_case(name: &str, p: &Pool, ring: usize, sz: &[usize], clock: f64) -> Fig
     f
 }
 
+/// The two halves of a hand-off measured apart, so that a busy machine
+/// (the two processes then take turns on one CPU) does not blur them:
+/// another process frees a burst of `burst` blocks of this process, then
+/// this one allocates as many (served by those frees, from round 2 on).
+/// Returns the least ns per free and per alloc over `rounds` rounds.
+fn handoff_phases(sz: &[usize], burst: usize, rounds: u64) -> (f64, f64) {
+    #[repr(C)]
+    struct PhaseCtl {
+        go: AtomicU64,
+        done: AtomicU64,
+        free_ns: AtomicU64,
+        offs: [AtomicU64; 1024],
+    }
+    assert!(burst <= 1024);
+    let p = pool(RING_POOL);
+    // SAFETY: a fresh zeroed shared mapping; PhaseCtl is atomics only.
+    let ctl: &PhaseCtl = unsafe {
+        let m = libc::mmap(
+            std::ptr::null_mut(),
+            std::mem::size_of::<PhaseCtl>(),
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        assert!(m != libc::MAP_FAILED);
+        &*m.cast::<PhaseCtl>()
+    };
+    // SAFETY: single-threaded bench; the child frees and _exits.
+    let child = unsafe { libc::fork() };
+    assert!(child >= 0, "fork");
+    if child == 0 {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            for r in 1..=rounds {
+                spin_yield("phase go", || ctl.go.load(Ordering::Acquire) == r);
+                let t = Instant::now();
+                for o in &ctl.offs[..burst] {
+                    p.free(o.load(Ordering::Relaxed) as usize).expect("free");
+                }
+                let ns = t.elapsed().as_nanos() as u64;
+                ctl.free_ns.store(ns, Ordering::Relaxed);
+                ctl.done.store(r, Ordering::Release);
+            }
+        }));
+        // SAFETY: leaves the child without running the parent's exit path.
+        unsafe { libc::_exit(if r.is_ok() { 0 } else { 1 }) }
+    }
+    let (mut best_free, mut best_alloc) = (f64::MAX, f64::MAX);
+    for r in 1..=rounds {
+        let t = Instant::now();
+        for (i, o) in ctl.offs[..burst].iter().enumerate() {
+            let off = p.alloc(sz[i % sz.len()]).expect("alloc");
+            o.store(off as u64, Ordering::Relaxed);
+        }
+        let ns = t.elapsed().as_nanos() as f64 / burst as f64;
+        if r > 1 {
+            best_alloc = best_alloc.min(ns);
+        }
+        ctl.go.store(r, Ordering::Release);
+        spin_yield("phase done", || ctl.done.load(Ordering::Acquire) == r);
+        best_free = best_free.min(ctl.free_ns.load(Ordering::Relaxed) as f64 / burst as f64);
+    }
+    let mut st = 0;
+    // SAFETY: waits for our own child.
+    unsafe { libc::waitpid(child, &mut st, 0) };
+    assert!(
+        libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 0,
+        "bench: phase child failed"
+    );
+    // SAFETY: unmaps the mapping made above; nothing uses it now.
+    unsafe {
+        libc::munmap(
+            (ctl as *const PhaseCtl).cast_mut().cast(),
+            std::mem::size_of::<PhaseCtl>(),
+        )
+    };
+    (best_free, best_alloc)
+}
+
+/// Issue 13: a hand-off (one process allocates, another frees: the
+/// remote free goes to the owner's inbox), with every op locked (caching
+/// off) beside it.
+fn handoff_cases() {
+    for (label, lo, hi) in [("1p", 1usize, 1usize), ("mixed 1-64p", 1, 64)] {
+        let sz = sizes(lo, hi, 5);
+        let mut on: Vec<f64> = (0..5).map(|_| handoff(&sz, 400_000, true)).collect();
+        let mut off: Vec<f64> = (0..5).map(|_| handoff(&sz, 400_000, false)).collect();
+        on.sort_by(f64::total_cmp);
+        off.sort_by(f64::total_cmp);
+        println!(
+            "core  hand-off {label}, 2 procs (A allocs, B frees)  {:.1} M blocks/s (spread {:.1}-{:.1}); every op locked (caching off): {:.1} M ({:.1}-{:.1})",
+            on[2] / 1e6, on[0] / 1e6, on[4] / 1e6, off[2] / 1e6, off[0] / 1e6, off[4] / 1e6
+        );
+        let (f, a) = handoff_phases(&sz, 1000, 30);
+        println!(
+            "core  hand-off {label} in phases (B frees 1000 of A's blocks, then A allocates 1000; least of 30 rounds): {f:.0} ns per remote free, {a:.0} ns per alloc"
+        );
+    }
+}
+
 fn main() {
     let t_start = Instant::now();
     let clock = clock_cost();
@@ -504,6 +613,13 @@ fn main() {
         // SAFETY: sysconf has no preconditions.
         unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }
     );
+    // CORE_BENCH_ONLY=handoff: only the hand-off cases; =ring: only the
+    // ring cases (for quick checks).
+    let only = std::env::var("CORE_BENCH_ONLY").unwrap_or_default();
+    if only == "handoff" {
+        handoff_cases();
+        return;
+    }
 
     // The last case is just past the per-process cache: the locked path.
     let past = CACHE_CLASSES as usize + 1;
@@ -564,21 +680,11 @@ fn main() {
             one.push((name, f1));
         }
     }
-
-    // Issue 13: a hand-off (one process allocates, another frees: the
-    // remote free goes to the owner's inbox), with the inbox off (caching
-    // off: every free takes the pool lock) beside it; and large blocks.
-    for (label, lo, hi) in [("1p", 1usize, 1usize), ("mixed 1-64p", 1, 64)] {
-        let sz = sizes(lo, hi, 5);
-        let mut on: Vec<f64> = (0..5).map(|_| handoff(&sz, 400_000, true)).collect();
-        let mut off: Vec<f64> = (0..5).map(|_| handoff(&sz, 400_000, false)).collect();
-        on.sort_by(f64::total_cmp);
-        off.sort_by(f64::total_cmp);
-        println!(
-            "core  hand-off {label}, 2 procs (A allocs, B frees)  {:.1} M blocks/s (spread {:.1}-{:.1}); every op locked (caching off): {:.1} M ({:.1}-{:.1})",
-            on[2] / 1e6, on[0] / 1e6, on[4] / 1e6, off[2] / 1e6, off[0] / 1e6, off[4] / 1e6
-        );
+    if only == "ring" {
+        return;
     }
+
+    handoff_cases();
     {
         let sz = sizes(65, 256, 13);
         let f1 = one_proc(64, &sz, clock);

@@ -84,54 +84,61 @@ crash_points! {
     /// Remote free: the freer holds the owner's inbox lock, the block is
     /// not yet flipped to CACHED.
     InboxPushLocked = 11,
-    /// Remote free: the block is flipped to CACHED (committed), not yet in
-    /// the inbox's entries or counters.
+    /// Remote free: the block is flipped to CACHED (committed), not yet
+    /// linked into the inbox's list nor counted.
     InboxPushCommitted = 12,
     /// Drain: the owner holds its slot lock and its inbox lock, and has
-    /// moved part of the inbox into its stacks.
+    /// spliced the inbox's list onto its chain and counted it in its slot,
+    /// the inbox not yet emptied.
     InboxDrainMoving = 13,
+    /// Remote free: the block is committed and linked at the inbox's head,
+    /// the inbox's counters not yet updated.
+    InboxPushLinked = 14,
+    /// Alloc miss: the owner holds its slot lock and has taken a block off
+    /// its chain (chain head and length updated), not yet into its stacks.
+    ChainTaking = 15,
   }
   heap {
     /// Create: descriptor and first chunk formatted, magic stored, lock
     /// held, root not yet set; the block is still owned by the creator.
-    HeapCreateFormatted = 14,
+    HeapCreateFormatted = 16,
     /// Create: root set, heap lock released, block not yet disowned.
-    HeapCreateBeforeDisown = 15,
+    HeapCreateBeforeDisown = 17,
     /// Allocation: a larger free block unlinked, its remainder not yet filed.
-    HeapAllocSplit = 16,
+    HeapAllocSplit = 18,
     /// Copy-in: the span is allocated and half of its blocks written.
-    HeapCopyHalfDone = 17,
+    HeapCopyHalfDone = 19,
     /// `modify`: a new root stored (committed), lock still held.
-    HeapRootStored = 18,
+    HeapRootStored = 20,
     /// GC: bitmaps cleared and the root's first blocks marked.
-    HeapMidMark = 19,
+    HeapMidMark = 21,
     /// GC: the free lists emptied and partly rebuilt.
-    HeapMidSweep = 20,
+    HeapMidSweep = 22,
     /// Grow: the new chunk is owned by nobody, not yet in the table.
-    HeapChunkDisowned = 21,
+    HeapChunkDisowned = 23,
     /// Grow: the chunk is in the table (committed), its area not yet free.
-    HeapChunkAppended = 22,
+    HeapChunkAppended = 24,
     /// Sweep: the last table entry copied over the removed one, the count
     /// not yet lowered (one chunk listed twice).
-    HeapChunkEntryMoved = 23,
+    HeapChunkEntryMoved = 25,
     /// Sweep: an empty chunk's entry removed, its pool block not yet freed.
-    HeapChunkRemoved = 24,
+    HeapChunkRemoved = 26,
     /// A pin is written (`with_value` between `find` and `process`).
-    HeapPinWritten = 25,
+    HeapPinWritten = 27,
     /// A pin is unlinked (`with_value` after `process`), lock still held.
-    HeapPinRemoved = 26,
+    HeapPinRemoved = 28,
     /// Recovery: chunk table sanitised and dead pins dropped, no GC yet.
-    HeapMidRecovery = 27,
+    HeapMidRecovery = 29,
     /// Destroy: state DESTROYING stored (the commit), nothing freed.
-    HeapDestroyCommitted = 28,
+    HeapDestroyCommitted = 30,
     /// Destroy: an extension chunk dropped from the table, not yet freed.
-    HeapDestroyChunkForgotten = 29,
+    HeapDestroyChunkForgotten = 31,
     /// Destroy: every extension chunk freed, the first block's pool word
     /// recorded, lock still held.
-    HeapDestroyChunksFreed = 30,
+    HeapDestroyChunksFreed = 32,
     /// Destroy: heap lock released, the first block not yet freed (the
     /// only heap point reached without the heap lock).
-    HeapDestroyUnlocked = 31,
+    HeapDestroyUnlocked = 33,
   }
 }
 

@@ -93,6 +93,9 @@ pub struct Pool {
     /// Most pages the cache may hold: a 16th of the pool (none for tiny
     /// pools), so one process cannot sit on much of it.
     pub(crate) cache_cap: u64,
+    /// Pages at most in a slot's inbox, and in its stacks and chain for a
+    /// drain to add to them (see `cache.rs`).
+    pub(crate) remote_cap: u64,
     /// The thread holding our slot's keeper mutex (see `liveness.rs`), as a
     /// `Box<Keeper>` pointer, null if none. An atomic pointer rather than a
     /// lock, so that a child forked while another thread replaced it cannot
@@ -330,6 +333,7 @@ impl Pool {
             cache: LocalCache::new(),
             caching: std::sync::atomic::AtomicBool::new(true),
             cache_cap: geo.npages as u64 / 16,
+            remote_cap: geo.npages as u64 / 4,
             keeper: AtomicPtr::new(std::ptr::null_mut()),
         }
     }
@@ -367,6 +371,22 @@ impl Pool {
         unsafe {
             std::slice::from_raw_parts(
                 self.map.ptr().add(self.geo.desc_offset).cast::<AtomicU64>(),
+                self.geo.npages as usize,
+            )
+        }
+    }
+
+    /// The link words that chain inbox blocks (see `cache.rs`).
+    pub(crate) fn links(&self) -> &[std::sync::atomic::AtomicU32] {
+        // SAFETY: the link array lies inside our mapping at the validated
+        // geometry (after the descriptors, 4-byte aligned), and is only
+        // ever accessed atomically.
+        unsafe {
+            std::slice::from_raw_parts(
+                self.map
+                    .ptr()
+                    .add(self.geo.link_offset)
+                    .cast::<std::sync::atomic::AtomicU32>(),
                 self.geo.npages as usize,
             )
         }

@@ -295,6 +295,50 @@ impl Child {
         self.status
     }
 
+    /// What the (live, unreaped) child is doing, for a test that found it
+    /// stalled: per thread its scheduler state, CPU ticks used, kernel wait
+    /// channel and kernel stack (from `/proc`), then user stacks from gdb if
+    /// it is installed (20 s at most). Nothing fails if some of it
+    /// cannot be read.
+    pub fn report(&self) -> String {
+        let mut out = String::new();
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", self.pid))
+            .map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
+            .unwrap_or_default();
+        for t in tasks {
+            let t = t.to_string_lossy();
+            let base = format!("/proc/{}/task/{t}", self.pid);
+            let read = |f: &str| std::fs::read_to_string(format!("{base}/{f}")).unwrap_or_default();
+            let stat = read("stat");
+            // After the ")" of the command: state, ..., utime is field 14.
+            let rest: Vec<&str> = stat
+                .rsplit_once(')')
+                .map_or(vec![], |(_, r)| r.split_whitespace().collect());
+            out += &format!(
+                "task {t} ({}): state {} utime {} stime {} wchan {}\n{}",
+                read("comm").trim(),
+                rest.first().unwrap_or(&"?"),
+                rest.get(11).unwrap_or(&"?"),
+                rest.get(12).unwrap_or(&"?"),
+                read("wchan"),
+                read("stack")
+            );
+        }
+        let gdb = std::process::Command::new("timeout")
+            .args(["20", "gdb", "-p", &self.pid.to_string(), "-batch", "-nx"])
+            .args(["-ex", "thread apply all bt 12"])
+            .output();
+        if let Ok(o) = gdb {
+            let text = String::from_utf8_lossy(&o.stdout);
+            out += &text
+                .lines()
+                .filter(|l| l.starts_with('#') || l.starts_with("Thread"))
+                .collect::<Vec<_>>()
+                .join("\n");
+        }
+        out
+    }
+
     pub fn is_reaped(&self) -> bool {
         self.status.is_some()
     }
