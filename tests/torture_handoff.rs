@@ -38,6 +38,7 @@
 
 mod common;
 
+use common::torture::*;
 use common::*;
 use shmpool::crashpoint::{self, CrashPoint};
 use shmpool::{CreateOptions, Error, Pool};
@@ -86,37 +87,6 @@ struct Board {
     board: [AtomicU64; MB],
 }
 
-const VALID: u64 = 1 << 63;
-const TAKEN: u64 = 1 << 62;
-
-/// A board entry: the block's page index in the mapping (24 bits), its
-/// pages (16), who took it (8, once TAKEN) and who posted it (8).
-fn entry(off: usize, pages: usize, poster: usize, pg: usize) -> u64 {
-    VALID | (poster as u64) << 48 | (pages as u64) << 24 | (off / pg) as u64
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Entry {
-    off: usize,
-    pages: usize,
-    poster: usize,
-    taker: Option<usize>,
-}
-
-fn decode(e: u64, pg: usize) -> Entry {
-    Entry {
-        off: (e & 0xFF_FFFF) as usize * pg,
-        pages: (e >> 24 & 0xFFFF) as usize,
-        poster: (e >> 48 & 0xFF) as usize,
-        taker: (e & TAKEN != 0).then_some((e >> 40 & 0xFF) as usize),
-    }
-}
-
-/// What the first word of each page of a block says.
-fn stamp_of(pid: i32, off: usize) -> u64 {
-    (pid as u32 as u64) << 32 | (off as u64 & 0xFFFF_FFFF)
-}
-
 /// Every crash point: those without the pool lock (the remote free and the
 /// drain among them) first.
 fn points() -> Vec<CrashPoint> {
@@ -155,32 +125,7 @@ impl Ctx<'_> {
     /// Takes board entry `m` if it holds an untaken block: verifies and
     /// frees it. Whether it took one.
     fn take(&self, m: usize) -> Result<bool, String> {
-        let slot = &self.b.board[m];
-        let e = slot.load(SeqCst);
-        if e & VALID == 0 || e & TAKEN != 0 {
-            return Ok(false);
-        }
-        if slot
-            .compare_exchange(e, e | TAKEN | (self.i as u64) << 40, SeqCst, SeqCst)
-            .is_err()
-        {
-            return Ok(false);
-        }
-        let d = decode(e, self.pg);
-        let ppid = self.b.pids[d.poster].load(SeqCst);
-        let bytes = d.pages * self.pg;
-        if !marked(self.pool, d.off, bytes, stamp_of(ppid, d.off)) {
-            return Err(format!(
-                "taken block {:#x} ({} pages) of process {} was overwritten",
-                d.off, d.pages, d.poster
-            ));
-        }
-        match self.pool.free(d.off) {
-            Ok(x) if x == bytes => {}
-            r => return Err(format!("free of taken block {:#x}: {r:?}", d.off)),
-        }
-        slot.store(0, SeqCst);
-        Ok(true)
+        take_posted(self.pool, &self.b.board[m], &self.b.pids, self.i, self.pg)
     }
 
     /// The first untaken entry from a random place on, taken.
@@ -319,12 +264,6 @@ fn worker(pool: &Pool, b: &Board, i: usize, role: Role, seed: u64) -> Result<(),
     pool.flush_cache().map_err(|e| format!("flush_cache: {e}"))
 }
 
-enum Fail {
-    Deadlock(String),
-    Violation(String),
-    Lost(u64, String),
-}
-
 #[derive(Default)]
 struct Totals {
     trials: u64,
@@ -342,39 +281,9 @@ struct Totals {
     ops: u64,
 }
 
-fn violation<T>(msg: String) -> Result<T, Fail> {
-    Err(Fail::Violation(msg))
-}
-
 /// Polls `cond` until it holds; a deadlock after `BOUND`.
-fn wait(what: &str, mut cond: impl FnMut() -> Result<bool, Fail>) -> Result<(), Fail> {
-    let t0 = Instant::now();
-    let mut spins = 0u32;
-    loop {
-        if cond()? {
-            return Ok(());
-        }
-        if t0.elapsed() > BOUND {
-            return Err(Fail::Deadlock(format!("{what}: not done within {BOUND:?}")));
-        }
-        spins += 1;
-        if spins < 200 {
-            std::hint::spin_loop();
-        } else {
-            std::thread::sleep(Duration::from_micros(50));
-        }
-    }
-}
-
-/// The thread id holding the pool lock, 0 if none (glibc keeps it in the
-/// low 30 bits of the robust mutex's first word; a hint only, as in
-/// `lock.rs`). A worker is single-threaded: its tid is its pid.
-fn lock_holder(pool: &Pool) -> i32 {
-    let off = std::mem::offset_of!(shmpool::layout::Header, lock);
-    // SAFETY: the mutex lies at that offset of the live mapping, 4-byte
-    // aligned; an atomic read of its first word races with nothing unsound.
-    let w = unsafe { (*pool.addr(off).cast::<AtomicI32>()).load(SeqCst) };
-    w & 0x3FFF_FFFF
+fn wait(what: &str, cond: impl FnMut() -> Result<bool, Fail>) -> Result<(), Fail> {
+    wait_within(BOUND, what, cond)
 }
 
 fn new_pool() -> Pool {

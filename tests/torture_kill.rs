@@ -27,6 +27,7 @@
 
 mod common;
 
+use common::torture::*;
 use common::*;
 use shmpool::{CreateOptions, Error, Pool};
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering::SeqCst};
@@ -66,37 +67,6 @@ struct Board {
     mailbox: [AtomicU64; MB],
 }
 
-const VALID: u64 = 1 << 63;
-const TAKEN: u64 = 1 << 62;
-
-/// A mailbox entry: the block's page offset in the mapping, its pages,
-/// who posted it and, once taken, who took it.
-fn entry(off: usize, pages: usize, poster: usize, pg: usize) -> u64 {
-    VALID | (poster as u64) << 48 | (pages as u64) << 32 | (off / pg) as u64
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Entry {
-    off: usize,
-    pages: usize,
-    poster: usize,
-    taker: Option<usize>,
-}
-
-fn decode(e: u64, pg: usize) -> Entry {
-    Entry {
-        off: (e & 0xFFFF_FFFF) as usize * pg,
-        pages: (e >> 32 & 0xFFFF) as usize,
-        poster: (e >> 48 & 0xF) as usize,
-        taker: (e & TAKEN != 0).then_some((e >> 52 & 0xF) as usize),
-    }
-}
-
-/// What the first word of each page of a block says.
-fn stamp_of(pid: i32, off: usize) -> u64 {
-    (pid as u32 as u64) << 32 | (off as u64 & 0xFFFF_FFFF)
-}
-
 struct Ctx<'a> {
     pool: &'a Pool,
     b: &'a Board,
@@ -108,32 +78,7 @@ struct Ctx<'a> {
 impl Ctx<'_> {
     /// Takes mailbox entry `m` if there is one, verifies and frees it.
     fn take(&self, m: usize) -> Result<(), String> {
-        let slot = &self.b.mailbox[m];
-        let e = slot.load(SeqCst);
-        if e & VALID == 0 || e & TAKEN != 0 {
-            return Ok(());
-        }
-        if slot
-            .compare_exchange(e, e | TAKEN | (self.i as u64) << 52, SeqCst, SeqCst)
-            .is_err()
-        {
-            return Ok(());
-        }
-        let d = decode(e, self.pg);
-        let ppid = self.b.pids[d.poster].load(SeqCst);
-        let bytes = d.pages * self.pg;
-        if !marked(self.pool, d.off, bytes, stamp_of(ppid, d.off)) {
-            return Err(format!(
-                "taken block {:#x} ({} pages) of worker {} was overwritten",
-                d.off, d.pages, d.poster
-            ));
-        }
-        match self.pool.free(d.off) {
-            Ok(x) if x == bytes => {}
-            r => return Err(format!("free of taken block {:#x}: {r:?}", d.off)),
-        }
-        slot.store(0, SeqCst);
-        Ok(())
+        take_posted(self.pool, &self.b.mailbox[m], &self.b.pids, self.i, self.pg).map(|_| ())
     }
 
     fn step(&self, rng: &mut Rng, may_post: bool) -> Result<(), String> {
@@ -241,12 +186,6 @@ fn worker(pool: &Pool, b: &Board, i: usize, seed: u64, limit: Option<u64>) -> Re
     pool.flush_cache().map_err(|e| format!("flush_cache: {e}"))
 }
 
-enum Fail {
-    Deadlock(String),
-    Violation(String),
-    Lost(u64, String),
-}
-
 #[derive(Default)]
 struct Totals {
     trials: u64,
@@ -261,28 +200,9 @@ struct Totals {
     ops: u64,
 }
 
-fn violation<T>(msg: String) -> Result<T, Fail> {
-    Err(Fail::Violation(msg))
-}
-
 /// Polls `cond` until it holds; a deadlock after `BOUND`.
-fn wait(what: &str, mut cond: impl FnMut() -> Result<bool, Fail>) -> Result<(), Fail> {
-    let t0 = Instant::now();
-    let mut spins = 0u32;
-    loop {
-        if cond()? {
-            return Ok(());
-        }
-        if t0.elapsed() > BOUND {
-            return Err(Fail::Deadlock(format!("{what}: not done within {BOUND:?}")));
-        }
-        spins += 1;
-        if spins < 200 {
-            std::hint::spin_loop();
-        } else {
-            std::thread::sleep(Duration::from_micros(50));
-        }
-    }
+fn wait(what: &str, cond: impl FnMut() -> Result<bool, Fail>) -> Result<(), Fail> {
+    wait_within(BOUND, what, cond)
 }
 
 /// A violation if one of `which` has ended.
@@ -297,17 +217,6 @@ fn still_running(kids: &mut [Child], which: &[usize], what: &str) -> Result<(), 
         }
     }
     Ok(())
-}
-
-/// The thread id holding the pool lock, 0 if none: glibc keeps the owner's
-/// tid in the low 30 bits of the robust mutex's first word (a hint only,
-/// as in `lock.rs`). A worker is single-threaded: its tid is its pid.
-fn lock_holder(pool: &Pool) -> i32 {
-    let off = std::mem::offset_of!(shmpool::layout::Header, lock);
-    // SAFETY: the mutex lies at that offset of the live mapping, 4-byte
-    // aligned; an atomic read of its first word races with nothing unsound.
-    let w = unsafe { (*pool.addr(off).cast::<AtomicI32>()).load(SeqCst) };
-    w & 0x3FFF_FFFF
 }
 
 fn new_pool() -> Pool {
