@@ -530,7 +530,7 @@ fn trial(pool: &Pool, rng: &mut Rng, t: &mut Totals) -> Result<(), Fail> {
     let is_live = |i: usize| live.contains(&i);
     // Blocks live processes hold: producers' journals and their posts that
     // nobody took.
-    let mut held: Vec<(usize, usize, i32)> = Vec::new();
+    let mut held: Vec<Held> = Vec::new();
     for &s in &live {
         for k in 0..SLOTS {
             let p = b.pages[s][k].load(SeqCst) as usize;
@@ -561,19 +561,8 @@ fn trial(pool: &Pool, rng: &mut Rng, t: &mut Totals) -> Result<(), Fail> {
                 return violation(format!("board entry {m} held by live consumer {tk}"));
             }
             Some(_) if is_live(d.poster) => {
-                let bytes = d.pages * pg;
-                let ppid = pid(d.poster);
-                let orphan = pool.owner_of(d.off) == Ok(ppid)
-                    && pool.size(d.off) == Ok(bytes)
-                    && !held.iter().any(|h| h.0 == d.off);
-                if orphan {
-                    if !marked(pool, d.off, bytes, stamp_of(ppid, d.off)) {
-                        return violation(format!("orphan {:#x} was overwritten", d.off));
-                    }
-                    match pool.free(d.off) {
-                        Ok(x) if x == bytes => t.orphans += 1,
-                        r => return violation(format!("free of orphan {:#x}: {r:?}", d.off)),
-                    }
+                if free_orphan(pool, &d, pg, pid(d.poster), &held)? {
+                    t.orphans += 1;
                 }
                 b.board[m].store(0, SeqCst);
             }
@@ -584,39 +573,13 @@ fn trial(pool: &Pool, rng: &mut Rng, t: &mut Totals) -> Result<(), Fail> {
             _ => {}
         }
     }
-    for &(off, p, owner) in &held {
-        let bytes = p * pg;
-        if pool.size(off) != Ok(bytes) || pool.owner_of(off) != Ok(owner) {
-            return violation(format!(
-                "block {off:#x} ({p} pages) of pid {owner}: size {:?}, owner {:?}",
-                pool.size(off),
-                pool.owner_of(off)
-            ));
-        }
-        if !marked(pool, off, bytes, stamp_of(owner, off)) {
-            return violation(format!("block {off:#x} of pid {owner} was overwritten"));
-        }
-    }
-    held.sort();
-    for w in held.windows(2) {
-        if w[0].0 + w[0].1 * pg > w[1].0 {
-            return violation(format!("blocks overlap: {:?} and {:?}", w[0], w[1]));
-        }
-    }
+    check_held(pool, pg, &mut held)?;
     let held_pages: usize = held.iter().map(|h| h.1).sum();
     let owners = pool
         .owners()
         .map_err(|e| Fail::Violation(format!("owners: {e}")))?;
     for &s in &live {
-        let want = held
-            .iter()
-            .filter(|h| h.2 == pid(s))
-            .fold((0, 0), |a, h| (a.0 + h.1 as u64, a.1 + 1));
-        let have = owners
-            .iter()
-            .find(|o| o.pid == pid(s))
-            .map_or((0, 0), |o| (o.pages, o.blocks));
-        if have != want {
+        if let Some((have, want)) = owners_disagree(&owners, &held, pid(s)) {
             return violation(format!(
                 "{:?} {s} owns {have:?} (pages, blocks), its journal says {want:?}",
                 ps.roles[s]

@@ -6,7 +6,7 @@
 //! who holds the pool lock.
 
 use super::marked;
-use shmpool::Pool;
+use shmpool::{OwnerInfo, Pool};
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
@@ -126,4 +126,77 @@ pub fn lock_holder(pool: &Pool) -> i32 {
     // aligned; an atomic read of its first word races with nothing unsound.
     let w = unsafe { (*pool.addr(off).cast::<AtomicI32>()).load(SeqCst) };
     w & 0x3FFF_FFFF
+}
+
+/// A block a live process holds: (offset, pages, owner pid).
+pub type Held = (usize, usize, i32);
+
+/// Posted block `d`, taken by a process now dead and not freed by it, of
+/// a live poster (pid `ppid`): an orphan if the poster still owns it at
+/// its size and holds it nowhere else (`held`). Frees an orphan on the dead
+/// taker's behalf, after checking its marks. Whether it freed one.
+pub fn free_orphan(
+    pool: &Pool,
+    d: &Entry,
+    pg: usize,
+    ppid: i32,
+    held: &[Held],
+) -> Result<bool, Fail> {
+    let bytes = d.pages * pg;
+    let orphan = pool.owner_of(d.off) == Ok(ppid)
+        && pool.size(d.off) == Ok(bytes)
+        && !held.iter().any(|h| h.0 == d.off);
+    if !orphan {
+        return Ok(false);
+    }
+    if !marked(pool, d.off, bytes, stamp_of(ppid, d.off)) {
+        return violation(format!("orphan {:#x} was overwritten", d.off));
+    }
+    match pool.free(d.off) {
+        Ok(x) if x == bytes => Ok(true),
+        r => violation(format!("free of orphan {:#x}: {r:?}", d.off)),
+    }
+}
+
+/// Every block of `held` is live at its size, owned by its pid and intact,
+/// and no two overlap (`held` ends sorted).
+pub fn check_held(pool: &Pool, pg: usize, held: &mut [Held]) -> Result<(), Fail> {
+    for &(off, p, owner) in held.iter() {
+        let bytes = p * pg;
+        if pool.size(off) != Ok(bytes) || pool.owner_of(off) != Ok(owner) {
+            return violation(format!(
+                "block {off:#x} ({p} pages) of pid {owner}: size {:?}, owner {:?}",
+                pool.size(off),
+                pool.owner_of(off)
+            ));
+        }
+        if !marked(pool, off, bytes, stamp_of(owner, off)) {
+            return violation(format!("block {off:#x} of pid {owner} was overwritten"));
+        }
+    }
+    held.sort();
+    for w in held.windows(2) {
+        if w[0].0 + w[0].1 * pg > w[1].0 {
+            return violation(format!("blocks overlap: {:?} and {:?}", w[0], w[1]));
+        }
+    }
+    Ok(())
+}
+
+/// What `owners` says pid `p` owns and what `held` gives it, as (pages,
+/// blocks), if they differ.
+pub fn owners_disagree(
+    owners: &[OwnerInfo],
+    held: &[Held],
+    p: i32,
+) -> Option<((u64, u64), (u64, u64))> {
+    let want = held
+        .iter()
+        .filter(|h| h.2 == p)
+        .fold((0, 0), |a, h| (a.0 + h.1 as u64, a.1 + 1));
+    let have = owners
+        .iter()
+        .find(|o| o.pid == p)
+        .map_or((0, 0), |o| (o.pages, o.blocks));
+    (have != want).then_some((have, want))
 }
