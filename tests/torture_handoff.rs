@@ -532,19 +532,9 @@ fn trial(pool: &Pool, rng: &mut Rng, t: &mut Totals) -> Result<(), Fail> {
     // nobody took.
     let mut held: Vec<Held> = Vec::new();
     for &s in &live {
-        for k in 0..SLOTS {
-            let p = b.pages[s][k].load(SeqCst) as usize;
-            if p > 0 {
-                held.push((b.offs[s][k].load(SeqCst) as usize, p, pid(s)));
-            }
-        }
+        held.extend(journal(&b.offs[s], &b.pages[s], pid(s)));
     }
-    let entries: Vec<(usize, Entry)> = (0..MB)
-        .filter_map(|m| {
-            let e = b.board[m].load(SeqCst);
-            (e != 0).then(|| (m, decode(e, pg)))
-        })
-        .collect();
+    let entries = board_entries(&b.board, pg);
     for &(_, d) in &entries {
         if d.taker.is_none() && is_live(d.poster) {
             held.push((d.off, d.pages, pid(d.poster)));
@@ -681,25 +671,7 @@ fn trial(pool: &Pool, rng: &mut Rng, t: &mut Totals) -> Result<(), Fail> {
     if let Some(m) = (0..MB).find(|&m| b.board[m].load(SeqCst) != 0) {
         return violation(format!("board entry {m} left"));
     }
-    let c = pool.check();
-    if !c.is_empty() {
-        return violation(format!("check at the end: {c:?}"));
-    }
-    let s = pool.stats();
-    if (s.free_bytes, s.largest_free_bytes, s.live_blocks) != (payload, payload, 0) {
-        let lost = (payload - s.free_bytes) as u64 / pg as u64;
-        return Err(Fail::Lost(
-            lost,
-            format!("at the end: {s:?}\n{}", pool.debug_info()),
-        ));
-    }
-    let r = pool
-        .reclaim_dead()
-        .map_err(|e| Fail::Violation(format!("reclaim_dead: {e}")))?;
-    if r.pages != 0 {
-        return violation(format!("the survivors left {r:?}"));
-    }
-    Ok(())
+    check_all_free(pool, payload, pg)
 }
 
 #[test]

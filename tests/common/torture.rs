@@ -200,3 +200,53 @@ pub fn owners_disagree(
         .map_or((0, 0), |o| (o.pages, o.blocks));
     (have != want).then_some((have, want))
 }
+
+/// The blocks a process's journal lists (`offs`, `pages`: one slot a
+/// block, 0 pages = empty slot), as held by pid `p`.
+pub fn journal<'a>(
+    offs: &'a [AtomicU64],
+    pages: &'a [AtomicU64],
+    p: i32,
+) -> impl Iterator<Item = Held> + 'a {
+    offs.iter().zip(pages).filter_map(move |(o, k)| {
+        let k = k.load(SeqCst) as usize;
+        (k > 0).then(|| (o.load(SeqCst) as usize, k, p))
+    })
+}
+
+/// The board's entries that are not empty: (index, entry).
+pub fn board_entries(board: &[AtomicU64], pg: usize) -> Vec<(usize, Entry)> {
+    board
+        .iter()
+        .enumerate()
+        .filter_map(|(m, e)| {
+            let e = e.load(SeqCst);
+            (e != 0).then(|| (m, decode(e, pg)))
+        })
+        .collect()
+}
+
+/// The end of a trial, every process gone: the pool is sound and entirely
+/// free (else the pages are lost) without any reclaim, and `reclaim_dead`
+/// finds nothing (the last processes exited normally).
+pub fn check_all_free(pool: &Pool, payload: usize, pg: usize) -> Result<(), Fail> {
+    let c = pool.check();
+    if !c.is_empty() {
+        return violation(format!("check at the end: {c:?}"));
+    }
+    let s = pool.stats();
+    if (s.free_bytes, s.largest_free_bytes, s.live_blocks) != (payload, payload, 0) {
+        let lost = (payload - s.free_bytes) as u64 / pg as u64;
+        return Err(Fail::Lost(
+            lost,
+            format!("at the end: {s:?}\n{}", pool.debug_info()),
+        ));
+    }
+    let got = pool
+        .reclaim_dead()
+        .map_err(|e| Fail::Violation(format!("reclaim_dead: {e}")))?;
+    if got.pages != 0 {
+        return violation(format!("the last processes left {got:?}"));
+    }
+    Ok(())
+}
