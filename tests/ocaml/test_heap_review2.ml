@@ -112,7 +112,8 @@ let private_mutex_copy kind pool =
 let t_private_mutex_copy () =
   List.iter
     (fun (name, kind) ->
-      with_pool (16 * 1024 * 1024) (fun pool -> Testutil.check_child name (Testutil.fork_run (fun () -> private_mutex_copy kind pool))))
+      with_pool (16 * 1024 * 1024) (fun pool ->
+          Testutil.check_child name (Testutil.fork_run (fun () -> private_mutex_copy kind pool))))
     [ ("Errorcheck", `Errorcheck); ("Recursive", `Recursive) ]
 
 (* 4. with_value_n pins its values one by one inside the lock; when the
@@ -135,7 +136,8 @@ let pins_released_on_oom pool =
   raised && after = before
 
 let t_pins_released_on_oom () =
-  with_pool (6 * 1024 * 1024) (fun pool -> Testutil.check_child "pins" (Testutil.fork_run (fun () -> pins_released_on_oom pool)))
+  with_pool (6 * 1024 * 1024) (fun pool ->
+      Testutil.check_child "pins" (Testutil.fork_run (fun () -> pins_released_on_oom pool)))
 
 let () =
   Alcotest.run "heap review 2"

@@ -54,7 +54,8 @@ let pop_p_nested pool =
   first && later
 
 let t_pop_p_nested () =
-  Testutil.check_child "pop_p nested in a modify" (with_pool (16 * 1024 * 1024) (fun pool -> Testutil.fork_run (fun () -> pop_p_nested pool)))
+  with_pool (16 * 1024 * 1024) (fun pool ->
+      Testutil.check_child "pop_p nested in a modify" (Testutil.fork_run (fun () -> pop_p_nested pool)))
 
 (* [add_some m x] where [x] is a heap value the mutator just detached (a
    value moved from one place of the heap to another, wrapped in [Some]),
@@ -78,7 +79,8 @@ let add_some_detached pool =
   ok
 
 let t_add_some_detached () =
-  Testutil.check_child "add_some of a detached value" (with_pool (16 * 1024 * 1024) (fun pool -> Testutil.fork_run (fun () -> add_some_detached pool)))
+  with_pool (16 * 1024 * 1024) (fun pool ->
+      Testutil.check_child "add_some of a detached value" (Testutil.fork_run (fun () -> add_some_detached pool)))
 
 let () =
   Alcotest.run "review h21"
