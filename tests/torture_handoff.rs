@@ -38,6 +38,7 @@
 
 mod common;
 
+use common::torture::*;
 use common::*;
 use shmpool::crashpoint::{self, CrashPoint};
 use shmpool::{CreateOptions, Error, Pool};
@@ -86,37 +87,6 @@ struct Board {
     board: [AtomicU64; MB],
 }
 
-const VALID: u64 = 1 << 63;
-const TAKEN: u64 = 1 << 62;
-
-/// A board entry: the block's page index in the mapping (24 bits), its
-/// pages (16), who took it (8, once TAKEN) and who posted it (8).
-fn entry(off: usize, pages: usize, poster: usize, pg: usize) -> u64 {
-    VALID | (poster as u64) << 48 | (pages as u64) << 24 | (off / pg) as u64
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Entry {
-    off: usize,
-    pages: usize,
-    poster: usize,
-    taker: Option<usize>,
-}
-
-fn decode(e: u64, pg: usize) -> Entry {
-    Entry {
-        off: (e & 0xFF_FFFF) as usize * pg,
-        pages: (e >> 24 & 0xFFFF) as usize,
-        poster: (e >> 48 & 0xFF) as usize,
-        taker: (e & TAKEN != 0).then_some((e >> 40 & 0xFF) as usize),
-    }
-}
-
-/// What the first word of each page of a block says.
-fn stamp_of(pid: i32, off: usize) -> u64 {
-    (pid as u32 as u64) << 32 | (off as u64 & 0xFFFF_FFFF)
-}
-
 /// Every crash point: those without the pool lock (the remote free and the
 /// drain among them) first.
 fn points() -> Vec<CrashPoint> {
@@ -155,32 +125,7 @@ impl Ctx<'_> {
     /// Takes board entry `m` if it holds an untaken block: verifies and
     /// frees it. Whether it took one.
     fn take(&self, m: usize) -> Result<bool, String> {
-        let slot = &self.b.board[m];
-        let e = slot.load(SeqCst);
-        if e & VALID == 0 || e & TAKEN != 0 {
-            return Ok(false);
-        }
-        if slot
-            .compare_exchange(e, e | TAKEN | (self.i as u64) << 40, SeqCst, SeqCst)
-            .is_err()
-        {
-            return Ok(false);
-        }
-        let d = decode(e, self.pg);
-        let ppid = self.b.pids[d.poster].load(SeqCst);
-        let bytes = d.pages * self.pg;
-        if !marked(self.pool, d.off, bytes, stamp_of(ppid, d.off)) {
-            return Err(format!(
-                "taken block {:#x} ({} pages) of process {} was overwritten",
-                d.off, d.pages, d.poster
-            ));
-        }
-        match self.pool.free(d.off) {
-            Ok(x) if x == bytes => {}
-            r => return Err(format!("free of taken block {:#x}: {r:?}", d.off)),
-        }
-        slot.store(0, SeqCst);
-        Ok(true)
+        take_posted(self.pool, &self.b.board[m], &self.b.pids, self.i, self.pg)
     }
 
     /// The first untaken entry from a random place on, taken.
@@ -319,12 +264,6 @@ fn worker(pool: &Pool, b: &Board, i: usize, role: Role, seed: u64) -> Result<(),
     pool.flush_cache().map_err(|e| format!("flush_cache: {e}"))
 }
 
-enum Fail {
-    Deadlock(String),
-    Violation(String),
-    Lost(u64, String),
-}
-
 #[derive(Default)]
 struct Totals {
     trials: u64,
@@ -342,39 +281,9 @@ struct Totals {
     ops: u64,
 }
 
-fn violation<T>(msg: String) -> Result<T, Fail> {
-    Err(Fail::Violation(msg))
-}
-
 /// Polls `cond` until it holds; a deadlock after `BOUND`.
-fn wait(what: &str, mut cond: impl FnMut() -> Result<bool, Fail>) -> Result<(), Fail> {
-    let t0 = Instant::now();
-    let mut spins = 0u32;
-    loop {
-        if cond()? {
-            return Ok(());
-        }
-        if t0.elapsed() > BOUND {
-            return Err(Fail::Deadlock(format!("{what}: not done within {BOUND:?}")));
-        }
-        spins += 1;
-        if spins < 200 {
-            std::hint::spin_loop();
-        } else {
-            std::thread::sleep(Duration::from_micros(50));
-        }
-    }
-}
-
-/// The thread id holding the pool lock, 0 if none (glibc keeps it in the
-/// low 30 bits of the robust mutex's first word; a hint only, as in
-/// `lock.rs`). A worker is single-threaded: its tid is its pid.
-fn lock_holder(pool: &Pool) -> i32 {
-    let off = std::mem::offset_of!(shmpool::layout::Header, lock);
-    // SAFETY: the mutex lies at that offset of the live mapping, 4-byte
-    // aligned; an atomic read of its first word races with nothing unsound.
-    let w = unsafe { (*pool.addr(off).cast::<AtomicI32>()).load(SeqCst) };
-    w & 0x3FFF_FFFF
+fn wait(what: &str, cond: impl FnMut() -> Result<bool, Fail>) -> Result<(), Fail> {
+    wait_within(BOUND, what, cond)
 }
 
 fn new_pool() -> Pool {
@@ -621,21 +530,11 @@ fn trial(pool: &Pool, rng: &mut Rng, t: &mut Totals) -> Result<(), Fail> {
     let is_live = |i: usize| live.contains(&i);
     // Blocks live processes hold: producers' journals and their posts that
     // nobody took.
-    let mut held: Vec<(usize, usize, i32)> = Vec::new();
+    let mut held: Vec<Held> = Vec::new();
     for &s in &live {
-        for k in 0..SLOTS {
-            let p = b.pages[s][k].load(SeqCst) as usize;
-            if p > 0 {
-                held.push((b.offs[s][k].load(SeqCst) as usize, p, pid(s)));
-            }
-        }
+        held.extend(journal(&b.offs[s], &b.pages[s], pid(s)));
     }
-    let entries: Vec<(usize, Entry)> = (0..MB)
-        .filter_map(|m| {
-            let e = b.board[m].load(SeqCst);
-            (e != 0).then(|| (m, decode(e, pg)))
-        })
-        .collect();
+    let entries = board_entries(&b.board, pg);
     for &(_, d) in &entries {
         if d.taker.is_none() && is_live(d.poster) {
             held.push((d.off, d.pages, pid(d.poster)));
@@ -652,19 +551,8 @@ fn trial(pool: &Pool, rng: &mut Rng, t: &mut Totals) -> Result<(), Fail> {
                 return violation(format!("board entry {m} held by live consumer {tk}"));
             }
             Some(_) if is_live(d.poster) => {
-                let bytes = d.pages * pg;
-                let ppid = pid(d.poster);
-                let orphan = pool.owner_of(d.off) == Ok(ppid)
-                    && pool.size(d.off) == Ok(bytes)
-                    && !held.iter().any(|h| h.0 == d.off);
-                if orphan {
-                    if !marked(pool, d.off, bytes, stamp_of(ppid, d.off)) {
-                        return violation(format!("orphan {:#x} was overwritten", d.off));
-                    }
-                    match pool.free(d.off) {
-                        Ok(x) if x == bytes => t.orphans += 1,
-                        r => return violation(format!("free of orphan {:#x}: {r:?}", d.off)),
-                    }
+                if free_orphan(pool, &d, pg, pid(d.poster), &held)? {
+                    t.orphans += 1;
                 }
                 b.board[m].store(0, SeqCst);
             }
@@ -675,39 +563,13 @@ fn trial(pool: &Pool, rng: &mut Rng, t: &mut Totals) -> Result<(), Fail> {
             _ => {}
         }
     }
-    for &(off, p, owner) in &held {
-        let bytes = p * pg;
-        if pool.size(off) != Ok(bytes) || pool.owner_of(off) != Ok(owner) {
-            return violation(format!(
-                "block {off:#x} ({p} pages) of pid {owner}: size {:?}, owner {:?}",
-                pool.size(off),
-                pool.owner_of(off)
-            ));
-        }
-        if !marked(pool, off, bytes, stamp_of(owner, off)) {
-            return violation(format!("block {off:#x} of pid {owner} was overwritten"));
-        }
-    }
-    held.sort();
-    for w in held.windows(2) {
-        if w[0].0 + w[0].1 * pg > w[1].0 {
-            return violation(format!("blocks overlap: {:?} and {:?}", w[0], w[1]));
-        }
-    }
+    check_held(pool, pg, &mut held)?;
     let held_pages: usize = held.iter().map(|h| h.1).sum();
     let owners = pool
         .owners()
         .map_err(|e| Fail::Violation(format!("owners: {e}")))?;
     for &s in &live {
-        let want = held
-            .iter()
-            .filter(|h| h.2 == pid(s))
-            .fold((0, 0), |a, h| (a.0 + h.1 as u64, a.1 + 1));
-        let have = owners
-            .iter()
-            .find(|o| o.pid == pid(s))
-            .map_or((0, 0), |o| (o.pages, o.blocks));
-        if have != want {
+        if let Some((have, want)) = owners_disagree(&owners, &held, pid(s)) {
             return violation(format!(
                 "{:?} {s} owns {have:?} (pages, blocks), its journal says {want:?}",
                 ps.roles[s]
@@ -809,25 +671,7 @@ fn trial(pool: &Pool, rng: &mut Rng, t: &mut Totals) -> Result<(), Fail> {
     if let Some(m) = (0..MB).find(|&m| b.board[m].load(SeqCst) != 0) {
         return violation(format!("board entry {m} left"));
     }
-    let c = pool.check();
-    if !c.is_empty() {
-        return violation(format!("check at the end: {c:?}"));
-    }
-    let s = pool.stats();
-    if (s.free_bytes, s.largest_free_bytes, s.live_blocks) != (payload, payload, 0) {
-        let lost = (payload - s.free_bytes) as u64 / pg as u64;
-        return Err(Fail::Lost(
-            lost,
-            format!("at the end: {s:?}\n{}", pool.debug_info()),
-        ));
-    }
-    let r = pool
-        .reclaim_dead()
-        .map_err(|e| Fail::Violation(format!("reclaim_dead: {e}")))?;
-    if r.pages != 0 {
-        return violation(format!("the survivors left {r:?}"));
-    }
-    Ok(())
+    check_all_free(pool, payload, pg)
 }
 
 #[test]

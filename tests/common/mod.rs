@@ -20,6 +20,8 @@
 //! that forgets it fails at once instead of hanging now and then.
 #![allow(dead_code)]
 
+pub mod torture;
+
 use shmpool::Pool;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};

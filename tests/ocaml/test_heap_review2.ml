@@ -6,40 +6,6 @@
 open Shmpool_netmcore
 module H = Netmcore_heap
 
-(* Seconds after which a child counts as hung. *)
-let watchdog_s = 60
-
-(* Waits for child [pid]: `Ok, `Failed of a message. Kills it when the
-   watchdog fires. *)
-let wait_child pid =
-  Testutil.children := pid :: !Testutil.children;
-  let rec wait n =
-    match Unix.waitpid [ Unix.WNOHANG ] pid with
-    | 0, _ when n > 0 ->
-        Unix.sleepf 0.05;
-        wait (n - 1)
-    | 0, _ ->
-        Unix.kill pid Sys.sigkill;
-        ignore (Unix.waitpid [] pid);
-        Error "hung (killed by the watchdog)"
-    | _, Unix.WEXITED 0 -> Ok ()
-    | _, Unix.WEXITED n -> Error (Printf.sprintf "exited %d" n)
-    | _, (Unix.WSIGNALED s | Unix.WSTOPPED s) -> Error (Printf.sprintf "died of signal %d" s)
-  in
-  let r = wait (watchdog_s * 20) in
-  Testutil.children := List.filter (( <> ) pid) !Testutil.children;
-  r
-
-(* Runs [f ()] in a forked child: true = pass. *)
-let fork_run f =
-  match Unix.fork () with
-  | 0 ->
-      let ok = try f () with e -> prerr_endline (Printexc.to_string e); false in
-      Unix._exit (if ok then 0 else 1)
-  | pid -> wait_child pid
-
-let check name = function Ok () -> () | Error e -> Alcotest.failf "%s: %s" name e
-
 let with_pool size f =
   let pool = Netmcore_mempool.create_mempool size in
   Fun.protect ~finally:(fun () -> try Netmcore_mempool.unlink_mempool pool with _ -> ()) (fun () -> f pool)
@@ -56,11 +22,11 @@ let t_root_first_use () =
   for n = 1 to 20 do
     with_pool (16 * 1024 * 1024) (fun pool ->
         let r =
-          fork_run (fun () ->
+          Testutil.fork_run (fun () ->
               (* the "master": n shared refs, then a "worker" forked from it *)
               let refs = List.init n (fun i -> Netmcore_ref.sref pool (string_of_int i)) in
               let w =
-                fork_run (fun () ->
+                Testutil.fork_run (fun () ->
                     List.for_all (fun x -> x) (List.mapi (fun i r -> Netmcore_ref.deref_ro r = string_of_int i) refs))
               in
               (match w with Error e -> Printf.eprintf "n=%d: worker %s\n%!" n e | Ok () -> ());
@@ -89,7 +55,7 @@ let t_heap_record_in_heap () =
   for _round = 1 to 100 do
     with_pool (16 * 1024 * 1024) (fun pool ->
         let r =
-          fork_run (fun () ->
+          Testutil.fork_run (fun () ->
               let inner = Netmcore_ref.sref pool 0 in
               let outer = Netmcore_ref.sref pool [ inner ] in
               let other = Netmcore_ref.sref pool 1 in
@@ -108,7 +74,7 @@ let t_heap_record_in_heap () =
               let ws = List.map (fun extra -> Unix.fork () |> function
                 | 0 -> Unix._exit (if (try worker extra () with e -> prerr_endline (Printexc.to_string e); false) then 0 else 1)
                 | pid -> pid) [ 0; 5 ] in
-              List.for_all (fun pid -> wait_child pid = Ok ()) ws)
+              List.for_all (fun pid -> Testutil.watch_child pid = Ok ()) ws)
         in
         if r <> Ok () then incr bad_rounds)
   done;
@@ -146,7 +112,8 @@ let private_mutex_copy kind pool =
 let t_private_mutex_copy () =
   List.iter
     (fun (name, kind) ->
-      with_pool (16 * 1024 * 1024) (fun pool -> check name (fork_run (fun () -> private_mutex_copy kind pool))))
+      with_pool (16 * 1024 * 1024) (fun pool ->
+          Testutil.check_child name (Testutil.fork_run (fun () -> private_mutex_copy kind pool))))
     [ ("Errorcheck", `Errorcheck); ("Recursive", `Recursive) ]
 
 (* 4. with_value_n pins its values one by one inside the lock; when the
@@ -169,7 +136,8 @@ let pins_released_on_oom pool =
   raised && after = before
 
 let t_pins_released_on_oom () =
-  with_pool (6 * 1024 * 1024) (fun pool -> check "pins" (fork_run (fun () -> pins_released_on_oom pool)))
+  with_pool (6 * 1024 * 1024) (fun pool ->
+      Testutil.check_child "pins" (Testutil.fork_run (fun () -> pins_released_on_oom pool)))
 
 let () =
   Alcotest.run "heap review 2"

@@ -9,27 +9,26 @@ let with_pool size f =
   let pool = Netmcore_mempool.create_mempool size in
   Fun.protect ~finally:(fun () -> try Netmcore_mempool.unlink_mempool pool with _ -> ()) (fun () -> f pool)
 
-(* Runs [f ()] in a forked child: Ok if it returned true. *)
-let fork_run f =
-  match Unix.fork () with
-  | 0 ->
-      let ok = try f () with e -> prerr_endline (Printexc.to_string e); false in
-      Unix._exit (if ok then 0 else 1)
-  | pid ->
-      let rec wait n =
-        match Unix.waitpid [ Unix.WNOHANG ] pid with
-        | 0, _ when n > 0 ->
-            Unix.sleepf 0.05;
-            wait (n - 1)
-        | 0, _ ->
-            Unix.kill pid Sys.sigkill;
-            ignore (Unix.waitpid [] pid);
-            Error "hung (killed by the watchdog)"
-        | _, Unix.WEXITED 0 -> Ok ()
-        | _, Unix.WEXITED n -> Error (Printf.sprintf "exited %d" n)
-        | _, (Unix.WSIGNALED s | Unix.WSTOPPED s) -> Error (Printf.sprintf "died of signal %d" s)
-      in
-      wait (60 * 20)
+(* Inside [modify h] (mutator [m]): more than MIN_GC_WORDS allocated, then
+   the free lists used up (all of it rooted: additions of this modify), so
+   that the next allocation runs the heap's GC. *)
+let gc_due_and_full h m =
+  ignore (H.add m (String.make 80_000 'b'));
+  let rec fill () =
+    let free = (H.stats h).H.free_words in
+    if free >= 2 then begin
+      ignore (H.add m (String.make (if free > 4096 then 4000 else 7) 'f'));
+      fill ()
+    end
+  in
+  fill ()
+
+(* A block of every small size: one of them has the size of whatever the
+   GC freed, so a freed value's words are reused. *)
+let every_small_size m =
+  for w = 1 to 62 do
+    ignore (H.add m (String.make ((w * 8) - 1) 'z'))
+  done
 
 (* [Netmcore_queue.pop_p] inside a [modify] of the queue's heap (nested
    locks are allowed) when that modify left the free lists empty and a GC
@@ -44,24 +43,10 @@ let pop_p_nested pool =
   Netmcore_queue.push expected q;
   let first, later =
     H.modify h (fun m ->
-        (* more than MIN_GC_WORDS allocated, then the free lists used up
-           (all of it rooted: additions of this modify) *)
-        ignore (H.add m (String.make 80_000 'b'));
-        let rec fill () =
-          let free = (H.stats h).H.free_words in
-          if free >= 2 then begin
-            ignore (H.add m (String.make (if free > 4096 then 4000 else 7) 'f'));
-            fill ()
-          end
-        in
-        fill ();
+        gc_due_and_full h m;
         Netmcore_queue.pop_p q (fun s ->
             let first = String.equal s expected in
-            (* a block of every small size: one of them has the size of
-               whatever the GC freed *)
-            for w = 1 to 62 do
-              ignore (H.add m (String.make ((w * 8) - 1) 'z'))
-            done;
+            every_small_size m;
             (first, String.equal s expected)))
   in
   H.destroy h;
@@ -69,9 +54,8 @@ let pop_p_nested pool =
   first && later
 
 let t_pop_p_nested () =
-  match with_pool (16 * 1024 * 1024) (fun pool -> fork_run (fun () -> pop_p_nested pool)) with
-  | Ok () -> ()
-  | Error e -> Alcotest.failf "pop_p nested in a modify: %s" e
+  with_pool (16 * 1024 * 1024) (fun pool ->
+      Testutil.check_child "pop_p nested in a modify" (Testutil.fork_run (fun () -> pop_p_nested pool)))
 
 (* [add_some m x] where [x] is a heap value the mutator just detached (a
    value moved from one place of the heap to another, wrapped in [Some]),
@@ -82,22 +66,12 @@ let add_some_detached pool =
   let h = H.create_heap pool 4096 (ref (None : string option), ref (Some expected)) in
   let ok =
     H.modify h (fun m ->
-        ignore (H.add m (String.make 80_000 'b'));
-        let rec fill () =
-          let free = (H.stats h).H.free_words in
-          if free >= 2 then begin
-            ignore (H.add m (String.make (if free > 4096 then 4000 else 7) 'f'));
-            fill ()
-          end
-        in
-        fill ();
+        gc_due_and_full h m;
         let dst, src = H.root h in
         let v = Option.get !src in
         src := None;
         dst := H.add_some m v;
-        for w = 1 to 62 do
-          ignore (H.add m (String.make ((w * 8) - 1) 'z'))
-        done;
+        every_small_size m;
         !dst = Some expected)
   in
   H.destroy h;
@@ -105,9 +79,8 @@ let add_some_detached pool =
   ok
 
 let t_add_some_detached () =
-  match with_pool (16 * 1024 * 1024) (fun pool -> fork_run (fun () -> add_some_detached pool)) with
-  | Ok () -> ()
-  | Error e -> Alcotest.failf "add_some of a detached value: %s" e
+  with_pool (16 * 1024 * 1024) (fun pool ->
+      Testutil.check_child "add_some of a detached value" (Testutil.fork_run (fun () -> add_some_detached pool)))
 
 let () =
   Alcotest.run "review h21"

@@ -437,24 +437,8 @@ let first_fork, first_join = Netmcore_process.def_process first
 let run () =
   let t0 = now () in
   mb := mailbox mailbox_words;
-  let master = Unix.getpid () in
-  let sockdir = temp_dir "handoff" in
-  let pool = M.create_mempool (pool_pages * ps) in
-  record_shm (M.shm_name pool);
-  at_exit (fun () ->
-      if Unix.getpid () = master then begin
-        (try M.unlink_mempool pool with _ -> ());
-        rm_rf sockdir
-      end);
-  let log = Filename.temp_file "shmpool-torture-handoff-" ".log" in
-  record_path log;
-  at_exit (fun () -> if Unix.getpid () = master then try Sys.remove log with Sys_error _ -> ());
-  let result =
-    with_stderr_to log (fun () ->
-        Netmcore.run ~socket_directory:sockdir
-          ~first_process:(fun () -> Netmcore_process.start ~inherit_resources:`All first_fork (pool, seed))
-          ~extract_result:(fun _ pid -> Netmcore_process.join_nowait first_join pid)
-          ())
+  let _pool, result, log =
+    Torture_mcore.run_first ~name:"torture-handoff" ~pool_bytes:(pool_pages * ps) first_fork first_join seed
   in
   let ok, line =
     match result with
@@ -468,18 +452,7 @@ let run () =
             batches r.kills (List.length r.problems) r.orphans r.reclaimed r.recoveries r.ops r.ooms (now () -. t0)
             seed )
   in
-  if not ok then begin
-    let ic = open_in log in
-    (try
-       while true do
-         let l = input_line ic in
-         (* each victim's expected "terminated with signal -7" aside *)
-         if not (try ignore (Str.search_forward (Str.regexp_string "signal -7") l 0); true with Not_found -> false)
-         then prerr_endline l
-       done
-     with End_of_file -> ());
-    close_in ic
-  end;
+  if not ok then Torture_mcore.show_log log;
   report ~suite "%s" line;
   ok
 

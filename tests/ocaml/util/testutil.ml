@@ -43,6 +43,47 @@ let wait_ok pid =
   | Unix.WSIGNALED s -> Alcotest.failf "child %d killed by signal %d" pid s
   | Unix.WSTOPPED _ -> Alcotest.failf "child %d stopped" pid
 
+(* [watch_child ?watchdog_s pid] waits for child [pid], kept in [children]
+   meanwhile so that a failing test still kills it: [Ok ()] if it exited 0,
+   [Error how] otherwise. A child still running after [watchdog_s] seconds
+   is killed and reported hung: a hang detector, not a time budget. *)
+let watch_child ?(watchdog_s = 60) pid =
+  if not (List.mem pid !children) then children := pid :: !children;
+  let rec wait n =
+    match Unix.waitpid [ Unix.WNOHANG ] pid with
+    | 0, _ when n > 0 ->
+        Unix.sleepf 0.05;
+        wait (n - 1)
+    | 0, _ ->
+        Unix.kill pid Sys.sigkill;
+        ignore (Unix.waitpid [] pid);
+        Error "hung (killed by the watchdog)"
+    | _, Unix.WEXITED 0 -> Ok ()
+    | _, Unix.WEXITED n -> Error (Printf.sprintf "exited %d" n)
+    | _, (Unix.WSIGNALED s | Unix.WSTOPPED s) -> Error (Printf.sprintf "died of signal %d" s)
+  in
+  let r = wait (watchdog_s * 20) in
+  children := List.filter (( <> ) pid) !children;
+  r
+
+(* [fork_bool f] forks a child that runs [f ()] and exits 0 if it returned
+   true, 1 if false or if it raised (the exception printed); never runs the
+   parent's at_exit handlers. Returns the child's pid, already in
+   [children]. *)
+let fork_bool f =
+  match Unix.fork () with
+  | 0 ->
+      let ok = try f () with e -> prerr_endline (Printexc.to_string e); false in
+      Unix._exit (if ok then 0 else 1)
+  | pid -> children := pid :: !children; pid
+
+(* [fork_run f]: [f ()] in a child ([fork_bool]), waited for by
+   [watch_child]: [Ok ()] = it returned true. *)
+let fork_run ?watchdog_s f = watch_child ?watchdog_s (fork_bool f)
+
+(* Fails test [name] unless a [watch_child] result is [Ok]. *)
+let check_child name = function Ok () -> () | Error e -> Alcotest.failf "%s: %s" name e
+
 (* Run [f name] with a fresh shm name that is unlinked afterwards whatever
    happens. *)
 let with_name prefix f =
