@@ -13,6 +13,18 @@ use std::time::Duration;
 
 const T: Duration = Duration::from_secs(20);
 
+/// Frees `blocks` of `p` from a forked child (which never allocated: it
+/// registers to free), and waits for it.
+fn freed_by_another_process(p: &Pool, blocks: &[usize]) {
+    let mut c = fork_child(|| {
+        for &o in blocks {
+            p.free(o).map_err(|e| format!("free: {e:?}"))?;
+        }
+        Ok(())
+    });
+    c.wait_ok(T).unwrap();
+}
+
 /// Offsets listed on the "cached in processes" line of `debug_info`.
 fn cached_offsets(p: &Pool) -> Vec<usize> {
     let info = p.debug_info();
@@ -40,13 +52,7 @@ fn a_block_freed_by_another_process_goes_back_to_its_owner() {
     let mut mine: Vec<usize> = (0..4).map(|_| p.alloc(pg).unwrap()).collect();
     mine.sort();
     // Another process frees them: it never allocated (it registers to free).
-    let mut c = fork_child(|| {
-        for &o in &mine {
-            p.free(o).map_err(|e| format!("free: {e:?}"))?;
-        }
-        Ok(())
-    });
-    c.wait_ok(T).unwrap();
+    freed_by_another_process(&p, &mine);
     // Waiting for us, counted as free, listed as cached, sound.
     assert_eq!(cached_offsets(&p), mine, "the blocks wait in our inbox");
     assert_eq!(p.check(), Vec::<String>::new());
@@ -117,13 +123,7 @@ fn a_deep_hand_off_burst_goes_through_the_inbox_and_back() {
     let n = 300; // 600 pages: within the inbox bound (a quarter of the pool)
     let mut mine: Vec<usize> = (0..n).map(|i| p.alloc((1 + i % 3) * pg).unwrap()).collect();
     mine.sort();
-    let mut c = fork_child(|| {
-        for &o in &mine {
-            p.free(o).map_err(|e| format!("free: {e:?}"))?;
-        }
-        Ok(())
-    });
-    c.wait_ok(T).unwrap();
+    freed_by_another_process(&p, &mine);
     assert_eq!(cached_offsets(&p), mine, "all {n} wait for us");
     assert_eq!(p.check(), Vec::<String>::new());
     let mut again = Vec::new();
