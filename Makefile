@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all setup build test demo bench torture miri doc opam-test clean
+.PHONY: all setup build test demo bench torture miri doc opam-test test-ocaml414 clean
 
 all: build
 
@@ -33,6 +33,11 @@ doc: setup
 
 opam-test: setup
 	@scripts/opam-test.sh
+
+# Not part of `make test` (the first run builds OCaml 4.14, findlib and
+# OCamlnet: 20-30 min; later runs reuse them from the cache).
+test-ocaml414: setup
+	@scripts/test-ocaml414.sh
 
 clean:
 	dune clean || true

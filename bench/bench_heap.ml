@@ -143,16 +143,7 @@ let fmt c v =
   else Printf.sprintf "%.0f k/s" (v /. 1e3)
 
 let () =
-  let orig_pool = Orig.create_mempool (256 * 1024 * 1024) in
-  let ours_pool = Ours.create_mempool (256 * 1024 * 1024) in
-  log_shm (Orig.shm_name orig_pool);
-  log_shm (Ours.shm_name ours_pool);
-  let cleanup () =
-    (try Orig.unlink_mempool orig_pool with _ -> ());
-    try Ours.unlink_mempool ours_pool with _ -> ()
-  in
-  let res = run_master ~name:"bench-heap" ~cleanup coord_fork coord_join (orig_pool, ours_pool, !rounds, !secs) in
-  let res = match res with Some r -> r | None -> failwith "bench_heap: the coordinator returned nothing" in
+  let res = run_on_two_pools ~name:"bench-heap" ~bytes:(256 * 1024 * 1024) coord_fork coord_join in
   let oc = open_out !out_md in
   let p fmt = Printf.fprintf oc fmt in
   p "| case | OCamlnet 4.1.9 | shmpool | speed-up | goal |\n|---|---:|---:|---:|---|\n";

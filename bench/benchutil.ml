@@ -99,3 +99,19 @@ let run_master ~name ~cleanup fp jp arg =
     ~first_process:(fun () -> Netmcore_process.start ~inherit_resources:`All fp arg)
     ~extract_result:(fun _ pid -> Netmcore_process.join_nowait jp pid)
     ()
+
+(* In the master: a pool of [bytes] of each implementation (logged, and
+   unlinked at exit), then [run_master] with [(orig, ours, !rounds, !secs)].
+   Fails when the coordinator returned nothing. *)
+let run_on_two_pools ~name ~bytes fp jp =
+  let orig_pool = Netmcore_mempool.create_mempool bytes in
+  let ours_pool = Shmpool_netmcore.Netmcore_mempool.create_mempool bytes in
+  log_shm (Netmcore_mempool.shm_name orig_pool);
+  log_shm (Shmpool_netmcore.Netmcore_mempool.shm_name ours_pool);
+  let cleanup () =
+    (try Netmcore_mempool.unlink_mempool orig_pool with _ -> ());
+    try Shmpool_netmcore.Netmcore_mempool.unlink_mempool ours_pool with _ -> ()
+  in
+  match run_master ~name ~cleanup fp jp (orig_pool, ours_pool, !rounds, !secs) with
+  | Some r -> r
+  | None -> failwith (name ^ ": the coordinator returned nothing")

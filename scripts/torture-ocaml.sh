@@ -10,7 +10,7 @@ export PATH="$HOME/.cargo/bin:$PATH"
 export SHMPOOL_TORTURE=${SHMPOOL_TORTURE:-35}
 dir=tests/ocaml/torture
 targets=""
-for s in fork_kill netmcore_kill signals fuzz lifecycle; do targets="$targets $dir/torture_$s.exe"; done
+for s in fork_kill netmcore_kill handoff signals fuzz lifecycle; do targets="$targets $dir/torture_$s.exe"; done
 targets="$targets tests/ocaml/test_worker_kills.exe"
 # shellcheck disable=SC2086
 dune build $targets || { echo "torture-ocaml: build failed" >&2; exit 1; }

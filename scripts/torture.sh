@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make torture`: the kill, signal, fuzz and exhaustion suites at
+# `make torture`: the kill, hand-off kill, signal, fuzz and exhaustion suites at
 # SHMPOOL_TORTURE times the size they run at in `make test` (default 35):
 # the Rust ones (tests/torture_*.rs), then the OCaml ones
 # (scripts/torture-ocaml.sh) if present. Each suite prints one summary
@@ -19,7 +19,7 @@ failed=""
 
 echo "== Rust torture suites (SHMPOOL_TORTURE=$SHMPOOL_TORTURE)"
 cargo test --release --features crash-points \
-  --test torture_kill --test torture_signals --test torture_fuzz --test torture_exhaustion \
+  --test torture_kill --test torture_handoff --test torture_signals --test torture_fuzz --test torture_exhaustion \
   --test liveness --test double_free \
   -- --nocapture --test-threads=1 2>&1 | tee "$rust_log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || failed="$failed rust"
@@ -41,7 +41,7 @@ echo
 echo "== torture summary (SHMPOOL_TORTURE=$SHMPOOL_TORTURE)"
 echo "-- Rust (${rust_secs} s)"
 # (the test harness may print "test <name> ... " before a line: cut it off)
-grep -oE 'torture (kill|signals|fuzz|exhaustion|liveness|double-free): .*' "$rust_log" || echo "(no summary lines)"
+grep -oE 'torture (kill|handoff|signals|fuzz|exhaustion|liveness|double-free): .*' "$rust_log" || echo "(no summary lines)"
 if [ -x scripts/torture-ocaml.sh ]; then
   echo "-- OCaml (${ocaml_secs} s)"
   grep -E '^torture[ -]' "$ocaml_log" || echo "(no summary lines)"

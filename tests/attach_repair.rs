@@ -18,6 +18,7 @@ fn named(name: &ShmName, bytes: usize) -> Pool {
 
 #[test]
 fn attach_repairs_damaged_derived_state_and_keeps_blocks() {
+    let _serial = serial();
     let name = ShmName::new();
     let pg = shmpool::mapping::page_size();
     let p = named(&name, 64 * pg);
@@ -69,6 +70,7 @@ fn attach_repairs_damaged_derived_state_and_keeps_blocks() {
 /// (a panic in the dev profile, caught under the lock, that rebuilt twice).
 #[test]
 fn attach_repair_counts_a_recovery_past_a_damaged_counter() {
+    let _serial = serial();
     let _w = Watchdog::new("attach_repair past u64::MAX", 30);
     let name = ShmName::new();
     let pg = shmpool::mapping::page_size();

@@ -17,6 +17,7 @@ fn clean(p: &Pool) {
 
 #[test]
 fn a_freed_block_is_cached_and_reused_first() {
+    let _serial = serial();
     let p = anon(256);
     let pg = p.geometry().page_size;
     let a = p.alloc(pg).unwrap();
@@ -41,6 +42,7 @@ fn a_freed_block_is_cached_and_reused_first() {
 
 #[test]
 fn stats_counts_cached_blocks_as_free_and_flushes_its_own() {
+    let _serial = serial();
     let p = anon(256);
     let pg = p.geometry().page_size;
     let full = p.stats();
@@ -59,6 +61,7 @@ fn stats_counts_cached_blocks_as_free_and_flushes_its_own() {
 
 #[test]
 fn tiny_pools_do_not_cache() {
+    let _serial = serial();
     // A 16th of the pool is the cap: a 1-page pool caches nothing.
     let p = anon(1);
     let pg = p.geometry().page_size;
@@ -78,6 +81,7 @@ struct Board {
 
 #[test]
 fn memory_cached_by_another_process_is_taken_back() {
+    let _serial = serial();
     let _w = Watchdog::new("cache take-back", 30);
     let pages = 64usize;
     let p = anon(pages);
@@ -110,6 +114,7 @@ fn memory_cached_by_another_process_is_taken_back() {
 
 #[test]
 fn a_dead_process_cache_is_reclaimed_not_counted_as_leaked() {
+    let _serial = serial();
     let _w = Watchdog::new("dead cache", 30);
     let p = anon(256);
     let pg = p.geometry().page_size;
@@ -147,6 +152,7 @@ fn a_dead_process_cache_is_reclaimed_not_counted_as_leaked() {
 
 #[test]
 fn a_forked_child_cannot_reuse_its_parents_cache() {
+    let _serial = serial();
     let _w = Watchdog::new("fork cache", 30);
     let p = anon(256);
     let pg = p.geometry().page_size;
@@ -168,6 +174,7 @@ fn a_forked_child_cannot_reuse_its_parents_cache() {
 
 #[test]
 fn another_process_can_free_a_block_the_owner_cached_only_once() {
+    let _serial = serial();
     let _w = Watchdog::new("cross free", 30);
     let p = anon(256);
     let pg = p.geometry().page_size;
@@ -185,6 +192,7 @@ fn another_process_can_free_a_block_the_owner_cached_only_once() {
 
 #[test]
 fn long_blocks_are_cached_split_and_merged() {
+    let _serial = serial();
     let p = anon(4096);
     let pg = p.geometry().page_size;
     let a = p.alloc(100 * pg).unwrap();
@@ -220,6 +228,7 @@ fn long_blocks_are_cached_split_and_merged() {
 
 #[test]
 fn caching_can_be_turned_off() {
+    let _serial = serial();
     let p = anon(256);
     let pg = p.geometry().page_size;
     let a = p.alloc(pg).unwrap();

@@ -93,6 +93,7 @@ mod with_hooks {
     /// b is B's live allocation.
     #[test]
     fn a_late_double_free_from_a_sibling_thread_fails() {
+        let _serial = serial();
         let _w = Watchdog::new("double free, threads", 60);
         with_gate(|g| {
             let p = Arc::new(anon(256));
@@ -123,6 +124,7 @@ mod with_hooks {
     /// descriptor) while the parent frees and re-allocates the block.
     #[test]
     fn a_late_double_free_from_another_process_fails() {
+        let _serial = serial();
         let _w = Watchdog::new("double free, processes", 60);
         with_gate(|g| {
             let p = anon(256);
@@ -154,6 +156,7 @@ mod with_hooks {
     /// was allocated again from them (the locked path on both sides).
     #[test]
     fn a_late_double_free_across_a_reallocation_from_the_runs_fails() {
+        let _serial = serial();
         let _w = Watchdog::new("double free, runs", 60);
         with_gate(|g| {
             let p = Arc::new(anon(256));
@@ -184,6 +187,7 @@ mod with_hooks {
     /// block: a correct free as far as anyone can tell, so not checked.)
     #[test]
     fn racing_double_frees_never_free_a_reallocated_block() {
+        let _serial = serial();
         let _w = Watchdog::new("double free stress", 240);
         let rounds = 400 * scale();
         with_gate(|g| {
@@ -286,5 +290,6 @@ mod with_hooks {
 #[cfg(not(feature = "crash-points"))]
 #[test]
 fn double_free_races_need_crash_points() {
+    let _serial = serial();
     println!("SKIPPED: the double-free race tests need --features crash-points");
 }

@@ -14,6 +14,7 @@ mod common;
 #[cfg(feature = "crash-points")]
 #[test]
 fn a_stopped_cache_owner_makes_no_allocation_wait() {
+    let _serial = serial();
     use common::*;
     use shmpool::crashpoint::{self, CrashPoint};
     use shmpool::Error;
@@ -116,5 +117,6 @@ fn a_stopped_cache_owner_makes_no_allocation_wait() {
 #[cfg(not(feature = "crash-points"))]
 #[test]
 fn a_stopped_cache_owner_needs_crash_points() {
+    let _serial = serial();
     println!("SKIPPED: the frozen-owner test needs --features crash-points");
 }

@@ -79,6 +79,7 @@ fn set_root_list(h: &Heap, from: i64, n: i64) {
 
 #[test]
 fn create_attach_destroy_restores_the_pool() {
+    let _serial = serial();
     let pool = anon(256);
     let before = pool.stats();
     let h = Heap::create(&pool, 1000).unwrap();
@@ -122,6 +123,7 @@ fn create_attach_destroy_restores_the_pool() {
 /// heap gone (no double free of its chunks or descriptor).
 #[test]
 fn concurrent_destroys_free_once() {
+    let _serial = serial();
     let pool = anon(256);
     let before = pool.stats();
     let h = Heap::create(&pool, 1000).unwrap();
@@ -156,6 +158,7 @@ fn concurrent_destroys_free_once() {
 
 #[test]
 fn blocks_are_black_and_initialised() {
+    let _serial = serial();
     let pool = anon(64);
     let h = Heap::create(&pool, 4096).unwrap();
     h.with_lock(|h| {
@@ -177,6 +180,7 @@ fn blocks_are_black_and_initialised() {
 
 #[test]
 fn gc_keeps_the_reachable_and_frees_the_rest() {
+    let _serial = serial();
     let pool = anon(256);
     let h = Heap::create(&pool, 64 << 10).unwrap();
     h.with_lock(|h| {
@@ -205,6 +209,7 @@ fn gc_keeps_the_reachable_and_frees_the_rest() {
 
 #[test]
 fn additions_of_the_current_lock_survive_a_gc() {
+    let _serial = serial();
     let pool = anon(64);
     let h = Heap::create(&pool, 4096).unwrap();
     h.with_lock(|h| {
@@ -227,6 +232,7 @@ fn additions_of_the_current_lock_survive_a_gc() {
 
 #[test]
 fn growth_and_giving_chunks_back() {
+    let _serial = serial();
     let pool = anon(2048);
     let h = Heap::create(&pool, 4096).unwrap();
     let after_create = pool.stats();
@@ -258,6 +264,7 @@ fn growth_and_giving_chunks_back() {
 
 #[test]
 fn out_of_pool_memory_changes_nothing() {
+    let _serial = serial();
     let pool = anon(32);
     let h = Heap::create(&pool, 4096).unwrap();
     let r = h.with_lock(|h| h.alloc(1 << 20, STRING_TAG).map(|_| ()));
@@ -268,6 +275,7 @@ fn out_of_pool_memory_changes_nothing() {
 
 #[test]
 fn pins_keep_values_alive_until_unpinned() {
+    let _serial = serial();
     let pool = anon(64);
     let h = Heap::create(&pool, 4096).unwrap();
     let (l, pin) = h
@@ -289,6 +297,7 @@ fn pins_keep_values_alive_until_unpinned() {
 
 #[test]
 fn pins_have_no_limit_and_unpin_any_order() {
+    let _serial = serial();
     let pool = anon(256);
     let h = Heap::create(&pool, 4096).unwrap();
     let pins = h
@@ -324,6 +333,7 @@ fn pins_have_no_limit_and_unpin_any_order() {
 
 #[test]
 fn pins_of_a_dead_process_stop_counting() {
+    let _serial = serial();
     let pool = anon(64);
     let h = Heap::create(&pool, 4096).unwrap();
     let d = h.descr();
@@ -345,6 +355,7 @@ fn pins_of_a_dead_process_stop_counting() {
 
 #[test]
 fn lock_is_reentrant_and_excludes_other_threads() {
+    let _serial = serial();
     let pool = anon(64);
     let h = Heap::create(&pool, 4096).unwrap();
     assert!(!h.lock().unwrap().nested);
@@ -425,6 +436,7 @@ fn victim(pool: &Pool, d: usize, step: Step) -> Result<(), String> {
 
 #[test]
 fn staged_death_inside_the_lock_is_recovered_from_the_root() {
+    let _serial = serial();
     let _w = Watchdog::new("staged heap death", 120);
     for step in [
         Step::JustLocked,
@@ -478,6 +490,7 @@ struct Board {
 
 #[test]
 fn random_kills_never_wedge_or_corrupt_the_heap() {
+    let _serial = serial();
     let _w = Watchdog::new("random heap kills", 300);
     let pool = anon(4096);
     let before = pool.stats();
@@ -559,6 +572,7 @@ fn random_kills_never_wedge_or_corrupt_the_heap() {
 
 #[test]
 fn disowned_blocks_outlive_their_allocator() {
+    let _serial = serial();
     let pool = anon(64);
     // SAFETY: a u64 cell made of an atomic, valid when zero.
     let out = unsafe { SharedMem::<AtomicU64>::new() };
@@ -585,64 +599,104 @@ fn disowned_blocks_outlive_their_allocator() {
     assert_eq!(pool.stats().live_blocks, 0);
 }
 
-/// Death at each heap-internal write step (rust/src/heap/crash.rs), holding
-/// the lock: the next locker recovers, the root is the last committed one,
-/// the heap and pool are sound, and destroy gives every page back.
+/// Death at each heap-internal write step reached by an operation on a
+/// live heap (the `Heap*` points of rust/src/crashpoint.rs), holding the
+/// lock: the child stops there and is SIGKILLed; the next locker recovers,
+/// the root is the last committed one, the heap and pool are sound, and
+/// destroy gives every page back.
 #[cfg(feature = "crash-points")]
 #[test]
 fn death_at_each_heap_crash_point_is_recovered() {
-    use shmpool::heap::crash::{self, HeapPoint};
-    let _w = Watchdog::new("heap crash points", 120);
-    for point in crash::ALL {
+    let _serial = serial();
+    use shmpool::crashpoint::{self, CrashPoint as P};
+    let _w = Watchdog::new("heap crash points", 300);
+    let mut visited = Vec::new();
+    for point in crashpoint::HEAP {
+        if matches!(
+            point,
+            P::HeapCreateFormatted
+                | P::HeapCreateBeforeDisown
+                | P::HeapMidRecovery
+                | P::HeapDestroyCommitted
+                | P::HeapDestroyChunkForgotten
+                | P::HeapDestroyChunksFreed
+                | P::HeapDestroyUnlocked
+        ) {
+            continue; // the tests below
+        }
+        visited.push(point);
         let pool = anon(2048);
         let before = pool.stats();
         let h = Heap::create(&pool, 8192).unwrap();
         set_root_list(&h, 0, 20);
         let d = h.descr();
+        // The root the child commits at HeapRootStored.
+        let committed = matches!(point, P::HeapRootStored);
         let mut c = fork_child(|| {
             let h = Heap::attach(&pool, d).map_err(|e| e.to_string())?;
             let e = |e: HeapError| e.to_string();
-            if point == HeapPoint::ChunkRemoved {
-                // An unrooted value in a chunk of its own, then a GC that
-                // finds that chunk empty.
+            if matches!(point, P::HeapChunkRemoved | P::HeapChunkEntryMoved) {
+                // Unrooted values in chunks of their own, then a GC that
+                // finds those chunks empty (two, so that removing the first
+                // moves the last entry over it).
                 h.with_lock(|h| h.alloc(100_000, STRING_TAG).map(|_| ()))
                     .map_err(e)?;
+                h.with_lock(|h| h.alloc(300_000, STRING_TAG).map(|_| ()))
+                    .map_err(e)?;
             }
-            crash::arm(Some(point));
+            if point == P::HeapPinRemoved {
+                h.with_lock(|h| h.pin_shared(h.root()).map(|_| ()))
+                    .map_err(e)?;
+            }
+            crashpoint::arm(Some(point));
             h.lock().map_err(e)?;
             match point {
-                HeapPoint::CopyHalfDone => {
+                P::HeapCopyHalfDone => {
                     h.copy_in(h.root(), false, &|_| true).map_err(e)?;
                 }
-                HeapPoint::MidMark | HeapPoint::MidSweep => {
+                P::HeapAllocSplit => {
+                    // The one free block (the rest of the first chunk),
+                    // taken but for a 10-word remainder.
+                    let free = h.stats().map_err(e)?.free_words as usize;
+                    let _ = h.alloc(free - 11, STRING_TAG).map_err(e)?;
+                }
+                P::HeapRootStored => {
+                    let l = build_list(&h, 100, 20);
+                    h.set_root(l).map_err(e)?;
+                }
+                P::HeapMidMark | P::HeapMidSweep => {
                     let _ = build_list(&h, 100, 200);
                     h.gc().map_err(e)?;
                 }
-                HeapPoint::ChunkRemoved => h.gc().map_err(e)?,
-                HeapPoint::ChunkDisowned => {
+                P::HeapChunkRemoved | P::HeapChunkEntryMoved => h.gc().map_err(e)?,
+                P::HeapChunkDisowned | P::HeapChunkAppended => {
                     h.alloc(100_000, STRING_TAG).map_err(e)?;
                 }
-                HeapPoint::PinWritten => {
+                P::HeapPinWritten => {
                     h.pin_shared(h.root()).map_err(e)?;
                 }
+                P::HeapPinRemoved => {
+                    let pin = h.pin_shared(h.root()).map_err(e)?;
+                    h.unpin(pin).map_err(e)?;
+                }
+                _ => unreachable!(),
             }
             Err(format!("{point:?} not reached"))
         });
-        wait_until(Duration::from_secs(10), || c.poll().is_some()).unwrap();
-        let st = c.poll().unwrap();
-        assert!(
-            libc::WIFSIGNALED(st) && libc::WTERMSIG(st) == libc::SIGKILL,
-            "{point:?}: {}",
-            describe(st)
-        );
+        c.wait_stopped(Duration::from_secs(20))
+            .unwrap_or_else(|m| panic!("{point:?}: {m}"));
+        c.kill();
         assert!(h.lock().unwrap().recovered, "{point:?}");
         h.unlock();
-        assert_eq!(
-            read_list(h.root()).unwrap(),
-            (0..20).collect::<Vec<_>>(),
-            "{point:?}"
-        );
+        let want: Vec<i64> = if committed {
+            (100..120).collect()
+        } else {
+            (0..20).collect()
+        };
+        assert_eq!(read_list(h.root()).unwrap(), want, "{point:?}");
         let s = h.stats().unwrap();
+        // A pin of the dead child (HeapPinRemoved: the first one is still
+        // listed) is dropped by the recovery.
         assert_eq!(
             (s.recoveries, s.pins, s.chunks),
             (1, 0, 1),
@@ -655,16 +709,231 @@ fn death_at_each_heap_crash_point_is_recovered() {
             0,
             "{point:?}: nothing left to the dead"
         );
-        assert_eq!(pool.stats().free_bytes, before.free_bytes, "{point:?}");
-        assert_eq!(pool.stats().live_blocks, 0, "{point:?}");
+        assert_eq!(pool.stats(), before, "{point:?}");
     }
+    assert_eq!(visited.len(), 11, "{visited:?}");
 }
 
 #[cfg(not(feature = "crash-points"))]
 #[test]
 fn death_at_each_heap_crash_point_is_recovered() {
+    let _serial = serial();
     skipped(
         "death_at_each_heap_crash_point_is_recovered",
+        "needs --features crash-points",
+    );
+}
+
+/// A heap of three chunks, its root a pair of two large strings, each in
+/// an extension chunk of its own.
+fn three_chunk_heap(pool: &Pool) -> Heap<'_> {
+    let h = Heap::create(pool, 8192).unwrap();
+    h.with_lock(|h| {
+        let a = h.alloc(20_000, STRING_TAG)?;
+        let b = h.alloc(60_000, STRING_TAG)?;
+        let r = h.alloc(2, 0)?;
+        set_field(r, 0, a);
+        set_field(r, 1, b);
+        h.set_root(r)
+    })
+    .unwrap();
+    assert_eq!(h.stats().unwrap().chunks, 3);
+    h
+}
+
+/// Death at each write step of `destroy` (child SIGKILLed while stopped
+/// there): the heap is then unusable (`Destroyed`) but a second destroy by
+/// a survivor completes, and the pool's stats are exactly those before
+/// `create_heap`, with nothing left to the dead child, nothing freed twice
+/// (pool check clean) and no block of the heap left live.
+#[cfg(feature = "crash-points")]
+#[test]
+fn death_at_each_destroy_step_is_finished_by_the_next_destroy() {
+    let _serial = serial();
+    use shmpool::crashpoint::{self, CrashPoint as P};
+    let _w = Watchdog::new("destroy crash points", 300);
+    for point in [
+        P::HeapDestroyCommitted,
+        P::HeapDestroyChunkForgotten,
+        P::HeapDestroyChunksFreed,
+        P::HeapDestroyUnlocked,
+    ] {
+        // Also with a recovery pending: the child that destroys first dies
+        // holding the lock in an ordinary operation (HeapChunkDisowned: an
+        // orphan chunk the destroy must find).
+        for after_death in [false, true] {
+            let what = format!("{point:?}, after a death: {after_death}");
+            let pool = anon(2048);
+            let before = pool.stats();
+            let h = three_chunk_heap(&pool);
+            let d = h.descr();
+            if after_death {
+                let mut c = fork_child(|| {
+                    let h = Heap::attach(&pool, d).map_err(|e| e.to_string())?;
+                    crashpoint::arm(Some(P::HeapChunkDisowned));
+                    h.with_lock(|h| h.alloc(200_000, STRING_TAG).map(|_| ()))
+                        .map_err(|e| e.to_string())?;
+                    Err("HeapChunkDisowned not reached".into())
+                });
+                c.wait_stopped(Duration::from_secs(20)).unwrap();
+                c.kill();
+            }
+            let mut c = fork_child(|| {
+                let h = Heap::attach(&pool, d).map_err(|e| e.to_string())?;
+                crashpoint::arm(Some(point));
+                h.destroy().map_err(|e| e.to_string())?;
+                Err(format!("{point:?} not reached"))
+            });
+            c.wait_stopped(Duration::from_secs(20))
+                .unwrap_or_else(|m| panic!("{what}: {m}"));
+            c.kill();
+            // Committed: no handle can use it any more.
+            assert_eq!(h.lock().err(), Some(HeapError::Destroyed), "{what}");
+            assert_eq!(
+                Heap::attach(&pool, d).err(),
+                Some(HeapError::Destroyed),
+                "{what}"
+            );
+            h.destroy().unwrap_or_else(|e| panic!("{what}: {e}"));
+            // Exactly once.
+            assert_eq!(h.destroy(), Err(HeapError::Destroyed), "{what}");
+            assert!(pool.check().is_empty(), "{what}: {:?}", pool.check());
+            assert_eq!(pool.reclaim_dead().unwrap().blocks, 0, "{what}");
+            assert_eq!(pool.stats(), before, "{what}");
+        }
+    }
+}
+
+#[cfg(not(feature = "crash-points"))]
+#[test]
+fn death_at_each_destroy_step_is_finished_by_the_next_destroy() {
+    let _serial = serial();
+    skipped(
+        "death_at_each_destroy_step_is_finished_by_the_next_destroy",
+        "needs --features crash-points",
+    );
+}
+
+/// A destroyer that released the lock and has not yet freed the first
+/// block, overtaken by a second destroy, after which the pool gives the
+/// same pages to someone else: the late destroyer must not free them
+/// (it frees only the allocation it recorded).
+#[cfg(feature = "crash-points")]
+#[test]
+fn a_late_destroyer_never_frees_the_pages_reused_by_another() {
+    let _serial = serial();
+    use shmpool::crashpoint::{self, CrashPoint as P};
+    let _w = Watchdog::new("late destroyer", 120);
+    let pool = anon(2048);
+    let h = three_chunk_heap(&pool);
+    let d = h.descr();
+    let first_bytes = pool.size(d).unwrap();
+    let mut c = fork_child(|| {
+        let h = Heap::attach(&pool, d).map_err(|e| e.to_string())?;
+        crashpoint::arm(Some(P::HeapDestroyUnlocked));
+        match h.destroy() {
+            Err(HeapError::Destroyed) => Ok(()),
+            r => Err(format!("late destroy: {r:?}")),
+        }
+    });
+    c.wait_stopped(Duration::from_secs(20)).unwrap();
+    h.destroy().unwrap();
+    let again = pool.alloc(first_bytes).unwrap();
+    assert_eq!(again, d, "the pool reuses the first block's pages");
+    // SAFETY: resumes our own stopped child.
+    unsafe { libc::kill(c.pid, libc::SIGCONT) };
+    c.wait_ok(Duration::from_secs(20)).unwrap();
+    assert_eq!(pool.size(again), Ok(first_bytes), "still allocated");
+    assert!(pool.check().is_empty(), "{:?}", pool.check());
+    pool.free(again).unwrap();
+    assert_eq!(pool.stats().live_blocks, 0);
+}
+
+#[cfg(not(feature = "crash-points"))]
+#[test]
+fn a_late_destroyer_never_frees_the_pages_reused_by_another() {
+    let _serial = serial();
+    skipped(
+        "a_late_destroyer_never_frees_the_pages_reused_by_another",
+        "needs --features crash-points",
+    );
+}
+
+/// Death while recovering from a death: the next locker starts over, and
+/// the result is that of a single recovery.
+#[cfg(feature = "crash-points")]
+#[test]
+fn death_during_recovery_is_recovered() {
+    let _serial = serial();
+    use shmpool::crashpoint::{self, CrashPoint as P};
+    let _w = Watchdog::new("death during recovery", 120);
+    let pool = anon(2048);
+    let before = pool.stats();
+    let h = Heap::create(&pool, 8192).unwrap();
+    set_root_list(&h, 0, 20);
+    let d = h.descr();
+    for point in [P::HeapCopyHalfDone, P::HeapMidRecovery] {
+        let mut c = fork_child(|| {
+            let h = Heap::attach(&pool, d).map_err(|e| e.to_string())?;
+            crashpoint::arm(Some(point));
+            h.lock().map_err(|e| e.to_string())?;
+            h.copy_in(h.root(), false, &|_| true)
+                .map_err(|e| e.to_string())?;
+            Err(format!("{point:?} not reached"))
+        });
+        c.wait_stopped(Duration::from_secs(20)).unwrap();
+        c.kill();
+    }
+    assert!(h.lock().unwrap().recovered);
+    h.unlock();
+    assert_eq!(read_list(h.root()).unwrap(), (0..20).collect::<Vec<_>>());
+    let s = h.stats().unwrap();
+    assert_eq!((s.recoveries, s.live_words, s.chunks), (1, 60, 1), "{s:?}");
+    check_and_destroy(&h);
+    assert_eq!(pool.reclaim_dead().unwrap().blocks, 0);
+    assert_eq!(pool.stats(), before);
+}
+
+#[cfg(not(feature = "crash-points"))]
+#[test]
+fn death_during_recovery_is_recovered() {
+    let _serial = serial();
+    skipped(
+        "death_during_recovery_is_recovered",
+        "needs --features crash-points",
+    );
+}
+
+/// Death inside `create`: before the disown the block is the dead
+/// creator's, so `reclaim_dead` gives the pool back exactly.
+#[cfg(feature = "crash-points")]
+#[test]
+fn death_inside_create_is_reclaimed() {
+    let _serial = serial();
+    use shmpool::crashpoint::{self, CrashPoint as P};
+    let _w = Watchdog::new("death inside create", 120);
+    for point in [P::HeapCreateFormatted, P::HeapCreateBeforeDisown] {
+        let pool = anon(256);
+        let before = pool.stats();
+        let mut c = fork_child(|| {
+            crashpoint::arm(Some(point));
+            Heap::create(&pool, 8192).map_err(|e| e.to_string())?;
+            Err(format!("{point:?} not reached"))
+        });
+        c.wait_stopped(Duration::from_secs(20)).unwrap();
+        c.kill();
+        assert_eq!(pool.reclaim_dead().unwrap().blocks, 1, "{point:?}");
+        assert!(pool.check().is_empty(), "{point:?}");
+        assert_eq!(pool.stats(), before, "{point:?}");
+    }
+}
+
+#[cfg(not(feature = "crash-points"))]
+#[test]
+fn death_inside_create_is_reclaimed() {
+    let _serial = serial();
+    skipped(
+        "death_inside_create_is_reclaimed",
         "needs --features crash-points",
     );
 }
@@ -673,6 +942,7 @@ fn death_at_each_heap_crash_point_is_recovered() {
 /// `OutOfMemory`, even far below the GC's usual threshold.
 #[test]
 fn a_full_pool_makes_the_heap_collect_instead_of_failing() {
+    let _serial = serial();
     let pool = anon(64);
     let h = Heap::create(&pool, 16 << 10).unwrap();
     let mut filler = Vec::new();
@@ -700,5 +970,122 @@ fn a_full_pool_makes_the_heap_collect_instead_of_failing() {
         pool.free(off).unwrap();
     }
     h.destroy().unwrap();
+    assert_eq!(pool.stats().live_blocks, 0);
+}
+
+/// The one-block fast path of `copy_in` (a string) roots its source during
+/// the GC its own allocation runs, as the general path does: a heap string
+/// unlinked from the root in the same lock and re-added must be copied
+/// intact, not from memory that GC just made free.
+#[test]
+fn a_flat_copy_keeps_its_source_through_the_gc_it_runs() {
+    let _serial = serial();
+    let pool = anon(4096);
+    let h = Heap::create(&pool, 8192).unwrap();
+    let n = 20_000u64;
+    let s = h
+        .with_lock(|h| {
+            let s = h.alloc(n as usize, STRING_TAG)?;
+            for i in 0..n {
+                set_field(s, i, i * 3 + 1);
+            }
+            h.set_root(s)?;
+            Ok(s)
+        })
+        .unwrap();
+    h.gc().unwrap();
+    let gcs = h.stats().unwrap().gcs;
+    let c = h
+        .with_lock(|h| {
+            h.set_root(VAL_UNIT)?;
+            // Allocated since the last GC: past its threshold (the live
+            // words), so the copy's allocation, which no free block fits,
+            // collects first.
+            for _ in 0..25 {
+                h.alloc(1000, STRING_TAG)?;
+            }
+            let c = h.copy_in(s, false, &|_| true)?;
+            h.set_root(c)?;
+            Ok(c)
+        })
+        .unwrap();
+    assert!(h.stats().unwrap().gcs > gcs, "the copy ran a GC");
+    assert_ne!(c, s);
+    assert_eq!(header(c), header(s));
+    for i in 0..n {
+        assert_eq!(field(c, i), i * 3 + 1, "word {i}");
+    }
+    check_and_destroy(&h);
+    assert_eq!(pool.stats().live_blocks, 0);
+}
+
+/// A heap whose live data fits in its first chunk but whose allocation
+/// between two GCs needs a second one keeps that chunk across the GCs its
+/// allocations run (before, it gave it back at every GC and took it again a
+/// few allocations later); an explicit `gc` gives it back.
+#[test]
+fn an_allocation_gc_keeps_the_chunk_the_next_allocations_need() {
+    let _serial = serial();
+    let pool = anon(4096);
+    let h = Heap::create(&pool, 65536).unwrap();
+    let after_create = pool.stats();
+    let mut changes = 0;
+    let mut last = h.stats().unwrap().chunks;
+    for round in 0..300 {
+        h.with_lock(|h| {
+            let s = h.alloc(1251, STRING_TAG)?; // 10 KB
+            set_field(s, 0, round);
+            h.set_root(s)
+        })
+        .unwrap();
+        let c = h.stats().unwrap().chunks;
+        if c != last {
+            changes += 1;
+            last = c;
+        }
+    }
+    let s = h.stats().unwrap();
+    assert!(s.gcs > 20, "{s:?}");
+    assert!(
+        changes <= 2,
+        "the chunk count changed {changes} times: {s:?}"
+    );
+    assert_sound(&h);
+    h.with_lock(|h| h.set_root(VAL_UNIT)).unwrap();
+    h.gc().unwrap();
+    assert_eq!(h.stats().unwrap().chunks, 1);
+    assert_eq!(pool.stats(), after_create);
+    check_and_destroy(&h);
+}
+
+/// `collect_if_due` (run at the start of every outermost OCaml `modify`):
+/// a loop that replaces a 10 KB root writes its copies through a few
+/// places only (they stay in the L1 cache), where without it the copies
+/// walk through all of the heap's free space between two GCs. Never
+/// inside a lock already held.
+#[test]
+fn early_gcs_keep_a_replace_loop_in_few_places() {
+    let _serial = serial();
+    let pool = anon(4096);
+    let h = Heap::create(&pool, 65536).unwrap();
+    let mut places = std::collections::BTreeSet::new();
+    for round in 0..200u64 {
+        h.lock().unwrap();
+        h.collect_if_due().unwrap();
+        let s = h.alloc(1251, STRING_TAG).unwrap(); // 10 KB
+        set_field(s, 0, round);
+        h.set_root(s).unwrap();
+        // nested: never collects
+        h.lock().unwrap();
+        assert!(!h.collect_if_due().unwrap());
+        h.unlock();
+        h.unlock();
+        if round >= 20 {
+            places.insert(s);
+        }
+    }
+    assert!(places.len() <= 4, "{} places: {places:?}", places.len());
+    assert_eq!(field(h.root(), 0), 199);
+    check_and_destroy(&h);
     assert_eq!(pool.stats().live_blocks, 0);
 }

@@ -155,6 +155,7 @@ fn one_death(point: CrashPoint) {
 
 #[test]
 fn killed_at_each_step_of_split_merge_and_refill() {
+    let _serial = serial();
     let _w = Watchdog::new("large cache staged death", 120);
     for point in [
         CrashPoint::AllocSpareCached,
@@ -168,6 +169,7 @@ fn killed_at_each_step_of_split_merge_and_refill() {
 
 #[test]
 fn split_merge_and_take_back_keep_the_counts() {
+    let _serial = serial();
     let p = anon(NPAGES);
     let pg = p.geometry().page_size;
     let mut rng = Rng(7);
@@ -207,6 +209,7 @@ fn split_merge_and_take_back_keep_the_counts() {
 
 #[test]
 fn two_processes_killed_at_random_moments() {
+    let _serial = serial();
     let _w = Watchdog::new("large cache random kills", 240);
     let p = anon(NPAGES);
     let pg = p.geometry().page_size;
@@ -261,6 +264,7 @@ fn two_processes_killed_at_random_moments() {
 /// (the take-backs, `reclaim_dead` and recovery walk the same way).
 #[test]
 fn walks_see_every_block_while_another_process_merges() {
+    let _serial = serial();
     let _w = Watchdog::new("large cache walks during merges", 240);
     let p = anon(NPAGES);
     let pg = p.geometry().page_size;
@@ -351,6 +355,7 @@ fn walk_from(p: &Pool, mut page: usize) -> Result<usize, String> {
 /// absorbed run's head afterwards, and must be able to step over it.
 #[test]
 fn a_merged_runs_old_head_still_leads_a_walker_on() {
+    let _serial = serial();
     let p = anon(NPAGES);
     let pg = p.geometry().page_size;
     let first = |o: usize| (o - p.geometry().payload_offset) / pg;
@@ -387,6 +392,7 @@ fn a_merged_runs_old_head_still_leads_a_walker_on() {
 /// overwritten").
 #[test]
 fn a_merged_runs_old_head_is_no_cached_block_to_a_stale_entry() {
+    let _serial = serial();
     let p = anon(NPAGES);
     let pg = p.geometry().page_size;
     let first = |o: usize| (o - p.geometry().payload_offset) / pg;
@@ -433,6 +439,7 @@ fn a_merged_runs_old_head_is_no_cached_block_to_a_stale_entry() {
 /// test_heap_workers' "live_blocks 18446744073709551615 but counted 0").
 #[test]
 fn blocks_split_from_a_run_can_be_disowned_and_freed_before_a_fold() {
+    let _serial = serial();
     let p = anon(NPAGES);
     let pg = p.geometry().page_size;
     // A run of 228 pages (a block and its spare, merged), folded by check.

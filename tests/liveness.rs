@@ -20,15 +20,6 @@ use std::time::Duration;
 
 const T: Duration = Duration::from_secs(30);
 
-/// The tests of this file run one at a time: they fork, and a fork taken
-/// while another test thread holds a lock (the child registry of
-/// `common`, an allocator or thread-spawn lock) leaves the child with that
-/// lock held forever; it then hangs before doing anything.
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 fn clean(p: &Pool) {
     assert_eq!(p.check(), Vec::<String>::new());
 }

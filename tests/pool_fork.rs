@@ -128,6 +128,7 @@ fn worker(pool: &Pool, b: &Board, i: usize) -> Result<(), String> {
 
 #[test]
 fn children_share_alloc_and_free_each_others_blocks() {
+    let _serial = serial();
     let _w = Watchdog::new("children_share", 60);
     let pool = anon(64 << 20);
     let pg = pool.geometry().page_size;
@@ -235,6 +236,7 @@ struct Mail {
 
 #[test]
 fn named_pool_attached_by_a_child() {
+    let _serial = serial();
     let _w = Watchdog::new("named_pool_attached_by_a_child", 30);
     let name = ShmName::new();
     let pool = named(&name, 4 << 20);
@@ -324,6 +326,7 @@ fn not_a_pool(name: &ShmName) -> String {
 
 #[test]
 fn attach_rejects_what_is_not_a_pool() {
+    let _serial = serial();
     let pg = shmpool::mapping::page_size();
     // Objects that never were pools: zeros of various sizes, and empty.
     for len in [0i64, 1, 100, 4096, 1 << 20] {
@@ -405,6 +408,7 @@ struct Hold {
 
 #[test]
 fn reclaim_dead_frees_exactly_the_dead_and_spares_the_living() {
+    let _serial = serial();
     let _w = Watchdog::new("reclaim_dead", 30);
     let pool = anon(8 << 20);
     let pg = pool.geometry().page_size;
@@ -532,6 +536,7 @@ fn reclaim_dead_frees_exactly_the_dead_and_spares_the_living() {
 
 #[test]
 fn a_child_inherits_an_anonymous_pool_and_registers_itself() {
+    let _serial = serial();
     let _w = Watchdog::new("inherit", 30);
     let pool = anon(1 << 20);
     let pg = pool.geometry().page_size;
@@ -567,6 +572,7 @@ fn a_child_inherits_an_anonymous_pool_and_registers_itself() {
 /// guards' cleanup cannot make it pass.
 #[test]
 fn no_shm_left_behind() {
+    let _serial = serial();
     let pg = shmpool::mapping::page_size();
     let names: Vec<ShmName> = (0..2).map(|_| ShmName::new()).collect();
     for (name, prefault) in names.iter().zip([false, true]) {

@@ -22,6 +22,7 @@ const NOBODY: libc::uid_t = 65534;
 /// `reclaim_dead` frees its live blocks.
 #[test]
 fn an_execd_process_without_a_keeper_is_not_taken_for_dead() {
+    let _serial = serial();
     // SAFETY: getuid has no preconditions.
     if unsafe { libc::getuid() } != 0 {
         skipped(
@@ -104,6 +105,7 @@ fn an_execd_process_without_a_keeper_is_not_taken_for_dead() {
 #[test]
 #[ignore = "run by an_execd_process_without_a_keeper_is_not_taken_for_dead through exec"]
 fn exec_child_of_review() {
+    let _serial = serial();
     let Some(name) = std::env::var_os(EXEC_ENV) else {
         return;
     };

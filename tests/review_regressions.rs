@@ -46,6 +46,7 @@ fn release(fds: Vec<i32>) {
 
 #[test]
 fn reclaim_dead_without_file_descriptors_frees_no_live_block() {
+    let _serial = serial();
     let _w = Watchdog::new("reclaim without fds", 30);
     let p = anon(64);
     let pg = p.geometry().page_size;
@@ -70,6 +71,7 @@ fn reclaim_dead_without_file_descriptors_frees_no_live_block() {
 
 #[test]
 fn registering_without_file_descriptors_records_no_dead_identity() {
+    let _serial = serial();
     let _w = Watchdog::new("register without fds", 30);
     let p = anon(64);
     let pg = p.geometry().page_size;
@@ -96,6 +98,7 @@ fn registering_without_file_descriptors_records_no_dead_identity() {
 
 #[test]
 fn threads_registering_at_once_strand_no_cached_block() {
+    let _serial = serial();
     for round in 0..200 {
         let p = anon(256);
         let pg = p.geometry().page_size;

@@ -443,6 +443,7 @@ fn stale_cache_entry_after_take_back() -> String {
 /// (not folded into a passing test).
 #[test]
 fn backing_store_that_cannot_grow() {
+    let _serial = serial();
     let _w = Watchdog::new("backing_store_that_cannot_grow", 60);
     if let Some(a) = backing_store_full() {
         eprintln!("torture exhaustion: {a}");
@@ -452,6 +453,7 @@ fn backing_store_that_cannot_grow() {
 
 #[test]
 fn torture_exhaustion() {
+    let _serial = serial();
     let _w = Watchdog::new("torture_exhaustion", 60 + 2 * scale());
     let t0 = Instant::now();
     let b = contention();

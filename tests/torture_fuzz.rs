@@ -626,6 +626,7 @@ fn damaged_pools() -> (String, Result<(), String>) {
 
 #[test]
 fn torture_fuzz() {
+    let _serial = serial();
     let _w = Watchdog::new("torture_fuzz", 180 + 4 * scale() as u64);
     let t0 = Instant::now();
     let a = offsets_and_sizes();

@@ -27,6 +27,7 @@
 
 mod common;
 
+use common::torture::*;
 use common::*;
 use shmpool::{CreateOptions, Error, Pool};
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering::SeqCst};
@@ -66,37 +67,6 @@ struct Board {
     mailbox: [AtomicU64; MB],
 }
 
-const VALID: u64 = 1 << 63;
-const TAKEN: u64 = 1 << 62;
-
-/// A mailbox entry: the block's page offset in the mapping, its pages,
-/// who posted it and, once taken, who took it.
-fn entry(off: usize, pages: usize, poster: usize, pg: usize) -> u64 {
-    VALID | (poster as u64) << 48 | (pages as u64) << 32 | (off / pg) as u64
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Entry {
-    off: usize,
-    pages: usize,
-    poster: usize,
-    taker: Option<usize>,
-}
-
-fn decode(e: u64, pg: usize) -> Entry {
-    Entry {
-        off: (e & 0xFFFF_FFFF) as usize * pg,
-        pages: (e >> 32 & 0xFFFF) as usize,
-        poster: (e >> 48 & 0xF) as usize,
-        taker: (e & TAKEN != 0).then_some((e >> 52 & 0xF) as usize),
-    }
-}
-
-/// What the first word of each page of a block says.
-fn stamp_of(pid: i32, off: usize) -> u64 {
-    (pid as u32 as u64) << 32 | (off as u64 & 0xFFFF_FFFF)
-}
-
 struct Ctx<'a> {
     pool: &'a Pool,
     b: &'a Board,
@@ -108,32 +78,7 @@ struct Ctx<'a> {
 impl Ctx<'_> {
     /// Takes mailbox entry `m` if there is one, verifies and frees it.
     fn take(&self, m: usize) -> Result<(), String> {
-        let slot = &self.b.mailbox[m];
-        let e = slot.load(SeqCst);
-        if e & VALID == 0 || e & TAKEN != 0 {
-            return Ok(());
-        }
-        if slot
-            .compare_exchange(e, e | TAKEN | (self.i as u64) << 52, SeqCst, SeqCst)
-            .is_err()
-        {
-            return Ok(());
-        }
-        let d = decode(e, self.pg);
-        let ppid = self.b.pids[d.poster].load(SeqCst);
-        let bytes = d.pages * self.pg;
-        if !marked(self.pool, d.off, bytes, stamp_of(ppid, d.off)) {
-            return Err(format!(
-                "taken block {:#x} ({} pages) of worker {} was overwritten",
-                d.off, d.pages, d.poster
-            ));
-        }
-        match self.pool.free(d.off) {
-            Ok(x) if x == bytes => {}
-            r => return Err(format!("free of taken block {:#x}: {r:?}", d.off)),
-        }
-        slot.store(0, SeqCst);
-        Ok(())
+        take_posted(self.pool, &self.b.mailbox[m], &self.b.pids, self.i, self.pg).map(|_| ())
     }
 
     fn step(&self, rng: &mut Rng, may_post: bool) -> Result<(), String> {
@@ -241,12 +186,6 @@ fn worker(pool: &Pool, b: &Board, i: usize, seed: u64, limit: Option<u64>) -> Re
     pool.flush_cache().map_err(|e| format!("flush_cache: {e}"))
 }
 
-enum Fail {
-    Deadlock(String),
-    Violation(String),
-    Lost(u64, String),
-}
-
 #[derive(Default)]
 struct Totals {
     trials: u64,
@@ -261,28 +200,9 @@ struct Totals {
     ops: u64,
 }
 
-fn violation<T>(msg: String) -> Result<T, Fail> {
-    Err(Fail::Violation(msg))
-}
-
 /// Polls `cond` until it holds; a deadlock after `BOUND`.
-fn wait(what: &str, mut cond: impl FnMut() -> Result<bool, Fail>) -> Result<(), Fail> {
-    let t0 = Instant::now();
-    let mut spins = 0u32;
-    loop {
-        if cond()? {
-            return Ok(());
-        }
-        if t0.elapsed() > BOUND {
-            return Err(Fail::Deadlock(format!("{what}: not done within {BOUND:?}")));
-        }
-        spins += 1;
-        if spins < 200 {
-            std::hint::spin_loop();
-        } else {
-            std::thread::sleep(Duration::from_micros(50));
-        }
-    }
+fn wait(what: &str, cond: impl FnMut() -> Result<bool, Fail>) -> Result<(), Fail> {
+    wait_within(BOUND, what, cond)
 }
 
 /// A violation if one of `which` has ended.
@@ -297,17 +217,6 @@ fn still_running(kids: &mut [Child], which: &[usize], what: &str) -> Result<(), 
         }
     }
     Ok(())
-}
-
-/// The thread id holding the pool lock, 0 if none: glibc keeps the owner's
-/// tid in the low 30 bits of the robust mutex's first word (a hint only,
-/// as in `lock.rs`). A worker is single-threaded: its tid is its pid.
-fn lock_holder(pool: &Pool) -> i32 {
-    let off = std::mem::offset_of!(shmpool::layout::Header, lock);
-    // SAFETY: the mutex lies at that offset of the live mapping, 4-byte
-    // aligned; an atomic read of its first word races with nothing unsound.
-    let w = unsafe { (*pool.addr(off).cast::<AtomicI32>()).load(SeqCst) };
-    w & 0x3FFF_FFFF
 }
 
 fn new_pool() -> Pool {
@@ -399,21 +308,11 @@ fn trial(pool: &Pool, rng: &mut Rng, t: &mut Totals) -> Result<(), Fail> {
     let vpid = pid(v);
     let fpid = pid(FRESH);
     // Blocks the survivors hold: their journals and their untaken posts.
-    let mut held: Vec<(usize, usize, i32)> = Vec::new();
+    let mut held: Vec<Held> = Vec::new();
     for &s in &survivors {
-        for k in 0..SLOTS {
-            let p = b.pages[s][k].load(SeqCst) as usize;
-            if p > 0 {
-                held.push((b.offs[s][k].load(SeqCst) as usize, p, pid(s)));
-            }
-        }
+        held.extend(journal(&b.offs[s], &b.pages[s], pid(s)));
     }
-    let entries: Vec<(usize, Entry)> = (0..MB)
-        .filter_map(|m| {
-            let e = b.mailbox[m].load(SeqCst);
-            (e != 0).then(|| (m, decode(e, pg)))
-        })
-        .collect();
+    let entries = board_entries(&b.mailbox, pg);
     for &(_, d) in &entries {
         if d.taker.is_none() && d.poster != v {
             held.push((d.off, d.pages, pid(d.poster)));
@@ -428,19 +327,8 @@ fn trial(pool: &Pool, rng: &mut Rng, t: &mut Totals) -> Result<(), Fail> {
                 return violation(format!("mailbox entry {m} held by live worker {tk}"));
             }
             Some(_) if d.poster != v => {
-                let bytes = d.pages * pg;
-                let ppid = pid(d.poster);
-                let orphan = pool.owner_of(d.off) == Ok(ppid)
-                    && pool.size(d.off) == Ok(bytes)
-                    && !held.iter().any(|h| h.0 == d.off);
-                if orphan {
-                    if !marked(pool, d.off, bytes, stamp_of(ppid, d.off)) {
-                        return violation(format!("orphan {:#x} was overwritten", d.off));
-                    }
-                    match pool.free(d.off) {
-                        Ok(x) if x == bytes => t.orphans += 1,
-                        r => return violation(format!("free of orphan {:#x}: {r:?}", d.off)),
-                    }
+                if free_orphan(pool, &d, pg, pid(d.poster), &held)? {
+                    t.orphans += 1;
                 }
                 b.mailbox[m].store(0, SeqCst);
             }
@@ -448,38 +336,12 @@ fn trial(pool: &Pool, rng: &mut Rng, t: &mut Totals) -> Result<(), Fail> {
             _ => {}
         }
     }
-    for &(off, p, owner) in &held {
-        let bytes = p * pg;
-        if pool.size(off) != Ok(bytes) || pool.owner_of(off) != Ok(owner) {
-            return violation(format!(
-                "block {off:#x} ({p} pages) of pid {owner}: size {:?}, owner {:?}",
-                pool.size(off),
-                pool.owner_of(off)
-            ));
-        }
-        if !marked(pool, off, bytes, stamp_of(owner, off)) {
-            return violation(format!("block {off:#x} of pid {owner} was overwritten"));
-        }
-    }
-    held.sort();
-    for w in held.windows(2) {
-        if w[0].0 + w[0].1 * pg > w[1].0 {
-            return violation(format!("blocks overlap: {:?} and {:?}", w[0], w[1]));
-        }
-    }
+    check_held(pool, pg, &mut held)?;
     let owners = pool
         .owners()
         .map_err(|e| Fail::Violation(format!("owners: {e}")))?;
     for &s in &survivors {
-        let want = held
-            .iter()
-            .filter(|h| h.2 == pid(s))
-            .fold((0, 0), |a, h| (a.0 + h.1 as u64, a.1 + 1));
-        let have = owners
-            .iter()
-            .find(|o| o.pid == pid(s))
-            .map_or((0, 0), |o| (o.pages, o.blocks));
-        if have != want {
+        if let Some((have, want)) = owners_disagree(&owners, &held, pid(s)) {
             return violation(format!(
                 "survivor {s} owns {have:?} (pages, blocks), its journal says {want:?}"
             ));
@@ -535,30 +397,12 @@ fn trial(pool: &Pool, rng: &mut Rng, t: &mut Totals) -> Result<(), Fail> {
     if let Some(m) = (0..MB).find(|&m| b.mailbox[m].load(SeqCst) != 0) {
         return violation(format!("mailbox entry {m} left"));
     }
-    let c = pool.check();
-    if !c.is_empty() {
-        return violation(format!("check at the end: {c:?}"));
-    }
-    let s = pool.stats();
-    if (s.free_bytes, s.largest_free_bytes, s.live_blocks) != (payload, payload, 0) {
-        let lost = (payload - s.free_bytes) as u64 / pg as u64;
-        return Err(Fail::Lost(
-            lost,
-            format!("at the end: {s:?}\n{}", pool.debug_info()),
-        ));
-    }
-    // The survivors exited normally: their slots hold nothing.
-    let got = pool
-        .reclaim_dead()
-        .map_err(|e| Fail::Violation(format!("reclaim_dead: {e}")))?;
-    if got.pages != 0 {
-        return violation(format!("survivors left {got:?}"));
-    }
-    Ok(())
+    check_all_free(pool, payload, pg)
 }
 
 #[test]
 fn torture_kill() {
+    let _serial = serial();
     let trials = DEFAULT_TRIALS * scale();
     let _w = Watchdog::new("torture_kill", 60 + trials / 4);
     let t0 = Instant::now();

@@ -285,6 +285,7 @@ fn worker(pool: &Pool, b: &Board, i: usize, name: &str, units: u64) -> Result<()
 
 #[test]
 fn torture_signals() {
+    let _serial = serial();
     let units = scale().min(60);
     // A safety net only: the workers stop by counts.
     let _w = Watchdog::new("torture_signals", 120 + 10 * units);

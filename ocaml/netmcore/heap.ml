@@ -83,11 +83,15 @@ type 'a heap = {
   pool : Netmcore.res_id;
   descr : int;
   nonce : int;  (* tells this heap from a later one at the same descr *)
-  (* cache: the Rust handle, valid in process [pid] only (a record may be
-     marshalled to another process) *)
-  mutable hh : int;
-  mutable pid : int;
+  (* cache: [pid * max_handles + hh], the Rust handle [hh] valid in process
+     [pid] only (a record may be marshalled to another process, or copied
+     into a heap and used by several at once: one word, so that no
+     process ever reads another's handle with its own pid); -1: none *)
+  mutable cache : int;
 }
+
+(* Handles per process (MAX_HEAPS of ocaml_heap_stubs.rs). *)
+let max_handles = 1 lsl 14
 
 type 'a descr = int
 
@@ -140,7 +144,8 @@ let forget n descr hh =
   end
 
 let handle h =
-  if h.pid = my_pid () then h.hh
+  let c = h.cache in
+  if c >= 0 && c / max_handles = my_pid () then c mod max_handles
   else begin
     let (`Resource n) = h.pool in
     let hh =
@@ -158,8 +163,7 @@ let handle h =
           if h.nonce >= 0 && h_nonce hh <> h.nonce then raise_code e_destroyed;
           hh
     in
-    h.hh <- hh;
-    h.pid <- my_pid ();
+    h.cache <- (my_pid () * max_handles) + hh;
     hh
   end
 
@@ -167,7 +171,7 @@ let make pool descr hh =
   let (`Resource n) = pool in
   cache_root hh;
   Hashtbl.replace handles (n, descr) (hh, my_pid ());
-  { pool; descr; nonce = h_nonce hh; hh; pid = my_pid () }
+  { pool; descr; nonce = h_nonce hh; cache = (my_pid () * max_handles) + hh }
 
 external h_descr : int -> int = "shmpool_heap_descr"
 
@@ -207,7 +211,11 @@ let last_nonce = last_nonce_ref
 let last_root = last_root_ref
 
 let root_slow h =
-  let r = Array.unsafe_get !roots (handle h) in
+  (* [handle] first: opening the heap here may grow [roots], so the table
+     is read only after it (an argument order left to the compiler read
+     the old, shorter table) *)
+  let hh = handle h in
+  let r = Array.unsafe_get !roots hh in
   if Obj.is_int r then failwith "Netmcore_heap: heap destroyed";
   last_root := r;
   last_nonce := h.nonce;
@@ -218,7 +226,7 @@ let descr_of_heap h = h.descr
 
 let heap_of_descr pool (d : 'a descr) : 'a heap =
   require_shared_address "Netmcore_heap.heap_of_descr" pool;
-  let h = { pool; descr = d; nonce = -1; hh = -1; pid = -1 } in
+  let h = { pool; descr = d; nonce = -1; cache = -1 } in
   (* [handle] checks a cached handle is on a live heap *)
   let hh = try handle h with Failure _ -> no_heap () in
   { h with nonce = h_nonce hh }
@@ -318,6 +326,8 @@ let add_init_array m n (f : int -> 'a) : 'a array =
   else
     let x0 = f 0 in
     let r0 = Obj.repr x0 in
+    (* as in [add_some]: [x0] is read after the array's allocation *)
+    if Obj.is_block r0 then check_code (h_keep m.mhh x0);
     if Obj.is_block r0 && Obj.tag r0 = Obj.double_tag then begin
       (* filled with 0.0; rooted until modify returns *)
       let a : float array = Obj.obj (block m n Obj.double_array_tag) in
@@ -339,6 +349,10 @@ let add_init_array m n (f : int -> 'a) : 'a array =
 
 let add_some m (x : 'a) : 'a option =
   live m "add_some";
+  (* [x] may be a heap value reachable from nothing but the caller (moved
+     out of its place in this modify): the GC the block's allocation may
+     run must keep it *)
+  if Obj.is_block (Obj.repr x) then check_code (h_keep m.mhh x);
   let b = block m 1 0 in
   Obj.set_field b 0 (Obj.repr x);
   Obj.obj b
@@ -376,15 +390,23 @@ let with_pins h (find : unit -> 'b) (blocks : 'b -> Obj.t list) (process : 'b ->
   let x =
     modify h (fun _ ->
         let x = find () in
-        List.iter
-          (fun v ->
-            if Obj.is_block v then begin
-              (* 0: not a block of this heap, nothing pinned *)
-              let i = h_pin hh v in
-              check_code i;
-              if i > 0 then pinned := i :: !pinned
-            end)
-          (blocks x);
+        (* Pins are heap blocks: the pool may run out after some of them
+           were taken. Those must go at once (still under the lock), as
+           nothing else releases the pins of a live process. *)
+        (try
+           List.iter
+             (fun v ->
+               if Obj.is_block v then begin
+                 (* 0: not a block of this heap, nothing pinned *)
+                 let i = h_pin hh v in
+                 check_code i;
+                 if i > 0 then pinned := i :: !pinned
+               end)
+             (blocks x)
+         with e ->
+           List.iter (fun i -> ignore (h_unpin hh i)) !pinned;
+           pinned := [];
+           raise e);
         x)
   in
   (* [process] may have destroyed the heap: nothing to unpin then *)

@@ -170,7 +170,10 @@ let delete_hd b n =
       (* blocks wholly before the new start go *)
       let drop = min (Array.length st.blocks) ((start - st.base) / r.bsize) in
       let blocks = if drop = 0 then st.blocks else new_blocks m (Array.length st.blocks - drop) (fun i -> st.blocks.(drop + i)) in
-      r.st <- new_state m ~base:(st.base + (drop * r.bsize)) ~start ~length:(st.length - n) blocks)
+      let st' = new_state m ~base:(st.base + (drop * r.bsize)) ~start ~length:(st.length - n) blocks in
+      (* the new state is built, unreachable; one store commits *)
+      Commit_point.reached "buffer.delete_hd";
+      r.st <- st')
 
 (* a fresh state in the heap ([empty] is a value of this process) *)
 let clear b = Heap.modify b (fun m -> (Heap.root b).st <- new_state m ~base:0 ~start:0 ~length:0 [||])

@@ -55,8 +55,14 @@ let alloc_wait_entry_e m (ws : wait_set) (name : string) : wait_entry_e =
   ws.entries <- a;
   e
 
+(* The entry leaves the condition list it may still be queued on (its
+   waiter died or gave up without leaving) before the set lets it go: once
+   the heap reuses its memory, no list may reach it. *)
 let free_wait_entry_e m (ws : wait_set) (e : wait_entry_e) =
   let name = pipe_name e in
+  let r = Sync.entry_free e in
+  (* an entry freed before is a dummy: freeing it again changes nothing *)
+  if r < 0 && r <> Sync.e_dummy then Sync.fail_code "Netmcore_condition.free_wait_entry_e" r;
   let keep = List.filter (fun x -> x != e) (Array.to_list ws.entries) in
   let a = Heap.add_uniform_array m (List.length keep) e in
   List.iteri (fun i x -> a.(i) <- x) keep;
@@ -94,6 +100,7 @@ let wait_e ?debug_name:_ (we : wait_entry_e) (c : condition) (mx : Smutex.mutex)
     Unix.close fd;
     Sync.fail_code "Netmcore_condition.wait_e" r
   end;
+  Commit_point.reached "wait_e:enqueued";
   (match Smutex.unlock mx with
   | () -> ()
   | exception e ->
@@ -112,9 +119,11 @@ let wait_e ?debug_name:_ (we : wait_entry_e) (c : condition) (mx : Smutex.mutex)
     Uq_engines.seq_engine poll (fun _ ->
         drain fd;
         if Sync.entry_signalled we = 1 then begin
+          Commit_point.reached "wait_e:woken";
           (* still queued if the signaller died before unlinking it *)
           ignore (Sync.cond_dequeue c we);
           close ();
+          Commit_point.reached "wait_e:dequeued";
           Smutex.lock mx;
           cont ()
         end

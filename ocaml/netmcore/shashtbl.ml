@@ -121,7 +121,14 @@ let replace t key value =
       let b = r.buckets in
       let rec go = function
         | Nil -> add_cell m r key value
-        | Cell c -> if compare c.key key = 0 then c.value <- Heap.add m value else go c.next
+        | Cell c ->
+            if compare c.key key = 0 then begin
+              (* the new value is built first, unreachable; one store commits *)
+              let v = Heap.add m value in
+              Commit_point.reached "hashtbl.replace";
+              c.value <- v
+            end
+            else go c.next
       in
       go b.(index key (Array.length b)))
 

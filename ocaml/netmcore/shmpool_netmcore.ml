@@ -16,6 +16,10 @@ module Netmcore_condition = Scondition
 module Struct_internal = struct
   let commit_hook = Commit_point.hook
   let sync_crash_at = Sync.crash_at
+
+  let mutex_set_holder mx pid start_delta =
+    let r = Sync.test_set_holder (Smutex.raw mx) pid start_delta in
+    if r < 0 then Sync.fail_code "Struct_internal.mutex_set_holder" r
 end
 
 module Heap_internal = struct

@@ -36,7 +36,7 @@ module Netmcore_mempool : sig
         each time); a pool can be filled entirely with 1-page blocks.
       - 1- and 2-page pools work (the original corrupts memory).
       - The size given to [create_mempool] is the payload: the shared object
-        is larger by the header (about 51 KiB plus 8 bytes per page, rounded
+        is larger by the header (about 51 KiB plus 12 bytes per page, rounded
         up to whole pages: [Shmpool.total_for_payload] gives the size), so a
         fresh pool has all of [stats]' [total] (the size given, rounded up
         to pages, as the original's) free. The original carves its header
@@ -510,7 +510,21 @@ module Struct_internal : sig
      reaches the named point: ["signal:marked"] (an event waiter's entry
      marked signalled, its pipe not yet written), ["signal:written"] (the
      pipe written, the entry still queued), ["cond:list-locked"] (the
-     event-waiter list locked); [""] disarms. *)
+     event-waiter list locked by a signal), ["cond:dequeue-locked"] (the
+     list locked by an event waiter unlinking itself), ["wait:counted"] (a
+     [wait]er counted, its mutex not yet released), ["wait:woken"] (a
+     [wait]er woken, its mutex not yet locked again); [""] disarms. The
+     event waiter's own steps are [commit_hook] points: ["wait_e:enqueued"]
+     (queued, the mutex not yet released), ["wait_e:woken"] (its pipe read
+     and its entry signalled, not yet unlinked), ["wait_e:dequeued"]
+     (unlinked, the mutex not yet locked). *)
+
+  val mutex_set_holder : Netmcore_mutex.mutex -> int -> int -> unit
+  (* Test-only: [mutex_set_holder m pid d] makes the [`Normal] mutex [m]
+     look held by the running process [pid] as if it had started [d]
+     clock ticks later than it did: a dead holder whose pid was reused
+     ([d] = 0: the start time unknown, only the pid is checked). Failure if
+     [m] is not a [`Normal] mutex or [pid] does not run. *)
 end
 
 (**/**)

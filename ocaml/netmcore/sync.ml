@@ -21,6 +21,7 @@ external entry_init : string -> string -> int = "shmpool_sync_entry_init" [@@noa
 external cond_enqueue : string -> string -> int = "shmpool_sync_cond_enqueue"
 external cond_dequeue : string -> string -> int = "shmpool_sync_cond_dequeue"
 external entry_signalled : string -> int = "shmpool_sync_entry_signalled" [@@noalloc]
+external entry_free : string -> int = "shmpool_sync_entry_free"
 
 let e_dummy = -1
 let e_deadlock = -2
@@ -43,6 +44,7 @@ let fail_code what c =
 let alloc m n = Heap.add_string m n
 
 external test_crash_at : int -> int = "shmpool_sync_test_crash_at" [@@noalloc]
+external test_set_holder : string -> int -> int -> int = "shmpool_sync_test_set_holder"
 
 (* Test-only: the process SIGKILLs itself at the point named (see
    ocaml_sync_stubs.rs); "" disarms. *)
@@ -51,4 +53,7 @@ let crash_at = function
   | "signal:marked" -> ignore (test_crash_at 1)
   | "signal:written" -> ignore (test_crash_at 2)
   | "cond:list-locked" -> ignore (test_crash_at 3)
+  | "cond:dequeue-locked" -> ignore (test_crash_at 4)
+  | "wait:counted" -> ignore (test_crash_at 5)
+  | "wait:woken" -> ignore (test_crash_at 6)
   | p -> invalid_arg ("Struct_internal.sync_crash_at: " ^ p)

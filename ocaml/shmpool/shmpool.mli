@@ -26,7 +26,7 @@
     O(log n) in the number of free runs above that. {!val:stats} is not a
     hot-path call: it gives this process's cache back first (see
     {!val:stats}). The metadata lives outside the payload pages, in a header
-    of about 51 KiB plus 8 bytes per payload page, rounded up to whole pages
+    of about 51 KiB plus 12 bytes per payload page, rounded up to whole pages
     ({!total_for_payload} gives the exact size), so writing past the end of
     a block cannot corrupt the pool.
 

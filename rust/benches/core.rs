@@ -17,8 +17,12 @@
 //! Blocks of up to `CACHE_CLASSES` pages that a process frees go to its
 //! per-process cache (see `pool.rs`), so the 1-page and 4-page rings
 //! measure that path (and so does mixed 1–64 when the cache takes 64-page
-//! blocks); the `CACHE_CLASSES+1` page rings and the fragmented cases use
-//! larger blocks to measure the locked path and the allocator's searches.
+//! blocks). The `CACHE_CLASSES+1` page rings are one exact length, which the
+//! large cache (runs split and merged, `large_cache.rs`) serves after
+//! warm-up: they are labelled "(cached)", and the same rings with the cache off (every alloc
+//! and free takes the pool lock and searches the free runs: the locked
+//! path) are reported beside them. The fragmented cases run uncached, to
+//! measure the allocator's searches.
 
 use shmpool::pool::CACHE_CLASSES;
 use shmpool::{CreateOptions, Pool};
@@ -212,7 +216,14 @@ fn line(name: &str, f: &Figures, extra: &str) {
 const RING_POOL: usize = 1 << 30;
 
 fn one_proc(ring: usize, sz: &[usize], clock: f64) -> Figures {
+    one_proc_caching(ring, sz, clock, true)
+}
+
+/// As [`one_proc`], with the per-process cache on or off (off: every alloc
+/// and free takes the pool lock, the locked path).
+fn one_proc_caching(ring: usize, sz: &[usize], clock: f64, caching: bool) -> Figures {
     let p = pool(RING_POOL);
+    p.set_caching(caching).expect("set_caching");
     let mut r = Ring::fill(&p, ring, sz);
     figures(&[r.run(clock, |_| {})])
 }
@@ -235,10 +246,26 @@ fn spin(what: &str, cond: impl Fn() -> bool) {
     }
 }
 
+/// As `spin`, yielding the CPU (the other process may need it).
+fn spin_yield(what: &str, cond: impl Fn() -> bool) {
+    let t = Instant::now();
+    while !cond() {
+        assert!(t.elapsed() < Duration::from_secs(60), "bench: {what} hung");
+        std::thread::yield_now();
+    }
+}
+
 /// Two processes, each with its own ring in the same pool, every round
 /// started together. Returns the figures of both together.
 fn two_procs(ring: usize, sz: &[usize], clock: f64) -> Figures {
+    two_procs_caching(ring, sz, clock, true)
+}
+
+/// As [`two_procs`], with the per-process cache on or off in both
+/// processes (the child inherits the setting).
+fn two_procs_caching(ring: usize, sz: &[usize], clock: f64, caching: bool) -> Figures {
     let p = pool(RING_POOL);
+    p.set_caching(caching).expect("set_caching");
     // SAFETY: a fresh zeroed shared mapping; Ctl is atomics only.
     let ctl: &Ctl = unsafe {
         let m = libc::mmap(
@@ -470,6 +497,128 @@ fn ring_case(name: &str, p: &Pool, ring: usize, sz: &[usize], clock: f64) -> Fig
     f
 }
 
+/// The two halves of a hand-off measured apart, so that a busy machine
+/// (the two processes then take turns on one CPU) does not blur them:
+/// another process frees a burst of `burst` blocks of this process, then
+/// this one allocates as many (served by those frees, from round 2 on).
+/// Returns the least ns per free and per alloc over `rounds` rounds.
+fn handoff_phases(sz: &[usize], burst: usize, rounds: u64) -> (f64, f64) {
+    #[repr(C)]
+    struct PhaseCtl {
+        go: AtomicU64,
+        done: AtomicU64,
+        free_ns: AtomicU64,
+        offs: [AtomicU64; 1024],
+    }
+    assert!(burst <= 1024);
+    let p = pool(RING_POOL);
+    // SAFETY: a fresh zeroed shared mapping; PhaseCtl is atomics only.
+    let ctl: &PhaseCtl = unsafe {
+        let m = libc::mmap(
+            std::ptr::null_mut(),
+            std::mem::size_of::<PhaseCtl>(),
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        assert!(m != libc::MAP_FAILED);
+        &*m.cast::<PhaseCtl>()
+    };
+    // SAFETY: single-threaded bench; the child frees and _exits.
+    let child = unsafe { libc::fork() };
+    assert!(child >= 0, "fork");
+    if child == 0 {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            for r in 1..=rounds {
+                spin_yield("phase go", || ctl.go.load(Ordering::Acquire) == r);
+                let t = Instant::now();
+                for o in &ctl.offs[..burst] {
+                    p.free(o.load(Ordering::Relaxed) as usize).expect("free");
+                }
+                let ns = t.elapsed().as_nanos() as u64;
+                ctl.free_ns.store(ns, Ordering::Relaxed);
+                ctl.done.store(r, Ordering::Release);
+            }
+        }));
+        // SAFETY: leaves the child without running the parent's exit path.
+        unsafe { libc::_exit(if r.is_ok() { 0 } else { 1 }) }
+    }
+    let (mut best_free, mut best_alloc) = (f64::MAX, f64::MAX);
+    for r in 1..=rounds {
+        let t = Instant::now();
+        for (i, o) in ctl.offs[..burst].iter().enumerate() {
+            let off = p.alloc(sz[i % sz.len()]).expect("alloc");
+            o.store(off as u64, Ordering::Relaxed);
+        }
+        let ns = t.elapsed().as_nanos() as f64 / burst as f64;
+        if r > 1 {
+            best_alloc = best_alloc.min(ns);
+        }
+        ctl.go.store(r, Ordering::Release);
+        spin_yield("phase done", || ctl.done.load(Ordering::Acquire) == r);
+        best_free = best_free.min(ctl.free_ns.load(Ordering::Relaxed) as f64 / burst as f64);
+    }
+    let mut st = 0;
+    // SAFETY: waits for our own child.
+    unsafe { libc::waitpid(child, &mut st, 0) };
+    assert!(
+        libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 0,
+        "bench: phase child failed"
+    );
+    // SAFETY: unmaps the mapping made above; nothing uses it now.
+    unsafe {
+        libc::munmap(
+            (ctl as *const PhaseCtl).cast_mut().cast(),
+            std::mem::size_of::<PhaseCtl>(),
+        )
+    };
+    (best_free, best_alloc)
+}
+
+/// Issue 13: a hand-off (one process allocates, another frees: the
+/// remote free goes to the owner's inbox), with every op locked (caching
+/// off) beside it.
+fn handoff_cases() {
+    for (label, lo, hi) in [("1p", 1usize, 1usize), ("mixed 1-64p", 1, 64)] {
+        let sz = sizes(lo, hi, 5);
+        let mut on: Vec<f64> = (0..5).map(|_| handoff(&sz, 400_000, true)).collect();
+        let mut off: Vec<f64> = (0..5).map(|_| handoff(&sz, 400_000, false)).collect();
+        on.sort_by(f64::total_cmp);
+        off.sort_by(f64::total_cmp);
+        println!(
+            "core  hand-off {label}, 2 procs (A allocs, B frees)  {:.1} M blocks/s (spread {:.1}-{:.1}); every op locked (caching off): {:.1} M ({:.1}-{:.1})",
+            on[2] / 1e6, on[0] / 1e6, on[4] / 1e6, off[2] / 1e6, off[0] / 1e6, off[4] / 1e6
+        );
+        let (f, a) = handoff_phases(&sz, 1000, 30);
+        println!(
+            "core  hand-off {label} in phases (B frees 1000 of A's blocks, then A allocates 1000; least of 30 rounds): {f:.0} ns per remote free, {a:.0} ns per alloc"
+        );
+    }
+}
+
+/// Issue 13: a ring of 64 blocks of 65-256 pages (the large cache,
+/// `large_cache.rs`), one process and two.
+fn large_ring(clock: f64) {
+    let sz = sizes(65, 256, 13);
+    let f1 = one_proc(64, &sz, clock);
+    line(
+        "alloc+free 65-256p ring64 1proc",
+        &f1,
+        &format!("  {:.1} Mops/s", f1.ops_per_s / 1e6),
+    );
+    let both = two_procs(64, &sz, clock);
+    line(
+        "alloc+free 65-256p ring64 2proc",
+        &both,
+        &format!(
+            "  {:.1} Mops/s together, 2proc/1proc {:.2}",
+            both.ops_per_s / 1e6,
+            both.ops_per_s / f1.ops_per_s
+        ),
+    );
+}
+
 fn main() {
     let t_start = Instant::now();
     let clock = clock_cost();
@@ -478,7 +627,7 @@ fn main() {
         pg()
     );
     println!(
-        "core  per-process cache: blocks of <= {CACHE_CLASSES} pages (and 16 longer ones, by exact length) freed by their owner are cached (no lock); the fragmented cases run uncached"
+        "core  per-process cache: blocks of <= {CACHE_CLASSES} pages in per-size stacks, longer ones as runs split and merged (a 16th of the pool), freed by their owner are cached (no lock); the fragmented cases run uncached"
     );
     let par0 = cpu_parallelism();
     println!(
@@ -486,10 +635,17 @@ fn main() {
         // SAFETY: sysconf has no preconditions.
         unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }
     );
-
-    // SHMPOOL_CORE_ONLY=rings runs only the ring cases, =large only the
-    // 65-256 page ring (for before/after comparisons of one change).
-    let only = std::env::var("SHMPOOL_CORE_ONLY").unwrap_or_default();
+    // CORE_BENCH_ONLY=handoff: only the hand-off cases; =ring: only the
+    // ring cases; =large: only the 65-256 page ring (for quick checks).
+    let only = std::env::var("CORE_BENCH_ONLY").unwrap_or_default();
+    if only == "handoff" {
+        handoff_cases();
+        return;
+    }
+    if only == "large" {
+        large_ring(clock);
+        return;
+    }
 
     // The last case is just past the per-process cache: the locked path.
     let past = CACHE_CLASSES as usize + 1;
@@ -503,12 +659,9 @@ fn main() {
     let mut ratios: Vec<(String, f64)> = Vec::new();
     for (label, lo, hi) in cases.iter().map(|(l, a, b)| (l.as_str(), *a, *b)) {
         for ring in [64usize, 1024] {
-            if only == "large" {
-                continue;
-            }
             let sz = sizes(lo, hi, 42 + ring as u64);
-            // 65 pages: one exact length, served by the cache's list of
-            // longer blocks after warm-up (labelled so).
+            // 65 pages: one exact length, served by the large cache after
+            // warm-up (labelled so).
             let cached = if lo == past { " (cached)" } else { "" };
             let name = format!("alloc+free {label}{cached} ring{ring} 1proc");
             let f1 = one_proc(ring, &sz, clock);
@@ -525,50 +678,40 @@ fn main() {
                 ),
             );
             ratios.push((format!("{label} ring{ring}"), ratio));
+            if lo == past {
+                // The same ring with the cache off: what the locked path
+                // (lock, free-run search, coalescing) costs per op.
+                let u1 = one_proc_caching(ring, &sz, clock, false);
+                line(
+                    &format!("alloc+free {label} ring{ring} 1proc, locked path (caching off)"),
+                    &u1,
+                    &format!(
+                        "  {:.1} Mops/s; pair {:.0} ns uncached vs {:.0} ns cached",
+                        u1.ops_per_s / 1e6,
+                        u1.alloc.0 + u1.free.0,
+                        f1.alloc.0 + f1.free.0
+                    ),
+                );
+                let u2 = two_procs_caching(ring, &sz, clock, false);
+                line(
+                    &format!("alloc+free {label} ring{ring} 2proc, locked path (caching off)"),
+                    &u2,
+                    &format!(
+                        "  {:.1} Mops/s together, 2proc/1proc {:.2}",
+                        u2.ops_per_s / 1e6,
+                        u2.ops_per_s / u1.ops_per_s
+                    ),
+                );
+            }
             one.push((name, f1));
         }
     }
-
-    // Issue 13: a hand-off (one process allocates, another frees: the
-    // remote free goes to the owner's inbox), with the inbox off (caching
-    // off: every free takes the pool lock) beside it; and large blocks.
-    for (label, lo, hi) in [("1p", 1usize, 1usize), ("mixed 1-64p", 1, 64)] {
-        if !only.is_empty() {
-            continue;
-        }
-        let sz = sizes(lo, hi, 5);
-        let mut on: Vec<f64> = (0..5).map(|_| handoff(&sz, 400_000, true)).collect();
-        let mut off: Vec<f64> = (0..5).map(|_| handoff(&sz, 400_000, false)).collect();
-        on.sort_by(f64::total_cmp);
-        off.sort_by(f64::total_cmp);
-        println!(
-            "core  hand-off {label}, 2 procs (A allocs, B frees)  {:.1} M blocks/s (spread {:.1}-{:.1}); every op locked (caching off): {:.1} M ({:.1}-{:.1})",
-            on[2] / 1e6, on[0] / 1e6, on[4] / 1e6, off[2] / 1e6, off[0] / 1e6, off[4] / 1e6
-        );
-    }
-    if only != "rings" {
-        let sz = sizes(65, 256, 13);
-        let f1 = one_proc(64, &sz, clock);
-        line(
-            "alloc+free 65-256p ring64 1proc",
-            &f1,
-            &format!("  {:.1} Mops/s", f1.ops_per_s / 1e6),
-        );
-        let both = two_procs(64, &sz, clock);
-        line(
-            "alloc+free 65-256p ring64 2proc",
-            &both,
-            &format!(
-                "  {:.1} Mops/s together, 2proc/1proc {:.2}",
-                both.ops_per_s / 1e6,
-                both.ops_per_s / f1.ops_per_s
-            ),
-        );
-    }
-
-    if !only.is_empty() {
+    if only == "ring" {
         return;
     }
+
+    handoff_cases();
+    large_ring(clock);
 
     // Fragmented against empty, with blocks past the per-process cache.
     // (a) 10,000 holes of H pages and allocs of H+1..H+32 pages: none fits

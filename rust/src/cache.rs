@@ -19,8 +19,8 @@
 //!   ([`SlotCache`]).
 //! - When an alloc finds no free run large enough, it takes every cached
 //!   block back under the pool lock and tries again: memory cached by one
-//!   process is never denied to another. The owner's stack entries for those
-//!   blocks then fail their compare-and-swap and are dropped.
+//!   process is never denied to another. The taker bumps the slot's `taken`
+//!   count, and the owner drops its stacks when it next sees it changed.
 //! - The cache of a process that died goes back to the free runs, coalesced,
 //!   the next time any process takes the pool lock: each acquisition reads
 //!   the keeper mutex (`liveness.rs`) of every slot that holds cached
@@ -54,7 +54,9 @@
 //!   holder that no longer exists (a token naming another slot is a taker's,
 //!   which held the pool lock we now hold, so it is gone; a token naming
 //!   this slot is its owner's, gone when its keeper mutex says so), and then
-//!   recounts the slot from the descriptors. A live holder that keeps the
+//!   takes every block the slot caches back to the free runs (a dead holder
+//!   may have left a list half written: see "Crash safety of the lists"
+//!   below). A live holder that keeps the
 //!   lock longer (stopped by a debugger or `SIGSTOP` in the middle of a
 //!   cache operation, or descheduled there) makes the taker leave that slot
 //!   alone: its blocks stay cached and counted as free, and an alloc that
@@ -65,7 +67,7 @@
 //! and the slot lock also serialises the threads of one process over its
 //! process-local stacks.
 //!
-//! # Frees by another process: the owner's inbox
+//! # Frees by another process: the owner's inbox and chain
 //!
 //! A block is often filled by one process and freed by another (a
 //! producer hands it to a consumer). Such a free cannot go into the
@@ -75,51 +77,95 @@
 //! concurrent allocators send remote frees back to the owner without a
 //! global lock: mimalloc pushes them on a per-page "thread free" list the
 //! owner collects in one swap, snmalloc batches them as messages to the
-//! owning allocator's queue. Both keep their lists in the freed objects;
-//! here the metadata never lives in user pages (a write past a block must
+//! owning allocator's queue. Both link the freed objects through the
+//! objects themselves, so a remote free is O(1) and the list unbounded.
+//! Here the metadata never lives in user pages (a write past a block must
 //! not corrupt the pool) and everything must stay derivable from the
 //! descriptors after a SIGKILL, so:
 //!
+//! - every page has a *link word* next to its descriptor (`layout.rs`,
+//!   4 bytes a page), meaningful only while the page starts a block on a
+//!   list below. Like every word but the `ALLOC` ones it is derived: no
+//!   recovery reads it, and a list that may be half written is never
+//!   walked (its blocks are taken back from the descriptors instead);
 //! - each owner slot has an *inbox* in the header ([`Inbox`], on its own
-//!   cache line, so freers do not take the owner's line on every free):
-//!   its own lock word, counters, and a short list of pages;
+//!   cache line, so freers do not take the owner's line on every free): a
+//!   lock word, counters, and a list of blocks (head, tail) linked through
+//!   the link words;
 //! - a remote free takes the owner's inbox lock (token marked [`REMOTE`]),
 //!   flips the block's `ALLOC` word to CACHED from exactly the word it read
-//!   (the commit, so double frees are caught as for any free), appends the
-//!   page and bumps the inbox's counters. To the descriptors an inbox block
-//!   is simply a block its owner caches: recovery keeps it, `reclaim_dead`
-//!   and the dead-cache reaping free it with the owner's other cached
-//!   blocks, `stats` counts it as free through the inbox's counters;
-//! - the owner, on a cache miss, takes its inbox lock under its slot lock
-//!   and moves the blocks into its stacks (no pool lock): the next allocs
-//!   hit. A full inbox (or a block longer than [`CACHE_CLASSES`]) sends the
-//!   free to the locked path, so nothing waits and the inbox stays bounded;
-//! - `stats` frees what waits in inboxes (they list their blocks: O(entries)),
-//!   so that it coalesces; `flush_cache` gives back the caller's inbox too.
+//!   (the commit, so double frees are caught as for any free), links the
+//!   page at the list's head and bumps the inbox's counters. To the
+//!   descriptors an inbox block is simply a block its owner caches:
+//!   recovery keeps it, `reclaim_dead` and the dead-cache reaping free it
+//!   with the owner's other cached blocks, `stats` counts it as free
+//!   through the inbox's counters;
+//! - the owner, on a cache miss, splices the whole inbox onto its *chain*
+//!   (its slot's own list, counted with its stacks in the slot's counters)
+//!   under its slot lock and then its inbox lock: O(1) whatever the inbox
+//!   holds, one acquisition of the line the freers write per batch, which
+//!   is what snmalloc's batching and mimalloc's swap buy. It then moves up
+//!   to [`CHAIN_STEP`] blocks from the chain into its stacks (each stack
+//!   keeps at most its depth; blocks whose stack is full go back on the
+//!   chain), so an alloc is still O(1) and the next ones hit;
+//! - the inbox used to be 9 entries in its cache line: a hand-off runs
+//!   ahead by up to the depth of its queue (1024 in the benches), the
+//!   processes run in bursts (they alternate on a busy machine), and 99 %
+//!   of the frees found the inbox full and took the pool lock, and so did
+//!   the owner's allocs. Unbounded lists make both sides lock-free in the
+//!   pool's sense. What bounds them is a policy, not room: an inbox takes
+//!   blocks while it holds at most a quarter of the pool (`remote_cap`),
+//!   and the owner splices only while its stacks and chain hold no more
+//!   (so a slot holds at most about half the pool for others' frees;
+//!   an alloc that finds no free run takes all of it back first). A block
+//!   longer than [`CACHE_CLASSES`], or a full inbox, takes the locked path;
+//! - a freer-side batch (an outbox per destination in the freer's slot,
+//!   flushed with one inbox lock) was considered: the push above costs one
+//!   uncontended lock on a line only the freers write between the owner's
+//!   splices, so the batch would save little, and it would add a third
+//!   place where a block CACHED for one slot is recorded by another;
+//! - `stats` frees what waits in inboxes (they list their blocks:
+//!   O(blocks)), so that it coalesces; `flush_cache` gives back the
+//!   caller's chain and inbox too.
 //!
-//! A freer that dies holding an inbox lock may have committed a block
-//! without listing or counting it. Whoever takes that lock over (a taker
+//! ## Crash safety of the lists
+//!
+//! Every write to a list happens under a lock whose token names the
+//! writer: a freer holds the inbox lock (REMOTE token) from before its
+//! commit to after its counters; the owner holds its slot lock (and the
+//! inbox lock while splicing) for every chain and stack change. A process
+//! killed at any step (crash points `InboxPushLocked`, `InboxPushCommitted`,
+//! `InboxPushLinked`, `InboxDrainMoving`, `ChainTaking`) leaves a lock held
+//! by a dead token, and lists that may miss a committed block, name it
+//! without counting it, or be cut. Whoever takes such a lock over (a taker
 //! holding the pool lock: the owner's next locked alloc, `stats`, a
-//! take-back) knows it from the token (a REMOTE token whose slot's process
-//! is dead) and takes every block the slot caches back to the free runs
-//! (one O(pages) walk per such death), which leaves the records exact.
-//! An owner that dies while draining holds both its locks: its whole cache
-//! is reaped, as for any dead owner. The lock order is pool lock, slot
-//! lock, inbox lock; freers and owners only *try* the locks they need
-//! without the pool lock (a few spins, then the locked path), so nothing
-//! waits in a cycle, and nothing waits for a dead process.
+//! take-back, `reclaim_dead`, the dead-cache reaping) never walks those
+//! lists: it frees every block CACHED for the slot from the descriptors
+//! (one O(pages) walk per such death), empties the slot's counters, chain
+//! and inbox, and bumps the slot's `taken` count. So no block is lost (every
+//! committed one is CACHED, hence found by the walk) or duplicated (after
+//! the walk no record names it): the owner's process-local stacks, which a
+//! taker cannot reach, are dropped by the owner at its next cache
+//! operation because `taken` changed, so they never name a block that is
+//! no longer theirs, nor one on a list (the links of a page must not be
+//! written while it is on a list: only a block freed live is linked). An
+//! owner that dies has its whole cache reaped, as for any dead owner. The
+//! lock order is pool lock, slot lock, inbox lock; freers and owners only
+//! *try* the locks they need without the pool lock (a few spins, then the
+//! locked path), so nothing waits in a cycle, and nothing waits for a dead
+//! process.
 
 use crate::arena::MAX_OWNERS;
 use crate::crashpoint::{hit, CrashPoint};
 use crate::desc::{alloc_len, alloc_owner, is_cached, reused, tag, CACHED, TAG_ALLOC};
 use crate::large_cache::LargeIndex;
-use crate::layout::{Inbox, INBOX_CAP};
+use crate::layout::Inbox;
 use crate::liveness::{self, KeeperState};
 use crate::owner::{self, OwnerIdentity};
 use crate::pool::{Locked, Pool};
 use crate::Result;
 use std::cell::UnsafeCell;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 /// Blocks of up to this many pages go through the per-process cache.
 pub const CACHE_CLASSES: u32 = 64;
@@ -149,6 +195,9 @@ pub const REMOTE: u64 = 1 << 8;
 /// Spins an owner or a freer gives a lock held by someone else (held for
 /// tens of nanoseconds) before it takes the locked path instead.
 const FAST_SPINS: u32 = 64;
+/// Blocks an owner takes off its chain on one miss, at most (bounds the
+/// work of an alloc: O(1)).
+const CHAIN_STEP: usize = 64;
 
 /// The owner slot a token was made for.
 fn token_slot(t: u64) -> u16 {
@@ -217,22 +266,50 @@ impl Inbox {
     /// Empties the inbox's record (inbox lock held, or the slot being given
     /// to a new process).
     fn clear(&self) {
-        self.n.store(0, Ordering::Relaxed);
-        self.pages.store(0, Ordering::Relaxed);
         self.blocks.store(0, Ordering::Relaxed);
+        self.pages.store(0, Ordering::Relaxed);
         self.max_len.store(0, Ordering::Relaxed);
     }
 
-    /// Appends a committed block (inbox lock held, room checked).
+    /// Links a committed block at the head of the list (inbox lock held):
+    /// first its link word and the head (crash point `InboxPushLinked`),
+    /// then the counters.
     #[inline]
-    fn append(&self, page: u32, len: u32) {
-        let n = self.n.load(Ordering::Relaxed);
-        self.entries[n as usize % INBOX_CAP].store(page, Ordering::Relaxed);
-        self.n.store(n + 1, Ordering::Relaxed);
+    fn push(&self, links: &[AtomicU32], page: u32, len: u32) {
+        let b = self.blocks.load(Ordering::Relaxed);
+        if b == 0 {
+            self.tail.store(page, Ordering::Relaxed);
+        } else {
+            links[page as usize].store(self.head.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        self.head.store(page, Ordering::Relaxed);
+        hit(CrashPoint::InboxPushLinked);
         self.pages
             .store(self.pages() + len as u64, Ordering::Relaxed);
-        self.blocks.store(n + 1, Ordering::Relaxed);
+        self.blocks.store(b + 1, Ordering::Relaxed);
     }
+
+    /// The pages on the list, newest first (inbox lock held).
+    fn walk<'a>(&self, links: &'a [AtomicU32]) -> impl Iterator<Item = u32> + 'a {
+        walk_list(
+            links,
+            self.head.load(Ordering::Relaxed),
+            self.blocks.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// The `n` pages of a list starting at `first`, linked through `links`
+/// (stops early at a page out of range: only a corrupt list has one).
+fn walk_list(links: &[AtomicU32], first: u32, n: u32) -> impl Iterator<Item = u32> + '_ {
+    let mut p = first;
+    (0..n).map_while(move |i| {
+        let cur = p;
+        if i + 1 < n {
+            p = links.get(cur as usize)?.load(Ordering::Relaxed);
+        }
+        ((cur as usize) < links.len()).then_some(cur)
+    })
 }
 
 impl SlotCache {
@@ -246,11 +323,27 @@ impl SlotCache {
         unlock_word(&self.lock, tok)
     }
 
-    /// Empties the slot's record (slot lock held, or the slot being given
-    /// to a new process under the pool lock, its previous owner gone).
+    /// Empties the slot's record, chain included, and tells its owner's
+    /// stacks they are stale (slot lock held by a taker that took every
+    /// block the slot held, or the slot being given to a new process under
+    /// the pool lock, its previous owner gone).
     fn clear_counts(&self) {
         self.set(0, 0);
         self.max_len.store(0, Ordering::Relaxed);
+        self.chain_len.store(0, Ordering::Relaxed);
+        self.taken.store(
+            self.taken.load(Ordering::Relaxed).wrapping_add(1),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// The pages on the slot's chain (slot lock held).
+    fn chain<'a>(&self, links: &'a [AtomicU32]) -> impl Iterator<Item = u32> + 'a {
+        walk_list(
+            links,
+            self.chain.load(Ordering::Relaxed),
+            self.chain_len.load(Ordering::Relaxed),
+        )
     }
 
     pub fn pages(&self) -> u64 {
@@ -332,8 +425,10 @@ pub(crate) struct LocalCache {
 struct Stacks {
     len: [usize; CACHE_CLASSES as usize + 1],
     pages: [[u32; CACHE_DEPTH]; CACHE_CLASSES as usize + 1],
-    /// Pages pushed and not yet popped (entries may have gone stale).
+    /// Pages pushed and not yet popped.
     held: u64,
+    /// The slot's `taken` count the entries were pushed under.
+    taken: u32,
 }
 
 impl Stacks {
@@ -378,6 +473,7 @@ impl LocalCache {
                 len: [0; CACHE_CLASSES as usize + 1],
                 pages: [[0; CACHE_DEPTH]; CACHE_CLASSES as usize + 1],
                 held: 0,
+                taken: 0,
             }),
             large: UnsafeCell::new(LargeIndex::default()),
             gen: AtomicU64::new(crate::owner::fork_generation()),
@@ -396,12 +492,48 @@ impl LocalCache {
         unsafe { &mut *self.stacks.get() }
     }
 
+    /// Our index of large runs (see `large_cache.rs`), emptied first if a
+    /// taker took the slot's blocks back since it was filled, as for
+    /// [`LocalCache::fresh_stacks`].
+    ///
     /// # Safety
     /// As for `stacks` (and no other reference from `large` lives).
+    #[inline]
     #[allow(clippy::mut_from_ref)]
-    pub(crate) unsafe fn large(&self) -> &mut LargeIndex {
-        // SAFETY: as in `stacks`: the slot lock makes us the only user.
+    pub(crate) unsafe fn fresh_large(&self, sc: &SlotCache) -> &mut LargeIndex {
+        // SAFETY: the caller's contract is ours.
+        let ix = unsafe { self.large() };
+        ix.refresh(sc.taken.load(Ordering::Relaxed));
+        ix
+    }
+
+    /// # Safety
+    /// As for `fresh_large`.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn large(&self) -> &mut LargeIndex {
+        // SAFETY: as in `stacks`: the slot lock makes us the only user, and
+        // the caller holds no other reference to this cell.
         unsafe { &mut *self.large.get() }
+    }
+
+    /// Our stacks, emptied first if a taker took the slot's blocks back
+    /// since they were filled (`sc` is our slot): so no entry ever names a
+    /// block that is not ours and cached, nor one on a list.
+    ///
+    /// # Safety
+    /// As for `stacks`.
+    #[inline]
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn fresh_stacks(&self, sc: &SlotCache) -> &mut Stacks {
+        // SAFETY: the caller's contract is ours.
+        let s = unsafe { self.stacks() };
+        let t = sc.taken.load(Ordering::Relaxed);
+        if s.taken != t {
+            s.len = [0; CACHE_CLASSES as usize + 1];
+            s.held = 0;
+            s.taken = t;
+        }
+        s
     }
 
     /// Forgets every entry.
@@ -440,12 +572,12 @@ impl Pool {
     /// Takes slot `q`'s lock and then its inbox lock as a taker (the caller
     /// holds the pool lock, `l`), taking each over from a holder that is
     /// gone; `None` (holding neither) if a live holder keeps one past our
-    /// patience (see the module doc). An inbox whose lock is taken from a
-    /// dead freer may miss the block that freer committed, or count it
-    /// without listing it: every block the slot caches is then taken back
-    /// (O(pages), once per such death), which leaves both records exact
-    /// and empty, reported as `Clean`. `FromTheDead` means the slot's own
-    /// record needs a recount (see [`Pool::recount`]).
+    /// patience (see the module doc). A lock taken from a dead holder
+    /// (a freer in the inbox, the owner on its chain, stacks or large runs,
+    /// a taker) may guard a half-written list or counter: every block the
+    /// slot caches is then taken back (O(pages), once per such death), which
+    /// leaves the records exact and empty, reported as `Clean`. So callers
+    /// see `FromTheDead` no more; their recount stays as a second line.
     pub(crate) fn lock_slot(&self, l: &mut Locked, q: u16, tok: u64) -> Option<Taken> {
         let sc = self.slot_cache(q);
         let how = self.take_word(l, &sc.lock, q, tok)?;
@@ -461,7 +593,9 @@ impl Pool {
         } else {
             self.fold_extra(l, q);
         }
-        if inbox == Taken::FromTheDead {
+        // A list (inbox or chain) whose writer died may be half linked:
+        // take every block back rather than walk it.
+        if inbox == Taken::FromTheDead || how == Taken::FromTheDead {
             self.empty_slot(l, q);
             return Some(Taken::Clean);
         }
@@ -484,14 +618,14 @@ impl Pool {
     }
 
     /// Under the pool lock (for `stats`): frees the blocks waiting in every
-    /// inbox, so that they coalesce with their free neighbours. O(entries)
-    /// per inbox: each lists its blocks. A slot whose lock a live process
+    /// inbox, so that they coalesce with their free neighbours. O(blocks)
+    /// per inbox: its list names them. A slot whose lock a live process
     /// holds past our patience is left as it is (its blocks stay counted
     /// as free).
     pub(crate) fn take_back_inboxes(&self, l: &mut Locked, tok: u64) {
         let busy: Vec<u16> = self
             .caching_slots()
-            .filter(|&q| self.slot_cache(q).inbox.n.load(Ordering::Relaxed) != 0)
+            .filter(|&q| self.slot_cache(q).inbox.blocks() != 0)
             .collect();
         for q in busy {
             // Both locks, so that a slot left holding nothing is unmarked
@@ -501,9 +635,7 @@ impl Pool {
             };
             let sc = self.slot_cache(q);
             let ib = &sc.inbox;
-            let n = (ib.n.load(Ordering::Relaxed) as usize).min(INBOX_CAP);
-            for i in 0..n {
-                let p = ib.entries[i].load(Ordering::Relaxed);
+            for p in ib.walk(self.links()) {
                 if alloc_owner(l.arena.w(p)) == q {
                     let _ = l.arena.free_cached(p);
                 }
@@ -605,24 +737,33 @@ impl Pool {
             return None;
         }
         // SAFETY: we hold our slot lock.
-        let s = unsafe { self.cache.stacks() };
+        let s = unsafe { self.cache.fresh_stacks(sc) };
         let d = self.descriptors();
         let mut got = None;
-        let mut drained = false;
+        // A miss first takes blocks off our chain, then (once) splices our
+        // inbox onto the chain and takes again: at most 2 * CHAIN_STEP
+        // blocks moved per alloc.
+        let mut step = 0;
         loop {
             let Some(p) = s.pop(pages) else {
-                // A miss: take in what other processes freed for us, once.
-                if drained || sc.inbox.n.load(Ordering::Relaxed) == 0 {
-                    break;
+                match step {
+                    0 if sc.chain_len.load(Ordering::Relaxed) != 0 => {
+                        self.take_chain(slot, s, pages);
+                        step = 1;
+                    }
+                    0 | 1 if sc.inbox.blocks.load(Ordering::Relaxed) != 0 => {
+                        self.drain_inbox(slot, tok);
+                        self.take_chain(slot, s, pages);
+                        step = 2;
+                    }
+                    _ => break,
                 }
-                drained = true;
-                self.drain_inbox(slot, tok, s);
                 continue;
             };
             // The commit: cached -> live, with the next generation (so a
             // free that read the block's word before it was cached cannot
-            // free this allocation; see `desc.rs`). Fails only for a stale
-            // entry (the block was taken back, and maybe reused, meanwhile).
+            // free this allocation; see `desc.rs`). The checks only guard
+            // against a corrupt entry: `fresh_stacks` drops stale ones.
             let ok = d.get(p as usize).is_some_and(|w| {
                 let cur = w.load(Ordering::Relaxed);
                 tag(cur) == TAG_ALLOC
@@ -642,50 +783,93 @@ impl Pool {
         got
     }
 
-    /// Moves the blocks of our inbox into our stacks, as many as fit (our
-    /// slot lock held by the caller, with `s` our stacks). The inbox lock
-    /// is only tried for a few spins: a freer holds it for nanoseconds, and
-    /// a dead one's is taken over by the next taker (see `lock_slot`).
+    /// Moves up to [`CHAIN_STEP`] blocks from the head of our chain into our
+    /// stacks (our slot lock held, `s` our stacks), stopping once the stack
+    /// of `want` pages is full; blocks whose stack is full go back on the
+    /// chain. Both records count in the slot's counters, so only the chain
+    /// head and length change in shared memory; a death half-way leaves
+    /// our slot lock held by our token, and the taker that takes it over
+    /// takes every block of the slot back (`lock_slot`).
+    #[inline(never)]
+    fn take_chain(&self, slot: u16, s: &mut Stacks, want: u32) {
+        let sc = self.slot_cache(slot);
+        let links = self.links();
+        let d = self.descriptors();
+        let mut aside = [0u32; CHAIN_STEP];
+        let mut naside = 0;
+        let mut head = sc.chain.load(Ordering::Relaxed);
+        let mut n = sc.chain_len.load(Ordering::Relaxed);
+        for _ in 0..CHAIN_STEP {
+            if n == 0 || (head as usize) >= links.len() {
+                break;
+            }
+            let p = head;
+            head = links[p as usize].load(Ordering::Relaxed);
+            n -= 1;
+            sc.chain.store(head, Ordering::Relaxed);
+            sc.chain_len.store(n, Ordering::Relaxed);
+            hit(CrashPoint::ChainTaking);
+            let w = d[p as usize].load(Ordering::Relaxed);
+            let len = alloc_len(w);
+            if !(tag(w) == TAG_ALLOC && is_cached(w) && alloc_owner(w) == slot) {
+                continue; // never: each listed block is ours and cached
+            }
+            if s.has_room(len, self.cache_cap) {
+                s.push(len, p);
+                if len == want && !s.has_room(len, self.cache_cap) {
+                    break;
+                }
+            } else {
+                aside[naside] = p;
+                naside += 1;
+            }
+        }
+        // Those that did not fit go back at the head, in their order.
+        for &p in aside[..naside].iter().rev() {
+            if n != 0 {
+                links[p as usize].store(head, Ordering::Relaxed);
+            }
+            head = p;
+            n += 1;
+        }
+        sc.chain.store(head, Ordering::Relaxed);
+        sc.chain_len.store(n, Ordering::Relaxed);
+    }
+
+    /// Splices our inbox's whole list onto our chain (our slot lock held by
+    /// the caller): O(1) whatever the inbox holds. The inbox lock is only
+    /// tried for a few spins: a freer holds it for nanoseconds, and a dead
+    /// one's is taken over by the next taker (see `lock_slot`).
     ///
-    /// Each block moves from the inbox's counters to the slot's: a death in
+    /// The blocks move from the inbox's counters to the slot's: a death in
     /// between leaves both locks held by our token, and a taker then takes
     /// every block of the slot back, which no count depends on.
     #[inline(never)]
-    fn drain_inbox(&self, slot: u16, tok: u64, s: &mut Stacks) {
+    fn drain_inbox(&self, slot: u16, tok: u64) {
         let sc = self.slot_cache(slot);
         let ib = &sc.inbox;
-        if !spin_lock_word(&ib.lock, tok) {
+        if sc.pages() > self.remote_cap || !spin_lock_word(&ib.lock, tok) {
             return;
         }
-        let d = self.descriptors();
-        let n = (ib.n.load(Ordering::Relaxed) as usize).min(INBOX_CAP);
-        let mut keep = 0;
-        for i in 0..n {
-            let p = ib.entries[i].load(Ordering::Relaxed);
-            let w = d.get(p as usize).map_or(0, |w| w.load(Ordering::Acquire));
-            let len = alloc_len(w);
-            // Every entry is a block committed to this inbox (takers empty
-            // the list when they take its blocks); checked all the same.
-            if !(tag(w) == TAG_ALLOC && is_cached(w) && alloc_owner(w) == slot) {
-                continue;
+        let b = ib.blocks.load(Ordering::Relaxed);
+        if b != 0 {
+            let links = self.links();
+            let (head, tail) = (
+                ib.head.load(Ordering::Relaxed),
+                ib.tail.load(Ordering::Relaxed),
+            );
+            let n = sc.chain_len.load(Ordering::Relaxed);
+            if n != 0 {
+                if let Some(l) = links.get(tail as usize) {
+                    l.store(sc.chain.load(Ordering::Relaxed), Ordering::Relaxed);
+                }
             }
-            if s.has_room(len, self.cache_cap) {
-                sc.raise_max(len);
-                s.push(len, p);
-                sc.add(len as u64, 1);
-                ib.pages
-                    .store(ib.pages().saturating_sub(len as u64), Ordering::Relaxed);
-                hit(CrashPoint::InboxDrainMoving);
-            } else {
-                ib.entries[keep].store(p, Ordering::Relaxed);
-                keep += 1;
-            }
-        }
-        ib.n.store(keep as u32, Ordering::Relaxed);
-        ib.blocks.store(keep as u32, Ordering::Relaxed);
-        if keep == 0 {
-            ib.pages.store(0, Ordering::Relaxed);
-            ib.max_len.store(0, Ordering::Relaxed);
+            sc.raise_max(ib.max_len() as u32);
+            sc.chain.store(head, Ordering::Relaxed);
+            sc.chain_len.store(n + b, Ordering::Relaxed);
+            sc.add(ib.pages(), b as u64);
+            hit(CrashPoint::InboxDrainMoving);
+            ib.clear();
         }
         unlock_word(&ib.lock, tok);
     }
@@ -693,7 +877,8 @@ impl Pool {
     /// Frees a live block of *another* owner slot, at `page`, whose word
     /// the caller read as `w`, into that slot's inbox (without the pool
     /// lock); returns its length, or `None` to use the locked path (inbox
-    /// full or busy, block too long, no slot of our own). `tok` is ours.
+    /// busy or over the cache's bound, block too long, no slot of our
+    /// own). `tok` is ours.
     #[inline]
     pub(crate) fn inbox_push(&self, page: u32, w: u64, tok: u64) -> Option<u32> {
         let q = alloc_owner(w);
@@ -703,9 +888,7 @@ impl Pool {
         }
         let d = self.descriptors().get(page as usize)?;
         let ib = &self.slot_cache(q).inbox;
-        if ib.n.load(Ordering::Relaxed) as usize >= INBOX_CAP
-            || ib.pages() + len as u64 > self.cache_cap
-        {
+        if ib.pages() + len as u64 > self.remote_cap {
             return None;
         }
         let rtok = tok | REMOTE;
@@ -713,26 +896,23 @@ impl Pool {
             return None;
         }
         hit(CrashPoint::InboxPushLocked);
-        let mut done = None;
-        if (ib.n.load(Ordering::Relaxed) as usize) < INBOX_CAP {
-            // Marked and bounded before the commit, as for a cache push.
-            self.mark_caching(q);
-            if ib.max_len() < len as u64 {
-                ib.max_len.store(len, Ordering::Relaxed);
-            }
-            // The commit: live -> cached (in q's inbox), from exactly the
-            // word the free read (a racing free of the same block, or its
-            // re-allocation, makes it fail: see `Pool::free`).
-            if d.compare_exchange(w, w | CACHED, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
-            {
-                hit(CrashPoint::InboxPushCommitted);
-                ib.append(page, len);
-                done = Some(len);
-            }
+        // Marked and bounded before the commit, as for a cache push.
+        self.mark_caching(q);
+        if ib.max_len() < len as u64 {
+            ib.max_len.store(len, Ordering::Relaxed);
+        }
+        // The commit: live -> cached (in q's inbox), from exactly the
+        // word the free read (a racing free of the same block, or its
+        // re-allocation, makes it fail: see `Pool::free`).
+        let done = d
+            .compare_exchange(w, w | CACHED, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok();
+        if done {
+            hit(CrashPoint::InboxPushCommitted);
+            ib.push(self.links(), page, len);
         }
         unlock_word(&ib.lock, rtok);
-        done
+        done.then_some(len)
     }
 
     /// Puts our own live block at `page`, whose word the caller read as
@@ -761,7 +941,7 @@ impl Pool {
             return None;
         }
         // SAFETY: we hold our slot lock.
-        let s = unsafe { self.cache.stacks() };
+        let s = unsafe { self.cache.fresh_stacks(sc) };
         let mut done = None;
         hit(CrashPoint::CachePushLocked);
         if s.has_room(len, self.cache_cap) {
@@ -794,7 +974,7 @@ impl Pool {
             return Ok(());
         };
         let sc = self.slot_cache(slot);
-        if tok == 0 || sc.blocks() == 0 && sc.inbox.n.load(Ordering::Relaxed) == 0 {
+        if tok == 0 || sc.blocks() == 0 && sc.inbox.blocks() == 0 {
             return Ok(()); // nothing cached: skip the pool lock
         }
         self.locked(|l| {
@@ -803,13 +983,16 @@ impl Pool {
                 return Ok(()); // another thread of ours is mid-operation
             };
             // SAFETY: we hold our slot lock.
-            let s = unsafe { self.cache.stacks() };
-            // SAFETY: as above (a distinct cell).
-            let large: Vec<u32> = unsafe { self.cache.large() }.pages().collect();
-            for p in s.all_pages().chain(large) {
-                // Stale entries (taken back meanwhile) fail here. A stale
-                // page may since have become another process's cached
-                // block: never free that one (its owner counts it).
+            let s = unsafe { self.cache.fresh_stacks(sc) };
+            // SAFETY: as above (a distinct cell from the stacks').
+            let large: Vec<u32> = unsafe { self.cache.fresh_large(sc) }.pages().collect();
+            let links = self.links();
+            // Our stacks, large runs and chain (all counted in our slot),
+            // then what others freed for us (we hold the inbox lock too).
+            // Every entry is a block of ours, cached; checked all the same
+            // (never free another process's cached block: its owner counts
+            // it).
+            for p in s.all_pages().chain(sc.chain(links)).chain(large) {
                 if alloc_owner(l.arena.w(p)) != slot {
                     continue;
                 }
@@ -819,11 +1002,9 @@ impl Pool {
             }
             // SAFETY: we hold our slot lock.
             unsafe { self.cache.clear() };
-            // What others freed for us goes back too (we hold its lock).
+            sc.chain_len.store(0, Ordering::Relaxed);
             let ib = &sc.inbox;
-            let n = (ib.n.load(Ordering::Relaxed) as usize).min(INBOX_CAP);
-            for i in 0..n {
-                let p = ib.entries[i].load(Ordering::Relaxed);
+            for p in ib.walk(links) {
                 if alloc_owner(l.arena.w(p)) == slot {
                     let _ = l.arena.free_cached(p);
                 }
@@ -1044,26 +1225,47 @@ impl Pool {
         v
     }
 
-    /// What is wrong with slot `s`'s inbox (its lock held): every entry
-    /// must be a distinct block CACHED for `s`, and the counters their sum.
+    /// What is wrong with slot `s`'s inbox and chain (both its locks
+    /// held): every entry must be a distinct block CACHED for `s` (on one
+    /// list only), and the inbox's counters the sum of its list.
     fn check_inbox(&self, l: &Locked, s: u16) -> Vec<String> {
-        let ib = &self.slot_cache(s).inbox;
-        let n = ib.n.load(Ordering::Relaxed) as usize;
-        if n > INBOX_CAP {
-            return vec![format!("owner slot {s}'s inbox has {n} entries")];
+        let sc = self.slot_cache(s);
+        let ib = &sc.inbox;
+        let links = self.links();
+        let n = ib.blocks() as usize;
+        let nc = sc.chain_len.load(Ordering::Relaxed) as usize;
+        if n + nc > l.arena.st.npages as usize {
+            return vec![format!("owner slot {s}'s lists have {n} + {nc} entries")];
         }
         let mut v = Vec::new();
-        let mut pages = 0u64;
-        let mut seen = Vec::with_capacity(n);
-        for i in 0..n {
-            let p = ib.entries[i].load(Ordering::Relaxed);
+        let mut seen = std::collections::HashSet::with_capacity(n + nc);
+        let mut walked = 0;
+        for p in sc.chain(links) {
             let w = l.arena.w(p);
-            if !(tag(w) == TAG_ALLOC && is_cached(w) && alloc_owner(w) == s) || seen.contains(&p) {
+            let fresh = seen.insert(p);
+            if !(fresh && tag(w) == TAG_ALLOC && is_cached(w) && alloc_owner(w) == s) {
+                v.push(format!(
+                    "owner slot {s}'s chain lists page {p}, not its cached block"
+                ));
+            }
+            walked += 1;
+        }
+        if walked != nc {
+            v.push(format!(
+                "owner slot {s}'s chain ends after {walked} of {nc} blocks"
+            ));
+        }
+        let mut pages = 0u64;
+        let mut walked = 0;
+        for p in ib.walk(links) {
+            let w = l.arena.w(p);
+            walked += 1;
+            let fresh = seen.insert(p);
+            if !(fresh && tag(w) == TAG_ALLOC && is_cached(w) && alloc_owner(w) == s) {
                 v.push(format!(
                     "owner slot {s}'s inbox lists page {p}, not its cached block"
                 ));
             }
-            seen.push(p);
             pages += alloc_len(w) as u64;
             if ib.max_len() < alloc_len(w) as u64 {
                 v.push(format!(
@@ -1071,10 +1273,10 @@ impl Pool {
                 ));
             }
         }
-        if (pages, n as u64) != (ib.pages(), ib.blocks()) {
+        if (pages, walked as u64) != (ib.pages(), ib.blocks()) {
             v.push(format!(
                 "owner slot {s}'s inbox lists {:?} (pages, blocks) but counts {:?}",
-                (pages, n),
+                (pages, walked),
                 (ib.pages(), ib.blocks())
             ));
         }

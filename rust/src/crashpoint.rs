@@ -17,13 +17,16 @@ macro_rules! crash_points {
     (
         locked { $($(#[doc = $doc:literal])* $point:ident = $n:literal,)* }
         unlocked { $($(#[doc = $udoc:literal])* $upoint:ident = $un:literal,)* }
+        heap { $($(#[doc = $hdoc:literal])* $hpoint:ident = $hn:literal,)* }
     ) => {
-        /// The steps of alloc and free, in the order they happen.
+        /// The steps of alloc and free, then of the shared heaps'
+        /// operations, in the order they happen.
         #[derive(Debug, Clone, Copy, PartialEq, Eq)]
         #[repr(u32)]
         pub enum CrashPoint {
             $($(#[doc = $doc])* $point = $n,)*
             $($(#[doc = $udoc])* $upoint = $un,)*
+            $($(#[doc = $hdoc])* $hpoint = $hn,)*
         }
 
         /// Every crash point reached with the pool lock held, in order, for
@@ -34,12 +37,18 @@ macro_rules! crash_points {
         /// thread there through [`on_hit`]).
         pub const UNLOCKED: [CrashPoint; [$($un),*].len()] = [$(CrashPoint::$upoint),*];
 
+        /// The points of the shared heaps (`crate::heap`), in the order
+        /// of the operations' steps: every one but `HeapDestroyUnlocked`
+        /// is reached holding the heap's lock (never the pool's).
+        pub const HEAP: [CrashPoint; [$($hn),*].len()] = [$(CrashPoint::$hpoint),*];
+
         impl CrashPoint {
             /// The point's name, as written here (`"AllocUnlinked"`).
             pub fn name(self) -> &'static str {
                 match self {
                     $(CrashPoint::$point => stringify!($point),)*
                     $(CrashPoint::$upoint => stringify!($upoint),)*
+                    $(CrashPoint::$hpoint => stringify!($hpoint),)*
                 }
             }
         }
@@ -66,7 +75,7 @@ crash_points! {
     BeforeUnlock = 8,
     /// Large refill: the block and the spare run after it are committed
     /// (`Arena::alloc_spare`), the remainder not yet filed.
-    AllocSpareCached = 14,
+    AllocSpareCached = 34,
   }
   unlocked {
     /// Free: the block's `ALLOC` word is read, nothing written, no lock
@@ -78,21 +87,70 @@ crash_points! {
     /// Remote free: the freer holds the owner's inbox lock, the block is
     /// not yet flipped to CACHED.
     InboxPushLocked = 11,
-    /// Remote free: the block is flipped to CACHED (committed), not yet in
-    /// the inbox's entries or counters.
+    /// Remote free: the block is flipped to CACHED (committed), not yet
+    /// linked into the inbox's list nor counted.
     InboxPushCommitted = 12,
     /// Drain: the owner holds its slot lock and its inbox lock, and has
-    /// moved part of the inbox into its stacks.
+    /// spliced the inbox's list onto its chain and counted it in its slot,
+    /// the inbox not yet emptied.
     InboxDrainMoving = 13,
+    /// Remote free: the block is committed and linked at the inbox's head,
+    /// the inbox's counters not yet updated.
+    InboxPushLinked = 14,
+    /// Alloc miss: the owner holds its slot lock and has taken a block off
+    /// its chain (chain head and length updated), not yet into its stacks.
+    ChainTaking = 15,
     /// Large split (`large_cache.rs`): the tail's CACHED word is written
     /// inside the cached run, the head not yet committed.
-    LargeSplitTailWritten = 15,
+    LargeSplitTailWritten = 35,
     /// Large split: the head is committed live, `extra` and the counters
     /// not yet updated.
-    LargeSplitCommitted = 16,
+    LargeSplitCommitted = 36,
     /// Large merge: the first run's head covers both runs (committed), the
     /// absorbed head word not yet cleared, counters not yet updated.
-    LargeMergeCommitted = 17,
+    LargeMergeCommitted = 37,
+  }
+  heap {
+    /// Create: descriptor and first chunk formatted, magic stored, lock
+    /// held, root not yet set; the block is still owned by the creator.
+    HeapCreateFormatted = 16,
+    /// Create: root set, heap lock released, block not yet disowned.
+    HeapCreateBeforeDisown = 17,
+    /// Allocation: a larger free block unlinked, its remainder not yet filed.
+    HeapAllocSplit = 18,
+    /// Copy-in: the span is allocated and half of its blocks written.
+    HeapCopyHalfDone = 19,
+    /// `modify`: a new root stored (committed), lock still held.
+    HeapRootStored = 20,
+    /// GC: bitmaps cleared and the root's first blocks marked.
+    HeapMidMark = 21,
+    /// GC: the free lists emptied and partly rebuilt.
+    HeapMidSweep = 22,
+    /// Grow: the new chunk is owned by nobody, not yet in the table.
+    HeapChunkDisowned = 23,
+    /// Grow: the chunk is in the table (committed), its area not yet free.
+    HeapChunkAppended = 24,
+    /// Sweep: the last table entry copied over the removed one, the count
+    /// not yet lowered (one chunk listed twice).
+    HeapChunkEntryMoved = 25,
+    /// Sweep: an empty chunk's entry removed, its pool block not yet freed.
+    HeapChunkRemoved = 26,
+    /// A pin is written (`with_value` between `find` and `process`).
+    HeapPinWritten = 27,
+    /// A pin is unlinked (`with_value` after `process`), lock still held.
+    HeapPinRemoved = 28,
+    /// Recovery: chunk table sanitised and dead pins dropped, no GC yet.
+    HeapMidRecovery = 29,
+    /// Destroy: state DESTROYING stored (the commit), nothing freed.
+    HeapDestroyCommitted = 30,
+    /// Destroy: an extension chunk dropped from the table, not yet freed.
+    HeapDestroyChunkForgotten = 31,
+    /// Destroy: every extension chunk freed, the first block's pool word
+    /// recorded, lock still held.
+    HeapDestroyChunksFreed = 32,
+    /// Destroy: heap lock released, the first block not yet freed (the
+    /// only heap point reached without the heap lock).
+    HeapDestroyUnlocked = 33,
   }
 }
 
@@ -157,7 +215,12 @@ mod tests {
     #[test]
     fn numbers_are_distinct_and_nonzero_and_names_unique() {
         // 0 means "disarmed" to `arm` and to the OCaml stub.
-        let every: Vec<CrashPoint> = ALL.iter().chain(UNLOCKED.iter()).copied().collect();
+        let every: Vec<CrashPoint> = ALL
+            .iter()
+            .chain(UNLOCKED.iter())
+            .chain(HEAP.iter())
+            .copied()
+            .collect();
         for (i, a) in every.iter().enumerate() {
             assert_ne!(*a as u32, 0, "{a:?}");
             for b in &every[i + 1..] {

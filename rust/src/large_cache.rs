@@ -217,6 +217,9 @@ pub(crate) struct LargeIndex {
     entries: usize,
     /// The arrays could not be allocated (see `ensure`).
     failed: bool,
+    /// The slot's `taken` count the entries were inserted under (see
+    /// `LocalCache::fresh_large`).
+    taken: u32,
 }
 
 /// `n` zeroed words, or `None` if the allocator refuses. Zeroed by the
@@ -266,8 +269,20 @@ impl LargeIndex {
             held: 0,
             entries: 0,
             failed: false,
+            taken: self.taken,
         };
         true
+    }
+
+    /// Forgets every entry if a taker took the slot's blocks back since
+    /// they were inserted (`taken` is the slot's count now): no entry then
+    /// names a run that is not ours and cached any more.
+    #[inline]
+    pub(crate) fn refresh(&mut self, taken: u32) {
+        if self.taken != taken {
+            self.clear();
+            self.taken = taken;
+        }
     }
 
     pub(crate) fn insert(&mut self, page: u32, len: u32) {
@@ -386,6 +401,7 @@ impl LargeIndex {
         self.held
     }
 
+    #[cfg(test)]
     pub(crate) fn is_empty(&self) -> bool {
         self.entries == 0
     }
@@ -575,13 +591,10 @@ impl Pool {
             return None;
         }
         // SAFETY: we hold our slot lock.
-        let ix = unsafe { self.cache.large() };
+        let ix = unsafe { self.cache.fresh_large(sc) };
         if !ix.ensure(self.geometry().npages) {
             sc.unlock(tok);
             return None;
-        }
-        if sc.pages() == 0 && !ix.is_empty() {
-            ix.clear(); // a taker took everything back: all entries stale
         }
         let d = self.descriptors();
         let mut got = None;
@@ -669,13 +682,10 @@ impl Pool {
             return None;
         }
         // SAFETY: we hold our slot lock.
-        let ix = unsafe { self.cache.large() };
+        let ix = unsafe { self.cache.fresh_large(sc) };
         if !ix.ensure(self.geometry().npages) {
             sc.unlock(tok);
             return None;
-        }
-        if sc.pages() == 0 && !ix.is_empty() {
-            ix.clear();
         }
         let d = self.descriptors();
         hit(CrashPoint::CachePushLocked);
@@ -769,15 +779,12 @@ impl Pool {
         {
             return l.arena.alloc(n, slot);
         }
+        let sc = self.slot_cache(slot);
         // SAFETY: we hold our slot lock.
-        let ix = unsafe { self.cache.large() };
+        let ix = unsafe { self.cache.fresh_large(sc) };
         if !ix.ensure(self.geometry().npages) {
             self.unlock_slot(slot, tok);
             return l.arena.alloc(n, slot);
-        }
-        let sc = self.slot_cache(slot);
-        if sc.pages() == 0 && !ix.is_empty() {
-            ix.clear();
         }
         if ix.held() > cap * 3 / 4 {
             self.give_back(l, ix, slot, cap / 2);
@@ -808,7 +815,7 @@ impl Pool {
         let _ = self.locked(|l| {
             if self.lock_slot(l, slot, tok).is_some() {
                 // SAFETY: we hold our slot lock.
-                let ix = unsafe { self.cache.large() };
+                let ix = unsafe { self.cache.fresh_large(self.slot_cache(slot)) };
                 self.give_back(l, ix, slot, cap * 3 / 4);
                 self.unlock_slot(slot, tok);
             }

@@ -7,14 +7,17 @@
 //!                 allocator state, slot caches, keeper
 //!                 mutexes)                               size_of::<Header>()
 //! desc_offset     page descriptors, one u64 per payload page   8 * npages
+//! link_offset     inbox links, one u32 per payload page         4 * npages
 //! payload_offset  payload pages (page-aligned)            npages * page_size
 //! total_len
 //! ```
 //!
 //! The metadata never shares a page with user data, so a user overrunning
-//! its block cannot corrupt the allocator. Overhead: about 51 KiB plus 8
-//! bytes per page (on x86_64), 0.28 % of a 64 MiB pool and 0.2 % of a
-//! 1 GiB one.
+//! its block cannot corrupt the allocator. Overhead: about 51 KiB plus 12
+//! bytes per page (on x86_64), 0.38 % of a 64 MiB pool and 0.3 % of a
+//! 1 GiB one. The link words (4 of the 12 bytes) chain the blocks other
+//! processes freed for an owner (see `cache.rs`): derived, like every word
+//! but the `ALLOC` ones, and never read for a page not on such a chain.
 
 use crate::desc::{MAX_PAGES, NIL};
 use crate::lock::LockGuard;
@@ -27,7 +30,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64};
 pub const MAGIC: u64 = u64::from_le_bytes(*b"SHMPOOL\x01");
 /// Bumped whenever the meaning or position of any shared field changes
 /// (the assertions at the end of this file fail until it is).
-pub const LAYOUT_VERSION: u32 = 6;
+pub const LAYOUT_VERSION: u32 = 7;
 
 /// Runs of up to this many pages have exact-size free lists.
 pub const SMALL_MAX: u32 = 127;
@@ -265,30 +268,37 @@ pub struct SlotCache {
     /// Written under the slot lock, raised *before* a block is cached, so
     /// it is never below the truth even if the owner dies.
     pub(crate) max_len: AtomicU64,
-    /// `ALLOC` words of this slot minus what the arena's `usage.blocks`
-    /// counts, as an `i64`: the owner's splits and merges of large cached
-    /// runs (`large_cache.rs`, L5) change the number of words without the
-    /// pool lock. Written under the slot lock; folded into the arena's
-    /// counts by takers holding both locks. (Format 6: the same bytes as
-    /// format 5 plus this word and `recount`, and blocks may hold ghost words:
-    /// L2 of `large_cache.rs`.)
-    pub(crate) extra: AtomicU64,
+    /// The first page of the slot's *chain*: blocks its owner took from its
+    /// inbox and has not yet moved into its stacks, linked through the link
+    /// words (`NIL`, or 0 in a zeroed header, = none: see `cache.rs`).
+    /// Counted in `pages`/`blocks`. Slot lock.
+    pub(crate) chain: AtomicU32,
+    /// Blocks in the chain (bounds every walk of it). Slot lock.
+    pub(crate) chain_len: AtomicU32,
+    /// Bumped by every taker that takes the slot's blocks back (slot lock
+    /// held): the owner's process-local stacks remember the value they were
+    /// filled under and are dropped when it changed, so that they never
+    /// name a block that is no longer theirs (see `cache.rs`).
+    pub(crate) taken: AtomicU32,
     /// 1 when the arena's `usage.blocks` of this slot is unknown: a
     /// recovery counted the slot's words while its owner may have been
     /// splitting or merging, and could not take its slot lock afterwards
     /// (L5 of `large_cache.rs`). Whoever holds the pool lock and the slot
     /// lock recounts and clears it. Written under the pool lock only.
-    pub(crate) recount: AtomicU64,
+    pub(crate) recount: AtomicU32,
+    /// `ALLOC` words of this slot minus what the arena's `usage.blocks`
+    /// counts, as an `i64`: the owner's splits and merges of large cached
+    /// runs (`large_cache.rs`, L5) change the number of words without the
+    /// pool lock. Written under the slot lock; folded into the arena's
+    /// counts by takers holding both locks.
+    pub(crate) extra: AtomicU64,
     /// Blocks of this slot's owner freed by other processes (see `cache.rs`).
     pub(crate) inbox: Inbox,
 }
 
-/// Entries of an owner slot's inbox (what fits in its cache line).
-pub const INBOX_CAP: usize = 9;
-
 /// The blocks other processes freed for one owner slot, waiting for the
-/// owner to take them into its stacks. Every field is written under the
-/// inbox lock only.
+/// owner to take them: a list linked through the link words, newest first.
+/// Every field is written under the inbox lock only.
 #[repr(C, align(64))]
 #[derive(Default)]
 pub struct Inbox {
@@ -297,22 +307,28 @@ pub struct Inbox {
     pub(crate) lock: AtomicU64,
     /// Pages in the inbox.
     pub(crate) pages: AtomicU64,
-    /// Blocks in the inbox (= `n`, kept apart so that a reader needs one load).
+    /// Blocks in the inbox (0 = empty: `head` and `tail` are then stale).
     pub(crate) blocks: AtomicU32,
-    /// Entries used: `entries[..n]` are pages of blocks in the inbox.
-    pub(crate) n: AtomicU32,
+    /// The newest block's page (the list's head).
+    pub(crate) head: AtomicU32,
     /// At least the length of the longest block in the inbox since it was
     /// last empty (raised before a block is committed to it).
     pub(crate) max_len: AtomicU32,
-    pub(crate) entries: [AtomicU32; INBOX_CAP],
+    /// The oldest block's page (the list's tail), so that the owner splices
+    /// the whole list onto its chain in O(1).
+    pub(crate) tail: AtomicU32,
 }
 
-// The byte layout of format LAYOUT_VERSION (3: the same bytes as before
-// these types moved here). Changing any of these numbers changes the
-// format: bump LAYOUT_VERSION (here too) so that old and new code refuse
-// each other's pools instead of misreading them.
+// The byte layout of format LAYOUT_VERSION. Changing any of these numbers
+// changes the format: bump LAYOUT_VERSION (here too) so that old and new
+// code refuse each other's pools instead of misreading them. Format 7 is
+// format 6 (the inbox lists and link words) plus `SlotCache::recount` and
+// `extra` in the owner's line's spare bytes, and a change of meaning of
+// the descriptors: blocks may hold ghost words (`desc.rs`: the SKIP aux
+// word, the GHOSTS flag, an epoch one bit narrower), which format-6 code
+// would misread as damage (L2 of `large_cache.rs`).
 const _: () = assert!(
-    LAYOUT_VERSION == 6
+    LAYOUT_VERSION == 7
         && size_of::<Header>() == 41728 + MAX_OWNERS * size_of::<KeeperMutex>()
         && align_of::<Header>() == 64
         && offset_of!(Header, magic) == 0
@@ -354,16 +370,19 @@ const _: () = assert!(
         && offset_of!(SlotCache, pages) == 8
         && offset_of!(SlotCache, blocks) == 16
         && offset_of!(SlotCache, max_len) == 24
-        && offset_of!(SlotCache, extra) == 32
-        && offset_of!(SlotCache, recount) == 40
+        && offset_of!(SlotCache, chain) == 32
+        && offset_of!(SlotCache, chain_len) == 36
+        && offset_of!(SlotCache, taken) == 40
+        && offset_of!(SlotCache, recount) == 44
+        && offset_of!(SlotCache, extra) == 48
         && offset_of!(SlotCache, inbox) == 64
         && size_of::<Inbox>() == 64
         && offset_of!(Inbox, lock) == 0
         && offset_of!(Inbox, pages) == 8
         && offset_of!(Inbox, blocks) == 16
-        && offset_of!(Inbox, n) == 20
+        && offset_of!(Inbox, head) == 20
         && offset_of!(Inbox, max_len) == 24
-        && offset_of!(Inbox, entries) == 28
+        && offset_of!(Inbox, tail) == 28
 );
 
 /// Where each part of a pool of `npages` payload pages lives.
@@ -372,6 +391,8 @@ pub struct Geometry {
     pub page_size: usize,
     pub npages: u32,
     pub desc_offset: usize,
+    /// The link words (`4 * npages` bytes, after the descriptors).
+    pub link_offset: usize,
     pub payload_offset: usize,
     pub total_len: usize,
 }
@@ -387,12 +408,14 @@ impl Geometry {
             return None;
         }
         let desc_offset = round_up(std::mem::size_of::<Header>(), 64);
-        let payload_offset = round_up(desc_offset + 8 * npages as usize, page_size);
+        let link_offset = desc_offset + 8 * npages as usize;
+        let payload_offset = round_up(link_offset + 4 * npages as usize, page_size);
         let total_len = payload_offset.checked_add((npages as usize).checked_mul(page_size)?)?;
         Some(Geometry {
             page_size,
             npages,
             desc_offset,
+            link_offset,
             payload_offset,
             total_len,
         })
@@ -408,7 +431,7 @@ impl Geometry {
     /// someone else), or `None` if not even one payload page fits.
     pub fn fitting(len: usize, page_size: usize) -> Option<Geometry> {
         let fixed = round_up(std::mem::size_of::<Header>(), 64);
-        let guess = len.checked_sub(fixed)? / (page_size + 8);
+        let guess = len.checked_sub(fixed)? / (page_size + 12);
         let mut n = guess.min(MAX_PAGES as usize) as u32;
         while n > 0 && Self::for_pages(n, page_size).is_none_or(|g| g.total_len > len) {
             n -= 1;
@@ -422,11 +445,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn overhead_is_under_0_28_percent_from_64_mib() {
+    fn overhead_is_under_0_38_percent_from_64_mib() {
         for mib in [64usize, 256, 1024, 16384] {
             let g = Geometry::for_payload(mib << 20, 4096).unwrap();
             let overhead = g.payload_offset as f64 / g.total_len as f64;
-            assert!(overhead <= 0.0028, "{mib} MiB: {overhead}");
+            assert!(overhead <= 0.0038, "{mib} MiB: {overhead}");
         }
     }
 
@@ -453,7 +476,8 @@ mod tests {
         for ps in [4096usize, 16384, 65536] {
             let g = Geometry::for_pages(7, ps).unwrap();
             assert_eq!(g.payload_offset % ps, 0);
-            assert!(g.desc_offset + 8 * 7 <= g.payload_offset);
+            assert!(g.desc_offset + 8 * 7 <= g.link_offset);
+            assert!(g.link_offset + 4 * 7 <= g.payload_offset);
         }
     }
 }

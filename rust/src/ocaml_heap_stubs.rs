@@ -57,6 +57,8 @@ struct Entry {
     _pool: Arc<Pool>,
 }
 
+/// Also `max_handles` of ocaml/netmcore/heap.ml (which packs a handle and
+/// a pid into one word).
 const MAX_HEAPS: usize = 1 << 14;
 static HEAPS: [AtomicPtr<Entry>; MAX_HEAPS] =
     [const { AtomicPtr::new(ptr::null_mut()) }; MAX_HEAPS];
@@ -266,7 +268,13 @@ pub extern "C" fn shmpool_heap_lock(hh: Raw) -> Raw {
         match h.lock_waiting(&mut releasing_runtime) {
             Ok(i) if i.nested => 2,
             Ok(i) if i.recovered => 1,
-            Ok(_) => 0,
+            Ok(_) => {
+                // An early GC at the start of an outermost lock, when due
+                // (`Heap::collect_if_due`); its failure is not this
+                // caller's: the allocations that need room collect again.
+                let _ = h.collect_if_due();
+                0
+            }
             Err(e) => fail(e),
         }
     })

@@ -12,8 +12,9 @@
 //!   mutex was taken over from a dead owner), then at offset 16: for an
 //!   error-checking or recursive mutex a robust, process-shared
 //!   `pthread_mutex_t` (owners are threads); for a normal mutex a binary
-//!   semaphore, one `u32` futex word holding the pid of the process that
-//!   locked it (0 when free) and a "sleepers" bit (anyone may unlock it).
+//!   semaphore, one `u32` futex word holding the identity of the process
+//!   that locked it (0 when free: its pid and a tag of its start time, see
+//!   `HOLDER_PID_BITS`) and a "sleepers" bit (anyone may unlock it).
 //! - semaphore (`SYNC_BYTES`): magic, `u32` value, `u32` waiters, reached
 //!   through atomics and waited on with a futex.
 //! - condition (`COND_BYTES`): magic, `u32` sequence number, `u32` futex
@@ -22,10 +23,16 @@
 //!   the list lock, a robust process-shared `pthread_mutex_t`, at offset
 //!   `LIST_LOCK_OFF`.
 //! - event wait entry (`ENTRY_HDR` + name): magic, `u64` address of the
-//!   next queued entry, `u32` state (1 once signalled), `u32` length of
-//!   the named pipe's path, then the path. Entries are strings of the same
-//!   heap (kept alive by their wait set), so addresses are valid in every
-//!   worker.
+//!   next queued entry, `u64` address of the condition it is queued on (0:
+//!   none), `u32` state (1 once signalled), `u32` identity of the waiter
+//!   that queued it (as a `Normal` mutex's holder word), 4 unused bytes,
+//!   `u32` length of the named pipe's path, then the path. Entries are strings of the same heap
+//!   (kept alive by their wait set), so addresses are valid in every
+//!   worker. Invariant: an entry reachable from a condition's list has
+//!   that condition's address in its `cond` field (set before it is
+//!   linked, cleared after it is unlinked, both under the list lock), so
+//!   freeing an entry (`shmpool_sync_entry_free`) finds the one list it may
+//!   be on and unlinks it first: a freed entry is never reachable.
 //!
 //! Crash safety: a pthread mutex held by a dead thread is given to the next
 //! locker by the kernel (robust mutex, `EOWNERDEAD`); we mark it consistent
@@ -42,8 +49,10 @@
 //! the holder stays an unreaped zombie) and the next locker takes it over. A signal marks an entry and writes its pipe
 //! before it unlinks it, all under the list lock, so a signaller dying
 //! in between leaves the entry queued for the next signal (see
-//! `signal_event_waiters`). A signal whose waiter died (its pipe has no
-//! reader any more) goes on to the next waiter, so it is not lost.
+//! `signal_event_waiters`). A signal whose waiter died (its identity,
+//! pid and start tag as for a `Normal` mutex's holder, is dead; or its
+//! pipe has no reader any more) goes on to the next waiter, so it is not
+//! lost.
 //!
 //! Every stub catches panics; waiting stubs release the OCaml runtime lock
 //! (they touch no OCaml value while waiting: the object is in shared
@@ -53,10 +62,10 @@ use ocaml::Raw;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-const MUTEX_MAGIC: u64 = u64::from_le_bytes(*b"SHMMTX02");
+const MUTEX_MAGIC: u64 = u64::from_le_bytes(*b"SHMMTX03");
 const SEM_MAGIC: u64 = u64::from_le_bytes(*b"SHMSEM01");
 const COND_MAGIC: u64 = u64::from_le_bytes(*b"SHMCND03");
-const ENTRY_MAGIC: u64 = u64::from_le_bytes(*b"SHMWTE01");
+const ENTRY_MAGIC: u64 = u64::from_le_bytes(*b"SHMWTE03");
 const MUTEX_OFF: usize = 16;
 /// Bytes of a mutex string.
 pub const MUTEX_BYTES: usize = MUTEX_OFF + std::mem::size_of::<libc::pthread_mutex_t>();
@@ -67,7 +76,15 @@ const LIST_LOCK_OFF: usize = 24;
 /// Bytes of a condition string.
 pub const COND_BYTES: usize = LIST_LOCK_OFF + std::mem::size_of::<libc::pthread_mutex_t>();
 /// Bytes of an event wait entry before its pipe path.
-pub const ENTRY_HDR: usize = 24;
+pub const ENTRY_HDR: usize = 40;
+/// Offsets in an event wait entry: next queued entry, condition queued on,
+/// state, waiter, path length (just before the path: the OCaml side reads
+/// it there).
+const ENTRY_NEXT: usize = 8;
+const ENTRY_COND: usize = 16;
+const ENTRY_STATE: usize = 24;
+const ENTRY_WAITER: usize = 28;
+const ENTRY_LEN: usize = 36;
 
 /// Test-only staged death (`Shmpool_netmcore.Struct_internal.sync_crash_at`):
 /// the process SIGKILLs itself when it reaches the point numbered
@@ -80,12 +97,41 @@ const CP_SIGNAL_MARKED: u32 = 1;
 const CP_SIGNAL_WRITTEN: u32 = 2;
 /// A signal holds the list lock of a condition.
 const CP_LIST_LOCKED: u32 = 3;
+/// A woken or giving-up event waiter holds the list lock to unlink itself.
+const CP_DEQUEUE_LOCKED: u32 = 4;
+/// A futex waiter of a condition is counted, its mutex not yet released.
+const CP_WAIT_COUNTED: u32 = 5;
+/// A futex waiter of a condition woke, its mutex not yet locked again.
+const CP_WAIT_WOKEN: u32 = 6;
 
 fn crash_point(n: u32) {
     if CRASH_AT.load(Ordering::Relaxed) == n {
         // SAFETY: getpid and kill have no memory preconditions.
         unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
     }
+}
+
+/// Test-only: makes `Normal` mutex `s` look held by process `pid` started
+/// `start_delta` clock ticks after its real start (a `pid` running with
+/// another start time: a dead holder whose pid was reused), or by `pid`
+/// with an unknown start time if `start_delta` is 0. E_DUMMY if `s` is
+/// not a `Normal` mutex, E_OTHER if `pid` does not run.
+#[no_mangle]
+pub extern "C" fn shmpool_sync_test_set_holder(s: Raw, pid: Raw, start_delta: Raw) -> Raw {
+    on(s, MUTEX_MAGIC, |p| {
+        if !is_normal(p) {
+            return E_DUMMY;
+        }
+        let pid = untag(pid) as u32;
+        let delta = untag(start_delta);
+        let start = match crate::owner::start_time_of(pid as i32) {
+            Some(t) => t,
+            None => return E_OTHER,
+        };
+        let start = (delta != 0).then(|| start.wrapping_add_signed(delta as i64));
+        word(p, MUTEX_OFF).store(identity(pid, start), Ordering::Release);
+        0
+    })
 }
 
 /// Arms crash point `n` (0 disarms) in this process.
@@ -253,16 +299,52 @@ const SLEEPERS: u32 = 1 << 31;
 const HOLDER_CHECK_NS: i64 = 50_000_000;
 
 // `Normal` mutex: a binary semaphore in one futex word, which holds the
-// pid of the process that locked it (0: free), plus SLEEPERS. Anyone may
-// unlock it (as OCamlnet's, which has no owner checks). A holder that died
-// (even one left an unreaped zombie) is seen by a sleeping locker after at
-// most HOLDER_CHECK_NS; the locker swaps its own pid in for the dead one
-// with one compare-and-swap, so exactly one locker takes the lock over. A
-// dead holder whose pid was reused meanwhile is taken for alive (a pid
-// alone cannot tell): the lock then waits for that process's end.
+// identity of the process that locked it (0: free), plus SLEEPERS. Anyone
+// may unlock it (as OCamlnet's, which has no owner checks). A holder that
+// died (even one left an unreaped zombie) is seen by a sleeping locker
+// after at most HOLDER_CHECK_NS; the locker swaps its own identity in for
+// the dead one with one compare-and-swap, so exactly one locker takes the
+// lock over.
+//
+// Identity: the pid (HOLDER_PID_BITS: Linux pids are below 2^22,
+// PID_MAX_LIMIT) and, above it, a tag of the process's start time
+// (START_TAG_BITS: a "known" bit and the start time's low 8 bits, in clock
+// ticks), all in the one word, so that locking stays one compare-and-swap
+// with a cached value. A holder whose pid runs but with another start tag
+// is a dead holder whose pid was reused: taken over like a gone one. The
+// tag is 8 bits: a reused pid whose process started a multiple of 256
+// ticks (2.56 s at 100 Hz) after the dead holder is still taken for the
+// holder (then the lock waits for that process's end, as it did for every
+// reused pid before). A tag of 0 (start time unreadable) checks the pid only.
+const HOLDER_PID_BITS: u32 = 22;
+const HOLDER_PID_MASK: u32 = (1 << HOLDER_PID_BITS) - 1;
+const START_TAG_KNOWN: u32 = 0x100;
 
-/// This process's pid, cached per fork generation: `getpid` is a system
-/// call (glibc no longer caches it), and every `Normal` lock needs the pid.
+/// The start tag of a process started at `start` (clock ticks since boot).
+fn start_tag(start: u64) -> u32 {
+    START_TAG_KNOWN | (start & 0xFF) as u32
+}
+
+/// The identity word of process `pid` started at `start` (None: unknown).
+fn identity(pid: u32, start: Option<u64>) -> u32 {
+    (pid & HOLDER_PID_MASK) | (start.map_or(0, start_tag) << HOLDER_PID_BITS)
+}
+
+/// Whether the holder `ident` (SLEEPERS cleared) is known to be dead: its
+/// pid is gone (or a zombie), or runs with another start tag (reused).
+fn holder_dead(ident: u32) -> bool {
+    let pid = (ident & HOLDER_PID_MASK) as i32;
+    let tag = ident >> HOLDER_PID_BITS;
+    match crate::owner::probe(pid) {
+        crate::owner::Liveness::Gone => true,
+        crate::owner::Liveness::Alive(start) => tag != 0 && start_tag(start) != tag,
+        crate::owner::Liveness::Unknown => false,
+    }
+}
+
+/// This process's identity word (see above), cached per fork generation:
+/// `getpid` is a system call (glibc no longer caches it) and the start
+/// time is read from /proc, and every `Normal` lock needs the identity.
 fn my_pid() -> u32 {
     use std::sync::atomic::AtomicU64;
     // (fork generation << 32) | pid; u64::MAX: not known yet.
@@ -278,8 +360,9 @@ fn my_pid() -> u32 {
     let gen = crate::owner::fork_generation() & 0xFFFF_FFFF;
     // SAFETY: getpid has no preconditions.
     let pid = unsafe { libc::getpid() } as u32;
-    PID.store(gen << 32 | pid as u64, Ordering::Relaxed);
-    pid
+    let me = identity(pid, crate::owner::start_time_of(pid as i32));
+    PID.store(gen << 32 | me as u64, Ordering::Relaxed);
+    me
 }
 
 /// Tries to lock a `Normal` mutex at once; false if held.
@@ -315,8 +398,7 @@ fn normal_lock_wait(p: *mut u8) -> isize {
         if futex_wait_for(w, cur | SLEEPERS, HOLDER_CHECK_NS) {
             continue;
         }
-        let holder = (cur & !SLEEPERS) as i32;
-        if crate::owner::probe(holder) == crate::owner::Liveness::Gone
+        if holder_dead(cur & !SLEEPERS)
             && w.compare_exchange(
                 cur | SLEEPERS,
                 me | SLEEPERS,
@@ -470,12 +552,35 @@ fn is(p: *mut u8, m: u64) -> bool {
     magic(p).load(Ordering::Acquire) == m
 }
 
+extern "C" {
+    // caml/address_class.h (exported by every 4.x runtime).
+    fn caml_page_table_lookup(addr: *mut libc::c_void) -> libc::c_int;
+}
+
+/// Whether `p` lies in this process's own OCaml heap (major or minor):
+/// a private copy of an object (`Netmcore_heap.copy`, `deref_c`, ...),
+/// which the GC may move. Such a copy is no shared object: a pthread
+/// robust mutex there would be put on the thread's robust list at an
+/// address the GC then reuses (the next robust lock writes a list pointer
+/// into whatever private value lives there), so the stubs that use one
+/// treat the copy as a dummy.
+fn in_ocaml_heap(p: *mut u8) -> bool {
+    // SAFETY: the lookup only hashes the address. In_heap | In_young.
+    unsafe { caml_page_table_lookup(p.cast()) & 3 != 0 }
+}
+
+/// A pthread-based object (an error-checking or recursive mutex, a
+/// condition: its list lock) that must not be used: a private copy.
+fn private_pthread_object(p: *mut u8, m: u64) -> bool {
+    (m == COND_MAGIC || (m == MUTEX_MAGIC && !is_normal(p))) && in_ocaml_heap(p)
+}
+
 /// Runs `f` on object `s` if it carries magic `m` (E_DUMMY otherwise: a
 /// dummy or another kind of object), guarded as every stub.
 fn on(s: Raw, m: u64, f: impl FnOnce(*mut u8) -> isize) -> Raw {
     guarded(|| {
         let p = base(s);
-        if !is(p, m) {
+        if !is(p, m) || private_pthread_object(p, m) {
             return E_DUMMY;
         }
         f(p)
@@ -553,13 +658,18 @@ pub extern "C" fn shmpool_sync_cond_wait(c: Raw, m: Raw) -> Raw {
     guarded(|| {
         let cp = base(c);
         let mp = base(m);
-        if !is(cp, COND_MAGIC) || !is(mp, MUTEX_MAGIC) {
+        if !is(cp, COND_MAGIC)
+            || !is(mp, MUTEX_MAGIC)
+            || private_pthread_object(cp, COND_MAGIC)
+            || private_pthread_object(mp, MUTEX_MAGIC)
+        {
             return E_DUMMY;
         }
         let seq = word(cp, 8);
         let waiters = word(cp, 12);
         let s0 = seq.load(Ordering::SeqCst);
         waiters.fetch_add(1, Ordering::SeqCst);
+        crash_point(CP_WAIT_COUNTED);
         let u = mutex_unlock(mp);
         if u != 0 {
             waiters.fetch_sub(1, Ordering::SeqCst);
@@ -567,6 +677,7 @@ pub extern "C" fn shmpool_sync_cond_wait(c: Raw, m: Raw) -> Raw {
         }
         blocking(|| {
             futex_wait(seq, s0);
+            crash_point(CP_WAIT_WOKEN);
             waiters.fetch_sub(1, Ordering::SeqCst);
             mutex_lock_wait(mp)
         })
@@ -619,16 +730,24 @@ fn signal_event_waiters(p: *mut u8, all: bool) -> Option<bool> {
             break;
         }
         let e = entry(a);
-        let left_over = word(e, 16).swap(1, Ordering::AcqRel) == 1;
+        let left_over = word(e, ENTRY_STATE).swap(1, Ordering::AcqRel) == 1;
         crash_point(CP_SIGNAL_MARKED);
-        let len = word(e, 20).load(Ordering::Relaxed) as usize;
+        let len = word(e, ENTRY_LEN).load(Ordering::Relaxed) as usize;
         // SAFETY: the entry string holds len path bytes after its header
         // (written once by shmpool_sync_entry_init, never changed).
         let bytes = unsafe { std::slice::from_raw_parts(e.add(ENTRY_HDR), len) };
-        let alive = std::ffi::CString::new(bytes).is_ok_and(|path| notify(&path));
+        // a dead waiter's pipe may have another reader (a new waiter given
+        // the same path): its identity, not the pipe, tells it is gone
+        let waiter = word(e, ENTRY_WAITER).load(Ordering::Relaxed);
+        let alive = !(waiter != 0 && holder_dead(waiter))
+            && std::ffi::CString::new(bytes).is_ok_and(|path| notify(&path));
         crash_point(CP_SIGNAL_WRITTEN);
         // single store: the list stays well-formed if we die here
-        head.store(dword(e, 8).load(Ordering::Acquire), Ordering::Release);
+        head.store(
+            dword(e, ENTRY_NEXT).load(Ordering::Acquire),
+            Ordering::Release,
+        );
+        dword(e, ENTRY_COND).store(0, Ordering::Release);
         if alive && !left_over {
             notified = true;
             if !all {
@@ -718,9 +837,12 @@ pub extern "C" fn shmpool_sync_entry_init(e: Raw, path: Raw) -> Raw {
         // SAFETY: e has room for len bytes after its header (allocated so
         // by the OCaml side); src holds len bytes; they do not overlap.
         unsafe { std::ptr::copy_nonoverlapping(src, p.add(ENTRY_HDR), len) };
-        dword(p, 8).store(0, Ordering::Relaxed);
-        word(p, 16).store(0, Ordering::Relaxed);
-        word(p, 20).store(len as u32, Ordering::Relaxed);
+        dword(p, ENTRY_NEXT).store(0, Ordering::Relaxed);
+        dword(p, ENTRY_COND).store(0, Ordering::Relaxed);
+        word(p, ENTRY_STATE).store(0, Ordering::Relaxed);
+        word(p, ENTRY_WAITER).store(0, Ordering::Relaxed);
+        word(p, 32).store(0, Ordering::Relaxed);
+        word(p, ENTRY_LEN).store(len as u32, Ordering::Relaxed);
         magic(p).store(ENTRY_MAGIC, Ordering::Release);
         0
     })
@@ -733,7 +855,7 @@ fn on_waiter_list(c: Raw, e: Raw, f: impl FnOnce(*mut u8, *mut u8) -> isize) -> 
     guarded(|| {
         let p = base(c);
         let ep = base(e);
-        if !is(p, COND_MAGIC) || !is(ep, ENTRY_MAGIC) {
+        if !is(p, COND_MAGIC) || !is(ep, ENTRY_MAGIC) || private_pthread_object(p, COND_MAGIC) {
             return E_DUMMY;
         }
         if !list_lock(p) {
@@ -746,27 +868,115 @@ fn on_waiter_list(c: Raw, e: Raw, f: impl FnOnce(*mut u8, *mut u8) -> isize) -> 
 }
 
 /// Queues entry `e` at the end of condition `c`'s event waiters, state 0
-/// (not yet signalled). An entry already queued there stays where it is.
+/// (not yet signalled). An entry already queued there stays where it is;
+/// one still queued on another condition (its waiter died, or gave up
+/// without leaving) is unlinked from there first.
 #[no_mangle]
 pub extern "C" fn shmpool_sync_cond_enqueue(c: Raw, e: Raw) -> Raw {
+    let ca = base(c) as usize as u64;
+    let ep = base(e);
+    if is(ep, ENTRY_MAGIC) {
+        let other = dword(ep, ENTRY_COND).load(Ordering::Acquire);
+        if other != 0 && other != ca && !detach(ep) {
+            return tag(E_OTHER);
+        }
+    }
     on_waiter_list(c, e, |p, ep| {
         let ea = ep as usize as u64;
         let mut link = dword(p, 16);
         loop {
             let a = link.load(Ordering::Acquire);
             if a == ea {
-                word(ep, 16).store(0, Ordering::Release);
+                word(ep, ENTRY_WAITER).store(my_pid(), Ordering::Relaxed);
+                word(ep, ENTRY_STATE).store(0, Ordering::Release);
                 break;
             }
             if a == 0 {
-                word(ep, 16).store(0, Ordering::Release);
-                dword(ep, 8).store(0, Ordering::Release);
+                word(ep, ENTRY_WAITER).store(my_pid(), Ordering::Relaxed);
+                word(ep, ENTRY_STATE).store(0, Ordering::Release);
+                dword(ep, ENTRY_NEXT).store(0, Ordering::Release);
+                // the condition is recorded before the entry is reachable
+                dword(ep, ENTRY_COND).store(ca, Ordering::Release);
                 // single store publishes the entry
                 link.store(ea, Ordering::Release);
                 break;
             }
-            link = dword(entry(a), 8);
+            link = dword(entry(a), ENTRY_NEXT);
         }
+        0
+    })
+}
+
+/// Unlinks entry `ep` from the list of condition `p` (whose list lock this
+/// thread holds) if it is there; true if it was. Clears the entry's
+/// `cond` field if it names `p` (after the unlink: see the module doc).
+fn unlink_locked(p: *mut u8, ep: *mut u8) -> bool {
+    let ea = ep as usize as u64;
+    let mut link = dword(p, 16);
+    let mut found = false;
+    loop {
+        let a = link.load(Ordering::Acquire);
+        if a == 0 {
+            break;
+        }
+        if a == ea {
+            // single store: the list stays well-formed if we die here
+            link.store(
+                dword(ep, ENTRY_NEXT).load(Ordering::Acquire),
+                Ordering::Release,
+            );
+            found = true;
+            break;
+        }
+        link = dword(entry(a), ENTRY_NEXT);
+    }
+    let _ = dword(ep, ENTRY_COND).compare_exchange(
+        p as usize as u64,
+        0,
+        Ordering::AcqRel,
+        Ordering::Relaxed,
+    );
+    found
+}
+
+/// Unlinks entry `ep` from whichever condition's list its `cond` field
+/// names, under that list's lock; false if that lock could not be taken.
+/// A condition that was destroyed has no list any more: the field is just
+/// cleared. (The condition must not have been freed: waiting on a
+/// condition keeps it alive, as in OCamlnet.)
+fn detach(ep: *mut u8) -> bool {
+    loop {
+        let ca = dword(ep, ENTRY_COND).load(Ordering::Acquire);
+        if ca == 0 {
+            return true;
+        }
+        let cp = entry(ca);
+        if !is(cp, COND_MAGIC) {
+            let _ =
+                dword(ep, ENTRY_COND).compare_exchange(ca, 0, Ordering::AcqRel, Ordering::Relaxed);
+            continue;
+        }
+        if !list_lock(cp) {
+            return false;
+        }
+        if dword(ep, ENTRY_COND).load(Ordering::Acquire) == ca {
+            unlink_locked(cp, ep);
+        }
+        list_unlock(cp);
+    }
+}
+
+/// Frees event wait entry `e`: unlinks it from the list it may still be
+/// queued on (its waiter died, or never left), then makes it a dummy, so
+/// no list ever reaches its memory once the heap reuses it. 0, or E_OTHER
+/// (a list lock that could not be taken: the entry is left as it was).
+#[no_mangle]
+pub extern "C" fn shmpool_sync_entry_free(e: Raw) -> Raw {
+    on(e, ENTRY_MAGIC, |ep| {
+        if !detach(ep) {
+            return E_OTHER;
+        }
+        magic(ep).store(0, Ordering::Release);
         0
     })
 }
@@ -776,22 +986,8 @@ pub extern "C" fn shmpool_sync_cond_enqueue(c: Raw, e: Raw) -> Raw {
 #[no_mangle]
 pub extern "C" fn shmpool_sync_cond_dequeue(c: Raw, e: Raw) -> Raw {
     on_waiter_list(c, e, |p, ep| {
-        let ea = ep as usize as u64;
-        let mut link = dword(p, 16);
-        let mut found = 0;
-        loop {
-            let a = link.load(Ordering::Acquire);
-            if a == 0 {
-                break;
-            }
-            if a == ea {
-                link.store(dword(ep, 8).load(Ordering::Acquire), Ordering::Release);
-                found = 1;
-                break;
-            }
-            link = dword(entry(a), 8);
-        }
-        found
+        crash_point(CP_DEQUEUE_LOCKED);
+        unlink_locked(p, ep) as isize
     })
 }
 
@@ -799,7 +995,7 @@ pub extern "C" fn shmpool_sync_cond_dequeue(c: Raw, e: Raw) -> Raw {
 #[no_mangle]
 pub extern "C" fn shmpool_sync_entry_signalled(e: Raw) -> Raw {
     on(e, ENTRY_MAGIC, |p| {
-        word(p, 16).load(Ordering::Acquire) as isize
+        word(p, ENTRY_STATE).load(Ordering::Acquire) as isize
     })
 }
 

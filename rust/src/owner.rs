@@ -57,10 +57,73 @@ pub fn probe(pid: i32) -> Liveness {
         Some(_) => {}
         None => return Liveness::Unknown,
     }
-    match fields.nth(18).and_then(|f| f.parse().ok()) {
+    let Some(seen) = fields.nth(18).and_then(|f| f.parse::<u64>().ok()) else {
+        return Liveness::Unknown;
+    };
+    // The kernel adds the *reader's* boot-time offset (its time namespace)
+    // to the start time it shows: taking ours off gives the same figure
+    // to every reader, whatever its namespace.
+    match boottime_offset_ticks().and_then(|o| seen.checked_add_signed(o.checked_neg()?)) {
         Some(t) => Liveness::Alive(t),
         None => Liveness::Unknown,
     }
+}
+
+/// This process's boot-time offset in clock ticks (`/proc/self/
+/// timens_offsets`, time namespaces, Linux 5.6+; 0 without them), read once
+/// per fork generation, or `None` if it cannot be known: the file
+/// unreadable, or a process that gave its *children* another time
+/// namespace than its own (the file then shows the children's). With
+/// `None`, `probe` answers `Unknown` for every running process, so nothing
+/// of such a process is taken for dead, nor does it record a start time.
+/// An offset that is not a whole number of ticks can make two readers'
+/// figures differ by one tick.
+fn boottime_offset_ticks() -> Option<i64> {
+    const UNKNOWN: i64 = i64::MIN;
+    static GEN: AtomicU64 = AtomicU64::new(u64::MAX);
+    static OFFSET: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(UNKNOWN);
+    let gen = fork_generation();
+    if GEN.load(Ordering::Acquire) == gen {
+        let o = OFFSET.load(Ordering::Relaxed);
+        return (o != UNKNOWN).then_some(o);
+    }
+    let o = read_boottime_offset_ticks();
+    OFFSET.store(o.unwrap_or(UNKNOWN), Ordering::Relaxed);
+    GEN.store(gen, Ordering::Release);
+    o
+}
+
+fn read_boottime_offset_ticks() -> Option<i64> {
+    use std::io::ErrorKind::NotFound;
+    let own = match std::fs::read_link("/proc/self/ns/time") {
+        Ok(l) => l,
+        Err(e) if e.kind() == NotFound => return Some(0), // no time namespaces
+        Err(_) => return None,
+    };
+    if std::fs::read_link("/proc/self/ns/time_for_children").ok()? != own {
+        return None;
+    }
+    let text = match std::fs::read_to_string("/proc/self/timens_offsets") {
+        Ok(t) => t,
+        Err(e) if e.kind() == NotFound => return Some(0),
+        Err(_) => return None,
+    };
+    let Some(line) = text
+        .lines()
+        .find(|l| l.split_ascii_whitespace().next() == Some("boottime"))
+    else {
+        return Some(0);
+    };
+    let mut f = line.split_ascii_whitespace().skip(1);
+    let secs: i128 = f.next()?.parse().ok()?;
+    let nsecs: i128 = f.next()?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if hz <= 0 {
+        return None;
+    }
+    let ticks = (secs * 1_000_000_000 + nsecs) * hz as i128;
+    i64::try_from(ticks.div_euclid(1_000_000_000)).ok()
 }
 
 /// Start time of `pid` if it is known to run.

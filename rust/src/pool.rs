@@ -93,6 +93,9 @@ pub struct Pool {
     /// Most pages the cache may hold: a 16th of the pool (none for tiny
     /// pools), so one process cannot sit on much of it.
     pub(crate) cache_cap: u64,
+    /// Pages at most in a slot's inbox, and in its stacks and chain for a
+    /// drain to add to them (see `cache.rs`).
+    pub(crate) remote_cap: u64,
     /// The thread holding our slot's keeper mutex (see `liveness.rs`), as a
     /// `Box<Keeper>` pointer, null if none. An atomic pointer rather than a
     /// lock, so that a child forked while another thread replaced it cannot
@@ -336,6 +339,7 @@ impl Pool {
             cache: LocalCache::new(),
             caching: std::sync::atomic::AtomicBool::new(true),
             cache_cap: geo.npages as u64 / 16,
+            remote_cap: geo.npages as u64 / 4,
             keeper: AtomicPtr::new(std::ptr::null_mut()),
         }
     }
@@ -374,6 +378,22 @@ impl Pool {
         unsafe {
             std::slice::from_raw_parts(
                 self.map.ptr().add(self.geo.desc_offset).cast::<AtomicU64>(),
+                self.geo.npages as usize,
+            )
+        }
+    }
+
+    /// The link words that chain inbox blocks (see `cache.rs`).
+    pub(crate) fn links(&self) -> &[std::sync::atomic::AtomicU32] {
+        // SAFETY: the link array lies inside our mapping at the validated
+        // geometry (after the descriptors, 4-byte aligned), and is only
+        // ever accessed atomically.
+        unsafe {
+            std::slice::from_raw_parts(
+                self.map
+                    .ptr()
+                    .add(self.geo.link_offset)
+                    .cast::<std::sync::atomic::AtomicU32>(),
                 self.geo.npages as usize,
             )
         }
@@ -762,6 +782,32 @@ impl Pool {
         let page = self.page_of_offset(off)?;
         let w = self.descriptors()[page as usize].load(Ordering::Acquire);
         hit(CrashPoint::FreeLoaded);
+        self.free_page_word(page, w)
+    }
+
+    /// The `ALLOC` word of the live block at byte offset `off`: its
+    /// identity (a re-allocation of the same pages has another generation,
+    /// see `desc.rs`), for [`Pool::free_word`].
+    pub(crate) fn block_word(&self, off: usize) -> Result<u64> {
+        let page = self.page_of_offset(off)?;
+        let w = self.descriptors()[page as usize].load(Ordering::Acquire);
+        if tag(w) != TAG_ALLOC || is_cached(w) {
+            return Err(Error::NotABlock);
+        }
+        Ok(w)
+    }
+
+    /// Frees the block at `off` only if it is still the allocation whose
+    /// word [`Pool::block_word`] returned (else `NotABlock`, nothing
+    /// changes): a free decided before a lock was released, which another
+    /// process may have done meanwhile (a heap's `destroy`).
+    pub(crate) fn free_word(&self, off: usize, w: u64) -> Result<usize> {
+        let page = self.page_of_offset(off)?;
+        self.free_page_word(page, w)
+    }
+
+    #[inline]
+    fn free_page_word(&self, page: u32, w: u64) -> Result<usize> {
         if tag(w) != TAG_ALLOC || is_cached(w) {
             return Err(Error::NotABlock);
         }

@@ -5,7 +5,22 @@
 //! Every guard checks that it is dropped in the process that created it,
 //! so a forked child that unwinds never kills its siblings or unlinks the
 //! parent's objects.
+//!
+//! # Forks and the test harness's threads
+//!
+//! The harness runs the tests of a file on several threads of one process.
+//! A fork copies only the forking thread: a lock another thread held at
+//! that instant (this module's registries, std's environment, stdio or
+//! panic locks, a pool's in-process state) stays held forever in the
+//! child, which then hangs on its first use of it (it happened in CI).
+//! So every test of a file that forks runs under [`serial`]: one test at
+//! a time per test binary, and no other test thread is running code when a
+//! test forks (the others wait on the mutex, holding nothing). [`fork_child`]
+//! refuses to fork on a thread that does not hold it, so a forking test
+//! that forgets it fails at once instead of hanging now and then.
 #![allow(dead_code)]
+
+pub mod torture;
 
 use shmpool::Pool;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -17,6 +32,33 @@ static NEXT_NAME: AtomicU32 = AtomicU32::new(0);
 /// Live children and shm names of this process, for the watchdog.
 static CHILDREN: Mutex<Vec<i32>> = Mutex::new(Vec::new());
 static NAMES: Mutex<Vec<String>> = Mutex::new(Vec::new());
+/// The one-test-at-a-time mutex of this test binary (see the module doc).
+static SERIAL: Mutex<()> = Mutex::new(());
+
+thread_local! {
+    /// Whether this thread holds `SERIAL` (a forked child inherits the
+    /// forking thread's value: its own forks are allowed too).
+    static SERIAL_HELD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Held for a whole test by every test of a file that forks: the tests of
+/// this binary then run one at a time (see the module doc). A test that
+/// panicked earlier does not poison it for the next ones.
+pub struct Serial {
+    _g: std::sync::MutexGuard<'static, ()>,
+}
+
+pub fn serial() -> Serial {
+    let g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    SERIAL_HELD.with(|h| h.set(true));
+    Serial { _g: g }
+}
+
+impl Drop for Serial {
+    fn drop(&mut self) {
+        SERIAL_HELD.with(|h| h.set(false));
+    }
+}
 
 fn pid() -> i32 {
     // SAFETY: getpid has no preconditions.
@@ -115,6 +157,11 @@ pub struct Child {
 /// Forks; the child runs `f` and `_exit`s: 0 on `Ok`, 1 on `Err` (the
 /// message goes to stderr), 2 on a panic. The child never returns.
 pub fn fork_child(f: impl FnOnce() -> Result<(), String>) -> Child {
+    assert!(
+        SERIAL_HELD.with(|h| h.get()),
+        "fork_child outside common::serial(): a test that forks must hold it \
+         for its whole run (see tests/common/mod.rs)"
+    );
     // SAFETY: the child only runs `f` (allocator and pool calls; glibc
     // makes malloc usable after fork) and then _exit, never returning into
     // the test harness.
@@ -248,6 +295,50 @@ impl Child {
             }
         }
         self.status
+    }
+
+    /// What the (live, unreaped) child is doing, for a test that found it
+    /// stalled: per thread its scheduler state, CPU ticks used, kernel wait
+    /// channel and kernel stack (from `/proc`), then user stacks from gdb if
+    /// it is installed (20 s at most). Nothing fails if some of it
+    /// cannot be read.
+    pub fn report(&self) -> String {
+        let mut out = String::new();
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", self.pid))
+            .map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
+            .unwrap_or_default();
+        for t in tasks {
+            let t = t.to_string_lossy();
+            let base = format!("/proc/{}/task/{t}", self.pid);
+            let read = |f: &str| std::fs::read_to_string(format!("{base}/{f}")).unwrap_or_default();
+            let stat = read("stat");
+            // After the ")" of the command: state, ..., utime is field 14.
+            let rest: Vec<&str> = stat
+                .rsplit_once(')')
+                .map_or(vec![], |(_, r)| r.split_whitespace().collect());
+            out += &format!(
+                "task {t} ({}): state {} utime {} stime {} wchan {}\n{}",
+                read("comm").trim(),
+                rest.first().unwrap_or(&"?"),
+                rest.get(11).unwrap_or(&"?"),
+                rest.get(12).unwrap_or(&"?"),
+                read("wchan"),
+                read("stack")
+            );
+        }
+        let gdb = std::process::Command::new("timeout")
+            .args(["20", "gdb", "-p", &self.pid.to_string(), "-batch", "-nx"])
+            .args(["-ex", "thread apply all bt 12"])
+            .output();
+        if let Ok(o) = gdb {
+            let text = String::from_utf8_lossy(&o.stdout);
+            out += &text
+                .lines()
+                .filter(|l| l.starts_with('#') || l.starts_with("Thread"))
+                .collect::<Vec<_>>()
+                .join("\n");
+        }
+        out
     }
 
     pub fn is_reaped(&self) -> bool {

@@ -5,43 +5,15 @@
 open Shmpool_netmcore
 module H = Netmcore_heap
 
-(* Seconds after which a child counts as hung: far above what any
-   scenario needs, only there so a deadlock fails instead of blocking. *)
-let watchdog_s = 60
-
-(* Waits for child [pid]; kills it when the watchdog fires. *)
-let watch name pid =
-  Testutil.children := pid :: !Testutil.children;
-  let rec wait n =
-    match Unix.waitpid [ Unix.WNOHANG ] pid with
-    | 0, _ when n > 0 ->
-        Unix.sleepf 0.1;
-        wait (n - 1)
-    | 0, _ ->
-        Unix.kill pid Sys.sigkill;
-        ignore (Unix.waitpid [] pid);
-        `Hang
-    | _, st -> `Done st
-  in
-  let r = wait (watchdog_s * 10) in
-  Testutil.children := List.filter (( <> ) pid) !Testutil.children;
-  match r with
-  | `Hang -> Alcotest.failf "%s: hung (child killed by the watchdog)" name
-  | `Done (Unix.WEXITED 0) -> ()
-  | `Done (Unix.WEXITED n) -> Alcotest.failf "%s: child exited %d" name n
-  | `Done (Unix.WSIGNALED s | Unix.WSTOPPED s) ->
-      Alcotest.failf "%s: child died of signal %d" name s
+(* Waits for child [pid] (Testutil.watch_child: killed after 60 s, a hang
+   detector); fails test [name] unless it exited 0. *)
+let watch name pid = Testutil.check_child name (Testutil.watch_child pid)
 
 let with_pool size f =
   let pool = Netmcore_mempool.create_mempool size in
   Fun.protect ~finally:(fun () -> try Netmcore_mempool.unlink_mempool pool with _ -> ()) (fun () -> f pool)
 
-let child f =
-  match Unix.fork () with
-  | 0 ->
-      let ok = try f () with e -> prerr_endline (Printexc.to_string e); false in
-      Unix._exit (if ok then 0 else 1)
-  | pid -> pid
+let child = Testutil.fork_bool
 
 (* [f pool] in a child on a fresh pool: true = pass. *)
 let in_child ?(size = 64 * 1024 * 1024) name f =

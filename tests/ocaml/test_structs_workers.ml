@@ -273,6 +273,12 @@ let cases =
     { point = "buffer.add"; setup = (fun _ _ _ -> B.add_string (cbuf ()) (String.make 5000 'a'); B.delete_hd (cbuf ()) 4990);
       act = (fun _ _ _ -> B.add_string (cbuf ()) (String.make 9000 'b'));
       expect = (fun _ _ _ -> let b = cbuf () in B.start b = 4990 && B.contents b = String.make 10 'a' && (B.add_string b "c"; B.contents b = String.make 10 'a' ^ "c")) };
+    (* points before the commit: the operation did not happen *)
+    { point = "hashtbl.replace"; setup = (fun t _ _ -> T.add t 5 "a"); act = (fun t _ _ -> T.replace t 5 "b");
+      expect = (fun t _ _ -> T.find_all_c t 5 = [ "a" ] && T.length t = 1 && tbl_sound t) };
+    { point = "buffer.delete_hd"; setup = (fun _ _ _ -> B.add_string (cbuf ()) (String.make 5000 'a' ^ String.make 5000 'b'));
+      act = (fun _ _ _ -> B.delete_hd (cbuf ()) 6000);
+      expect = (fun _ _ _ -> let b = cbuf () in B.length b = 10000 && B.sub b (B.start b) 10000 = String.make 5000 'a' ^ String.make 5000 'b' && (B.delete_hd b 6000; B.contents b = String.make 4000 'b')) };
     { point = "array.grow"; setup = nothing; act = (fun _ _ a -> A.grow a 100 (elt 1)); expect = (fun _ _ a -> A.length a = 10 && A.get_c a 9 = elt 9 && (A.grow a 20 (elt 1); A.length a = 20)) };
   ]
 

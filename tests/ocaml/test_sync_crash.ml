@@ -18,7 +18,14 @@ module Mx = Netmcore_mutex
 module H = Netmcore_heap
 module B = Netmcore_buffer
 
-type hdr = { mutable m : Mx.mutex; mutable c : C.condition; mutable ws : C.wait_set; mutable queued : int }
+type hdr = {
+  mutable m : Mx.mutex;
+  mutable c : C.condition;
+  mutable ws : C.wait_set;
+  mutable queued : int;
+  mutable tickets : int;  (* wake-ups handed out, not yet taken *)
+  mutable woken : int;  (* live waiters that took a ticket *)
+}
 
 let master = Unix.getpid ()
 let kids = ref []
@@ -106,7 +113,7 @@ let with_pool f =
     (fun () -> f pool)
 
 let with_header pool kind f =
-  let r = Netmcore_ref.sref pool { m = Mx.dummy (); c = C.dummy_condition (); ws = C.dummy_wait_set (); queued = 0 } in
+  let r = Netmcore_ref.sref pool { m = Mx.dummy (); c = C.dummy_condition (); ws = C.dummy_wait_set (); queued = 0; tickets = 0; woken = 0 } in
   H.modify (Netmcore_ref.heap r) (fun mu ->
       let h = Netmcore_ref.deref_ro r in
       h.m <- Mx.create mu kind;
@@ -258,6 +265,320 @@ let normal_dead_holder () =
           Alcotest.(check int) "two takeovers" 2 (Mx.recoveries h.m);
           check_status "the holder died" (Unix.WSIGNALED Sys.sigkill) (await holder)))
 
+(* --- Waiters that die (issue 12, review of the conditions) ---
+
+   A waiter of [wait_e] or [wait] dies at one step of its wait: then the
+   live waiters must still be woken by [signal] (one each, none lost, none
+   woken twice) and by [broadcast]. The live waiters use the condition as
+   programs do: each waits until a ticket is there, takes one and leaves;
+   a signaller adds a ticket under the mutex and signals. A signal lost on
+   the dead waiter leaves a ticket and a live waiter asleep: [until] then
+   fails with a message after a deadline, instead of hanging. The parent
+   never takes the mutex itself (a wedged mutex would block it): children
+   do, each under the watchdog of [await]. *)
+
+let until what f =
+  let deadline = Unix.gettimeofday () +. watchdog_s in
+  let rec go () =
+    if not (f ()) then
+      if Unix.gettimeofday () > deadline then Alcotest.failf "%s (not within %.0f s)" what watchdog_s
+      else begin
+        Unix.sleepf 0.002;
+        go ()
+      end
+  in
+  go ()
+
+let fifo_dir = lazy (
+  let d = Filename.concat (Filename.get_temp_dir_name ()) (Printf.sprintf "shmpool-waiters-%d" (Unix.getpid ())) in
+  (try Unix.mkdir d 0o700 with Unix.Unix_error (Unix.EEXIST, _, _) -> ());
+  at_exit (fun () ->
+      if Unix.getpid () = master then begin
+        Array.iter (fun f -> try Unix.unlink (Filename.concat d f) with Unix.Unix_error _ -> ()) (try Sys.readdir d with Sys_error _ -> [||]);
+        try Unix.rmdir d with Unix.Unix_error _ -> ()
+      end);
+  d)
+
+let fifo_n = ref 0
+
+let fresh_fifo () =
+  incr fifo_n;
+  let path = Filename.concat (Lazy.force fifo_dir) (string_of_int !fifo_n) in
+  Unix.mkfifo path 0o600;
+  path
+
+type kind = Event | Futex
+
+(* How the dying waiter dies: at a point of its own ([commit_hook] or
+   [sync_crash_at] names), or killed from outside once asleep. *)
+type death = Hook of string | Stub of string | Asleep
+
+(* A child that waits (with [wait_e] on its own pipe, or [wait]) until it
+   can take a ticket; exit 0 once it took one. [arm] runs first. *)
+let start_waiter ?(arm = ignore) ?entry ?path r h kind =
+  let path = match (kind, path) with Event, None -> fresh_fifo () | Event, Some p -> p | Futex, _ -> "" in
+  let entry = Option.map (fun f -> f path) entry in
+  fork_child (fun () ->
+      let heap = Netmcore_ref.heap r in
+      let wait =
+        match kind with
+        | Futex ->
+            let we = H.modify heap (fun mu -> C.alloc_wait_entry mu h.ws) in
+            fun () -> C.wait we h.c h.m
+        | Event ->
+            let we = match entry with Some e -> e | None -> H.modify heap (fun mu -> C.alloc_wait_entry_e mu h.ws path) in
+            let esys = Unixqueue.create_unix_event_system () in
+            fun () ->
+              let eng = C.wait_e we h.c h.m esys (fun () -> Uq_engines.epsilon_engine (`Done ()) esys) in
+              Unixqueue.run esys;
+              match eng#state with `Done () -> () | _ -> failwith "wait_e engine not done"
+      in
+      arm ();
+      Mx.lock h.m;
+      h.queued <- h.queued + 1;
+      let rec go () =
+        if h.tickets > 0 then begin
+          h.tickets <- h.tickets - 1;
+          h.woken <- h.woken + 1;
+          Mx.unlock h.m;
+          true
+        end
+        else begin
+          wait ();
+          go ()
+        end
+      in
+      go ())
+
+(* [n] tickets handed out and one signal each ([`Signal]), or [n] tickets
+   and one broadcast, by a child under the watchdog. *)
+let hand_out h how n =
+  let p =
+    fork_child (fun () ->
+        let one () =
+          Mx.lock h.m;
+          h.tickets <- h.tickets + 1;
+          C.signal h.c;
+          Mx.unlock h.m
+        in
+        (match how with
+        | `Signal -> one ()
+        | `Broadcast ->
+            Mx.lock h.m;
+            h.tickets <- h.tickets + n;
+            C.broadcast h.c;
+            Mx.unlock h.m);
+        true)
+  in
+  check_status "the signaller returned" (Unix.WEXITED 0) (await p)
+
+(* Waits until [n] waiters are queued (counted under the mutex just before
+   they wait) and the mutex is free again (a child locks it: the last of
+   them has released it, so it is in its wait). *)
+let until_waiting h n =
+  until (Printf.sprintf "%d waiters queued" n) (fun () -> h.queued >= n);
+  check_status "the mutex is free again" (Unix.WEXITED 0) (await (lock_unlock_child h.m))
+
+(* The live waiters [live] (already waiting) are woken by tickets handed out
+   [how]: each signal wakes exactly one more of them; a broadcast all. *)
+let wake_all h how live =
+  let n = List.length live in
+  let w0 = h.woken in
+  (match how with
+  | `Signal ->
+      List.iteri
+        (fun i _ ->
+          hand_out h `Signal 1;
+          until (Printf.sprintf "signal %d of %d woke a live waiter (a wake-up was lost)" (i + 1) n) (fun () -> h.woken >= w0 + i + 1);
+          Alcotest.(check int) (Printf.sprintf "signal %d woke exactly one waiter" (i + 1)) (w0 + i + 1) h.woken)
+        live
+  | `Broadcast ->
+      hand_out h `Broadcast n;
+      until (Printf.sprintf "the broadcast woke all %d live waiters" n) (fun () -> h.woken >= w0 + n));
+  List.iter (fun p -> check_status "a live waiter took its ticket and left" (Unix.WEXITED 0) (await p)) live;
+  Alcotest.(check int) "every ticket taken once" 0 h.tickets;
+  Alcotest.(check int) "every live waiter woken once" (w0 + n) h.woken
+
+let arm_death = function
+  | Hook name -> fun () -> Struct_internal.commit_hook := fun p -> if p = name then Unix.kill (Unix.getpid ()) Sys.sigkill
+  | Stub name -> fun () -> Struct_internal.sync_crash_at name
+  | Asleep -> ignore
+
+(* Points at which a dying waiter must first be woken to reach them. *)
+let needs_wake = function
+  | Hook ("wait_e:woken" | "wait_e:dequeued") | Stub ("cond:dequeue-locked" | "wait:woken") -> true
+  | _ -> false
+
+(* The staged death: the dying waiter is the oldest, then three live ones
+   (two event waiters, one futex waiter) wait, and are woken [how]. *)
+let waiter_dies kind death how () =
+  with_pool (fun pool ->
+      with_header pool `Normal (fun r h ->
+          let d = start_waiter ~arm:(arm_death death) r h kind in
+          (match death with
+          | Hook "wait_e:enqueued" | Stub "wait:counted" ->
+              (* dies holding the mutex: the next locker takes it over *)
+              ()
+          | _ -> until_waiting h 1);
+          if needs_wake death then begin
+            (* a signal without a ticket: the dying waiter is the oldest,
+               so it is the one woken, and dies at the point *)
+            let p = fork_child (fun () -> Mx.lock h.m; C.signal h.c; Mx.unlock h.m; true) in
+            check_status "the wake-up signal returned" (Unix.WEXITED 0) (await p)
+          end;
+          if death = Asleep then Unix.kill d Sys.sigkill;
+          check_status "the waiter died at its point" (Unix.WSIGNALED Sys.sigkill) (await d);
+          let live = [ start_waiter r h Event; start_waiter r h Futex; start_waiter r h Event ] in
+          until_waiting h 4;
+          wake_all h how live;
+          (* and the condition keeps working for new waiters *)
+          let more = [ start_waiter r h Futex; start_waiter r h Event ] in
+          until_waiting h 6;
+          wake_all h `Signal more))
+
+(* Random kills: a waiter killed at a random moment of its wait while a
+   racing child signals and broadcasts without tickets (so every wake-up
+   it causes is spurious, and the live waiters go back to waiting); then
+   the live waiters must be woken by tickets, one signal each. *)
+let random_kills () =
+  let rounds = try int_of_string (Sys.getenv "SHMPOOL_WAITER_KILLS") with Not_found | Failure _ -> 40 in
+  let rnd = Random.State.make [| 12 |] in
+  for round = 1 to rounds do
+    with_pool (fun pool ->
+        with_header pool `Normal (fun r h ->
+            let pick () = if Random.State.bool rnd then Event else Futex in
+            let live1 = start_waiter r h (pick ()) in
+            until_waiting h 1;
+            let d = start_waiter r h (pick ()) in
+            let racer =
+              fork_child (fun () ->
+                  let rnd = Random.State.make [| round |] in
+                  while true do
+                    Mx.lock h.m;
+                    if Random.State.bool rnd then C.signal h.c else C.broadcast h.c;
+                    Mx.unlock h.m;
+                    Unix.sleepf (Random.State.float rnd 0.002)
+                  done;
+                  true)
+            in
+            Unix.sleepf (Random.State.float rnd 0.03);
+            Unix.kill d Sys.sigkill;
+            ignore (await d);
+            Unix.kill racer Sys.sigkill;
+            ignore (await racer);
+            (* the dying waiter was counted if it got that far *)
+            let q = h.queued in
+            let live2 = start_waiter r h (pick ()) in
+            until_waiting h (q + 1);
+            wake_all h (if round mod 2 = 0 then `Signal else `Broadcast) [ live1; live2 ]))
+  done
+
+(* An event waiter dies queued; its entry is freed (the wait set lets it
+   go, and the heap may reuse its memory at once: simulated by filling the
+   entry with garbage). A signal must then reach the live waiter behind it,
+   never the freed entry. *)
+let free_queued_entry () =
+  with_pool (fun pool ->
+      with_header pool `Normal (fun r h ->
+          let dead_entry = ref None in
+          let entry path =
+            let e = H.modify (Netmcore_ref.heap r) (fun mu -> C.alloc_wait_entry_e mu h.ws path) in
+            dead_entry := Some e;
+            e
+          in
+          let d = start_waiter ~entry r h Event in
+          until_waiting h 1;
+          Unix.kill d Sys.sigkill;
+          check_status "the waiter died queued" (Unix.WSIGNALED Sys.sigkill) (await d);
+          let live = start_waiter r h Event in
+          until_waiting h 2;
+          let dead_entry = Option.get !dead_entry in
+          H.modify (Netmcore_ref.heap r) (fun mu -> C.free_wait_entry_e mu h.ws dead_entry);
+          let raw : string = Obj.magic dead_entry in
+          Bytes.fill (Bytes.unsafe_of_string raw) 0 (String.length raw) '\xff';
+          wake_all h `Signal [ live ]))
+
+(* A [`Normal] mutex whose dead holder's pid now belongs to another
+   running process (simulated: the holder is recorded as a running process
+   with another start time, Struct_internal.mutex_set_holder) is taken
+   over by the next locker; a live holder, checked by the same lockers
+   while it holds the mutex, is not. *)
+let normal_reused_pid () =
+  with_pool (fun pool ->
+      with_header pool `Normal (fun _ h ->
+          (* a process that runs on under the dead holder's pid *)
+          let reuser = fork_child (fun () -> Unix.sleepf 3600.0; false) in
+          Struct_internal.mutex_set_holder h.m reuser 1;
+          check_status "a locker takes over from the dead holder whose pid was reused" (Unix.WEXITED 0) (await (lock_unlock_child h.m));
+          Alcotest.(check int) "one takeover" 1 (Mx.recoveries h.m);
+          (* the same process as a genuine holder: not taken over *)
+          let r, w = Unix.pipe ~cloexec:true () in
+          let r2, w2 = Unix.pipe ~cloexec:true () in
+          let holder =
+            fork_child (fun () ->
+                Unix.close r;
+                Unix.close w2;
+                Mx.lock h.m;
+                ignore (Unix.write_substring w "l" 0 1);
+                ignore (Unix.read r2 (Bytes.create 1) 0 1);
+                Mx.unlock h.m;
+                true)
+          in
+          Unix.close w;
+          Unix.close r2;
+          ignore (Unix.read r (Bytes.create 1) 0 1);
+          Unix.close r;
+          let locker = lock_unlock_child h.m in
+          (* several of the locker's holder checks (one per 50 ms) pass
+             while the holder lives: it must still be waiting *)
+          Unix.sleepf 0.3;
+          Alcotest.(check bool) "the locker waits while the holder lives" true (fst (Unix.waitpid [ Unix.WNOHANG ] locker) = 0);
+          ignore (Unix.write_substring w2 "u" 0 1);
+          Unix.close w2;
+          check_status "the holder unlocked" (Unix.WEXITED 0) (await holder);
+          check_status "then the locker got it" (Unix.WEXITED 0) (await locker);
+          Alcotest.(check int) "no takeover of a live holder" 1 (Mx.recoveries h.m);
+          Unix.kill reuser Sys.sigkill;
+          ignore (await reuser)))
+
+(* An event waiter dies queued, and a new waiter waits on a pipe of the
+   same path (a restarted worker given its predecessor's pipe): the dead
+   entry's pipe has a reader again, yet a signal must not count the dead
+   waiter as woken, it must reach the live one. *)
+let dead_waiter_pipe_reused () =
+  with_pool (fun pool ->
+      with_header pool `Normal (fun r h ->
+          let path = fresh_fifo () in
+          let d = start_waiter ~path r h Event in
+          until_waiting h 1;
+          Unix.kill d Sys.sigkill;
+          check_status "the waiter died queued" (Unix.WSIGNALED Sys.sigkill) (await d);
+          let live = start_waiter ~path r h Event in
+          until_waiting h 2;
+          wake_all h `Signal [ live ]))
+
+(* A semaphore waiter killed asleep does not take a later post: the next
+   waiter gets it. *)
+let sem_dead_waiter () =
+  with_pool (fun pool ->
+      let r = Netmcore_ref.sref pool [| Netmcore_sem.dummy () |] in
+      H.modify (Netmcore_ref.heap r) (fun mu -> (Netmcore_ref.deref_ro r).(0) <- Netmcore_sem.create mu 0);
+      let s = (Netmcore_ref.deref_ro r).(0) in
+      let waiter () = fork_child (fun () -> Netmcore_sem.wait s Netsys_posix.SEM_WAIT_BLOCK; true) in
+      (* asleep once counted among the waiters (offset 12, see
+         ocaml_sync_stubs.rs); a kill before only tests an earlier step *)
+      let waiters () = Int32.to_int (String.get_int32_le (Obj.magic s : string) 12) in
+      let until_asleep n = until (Printf.sprintf "%d semaphore waiters asleep" n) (fun () -> waiters () >= n) in
+      let d = waiter () in
+      until_asleep 1;
+      Unix.kill d Sys.sigkill;
+      check_status "the waiter died" (Unix.WSIGNALED Sys.sigkill) (await d);
+      let l = waiter () in
+      until_asleep 2;
+      Netmcore_sem.post s;
+      check_status "the live waiter got the post" (Unix.WEXITED 0) (await l);
+      Alcotest.(check int) "taken once" 0 (Netmcore_sem.getvalue s))
+
 (* Heap words that [f ()] allocates in the heap of [b] (used words after
    minus before; retried if a collection ran meanwhile, which frees
    garbage and so hides allocations). *)
@@ -321,6 +642,24 @@ let () =
         [
           Alcotest.test_case "unlocked by another process or thread" `Quick normal_hand_off;
           Alcotest.test_case "holder killed" `Quick normal_dead_holder;
+          Alcotest.test_case "dead holder's pid reused (simulated)" `Quick normal_reused_pid;
         ] );
       ("buffer", [ Alcotest.test_case "add and delete_hd allocate small values only" `Quick buffer_allocation ]);
+      ( "dead waiter",
+        List.concat_map
+          (fun (kind, death, name) ->
+            [ Alcotest.test_case (name ^ ", then signals") `Quick (waiter_dies kind death `Signal);
+              Alcotest.test_case (name ^ ", then a broadcast") `Quick (waiter_dies kind death `Broadcast) ])
+          [ (Event, Hook "wait_e:enqueued", "wait_e: queued, mutex still held");
+            (Event, Asleep, "wait_e: asleep in its event loop");
+            (Event, Hook "wait_e:woken", "wait_e: woken, entry still queued");
+            (Event, Stub "cond:dequeue-locked", "wait_e: unlinking its entry, list locked");
+            (Event, Hook "wait_e:dequeued", "wait_e: unlinked, mutex not locked again");
+            (Futex, Stub "wait:counted", "wait: counted, mutex still held");
+            (Futex, Asleep, "wait: asleep");
+            (Futex, Stub "wait:woken", "wait: woken, mutex not locked again") ]
+        @ [ Alcotest.test_case "random kills while signals race" `Quick random_kills;
+            Alcotest.test_case "free_wait_entry_e of a dead waiter's queued entry" `Quick free_queued_entry;
+          Alcotest.test_case "a dead waiter's pipe path reused by a live waiter" `Quick dead_waiter_pipe_reused ] );
+      ("semaphore", [ Alcotest.test_case "a waiter killed asleep" `Quick sem_dead_waiter ]);
     ]

@@ -392,43 +392,13 @@ let first (pool, seed) =
 
 let first_fork, first_join = Netmcore_process.def_process first
 
-let show_log log =
-  let ic = open_in log in
-  (try
-     while true do
-       let l = input_line ic in
-       (* each victim's expected "terminated with signal -7" aside *)
-       match Str.search_forward (Str.regexp_string "signal -7") l 0 with
-       | _ -> ()
-       | exception Not_found -> prerr_endline l
-     done
-   with End_of_file -> ());
-  close_in ic
-
 let mib n = float n /. 1048576.
 
 let run_suite () =
   let t0 = now () in
   mb := mailbox mailbox_words;
-  let master = Unix.getpid () in
-  let sockdir = temp_dir "worker-kills" in
-  let pool = M.create_mempool (pool_pages * ps) in
-  record_shm (M.shm_name pool);
-  (* at_exit runs in the Netmcore workers forked from here too *)
-  at_exit (fun () ->
-      if Unix.getpid () = master then begin
-        (try M.unlink_mempool pool with _ -> ());
-        rm_rf sockdir
-      end);
-  let log = Filename.temp_file "shmpool-worker-kills-" ".log" in
-  record_path log;
-  at_exit (fun () -> if Unix.getpid () = master then try Sys.remove log with Sys_error _ -> ());
-  let outcome =
-    with_stderr_to log (fun () ->
-        Netmcore.run ~socket_directory:sockdir
-          ~first_process:(fun () -> Netmcore_process.start ~inherit_resources:`All first_fork (pool, seed))
-          ~extract_result:(fun _ pid -> Netmcore_process.join_nowait first_join pid)
-          ())
+  let _pool, outcome, log =
+    Torture_mcore.run_first ~name:"worker-kills" ~pool_bytes:(pool_pages * ps) first_fork first_join seed
   in
   let expected = batches * kills_per_batch in
   let short g = g.free - g.got in
@@ -453,7 +423,7 @@ let run_suite () =
         || List.exists (fun (_, g) -> greedy_failed g) r.greedy_dead
         || Option.fold ~none:true ~some:greedy_failed r.greedy_live
   in
-  if failed then show_log log;
+  if failed then Torture_mcore.show_log log;
   let open Alcotest in
   let with_result f () =
     match outcome with None -> fail "the first process returned nothing" | Some r -> f r

@@ -97,6 +97,7 @@ impl Heap<'_> {
             if above != 0 {
                 let bc = above.trailing_zeros() as usize;
                 let off = self.pop(bc);
+                crate::crashpoint::hit(crate::crashpoint::CrashPoint::HeapAllocSplit);
                 let rem = bc as u64 - words;
                 self.push_free(off, rem);
                 return Some(off + rem * 8);
@@ -134,6 +135,7 @@ impl Heap<'_> {
                     }
                     d.free_words
                         .store(d.free_words.load(Relaxed) - have, Relaxed);
+                    crate::crashpoint::hit(crate::crashpoint::CrashPoint::HeapAllocSplit);
                     if rem > 0 {
                         self.push_free(cur, rem);
                     }

@@ -92,6 +92,19 @@ impl Heap<'_> {
             ));
         }
         let ranges = self.ranges();
+        // B (gc.rs): outside a GC, a bitmap holds no mark unless the last
+        // GC was interrupted (then the next one clears them all).
+        if d.bitmaps_dirty.load(Relaxed) == 0 {
+            for r in &ranges {
+                for k in 0..r.words.div_ceil(64) {
+                    // SAFETY: a word of this chunk's bitmap; lock held.
+                    if unsafe { self.rd(r.bitmap + 8 * k) } != 0 {
+                        v.push(format!("bitmap word {k} of chunk {} is not zero", r.hdr));
+                        break;
+                    }
+                }
+            }
+        }
         // A1..A3: free blocks as (start, words).
         let mut free: Vec<(u64, u64)> = Vec::new();
         let mut total = 0;

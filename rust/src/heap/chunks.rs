@@ -48,9 +48,15 @@ impl ChunkRange {
 /// The chunk whose area holds the word at byte offset `off`, in ranges
 /// sorted by `area`.
 pub(crate) fn find_in(ranges: &[ChunkRange], off: u64) -> Option<&ChunkRange> {
-    let i = ranges.partition_point(|r| r.area <= off);
-    let r = ranges.get(i.checked_sub(1)?)?;
-    (off < r.end() && (off - r.area) % WORD as u64 == 0).then_some(r)
+    find_index_in(ranges, off).map(|i| &ranges[i])
+}
+
+/// [`find_in`], as the index of the chunk in `ranges`.
+#[inline]
+pub(crate) fn find_index_in(ranges: &[ChunkRange], off: u64) -> Option<usize> {
+    let i = ranges.partition_point(|r| r.area <= off).checked_sub(1)?;
+    let r = ranges.get(i)?;
+    (off < r.end() && (off - r.area) % WORD as u64 == 0).then_some(i)
 }
 
 impl Heap<'_> {
@@ -80,6 +86,18 @@ impl Heap<'_> {
         c.bitmap_at
             .store(std::mem::size_of::<ChunkHeader>() as u64, Relaxed);
         c.area_at.store(chunk_overhead(words) as u64, Relaxed);
+        // A zero bitmap: the GC's invariant B (`gc.rs`); pool memory may
+        // hold anything.
+        // SAFETY: the bitmap lies inside the chunk's block (chunk_overhead
+        // counts it), which is not yet part of the heap.
+        unsafe {
+            std::ptr::write_bytes(
+                self.pool
+                    .addr(off as usize + std::mem::size_of::<ChunkHeader>()),
+                0,
+                words.div_ceil(64) * 8,
+            )
+        };
         c.nonce[0].store(d.nonce[0].load(Relaxed), Relaxed);
         c.nonce[1].store(d.nonce[1].load(Relaxed), Relaxed);
         c.magic.store(CHUNK_MAGIC, Relaxed);
@@ -104,6 +122,7 @@ impl Heap<'_> {
         d.chunks[n].bytes.store(bytes as u64, Relaxed);
         d.nchunks.store(n as u64 + 1, Relaxed); // commit
         d.chunk_gen.fetch_add(1, Relaxed);
+        crate::crashpoint::hit(crate::crashpoint::CrashPoint::HeapChunkAppended);
         let r = self.range_of(off);
         d.heap_words
             .store(d.heap_words.load(Relaxed) + r.words, Relaxed);
@@ -124,11 +143,12 @@ impl Heap<'_> {
         d.chunks[i]
             .bytes
             .store(d.chunks[last].bytes.load(Relaxed), Relaxed);
+        crate::crashpoint::hit(crate::crashpoint::CrashPoint::HeapChunkEntryMoved);
         d.nchunks.store(last as u64, Relaxed); // commit
         d.chunk_gen.fetch_add(1, Relaxed);
         d.heap_words
             .store(d.heap_words.load(Relaxed).saturating_sub(r.words), Relaxed);
-        super::crash::hit(super::crash::HeapPoint::ChunkRemoved);
+        crate::crashpoint::hit(crate::crashpoint::CrashPoint::HeapChunkRemoved);
         // The table no longer names it: a free that fails (a block the
         // pool does not know as live: damage) leaves nothing of ours
         // behind, and if the block is still live the next recovery's
@@ -180,7 +200,7 @@ impl Heap<'_> {
             let _ = self.pool.free(off);
             return Err(e.into());
         }
-        super::crash::hit(super::crash::HeapPoint::ChunkDisowned);
+        crate::crashpoint::hit(crate::crashpoint::CrashPoint::HeapChunkDisowned);
         self.append_chunk(off as u64, bytes);
         Ok(())
     }

@@ -29,7 +29,7 @@ pub const HEAP_MAGIC: u64 = u64::from_le_bytes(*b"SHMHEAP\x01");
 /// "SHMCHNK" and a format byte, at the start of every chunk header.
 pub const CHUNK_MAGIC: u64 = u64::from_le_bytes(*b"SHMCHNK\x01");
 /// Bumped whenever the meaning or position of any shared field changes.
-pub const HEAP_LAYOUT_VERSION: u32 = 1;
+pub const HEAP_LAYOUT_VERSION: u32 = 2;
 
 /// `state`: usable.
 pub const STATE_LIVE: u32 = 1;
@@ -73,7 +73,11 @@ pub struct HeapDesc {
     pub pool_base: AtomicU64,
     /// Byte offset of the first chunk header (inside the first block).
     pub first_chunk: AtomicU64,
-    pub _pad0: [u64; 2],
+    /// Written by `destroy` under the lock (version 2): the first block's
+    /// pool `ALLOC` word, from which it is freed (see `Heap::destroy`);
+    /// 0 until then.
+    pub first_word: AtomicU64,
+    pub _pad0: [u64; 1],
     pub lock: MutexStorage,
     /// The root value (an OCaml value word).
     pub root: AtomicU64,
@@ -98,7 +102,11 @@ pub struct HeapDesc {
     /// `repaired` to know their counters need recomputing.
     pub needs_repair: AtomicU64,
     pub repaired: AtomicU64,
-    pub _pad1: [u64; 2],
+    /// 1 from the start of a GC's mark to the end of its sweep (version
+    /// 2): while set, a bitmap may hold marks, and the next GC clears them
+    /// all first (`gc.rs`, invariant B).
+    pub bitmaps_dirty: AtomicU64,
+    pub _pad1: [u64; 1],
     /// Offset (from the pool base) of the header of the first free block of
     /// each class; 0 = empty. Index 0: blocks of more than SMALL_WORDS words.
     pub free_heads: [AtomicU64; SMALL_WORDS + 1],
@@ -139,16 +147,18 @@ pub const fn area_words_for(bytes: usize) -> usize {
     a
 }
 
-// The layout of version 1, byte for byte. Changing a field means changing
+// The layout of version 2, byte for byte. Changing a field means changing
 // this block and bumping HEAP_LAYOUT_VERSION.
 const _: () = {
     use std::mem::{offset_of, size_of};
     assert!(size_of::<MutexStorage>() == 64);
     assert!(offset_of!(HeapDesc, nonce) == 16);
     assert!(offset_of!(HeapDesc, pool_base) == 32);
+    assert!(offset_of!(HeapDesc, first_word) == 48);
     assert!(offset_of!(HeapDesc, lock) == 64);
     assert!(offset_of!(HeapDesc, root) == 128);
     assert!(offset_of!(HeapDesc, repaired) == 216);
+    assert!(offset_of!(HeapDesc, bitmaps_dirty) == 224);
     assert!(offset_of!(HeapDesc, free_heads) == 240);
     assert!(offset_of!(HeapDesc, pin_head) == 240 + 8 * (SMALL_WORDS + 1));
     assert!(offset_of!(HeapDesc, chunks) == 816);

@@ -21,7 +21,9 @@
 //! | `pins.rs` | values pinned by `with_value`, with their owner |
 //! | `recover.rs` | rebuilding after a holder died; orphan chunks |
 //! | `check.rs` | every invariant, as a list of violations |
-//! | `crash.rs` | test-only death points between writes |
+//!
+//! The test-only death points between the writes are the `Heap*` points
+//! of the crate's single list, `crate::crashpoint`.
 //!
 //! # Threads and processes
 //! A `Heap` is a per-process handle. Its lock is re-entrant in the thread
@@ -34,7 +36,6 @@ mod alloc;
 mod check;
 mod chunks;
 pub mod copy;
-pub mod crash;
 mod gc;
 mod hlock;
 pub mod layout;
@@ -145,6 +146,11 @@ struct Local {
     added: Vec<u64>,
     /// Buffers of the copy-in, reused.
     scratch: copy::Scratch,
+    /// Buffers of the GC (roots, mark stack, marked span of each chunk's
+    /// bitmap), reused.
+    gc_roots: Vec<u64>,
+    gc_stack: Vec<u64>,
+    gc_spans: Vec<(u64, u64)>,
 }
 
 /// A process's handle on a shared heap.
@@ -173,6 +179,11 @@ const MIN_CHUNK_BYTES: usize = 64 << 10;
 /// A GC runs before growing only once this many words were allocated
 /// since the last one (and at least as many as were live after it).
 const MIN_GC_WORDS: u64 = 8 << 10;
+/// [`Heap::collect_if_due`] collects once this many words were allocated
+/// since the last GC (and at least the live words, and a sixteenth of the
+/// heap): 16 KiB, so that what the copies of a `modify` loop write cycles
+/// through memory that stays in the L1 cache with its sources.
+const EARLY_GC_WORDS: u64 = 2 << 10;
 
 fn random_nonce() -> [u64; 2] {
     let mut b = [0u8; 16];
@@ -252,11 +263,15 @@ impl<'p> Heap<'p> {
         h.append_chunk(first as u64, bytes - std::mem::size_of::<HeapDesc>());
         d.magic.store(HEAP_MAGIC, Release);
         let r = h.lock().and_then(|_| {
+            crate::crashpoint::hit(crate::crashpoint::CrashPoint::HeapCreateFormatted);
             let r = init(&h).and_then(|root| h.set_root(root));
             h.unlock();
             r
         });
-        let r = r.and_then(|()| pool.disown(off).map_err(HeapError::from));
+        let r = r.and_then(|()| {
+            crate::crashpoint::hit(crate::crashpoint::CrashPoint::HeapCreateBeforeDisown);
+            pool.disown(off).map_err(HeapError::from)
+        });
         if let Err(e) = r {
             d.state.store(STATE_DESTROYING, Release);
             let _ = pool.free(off);
@@ -437,6 +452,38 @@ impl<'p> Heap<'p> {
         Ok(info)
     }
 
+    /// Collects now (lock held, at the start of an outermost `modify`) if
+    /// enough was allocated since the last GC: at least `EARLY_GC_WORDS`,
+    /// the live words and a sixteenth of the heap (so the cost, O(live
+    /// blocks + marked bitmap span), stays amortised). Returns whether it
+    /// collected.
+    ///
+    /// Why (measured, see docs/design-heap.md 3.4): between two GCs the
+    /// allocations walk through all of the heap's free space, so a loop of
+    /// `modify` + `add` of 10 KB strings wrote its copies through 120 KB,
+    /// from the L2 cache (a 10 KB memcpy: 171 ns), where collecting every
+    /// 16 KiB keeps them in about 30 KB of L1 (57 ns). Only here, where
+    /// the thread holds nothing of this `modify` yet: a GC inside a
+    /// `modify` (which allocation still runs when the free lists are
+    /// exhausted) can reclaim a value the callback read from the heap and
+    /// detached, and running more of them there would make that likelier.
+    pub fn collect_if_due(&self) -> HResult<bool> {
+        let l = self.local()?;
+        if l.depth != 1 {
+            return Ok(false);
+        }
+        let d = self.desc();
+        let since = d.alloc_since_gc.load(Relaxed);
+        if since < EARLY_GC_WORDS
+            || since < d.live_words.load(Relaxed)
+            || since < d.heap_words.load(Relaxed) / 16
+        {
+            return Ok(false);
+        }
+        self.collect_with(&|_| {}, Some(0))?;
+        Ok(true)
+    }
+
     /// Undoes one [`Heap::lock`]; the outermost one releases the mutex.
     pub fn unlock(&self) {
         let Ok(l) = self.local() else { return };
@@ -493,6 +540,7 @@ impl<'p> Heap<'p> {
     pub fn set_root(&self, v: u64) -> HResult<()> {
         self.local()?;
         self.desc().root.store(v, Release);
+        crate::crashpoint::hit(crate::crashpoint::CrashPoint::HeapRootStored);
         Ok(())
     }
 
@@ -541,7 +589,7 @@ impl<'p> Heap<'p> {
         let d = self.desc();
         let since = d.alloc_since_gc.load(Relaxed);
         if since >= d.live_words.load(Relaxed).max(MIN_GC_WORDS) {
-            self.collect_with(extra)?;
+            self.collect_with(extra, Some(words))?;
             // Mostly live after the GC: grow now, so the next GCs stay
             // amortised; but a full pool is no error while the free lists
             // still have room.
@@ -561,7 +609,7 @@ impl<'p> Heap<'p> {
                 // The pool is full: what the heap holds as garbage is the
                 // only room left.
                 Err(HeapError::Pool(Error::OutOfMemory)) if since > 0 => {
-                    self.collect_with(extra)?
+                    self.collect_with(extra, Some(words))?
                 }
                 r => r?,
             }
@@ -682,50 +730,114 @@ impl<'p> Heap<'p> {
 
     /// Gives every block of the heap back to the pool. The state is set
     /// first (the commit): any later use of any handle fails with
-    /// `Destroyed`; a process dying in the middle leaves a heap that a
-    /// second `destroy` finishes.
+    /// `Destroyed`; a process dying at any step leaves a heap that a
+    /// second `destroy` finishes, freeing each block exactly once.
+    ///
+    /// Steps and what a death after each leaves (crash points `HeapDestroy*`):
+    /// 1. state := DESTROYING under the heap lock (`HeapDestroyCommitted`);
+    /// 2. for each extension chunk, last first: drop it from the table,
+    ///    then free it (`HeapDestroyChunkForgotten` between the two: an
+    ///    orphan chunk, owned by nobody, with our nonce, which the next
+    ///    destroy's orphan scan frees; listed nowhere, so never freed twice);
+    /// 3. record the first block's pool word (its identity: a re-allocation
+    ///    of the same pages has another generation) in `first_word`
+    ///    (`HeapDestroyChunksFreed`), release the lock
+    ///    (`HeapDestroyUnlocked`), free the first block *from that word*:
+    ///    of two destroyers (one resuming after a death, or two racing), the
+    ///    pool lets exactly one free succeed, and a block freed and
+    ///    allocated again by someone else is never freed by a late one
+    ///    (the recorded word no longer matches: `Destroyed`).
+    ///
+    /// The lock is in the first block, so that block is freed only after
+    /// the lock is released (a robust mutex still held would be on the
+    /// thread's robust list, which the kernel walks at its exit).
     pub fn destroy(&self) -> HResult<()> {
+        use crate::crashpoint::{hit, CrashPoint as P};
         let d = self.desc();
-        if d.magic.load(Acquire) != HEAP_MAGIC
-            || d.nonce[0].load(Relaxed) != self.nonce0.load(Relaxed)
-        {
+        let stale = || {
+            d.magic.load(Acquire) != HEAP_MAGIC
+                || d.nonce[0].load(Relaxed) != self.nonce0.load(Relaxed)
+                || self.first_block_gone()
+        };
+        if stale() {
             return Err(HeapError::Destroyed);
         }
         if self.held() {
             return Err(HeapError::InUse);
         }
         let how = hlock::acquire(&d.lock)?;
-        if how == crate::lock::Acquired::OwnerDied {
+        let died = how == crate::lock::Acquired::OwnerDied;
+        if died {
             hlock::mark_consistent(&d.lock);
         }
         // Another destroy may have finished while this one waited: only
-        // the first one that finds the heap live (or half destroyed by a
-        // dead destroyer: state DESTROYING, magic still set) frees it.
-        if d.magic.load(Acquire) != HEAP_MAGIC
-            || d.nonce[0].load(Relaxed) != self.nonce0.load(Relaxed)
-        {
+        // one that finds the heap live, or half destroyed by a dead
+        // destroyer (state DESTROYING, first block still the same
+        // allocation), frees it.
+        if stale() {
             hlock::release(&d.lock);
             return Err(HeapError::Destroyed);
         }
+        let resumed = d.state.load(Acquire) != STATE_LIVE;
         d.state.store(STATE_DESTROYING, Release);
+        hit(P::HeapDestroyCommitted);
+        if resumed || died {
+            // A holder killed inside `remove_chunk` (between the entry
+            // move and the count store) leaves one chunk listed twice:
+            // freeing both entries would free it twice (the second free
+            // fails, or frees the block of whoever the pool gave it to in
+            // between). Recovery's table pass drops the duplicate (and
+            // entries that are not chunks of ours); idempotent.
+            self.sanitize_chunk_table();
+        }
         let first = d.first_chunk.load(Relaxed);
         let n = (d.nchunks.load(Relaxed) as usize).min(MAX_CHUNKS);
         let mut r = Ok(());
         for i in (0..n).rev() {
             let off = d.chunks[i].offset.load(Relaxed);
-            // Forgotten before it is freed: a death between the two leaks
-            // the chunk instead of letting the next destroy free it again
-            // (by then maybe someone else's block).
+            // Forgotten before it is freed: a death between the two leaves
+            // an orphan for the next destroy's scan, never a chunk the
+            // table still names after the pool reused it.
             d.nchunks.store(i as u64, Release);
             if off != first {
+                hit(P::HeapDestroyChunkForgotten);
                 if let Err(e) = self.pool.free(off as usize) {
                     r = Err(e.into());
                 }
             }
         }
-        d.magic.store(0, Release);
+        if resumed || died {
+            // A dead holder or destroyer may have left chunks of ours that
+            // no table entry names (`recover.rs`, step 4).
+            self.free_orphan_chunks();
+        }
+        let w = match self.pool.block_word(self.desc_off) {
+            Ok(w) => w,
+            Err(e) => {
+                hlock::release(&d.lock);
+                return Err(e.into());
+            }
+        };
+        d.first_word.store(w, Release);
+        hit(P::HeapDestroyChunksFreed);
         hlock::release(&d.lock);
-        self.pool.free(self.desc_off)?;
-        r
+        hit(P::HeapDestroyUnlocked);
+        match self.pool.free_word(self.desc_off, w) {
+            Ok(_) => r,
+            // Freed by a racing destroyer after our lock release.
+            Err(crate::error::Error::NotABlock) => Err(HeapError::Destroyed),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Whether a destroyer already freed the first block: it recorded the
+    /// block's pool word and the block is no longer that allocation.
+    fn first_block_gone(&self) -> bool {
+        let d = self.desc();
+        if d.state.load(Acquire) == STATE_LIVE {
+            return false;
+        }
+        let w = d.first_word.load(Acquire);
+        w != 0 && self.pool.block_word(self.desc_off) != Ok(w)
     }
 }

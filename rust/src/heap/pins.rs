@@ -20,10 +20,19 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Mutex;
 
 /// This process's identity, read once per fork generation.
+///
+/// The cache is only ever *tried*: a child forked while another thread of
+/// its parent held the mutex inherits it locked, with no thread left to
+/// unlock it, and must not wait for it. Without the cache the identity is
+/// simply read again.
 fn me() -> Option<OwnerIdentity> {
     static ME: Mutex<Option<(u64, OwnerIdentity)>> = Mutex::new(None);
     let gen = owner::fork_generation();
-    let mut g = ME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut g = match ME.try_lock() {
+        Ok(g) => g,
+        Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+        Err(std::sync::TryLockError::WouldBlock) => return owner::me(),
+    };
     match *g {
         Some((g0, id)) if g0 == gen => Some(id),
         _ => {
@@ -75,6 +84,10 @@ impl Heap<'_> {
             start_time: 0,
         });
         let d = self.desc();
+        // `v` may be reachable from nothing but the caller (a value just
+        // taken out of a structure under this lock, as `pop_p` does): the
+        // GC the pin's own allocation may run must keep it.
+        self.keep(v)?;
         let p = self.alloc(PIN_FIELDS, 0)?;
         self.set_pin_field(p, VALUE, v);
         self.set_pin_field(p, PID, val_int(id.pid as i64));
@@ -83,7 +96,7 @@ impl Heap<'_> {
         self.set_pin_field(p, START, val_int(id.start_time as i64));
         self.set_pin_field(p, NEXT, d.pin_head.load(Relaxed));
         d.pin_head.store(p, Relaxed); // commit
-        super::crash::hit(super::crash::HeapPoint::PinWritten);
+        crate::crashpoint::hit(crate::crashpoint::CrashPoint::HeapPinWritten);
         Ok(p)
     }
 
@@ -93,6 +106,7 @@ impl Heap<'_> {
         self.local()?;
         if pin != 0 {
             self.unlink_pins(|p| p == pin);
+            crate::crashpoint::hit(crate::crashpoint::CrashPoint::HeapPinRemoved);
         }
         Ok(())
     }

@@ -37,8 +37,9 @@ impl Heap<'_> {
         let d = self.desc();
         self.sanitize_chunk_table();
         self.prune_dead_pins();
+        crate::crashpoint::hit(crate::crashpoint::CrashPoint::HeapMidRecovery);
         let roots = [d.root.load(Relaxed), d.pin_head.load(Relaxed)];
-        if self.collect_from(&roots).is_err() {
+        if self.collect_from(&roots, None).is_err() {
             return false;
         }
         self.free_orphan_chunks();
@@ -55,7 +56,7 @@ impl Heap<'_> {
             && self.is_our_chunk(off)
     }
 
-    fn sanitize_chunk_table(&self) {
+    pub(super) fn sanitize_chunk_table(&self) {
         let d = self.desc();
         let first = d.first_chunk.load(Relaxed);
         let n = (d.nchunks.load(Relaxed) as usize).min(MAX_CHUNKS);
@@ -83,7 +84,7 @@ impl Heap<'_> {
         d.heap_words.store(words, Relaxed);
     }
 
-    fn free_orphan_chunks(&self) {
+    pub(super) fn free_orphan_chunks(&self) {
         let d = self.desc();
         let n = d.nchunks.load(Relaxed) as usize;
         let Ok(blocks) = self.pool.unowned_blocks() else {

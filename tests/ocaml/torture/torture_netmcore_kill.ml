@@ -144,19 +144,8 @@ let first_fork, first_join = Netmcore_process.def_process first
 let run () =
   let t0 = now () in
   mb := mailbox ((nworkers + 1) * slot_words);
-  let sockdir = temp_dir "netmcore" in
-  let pool = M.create_mempool (pool_pages * ps) in
-  record_shm (M.shm_name pool);
-  at_exit (fun () -> (try M.unlink_mempool pool with _ -> ()); rm_rf sockdir);
-  let log = Filename.temp_file "shmpool-torture-netmcore-" ".log" in
-  record_path log;
-  at_exit (fun () -> try Sys.remove log with Sys_error _ -> ());
-  let result =
-    with_stderr_to log (fun () ->
-        Netmcore.run ~socket_directory:sockdir
-          ~first_process:(fun () -> Netmcore_process.start ~inherit_resources:`All first_fork (pool, seed))
-          ~extract_result:(fun _ pid -> Netmcore_process.join_nowait first_join pid)
-          ())
+  let pool, result, log =
+    Torture_mcore.run_first ~name:"torture-netmcore" ~pool_bytes:(pool_pages * ps) first_fork first_join seed
   in
   let check_now = Shmpool.check (Shmpool_netmcore.shmpool pool) in
   let ok, line =
@@ -170,18 +159,7 @@ let run () =
             "%d trials, %d kills, %d deadlocks, %d violations, %d pages lost (%d recoveries, %d pages reclaimed, %d ops, %d OOMs, %.1f s, seed %d)"
             trials r.kills r.deadlocks violations r.lost r.recoveries r.reclaimed r.ops r.ooms (now () -. t0) seed )
   in
-  if not ok then begin
-    let ic = open_in log in
-    (try
-       while true do
-         let l = input_line ic in
-         (* the expected "terminated with signal -7" of each victim aside *)
-         if not (try ignore (Str.search_forward (Str.regexp_string "signal -7") l 0); true with Not_found -> false)
-         then prerr_endline l
-       done
-     with End_of_file -> ());
-    close_in ic
-  end;
+  if not ok then Torture_mcore.show_log log;
   report ~suite "%s" line;
   ok
 
