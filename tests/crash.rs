@@ -60,7 +60,7 @@ fn reached(p: CrashPoint, op: Op) -> bool {
         FreeCommitted | FreeNeighboursUnlinked | FreeFiled => op == Op::Free,
         // Only with caching on (tests/large_cache.rs); these pools run
         // uncached.
-        AllocSpareCached => false,
+        AllocSpareCached | LargeScrubbing | LargeGiveBack | TakeBackFreed => false,
         // Not in ALL: reached without the pool lock.
         FreeLoaded | CachePushLocked | InboxPushLocked | InboxPushCommitted | InboxDrainMoving
         | InboxPushLinked | ChainTaking => false,

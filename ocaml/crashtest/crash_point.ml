@@ -12,10 +12,14 @@ type t =
   | Free_filed
   | Before_unlock
   | Alloc_spare_cached
+  | Large_scrubbing
+  | Large_give_back
+  | Take_back_freed
 
 let all =
   [ Locked; Alloc_unlinked; Alloc_committed; Alloc_remainder_filed; Free_committed;
-    Free_neighbours_unlinked; Free_filed; Before_unlock; Alloc_spare_cached ]
+    Free_neighbours_unlinked; Free_filed; Before_unlock; Alloc_spare_cached;
+    Large_scrubbing; Large_give_back; Take_back_freed ]
 
 (* Spelled as in Rust, so a point is found in the Rust list by its name. *)
 let name = function
@@ -28,6 +32,9 @@ let name = function
   | Free_filed -> "FreeFiled"
   | Before_unlock -> "BeforeUnlock"
   | Alloc_spare_cached -> "AllocSpareCached"
+  | Large_scrubbing -> "LargeScrubbing"
+  | Large_give_back -> "LargeGiveBack"
+  | Take_back_freed -> "TakeBackFreed"
 
 external rust_points : unit -> (string * int) array option = "shmpool_ml_crash_points"
 

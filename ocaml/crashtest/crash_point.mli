@@ -10,6 +10,9 @@ type t =
   | Free_filed
   | Before_unlock
   | Alloc_spare_cached
+  | Large_scrubbing
+  | Large_give_back
+  | Take_back_freed
 
 val all : t list
 (** Every point, in the order of the Rust list. *)

@@ -438,10 +438,15 @@ impl<'a> Arena<'a> {
     /// compare-and-swap from the word read. O(len).
     pub(crate) fn clear_ghosts(&self, p: u32, len: u32) {
         let end = (p as u64 + len as u64).min(self.st.npages as u64) as u32;
+        let mut first = true;
         for q in p.saturating_add(1)..end {
             let x = self.w(q);
             if x != INTERIOR {
                 let _ = self.swap_word(q, x, INTERIOR);
+                if first {
+                    hit(CrashPoint::LargeScrubbing);
+                    first = false;
+                }
             }
         }
     }

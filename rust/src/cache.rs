@@ -1053,6 +1053,7 @@ impl Pool {
                 let _ = l.arena.free_cached(page);
             }
         }
+        hit(CrashPoint::TakeBackFreed);
         for &s in &held {
             let sc = self.slot_cache(s);
             sc.clear_counts();

@@ -76,6 +76,16 @@ crash_points! {
     /// Large refill: the block and the spare run after it are committed
     /// (`Arena::alloc_spare`), the remainder not yet filed.
     AllocSpareCached = 34,
+    /// Free of a block that may hold ghost words (`large_cache.rs`, L3):
+    /// its first ghost is cleared, the others and the head not yet.
+    LargeScrubbing = 38,
+    /// Large give-back (`large_cache.rs`): one of the owner's runs is
+    /// freed to the free runs (committed), its slot's counters not yet
+    /// lowered.
+    LargeGiveBack = 39,
+    /// Take-back (`cache.rs`): every cached block of the slots taken is
+    /// freed, their records (counters, lists, `taken`) not yet cleared.
+    TakeBackFreed = 40,
   }
   unlocked {
     /// Free: the block's `ALLOC` word is read, nothing written, no lock

@@ -833,6 +833,7 @@ impl Pool {
             let Some((p, len)) = ix.smallest() else { break };
             ix.remove(p);
             if self.my_cached_word(p, len, slot).is_some() && l.arena.free_cached(p).is_ok() {
+                hit(CrashPoint::LargeGiveBack);
                 sc.sub(len as u64, 1);
             }
         }

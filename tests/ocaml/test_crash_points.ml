@@ -1,7 +1,10 @@
 (* Staged death, driven from OCaml: a child stopped at each write step of
-   an alloc and of a free (holding the pool lock), and of a refill of its
-   large cache (an alloc of more than 64 pages with a spare run after it,
-   in a pool large enough to have one), then SIGKILLed. The
+   an alloc and of a free (holding the pool lock), and of its large cache's
+   locked steps (a refill: an alloc of more than 64 pages with a spare run
+   after it, in a pool large enough to have one; the scrub of a merged
+   run's ghost word when it is freed; a give-back of runs past the cache's
+   bound; the take-back of every cache when memory runs out), then
+   SIGKILLed. The
    parent must find the pool repaired (one recovery, check clean) and
    reclaim_dead must return exactly what the child held. *)
 
@@ -27,16 +30,21 @@ let kill_and_reap pid =
   (try Unix.kill pid Sys.sigkill with Unix.Unix_error _ -> ());
   try ignore (Unix.waitpid [] pid) with Unix.Unix_error _ -> ()
 
-type op = Alloc | Free | Refill
+type op = Alloc | Free | Refill | Scrub | Give_back | Take_back
 
 let points_of = function
   | Alloc -> C.[ Locked; Alloc_unlinked; Alloc_committed; Alloc_remainder_filed; Before_unlock ]
   | Free -> C.[ Locked; Free_committed; Free_neighbours_unlinked; Free_filed; Before_unlock ]
   | Refill -> C.[ Alloc_spare_cached ]
+  | Scrub -> C.[ Large_scrubbing ]
+  | Give_back -> C.[ Large_give_back ]
+  | Take_back -> C.[ Take_back_freed ]
 
 (* A process caches at most a 16th of the pool, and a spare run must be
    longer than 64 pages: 8192 pages give spares of 128. *)
-let pool_pages = function Refill -> 8192 | Alloc | Free -> 1024
+let pool_pages = function
+  | Refill | Scrub | Give_back | Take_back -> 8192
+  | Alloc | Free -> 1024
 
 (* pages the child holds when killed at [p] during [op] *)
 let held op p =
@@ -47,6 +55,9 @@ let held op p =
   | Free, C.(Locked) -> warm + big
   | Free, _ -> warm
   | Refill, _ -> warm + big (* the spare is cached: free already *)
+  | Scrub, _ -> warm + big (* the run being freed is cached: free already *)
+  | Give_back, _ -> warm + big + 250
+  | Take_back, _ -> warm
 
 let trial op p =
   let pool = P.create (pool_pages op * ps) in
@@ -56,12 +67,41 @@ let trial op p =
   let pid =
     Testutil.fork (fun () ->
         let _warm = P.alloc pool ps in
-        let big = if op = Free then Some (P.alloc pool (100 * ps)) else None in
-        C.arm p;
-        (match big with
-         | Some m -> P.free pool m
-         | None -> ignore (P.alloc pool (100 * ps)));
-        C.disarm ())
+        match op with
+        | Alloc | Free | Refill ->
+            let big = if op = Free then Some (P.alloc pool (100 * ps)) else None in
+            C.arm p;
+            (match big with
+             | Some m -> P.free pool m
+             | None -> ignore (P.alloc pool (100 * ps)));
+            C.disarm ()
+        | Scrub ->
+            (* a with a spare run after it; b split from the spare and
+               freed: merged with the spare's tail, whose head becomes a
+               ghost word that the flush scrubs *)
+            let _a = P.alloc pool (100 * ps) in
+            let b = P.alloc pool (100 * ps) in
+            P.free pool b;
+            C.arm p;
+            P.flush_cache pool;
+            C.disarm ()
+        | Give_back ->
+            (* spares of 128 pages after a, b and c (a 16th of the pool is
+               512); b's free merges it with the two around it: 634 pages
+               cached, the smallest run goes back *)
+            let _a = P.alloc pool (100 * ps) in
+            let b = P.alloc pool (250 * ps) in
+            let _c = P.alloc pool (250 * ps) in
+            C.arm p;
+            P.free pool b;
+            C.disarm ()
+        | Take_back ->
+            (* a and its spare cached, then an alloc no free run holds *)
+            let a = P.alloc pool (100 * ps) in
+            P.free pool a;
+            C.arm p;
+            (try ignore (P.alloc pool ((8192 - 100) * ps)) with P.Out_of_pool_memory -> ());
+            C.disarm ())
   in
   (match wait_stopped pid with
    | `Stopped -> ()
@@ -88,7 +128,9 @@ let test_same_points_as_rust () =
     (List.map fst C.in_rust) (List.map C.name C.all)
 
 let test_every_point_visited () =
-  let visited = points_of Alloc @ points_of Free @ points_of Refill in
+  let visited =
+    List.concat_map points_of [ Alloc; Free; Refill; Scrub; Give_back; Take_back ]
+  in
   List.iter
     (fun p -> Alcotest.(check bool) (C.name p ^ " is visited by a trial") true (List.mem p visited))
     C.all
@@ -141,7 +183,13 @@ let () =
       (fun p ->
         Alcotest.test_case
           (Printf.sprintf "%s killed at %s"
-             (match op with Alloc -> "alloc" | Free -> "free" | Refill -> "large refill")
+             (match op with
+              | Alloc -> "alloc"
+              | Free -> "free"
+              | Refill -> "large refill"
+              | Scrub -> "large scrub"
+              | Give_back -> "large give-back"
+              | Take_back -> "take-back")
              (C.name p))
           `Quick (fun () -> trial op p))
       (points_of op)
@@ -156,5 +204,8 @@ let () =
       ("alloc", cases Alloc);
       ("free", cases Free);
       ("refill", cases Refill);
+      ("scrub", cases Scrub);
+      ("give-back", cases Give_back);
+      ("take-back", cases Take_back);
       ("panic", [ Alcotest.test_case "induced internal panics" `Quick test_induced_panics ]);
     ]
