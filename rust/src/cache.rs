@@ -3,8 +3,8 @@
 //! One pool lock for every process means that two busy processes spend
 //! their time passing the lock's cache line back and forth. So a process
 //! keeps its own freed blocks in a small process-local stack per size of
-//! up to [`CACHE_CLASSES`] pages, and a few longer ones in a short list
-//! matched by exact length: freeing such a block flips the CACHED
+//! up to [`CACHE_CLASSES`] pages (longer ones as runs it splits and
+//! merges: `large_cache.rs`): freeing such a block flips the CACHED
 //! flag of its `ALLOC` word (the commit, a compare-and-swap) and pushes
 //! its page; allocating pops one and flips the flag back (with a new
 //! generation, see `desc.rs`). Neither takes the pool lock; both touch

@@ -58,9 +58,48 @@
 //!
 //! A process keeps its runs in a process-local index ([`LargeIndex`]:
 //! size-class lists and per-page arrays, O(1)). The index is only a hint:
+//! it is dropped whole when a taker took the slot's blocks back (the
+//! slot's `taken` count changed, as for the small cache's stacks), and
 //! every entry is checked against the descriptor (owner, CACHED, length)
-//! under the slot lock before use, and dropped when it is stale (a taker
-//! took the run back meanwhile).
+//! under the slot lock before use.
+//!
+//! Why this and not the alternatives: a per-process *arena* of pages set
+//! aside for each process (jemalloc's arenas, mimalloc's segments) would
+//! partition the pool, and a pool must stay usable whole by any process
+//! (an alloc of nearly all of it must succeed once the others have freed
+//! their blocks), with one process's share found and given back after it
+//! is killed. Cached runs need nothing of their own in shared memory:
+//! they are `ALLOC` words like any block, so they survive a crash, are
+//! taken back by the take-backs and the dead-cache reaping that exist
+//! already, and everything else (the index, `extra`, the counters) is
+//! derived from the descriptors and rebuilt when in doubt. tcmalloc's
+//! choice (large blocks always through the central heap) is what this
+//! replaces: the central heap is our pool lock.
+//!
+//! # Beside the inbox and the chain (frees by other processes)
+//!
+//! A block of another owner freed by a process goes to that owner's inbox
+//! only if it is at most [`CACHE_CLASSES`] pages long (`cache.rs`); a
+//! longer one is freed through the pool lock, clearing its ghosts first if
+//! it carries `GHOSTS` (L3). Handing long blocks to the owner's inbox
+//! would make the owner merge them into its runs when it drains, on the
+//! allocation path that must stay O(1), and add a second way a run
+//! appears in its records; one locked free per block of more than 64
+//! pages (whose user writes at least 256 KiB) costs little in comparison,
+//! and the hand-off of small blocks, the common case, is untouched. So:
+//! - inbox and chain blocks are small blocks freed live, never pieces of a
+//!   run: they have no `GHOSTS` flag and no ghost inside, and the index
+//!   never names one (only runs this module created are inserted, and the
+//!   index is dropped after every take-back). Both kinds are CACHED words
+//!   of the owner, so every take-back (`take_back_cached`, `empty_slot`,
+//!   the reaping, `reclaim_dead`) frees them all from the descriptors,
+//!   and `flush_cache` from the stacks, the chain, the index and the
+//!   inbox;
+//! - the link words that chain inbox blocks lie beside the descriptors,
+//!   not in them: a `SKIP` ghost never touches one, and a run's pages
+//!   never are on a list;
+//! - every cached page is counted once in `stats`: in the slot's `pages`
+//!   (stacks, chain and runs) or in its inbox's `pages` (waiting blocks).
 //!
 //! # Invariants (who writes which words)
 //!
@@ -143,7 +182,12 @@
 //! live and the tail cached; before a merge's commit both runs are cached,
 //! after it one is. Refill and give-back run under the pool lock and are
 //! arena operations with their own commits; a death there is repaired by
-//! the rebuild as any locked operation.
+//! the rebuild as any locked operation. The staged-death tests stop a
+//! process at each step (crash points `LargeSplitTailWritten`,
+//! `LargeSplitCommitted`, `LargeMergeCommitted` without the pool lock;
+//! `AllocSpareCached` (refill), `LargeScrubbing` (ghosts being cleared),
+//! `LargeGiveBack` and `TakeBackFreed` with it) and kill it there:
+//! tests/large_cache.rs and tests/ocaml/test_crash_points.ml.
 
 use crate::arena::{Arena, MAX_OWNERS};
 use crate::cache::CACHE_CLASSES;
