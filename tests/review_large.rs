@@ -78,3 +78,46 @@ fn a_losing_free_of_a_ghost_block_does_not_wipe_the_owners_new_run() {
     assert_eq!((st.free_bytes, st.live_blocks), (st.payload_bytes, 0));
     assert_eq!(p.check(), Vec::<String>::new());
 }
+
+/// Finding: the arena's `live_blocks` is decremented with a plain `-= 1`
+/// by a locked free, but with the large cache it counts an owner's words
+/// only up to its unfolded `extra` (L5 of `large_cache.rs`): blocks split
+/// from a run without the pool lock and then freed by another process
+/// (the locked path, which folds nothing) take it below zero. The dev
+/// profile (`make test`'s cargo-test-dev step, overflow checks on) then
+/// panics under the pool lock: the free reports `Corrupt("internal
+/// panic")` although the block was freed, and a recovery is counted. (The
+/// release profile wraps, and the sum with `extra` comes out right, so
+/// this test fails only in the dev profile. No `stats` before the frees:
+/// it would fold the owner's `extra`.)
+#[test]
+fn remote_frees_of_split_blocks_before_a_fold_are_plain_frees() {
+    let _serial = serial();
+    let _w = Watchdog::new("review-large: live_blocks below zero", 60);
+    // A 16th is 1024 pages: a refill's spare run is 256.
+    let p = anon(16384);
+    let pg = p.geometry().page_size;
+    // a from the free runs (the arena counts a and its spare: 2 blocks),
+    // then three blocks split from the spare without the pool lock.
+    let a = p.alloc(100 * pg).unwrap();
+    let split: Vec<usize> = (0..3).map(|_| p.alloc(65 * pg).unwrap()).collect();
+    assert_eq!(first(&p, split[0]), 100, "layout");
+    // Another process frees the three split ones (over 64 pages: the
+    // locked path): the arena counted 2 blocks of ours, now "-1".
+    let mut c = fork_child(|| {
+        for &o in &split {
+            p.free(o).map_err(|e| format!("free of {o}: {e:?}"))?;
+        }
+        Ok(())
+    });
+    c.wait_ok(T).unwrap();
+    // Our next block from the free runs (a small one, no fold on its
+    // way) brings our count back to "0", then a's free to "-1" again.
+    let s = p.alloc(pg).unwrap();
+    p.free(a).unwrap();
+    p.free(s).unwrap();
+    let st = p.stats();
+    assert_eq!(st.recoveries, 0, "a recovery");
+    assert_eq!((st.free_bytes, st.live_blocks), (st.payload_bytes, 0));
+    assert_eq!(p.check(), Vec::<String>::new());
+}
