@@ -254,10 +254,11 @@ impl<'a> Arena<'a> {
         }
         hit(CrashPoint::AllocRemainderFiled);
         self.st.free_pages -= pages as u64;
-        self.st.live_blocks += 1;
+        // Wrapping: it may be "negative" (L5 of `large_cache.rs`).
+        self.st.live_blocks = self.st.live_blocks.wrapping_add(1);
         let u = &mut self.st.usage[owner as usize % MAX_OWNERS];
         u.pages += pages as u64;
-        u.blocks += 1;
+        u.blocks = u.blocks.wrapping_add(1); // may be "negative" (L5)
         Ok(h)
     }
 
@@ -319,10 +320,10 @@ impl<'a> Arena<'a> {
         }
         hit(CrashPoint::AllocRemainderFiled);
         self.st.free_pages -= want as u64;
-        self.st.live_blocks += 2;
+        self.st.live_blocks = self.st.live_blocks.wrapping_add(2); // may be "negative" (L5)
         let u = &mut self.st.usage[owner as usize % MAX_OWNERS];
         u.pages += want as u64;
-        u.blocks += 2;
+        u.blocks = u.blocks.wrapping_add(2);
         Ok((h, spare))
     }
 
@@ -437,7 +438,11 @@ impl<'a> Arena<'a> {
         self.file_run(start, total);
         hit(CrashPoint::FreeFiled);
         self.st.free_pages += len as u64;
-        self.st.live_blocks -= 1;
+        // An owner's blocks split from its large runs are counted in its
+        // slot's `extra` until a taker folds it (L5 of `large_cache.rs`), so
+        // frees of them by others (which fold nothing) may take this below
+        // zero: wrapping, as `usage.blocks` (tests/review_large.rs).
+        self.st.live_blocks = self.st.live_blocks.wrapping_sub(1);
         let u = &mut self.st.usage[owner as usize % MAX_OWNERS];
         u.pages = u.pages.saturating_sub(len as u64);
         u.blocks = u.blocks.wrapping_sub(1); // may be "negative": L5 of `large_cache.rs`
