@@ -254,10 +254,11 @@ impl<'a> Arena<'a> {
         }
         hit(CrashPoint::AllocRemainderFiled);
         self.st.free_pages -= pages as u64;
-        self.st.live_blocks += 1;
+        // Wrapping: it may be "negative" (L5 of `large_cache.rs`).
+        self.st.live_blocks = self.st.live_blocks.wrapping_add(1);
         let u = &mut self.st.usage[owner as usize % MAX_OWNERS];
         u.pages += pages as u64;
-        u.blocks += 1;
+        u.blocks = u.blocks.wrapping_add(1); // may be "negative" (L5)
         Ok(h)
     }
 
@@ -319,10 +320,10 @@ impl<'a> Arena<'a> {
         }
         hit(CrashPoint::AllocRemainderFiled);
         self.st.free_pages -= want as u64;
-        self.st.live_blocks += 2;
+        self.st.live_blocks = self.st.live_blocks.wrapping_add(2); // may be "negative" (L5)
         let u = &mut self.st.usage[owner as usize % MAX_OWNERS];
         u.pages += want as u64;
-        u.blocks += 2;
+        u.blocks = u.blocks.wrapping_add(2);
         Ok((h, spare))
     }
 
@@ -382,7 +383,19 @@ impl<'a> Arena<'a> {
             // inside (a live block's interior is its user's; a cached run's
             // owner is dead or its slot lock is ours), and no walker runs
             // (we hold the pool lock).
-            self.clear_ghosts(p, len);
+            //
+            // But a *live* block's owner may free it into its large cache
+            // and split it again while we clear (a losing double free: a
+            // remote free, a heap's `free_word` decided before a lock was
+            // released): our commit below then fails, and the words inside
+            // are by then the owner's (a new cached run's head). A live
+            // block holds no CACHED ghost (those exist only inside a cached
+            // run, mid-operation or after its owner died, L2), so for one
+            // only `SKIP` words are cleared: a `SKIP` is only ever a ghost,
+            // and clearing one under the pool lock is harmless even inside
+            // an owner's run (walkers need them only during a walk, and
+            // every walk holds the pool lock; tests/review_large.rs).
+            self.clear_ghosts(p, len, !is_cached(w));
         }
         // The commit. A compare-and-swap, because the block's owner may be
         // flipping its CACHED flag without the lock at this very moment.
@@ -425,7 +438,11 @@ impl<'a> Arena<'a> {
         self.file_run(start, total);
         hit(CrashPoint::FreeFiled);
         self.st.free_pages += len as u64;
-        self.st.live_blocks -= 1;
+        // An owner's blocks split from its large runs are counted in its
+        // slot's `extra` until a taker folds it (L5 of `large_cache.rs`), so
+        // frees of them by others (which fold nothing) may take this below
+        // zero: wrapping, as `usage.blocks` (tests/review_large.rs).
+        self.st.live_blocks = self.st.live_blocks.wrapping_sub(1);
         let u = &mut self.st.usage[owner as usize % MAX_OWNERS];
         u.pages = u.pages.saturating_sub(len as u64);
         u.blocks = u.blocks.wrapping_sub(1); // may be "negative": L5 of `large_cache.rs`
@@ -435,13 +452,14 @@ impl<'a> Arena<'a> {
     /// Clears the words inside the block `[p, p + len)` that are not
     /// `INTERIOR` (the large cache's ghosts), for a block whose interior no
     /// other process writes (being freed, or live and disowned), each by
-    /// compare-and-swap from the word read. O(len).
-    pub(crate) fn clear_ghosts(&self, p: u32, len: u32) {
+    /// compare-and-swap from the word read; with `skips_only`, only the
+    /// `SKIP` words (a live block, see `free_word`). O(len).
+    pub(crate) fn clear_ghosts(&self, p: u32, len: u32, skips_only: bool) {
         let end = (p as u64 + len as u64).min(self.st.npages as u64) as u32;
         let mut first = true;
         for q in p.saturating_add(1)..end {
             let x = self.w(q);
-            if x != INTERIOR {
+            if x != INTERIOR && (!skips_only || is_skip(x)) {
                 let _ = self.swap_word(q, x, INTERIOR);
                 if first {
                     hit(CrashPoint::LargeScrubbing);

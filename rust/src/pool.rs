@@ -748,7 +748,7 @@ impl Pool {
                 // name the new owner: gone (its interior is its user's, and
                 // a death before this is repaired by recovery, which clears
                 // words of another owner inside a block).
-                l.arena.clear_ghosts(page, len);
+                l.arena.clear_ghosts(page, len, false);
             }
             let u = &mut l.arena.st.usage;
             let o = owner as usize % MAX_OWNERS;
