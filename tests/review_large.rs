@@ -121,3 +121,63 @@ fn remote_frees_of_split_blocks_before_a_fold_are_plain_frees() {
     assert_eq!((st.free_bytes, st.live_blocks), (st.payload_bytes, 0));
     assert_eq!(p.check(), Vec::<String>::new());
 }
+
+/// Finding (review, untested idea made a test): a fork while another
+/// thread of the parent is in the middle of a large-index operation. The
+/// child inherits the process-local index half linked; making the stacks
+/// its own used to walk that index to clear it, which may follow a stale
+/// link. The child now drops it unread (`forget_inherited`). Each child
+/// allocates and frees long blocks (its own index from scratch) and must
+/// finish with the pool consistent; the parent's busy thread is checked
+/// the same way at the end.
+#[test]
+fn forks_while_a_thread_uses_the_large_index() {
+    let _serial = serial();
+    let _w = Watchdog::new("review-large: fork mid index operation", 120);
+    let p = anon(NPAGES);
+    let pg = p.geometry().page_size;
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let forks = 40 * scale();
+    std::thread::scope(|s| {
+        let busy = s.spawn(|| -> Result<u64, String> {
+            let mut rng = Rng(7);
+            let mut live: Vec<usize> = Vec::new();
+            let mut ops = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if live.len() < 8 {
+                    let n = 65 + rng.below(120) as usize;
+                    live.push(p.alloc(n * pg).map_err(|e| format!("alloc: {e:?}"))?);
+                } else {
+                    let i = rng.below(live.len() as u64) as usize;
+                    p.free(live.swap_remove(i))
+                        .map_err(|e| format!("free: {e:?}"))?;
+                }
+                ops += 1;
+            }
+            for o in live {
+                p.free(o).map_err(|e| format!("free: {e:?}"))?;
+            }
+            Ok(ops)
+        });
+        for i in 0..forks {
+            let mut c = fork_child(|| {
+                let mut rng = Rng(100 + i);
+                for _ in 0..20 {
+                    let n = 65 + rng.below(120) as usize;
+                    let o = p.alloc(n * pg).map_err(|e| format!("child alloc: {e:?}"))?;
+                    p.free(o).map_err(|e| format!("child free: {e:?}"))?;
+                }
+                Ok(())
+            });
+            c.wait_ok(T).unwrap_or_else(|e| panic!("fork {i}: {e}"));
+            std::thread::sleep(Duration::from_micros(300));
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let ops = busy.join().unwrap().unwrap();
+        assert!(ops > 0, "the busy thread never ran");
+    });
+    p.reclaim_dead().unwrap();
+    assert_eq!(p.check(), Vec::<String>::new());
+    let st = p.stats();
+    assert_eq!((st.free_bytes, st.live_blocks), (st.payload_bytes, 0));
+}

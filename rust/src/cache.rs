@@ -536,6 +536,25 @@ impl LocalCache {
         s
     }
 
+    /// In a forked child: forgets everything inherited from the parent
+    /// without reading it. Another thread of the parent may have been in
+    /// the middle of an index operation when it forked (its slot lock is
+    /// the parent's, not ours), so the inherited lists may be half linked:
+    /// walking them, as `clear` does, could follow a stale link or never
+    /// end. The stacks are just lengths; the large index is replaced whole
+    /// (its arrays are allocated again, lazily, on first use).
+    ///
+    /// # Safety
+    /// As for `stacks`.
+    unsafe fn forget_inherited(&self) {
+        // SAFETY: the caller's contract is ours.
+        let s = unsafe { self.stacks() };
+        s.len = [0; CACHE_CLASSES as usize + 1];
+        s.held = 0;
+        // SAFETY: the caller's contract; `s` is not used after this.
+        *unsafe { self.large() } = LargeIndex::default();
+    }
+
     /// Forgets every entry.
     ///
     /// # Safety
@@ -563,7 +582,7 @@ impl Pool {
         }
         if self.cache.gen.load(Ordering::Relaxed) != gen {
             // SAFETY: we hold our slot lock.
-            unsafe { self.cache.clear() };
+            unsafe { self.cache.forget_inherited() };
             self.cache.gen.store(gen, Ordering::Relaxed);
         }
         self.unlock_slot(slot, tok);
