@@ -357,8 +357,7 @@ fn walks_see_every_block_while_another_process_merges() {
     p.reclaim_dead().unwrap();
     p.free(x).unwrap();
     assert_eq!(p.check(), Vec::<String>::new());
-    let st = p.stats();
-    assert_eq!((st.free_bytes, st.live_blocks), (st.payload_bytes, 0));
+    assert_all_free(&p);
 }
 
 /// The descriptor word of `page`, read from the pool's header region
@@ -425,9 +424,7 @@ fn a_merged_runs_old_head_still_leads_a_walker_on() {
         walk_from(&p, first(b))
     );
     assert_eq!(p.check(), Vec::<String>::new());
-    let st = p.stats();
-    assert_eq!((st.free_bytes, st.live_blocks), (st.payload_bytes, 0));
-    assert_eq!(p.check(), Vec::<String>::new());
+    assert_all_free(&p);
     assert!(walk_from(&p, 0).is_ok());
 }
 
@@ -475,9 +472,7 @@ fn a_merged_runs_old_head_is_no_cached_block_to_a_stale_entry() {
     for o in [c, y, z] {
         p.free(o).unwrap();
     }
-    let st = p.stats();
-    assert_eq!((st.free_bytes, st.live_blocks), (st.payload_bytes, 0));
-    assert_eq!(p.check(), Vec::<String>::new());
+    assert_all_free(&p);
 }
 
 /// The arena's block count of an owner is its words minus what its splits
@@ -508,7 +503,5 @@ fn blocks_split_from_a_run_can_be_disowned_and_freed_before_a_fold() {
         p.free(o).unwrap();
     }
     assert_eq!(p.check(), Vec::<String>::new());
-    let st = p.stats();
-    assert_eq!((st.free_bytes, st.live_blocks), (st.payload_bytes, 0));
-    assert_eq!(p.check(), Vec::<String>::new());
+    assert_all_free(&p);
 }

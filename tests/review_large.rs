@@ -74,9 +74,7 @@ fn a_losing_free_of_a_ghost_block_does_not_wipe_the_owners_new_run() {
     p.free(z).unwrap();
     p.free(y).unwrap();
     p.reclaim_dead().unwrap();
-    let st = p.stats();
-    assert_eq!((st.free_bytes, st.live_blocks), (st.payload_bytes, 0));
-    assert_eq!(p.check(), Vec::<String>::new());
+    assert_all_free(&p);
 }
 
 /// Finding: the arena's `live_blocks` is decremented with a plain `-= 1`
@@ -178,6 +176,5 @@ fn forks_while_a_thread_uses_the_large_index() {
     });
     p.reclaim_dead().unwrap();
     assert_eq!(p.check(), Vec::<String>::new());
-    let st = p.stats();
-    assert_eq!((st.free_bytes, st.live_blocks), (st.payload_bytes, 0));
+    assert_all_free(&p);
 }

@@ -379,22 +379,20 @@ impl<'a> Arena<'a> {
         if w & GHOSTS != 0 {
             // Ghost words the owner's large cache left inside (L2, L3 of
             // `large_cache.rs`) go before the commit: once the head is gone,
-            // a ghost would read as a head to recovery. Nobody else writes
-            // inside (a live block's interior is its user's; a cached run's
-            // owner is dead or its slot lock is ours), and no walker runs
-            // (we hold the pool lock).
-            //
-            // But a *live* block's owner may free it into its large cache
-            // and split it again while we clear (a losing double free: a
-            // remote free, a heap's `free_word` decided before a lock was
-            // released): our commit below then fails, and the words inside
-            // are by then the owner's (a new cached run's head). A live
-            // block holds no CACHED ghost (those exist only inside a cached
-            // run, mid-operation or after its owner died, L2), so for one
-            // only `SKIP` words are cleared: a `SKIP` is only ever a ghost,
-            // and clearing one under the pool lock is harmless even inside
-            // an owner's run (walkers need them only during a walk, and
-            // every walk holds the pool lock; tests/review_large.rs).
+            // a ghost would read as a head to recovery. No walker runs (we
+            // hold the pool lock). Inside a cached block nobody else writes
+            // (its owner is dead or its slot lock is ours), so every ghost
+            // goes. A *live* block's owner, though, may free it into its
+            // large cache and split it again while we clear (a losing double
+            // free: a remote free, a heap's `free_word` decided before a
+            // lock was released): our commit below then fails, and the words
+            // inside are by then the owner's (a new cached run's head). A
+            // live block holds no CACHED ghost (those exist only inside a
+            // cached run, mid-operation or after its owner died, L2), so for
+            // one only `SKIP` words are cleared: a `SKIP` is only ever a
+            // ghost, and clearing one under the pool lock is harmless even
+            // inside an owner's run (walkers need them only during a walk,
+            // and every walk holds the pool lock; tests/review_large.rs).
             self.clear_ghosts(p, len, !is_cached(w));
         }
         // The commit. A compare-and-swap, because the block's owner may be

@@ -432,6 +432,13 @@ struct Stacks {
 }
 
 impl Stacks {
+    /// Forgets every entry (the pages are left as they are: only the
+    /// lengths say what is on a stack).
+    fn forget(&mut self) {
+        self.len = [0; CACHE_CLASSES as usize + 1];
+        self.held = 0;
+    }
+
     /// Whether a block of `len` pages fits (per-class room and the cap).
     fn has_room(&self, len: u32, cap: u64) -> bool {
         // Longer blocks go to the large cache (`large_cache.rs`).
@@ -529,8 +536,7 @@ impl LocalCache {
         let s = unsafe { self.stacks() };
         let t = sc.taken.load(Ordering::Relaxed);
         if s.taken != t {
-            s.len = [0; CACHE_CLASSES as usize + 1];
-            s.held = 0;
+            s.forget();
             s.taken = t;
         }
         s
@@ -549,8 +555,7 @@ impl LocalCache {
     unsafe fn forget_inherited(&self) {
         // SAFETY: the caller's contract is ours.
         let s = unsafe { self.stacks() };
-        s.len = [0; CACHE_CLASSES as usize + 1];
-        s.held = 0;
+        s.forget();
         // SAFETY: the caller's contract; `s` is not used after this.
         *unsafe { self.large() } = LargeIndex::default();
     }
@@ -562,8 +567,7 @@ impl LocalCache {
     unsafe fn clear(&self) {
         // SAFETY: the caller's contract is ours.
         let s = unsafe { self.stacks() };
-        s.len = [0; CACHE_CLASSES as usize + 1];
-        s.held = 0;
+        s.forget();
         // SAFETY: the caller's contract; `s` is not used after this.
         unsafe { self.large() }.clear();
     }

@@ -576,3 +576,12 @@ pub fn anon(pages: usize) -> Pool {
     let bytes = pages * shmpool::mapping::page_size();
     Pool::create(bytes, &shmpool::CreateOptions::default()).expect("create anonymous pool")
 }
+
+/// Asserts that `p` holds no block any more and is consistent: `stats`
+/// (which takes every cache back) counts the whole payload free and no
+/// live block, and `check` finds nothing wrong afterwards.
+pub fn assert_all_free(p: &Pool) {
+    let st = p.stats();
+    assert_eq!((st.free_bytes, st.live_blocks), (st.payload_bytes, 0));
+    assert_eq!(p.check(), Vec::<String>::new());
+}
