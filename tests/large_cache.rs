@@ -85,30 +85,37 @@ fn child(p: &Pool, point: CrashPoint, r: &Report) -> Result<(), String> {
             Err(format!("not reached (got {b} after {a})"))
         }
         CrashPoint::LargeMergeCommitted => {
-            // b comes from the spare right after a; a is cached, then b's
-            // free merges it into a's run: b's word becomes stale.
+            // b comes from the spare right after a; both are freed and
+            // wait unmerged (deferred merging), then an alloc that no
+            // cached run fits merges b into a's run: b's word becomes
+            // stale. The alloc has not committed at the merge.
             let b = p.alloc(100 * pg).map_err(e)?;
             if b != a + 100 * pg {
                 return Err(format!("b at {b}, a at {a}"));
             }
             p.free(a).map_err(e)?;
+            p.free(b).map_err(e)?;
             r.stale.store(b as u64, Ordering::SeqCst);
-            r.live_before.store(100, Ordering::SeqCst);
+            r.live_before.store(0, Ordering::SeqCst);
             r.live_done.store(0, Ordering::SeqCst);
             crashpoint::arm(Some(point));
-            p.free(b).map_err(e)?;
+            p.alloc(240 * pg).map_err(e)?;
             crashpoint::arm(None);
             Err("not reached".into())
         }
         CrashPoint::LargeScrubbing => {
-            // b split from the spare after a, freed: merged with the
-            // spare's tail, whose head becomes a SKIP ghost inside b's run.
-            // Flushing frees that run under the pool lock: the ghost is
-            // scrubbed first.
+            // b split from the spare after a, freed, then merged with the
+            // spare's tail (by c's alloc, which no cached run fits), whose
+            // head becomes a SKIP ghost inside b's run. Flushing frees that
+            // run under the pool lock: the ghost is scrubbed first.
             let b = p.alloc(100 * pg).map_err(e)?;
             p.free(b).map_err(e)?;
-            r.live_before.store(100, Ordering::SeqCst);
-            r.live_done.store(100, Ordering::SeqCst);
+            let c = p.alloc(240 * pg).map_err(e)?;
+            if c < b + 128 * pg {
+                return Err(format!("c at {c}, inside b's run at {b}"));
+            }
+            r.live_before.store(340, Ordering::SeqCst);
+            r.live_done.store(340, Ordering::SeqCst);
             crashpoint::arm(Some(point));
             p.flush_cache().map_err(e)?;
             crashpoint::arm(None);
@@ -413,8 +420,11 @@ fn a_merged_runs_old_head_still_leads_a_walker_on() {
     p.free(a).unwrap();
     // A walker reads a's word now (100 pages), and is descheduled.
     assert_eq!(word(&p, first(a)) & ((1 << 30) - 1), 100);
-    // b's free merges b (and the spare's tail) into a's run.
+    // b's free waits unmerged (deferred merging); an alloc that no cached
+    // run fits merges b (and the spare's tail) into a's run first.
     p.free(b).unwrap();
+    assert_eq!(word(&p, first(a)) & ((1 << 30) - 1), 100, "merged early");
+    let c = p.alloc(240 * pg).unwrap();
     assert!(word(&p, first(a)) & ((1 << 30) - 1) > 100, "no merge");
     // The walker resumes at b.
     assert_eq!(walk_from(&p, first(a)).map(|_| ()), Ok(()));
@@ -424,6 +434,7 @@ fn a_merged_runs_old_head_still_leads_a_walker_on() {
         walk_from(&p, first(b))
     );
     assert_eq!(p.check(), Vec::<String>::new());
+    p.free(c).unwrap();
     assert_all_free(&p);
     assert!(walk_from(&p, 0).is_ok());
 }

@@ -49,6 +49,16 @@
 //!   cached runs `A = [a, b)` and `B = [b, c)`:
 //!   `CAS a: (CACHED, b-a) -> (CACHED|GHOSTS, c-a)` (the commit), then
 //!   `CAS b: B's word -> SKIP(c-b)`: a *ghost* inside `A` (L2, L3).
+//! - **deferred merging**: the runs the last frees cached (up to
+//!   `PENDING`) wait unmerged: an alloc of exactly the length of a cached
+//!   run takes it by the exact fit (one compare-and-swap, as a small
+//!   cache pop: a program freeing and reallocating buffers of one size
+//!   pays no merge and no split), and an alloc that finds no run of its
+//!   exact length first merges the waiting runs, as their frees would
+//!   have done, then takes the best fit (dlmalloc's fast bins and their
+//!   consolidation are the same idea). An unmerged cached run is a state
+//!   the words may always be in (merging is an optimisation), so this
+//!   changes nothing in shared memory;
 //! - **refill** (no fitting run): under the pool lock and then the slot
 //!   lock, one allocation from the free runs of `n` pages *plus a spare*
 //!   run written as a cached run right after it (`Arena::alloc_spare`);
@@ -264,7 +274,19 @@ pub(crate) struct LargeIndex {
     /// The slot's `taken` count the entries were inserted under (see
     /// `LocalCache::fresh_large`).
     taken: u32,
+    /// The runs the last frees cached, `(page, len)` oldest first, not
+    /// filed in the lists and arrays yet, so that allocs of exactly their
+    /// lengths take them whole (see "deferred merging" in the module doc).
+    /// Disjoint from the filed entries; counted in [`LargeIndex::held`].
+    pending: [(u32, u32); PENDING],
+    npending: usize,
+    pending_pages: u64,
 }
+
+/// Most frees whose merging waits (a batch of frees followed by a batch of
+/// allocs of the same sizes, the common pattern, reuses up to this many
+/// blocks without merging and splitting them).
+const PENDING: usize = 32;
 
 /// `n` zeroed words, or `None` if the allocator refuses. Zeroed by the
 /// allocator (`calloc`: fresh pages from the kernel stay untouched until a
@@ -314,6 +336,9 @@ impl LargeIndex {
             entries: 0,
             failed: false,
             taken: self.taken,
+            pending: [(0, 0); PENDING],
+            npending: 0,
+            pending_pages: 0,
         };
         true
     }
@@ -441,8 +466,9 @@ impl LargeIndex {
         self.len_at.get(page as usize).copied().filter(|&l| l != 0)
     }
 
+    /// Pages of all entries, filed and pending (some may be stale).
     pub(crate) fn held(&self) -> u64 {
-        self.held
+        self.held + self.pending_pages
     }
 
     #[cfg(test)]
@@ -457,12 +483,44 @@ impl LargeIndex {
         }
         self.held = 0;
         self.entries = 0;
+        self.npending = 0;
+        self.pending_pages = 0;
     }
 
+    /// Whether a filed entry of exactly `n` pages may be there (its exact
+    /// class is not empty).
+    #[inline]
+    fn has_exact(&self, n: u32) -> bool {
+        n <= EXACT && self.head.get(n as usize).is_some_and(|&h| h != NIL)
+    }
+
+    /// Adds a run to the pending ones (the caller made room).
+    #[inline]
+    fn add_pending(&mut self, page: u32, len: u32) {
+        self.pending[self.npending] = (page, len);
+        self.npending += 1;
+        self.pending_pages += len as u64;
+    }
+
+    /// Takes the newest pending run of exactly `n` pages, as its page.
+    #[inline]
+    fn take_pending(&mut self, n: u32) -> Option<u32> {
+        let i = self.pending[..self.npending]
+            .iter()
+            .rposition(|&(_, l)| l == n)?;
+        let (p, _) = self.pending[i];
+        self.pending.copy_within(i + 1..self.npending, i);
+        self.npending -= 1;
+        self.pending_pages -= n as u64;
+        Some(p)
+    }
+
+    /// The first pages of all entries, filed and pending.
     pub(crate) fn pages(&self) -> impl Iterator<Item = u32> + '_ {
         let mut c = 0usize;
         let mut cur = NIL;
-        std::iter::from_fn(move || loop {
+        let pending = self.pending[..self.npending].iter().map(|&(p, _)| p);
+        pending.chain(std::iter::from_fn(move || loop {
             if cur != NIL {
                 let p = cur;
                 cur = dec(self.next[p as usize]);
@@ -471,7 +529,7 @@ impl LargeIndex {
             c = self.class_from(c)?;
             cur = self.head[c];
             c += 1;
-        })
+        }))
     }
 }
 
@@ -641,6 +699,25 @@ impl Pool {
             return None;
         }
         let d = self.descriptors();
+        // Deferred merging: a pending run of exactly `n` pages is taken as
+        // it is (the exact fit's commit); with none, neither pending nor
+        // filed, the pending runs are merged first, as their frees would
+        // have done, so that the best fit sees them coalesced.
+        if let Some(p) = ix.take_pending(n) {
+            if let Some(w) = self.my_cached_word(p, n, slot) {
+                if d[p as usize]
+                    .compare_exchange(w, reused(w), Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    sc.sub(n as u64, 1);
+                    sc.unlock(tok);
+                    return Some(p);
+                }
+            }
+        }
+        if ix.npending != 0 && !ix.has_exact(n) {
+            self.merge_pending(ix, slot);
+        }
         let mut got = None;
         while let Some((p, len)) = ix.best_fit(n) {
             ix.remove(p);
@@ -743,34 +820,62 @@ impl Pool {
             .is_ok()
         {
             sc.add(len as u64, 1);
-            let (mut a, mut aw, mut alen) = (page, cw, len);
-            // The run ending where this one starts.
-            if let Some((lp, ll)) = ix.ending_at(a) {
-                ix.remove(lp);
-                if let Some(lw) = self.my_cached_word(lp, ll, slot) {
-                    if let Some(nw) = self.merge(lp, lw, a, aw, alen) {
-                        (a, aw, alen) = (lp, nw, ll + alen);
-                    }
-                }
+            // Deferred merging: this run waits unmerged for an alloc of
+            // its length, or for the next alloc that needs more.
+            if ix.npending == PENDING {
+                self.merge_pending(ix, slot);
             }
-            // The run starting where this one ends.
-            let e = a as u64 + alen as u64;
-            if e < d.len() as u64 {
-                if let Some(rl) = ix.starting_at(e as u32) {
-                    ix.remove(e as u32);
-                    if let Some(rw) = self.my_cached_word(e as u32, rl, slot) {
-                        if let Some(nw) = self.merge(a, aw, e as u32, rw, rl) {
-                            (aw, alen) = (nw, alen + rl);
-                        }
-                    }
-                }
-            }
-            let _ = aw;
-            ix.insert(a, alen);
+            ix.add_pending(page, len);
             done = Some((len, ix.held() > cap));
         }
         sc.unlock(tok);
         done
+    }
+
+    /// Merges every run whose merging waits (slot lock held), oldest first.
+    fn merge_pending(&self, ix: &mut LargeIndex, slot: u16) {
+        ix.pending_pages = 0;
+        for i in 0..std::mem::take(&mut ix.npending) {
+            let (p, len) = ix.pending[i];
+            self.file_merged(ix, p, len, slot);
+        }
+    }
+
+    /// Files our cached run at `page` (`len` pages, not filed in `ix`),
+    /// merged with the filed runs of ours that end where it starts and
+    /// start where it ends (slot lock held). A stale run (no longer ours
+    /// and cached) is dropped.
+    fn file_merged(&self, ix: &mut LargeIndex, page: u32, len: u32, slot: u16) {
+        let Some(w) = self.my_cached_word(page, len, slot) else {
+            return; // stale
+        };
+        let (mut a, mut aw, mut alen) = (page, w, len);
+        // The run ending where this one starts.
+        if let Some((lp, ll)) = ix.ending_at(a) {
+            ix.remove(lp);
+            if let Some(lw) = self.my_cached_word(lp, ll, slot) {
+                if let Some(nw) = self.merge(lp, lw, a, aw, alen) {
+                    (a, aw, alen) = (lp, nw, ll + alen);
+                } else {
+                    ix.insert(lp, ll); // cannot happen (L1)
+                }
+            }
+        }
+        // The run starting where this one ends.
+        let e = a as u64 + alen as u64;
+        if e < self.descriptors().len() as u64 {
+            if let Some(rl) = ix.starting_at(e as u32) {
+                ix.remove(e as u32);
+                if let Some(rw) = self.my_cached_word(e as u32, rl, slot) {
+                    if self.merge(a, aw, e as u32, rw, rl).is_some() {
+                        alen += rl;
+                    } else {
+                        ix.insert(e as u32, rl); // cannot happen (L1)
+                    }
+                }
+            }
+        }
+        ix.insert(a, alen);
     }
 
     /// Merges the cached run at `b` (word `bw`, `blen` pages) into the
@@ -873,6 +978,7 @@ impl Pool {
     /// one reference to it at a time.)
     fn give_back(&self, l: &mut Locked, ix: &mut LargeIndex, slot: u16, keep: u64) {
         let sc = self.slot_cache(slot);
+        self.merge_pending(ix, slot);
         while ix.held() > keep {
             let Some((p, len)) = ix.smallest() else { break };
             ix.remove(p);
@@ -925,6 +1031,31 @@ mod tests {
         all.sort();
         assert_eq!(all, vec![2000, 5000, 9000]);
         assert_eq!(ix.ending_at(3500), Some((2000, 1500)));
+    }
+
+    #[test]
+    fn pending_runs_are_held_listed_and_taken_newest_first() {
+        let mut ix = LargeIndex::default();
+        assert!(ix.ensure(10_000));
+        ix.insert(100, 80);
+        ix.add_pending(300, 70);
+        ix.add_pending(500, 70);
+        ix.add_pending(700, 90);
+        assert_eq!(ix.held(), 80 + 70 + 70 + 90);
+        // Pending runs are not filed: no best fit, no neighbour finds them.
+        assert_eq!(ix.best_fit(85), None);
+        assert_eq!(ix.starting_at(300), None);
+        assert_eq!(ix.take_pending(70), Some(500));
+        assert_eq!(ix.take_pending(75), None);
+        let mut all: Vec<u32> = ix.pages().collect();
+        all.sort();
+        assert_eq!(all, vec![100, 300, 700]);
+        assert_eq!(ix.held(), 80 + 70 + 90);
+        assert_eq!(ix.take_pending(70), Some(300));
+        assert_eq!(ix.take_pending(70), None);
+        ix.clear();
+        assert_eq!((ix.held(), ix.pages().count()), (0, 0));
+        assert_eq!(ix.take_pending(90), None);
     }
 
     #[test]

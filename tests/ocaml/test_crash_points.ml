@@ -55,7 +55,7 @@ let held op p =
   | Free, C.(Locked) -> warm + big
   | Free, _ -> warm
   | Refill, _ -> warm + big (* the spare is cached: free already *)
-  | Scrub, _ -> warm + big (* the run being freed is cached: free already *)
+  | Scrub, _ -> warm + big + 240 (* the run being freed is cached: free already *)
   | Give_back, _ -> warm + big + 250
   | Take_back, _ -> warm
 
@@ -77,18 +77,21 @@ let trial op p =
             C.disarm ()
         | Scrub ->
             (* a with a spare run after it; b split from the spare and
-               freed: merged with the spare's tail, whose head becomes a
-               ghost word that the flush scrubs *)
+               freed; c, which no cached run fits, first merges b with the
+               spare's tail (merging waits for an alloc that needs it),
+               whose head becomes a ghost word that the flush scrubs *)
             let _a = P.alloc pool (100 * ps) in
             let b = P.alloc pool (100 * ps) in
             P.free pool b;
+            let _c = P.alloc pool (240 * ps) in
             C.arm p;
             P.flush_cache pool;
             C.disarm ()
         | Give_back ->
             (* spares of 128 pages after a, b and c (a 16th of the pool is
-               512); b's free merges it with the two around it: 634 pages
-               cached, the smallest run goes back *)
+               512); after b's free 634 pages are cached: the give-back
+               merges b with the two around it and gives the smallest run
+               back *)
             let _a = P.alloc pool (100 * ps) in
             let b = P.alloc pool (250 * ps) in
             let _c = P.alloc pool (250 * ps) in

@@ -114,14 +114,18 @@ let listed what d =
       else List.map (fun a -> Scanf.sscanf a "%d->%d" (fun o n -> (o, n))) (String.split_on_char ',' s)
 
 (* Whether cached entry [(addr, size)] is the parker's, [p] being its
-   blocks: one of them of up to 64 pages (cached as it is), or a run that
-   holds one of its longer blocks (the large cache merges a freed long block
-   with the runs it caches next to it, such as the spare run that came with
-   its allocation: rust/src/large_cache.rs). *)
+   blocks: one of them (cached as it is), or a run that holds one of its
+   longer blocks (the large cache merges a freed long block with the runs
+   it caches next to it, such as the spare run that came with its
+   allocation: rust/src/large_cache.rs), or that spare run itself, which
+   starts where the long block ends (merging waits for an alloc that
+   needs it). *)
 let parkers p (o, n) =
   let ends o n = Nativeint.add o (Nativeint.of_int n) in
   List.mem (o, n) p
-  || List.exists (fun (o', n') -> n' > 64 * ps && o <= o' && ends o' n' <= ends o n) p
+  || List.exists
+       (fun (o', n') -> n' > 64 * ps && ((o <= o' && ends o' n' <= ends o n) || o = ends o' n'))
+       p
 
 (* Whether every block of the parker's is cached, as it is or in a run. *)
 let all_cached c p = List.for_all (fun b -> List.exists (parkers [ b ]) c) p
