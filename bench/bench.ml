@@ -162,10 +162,21 @@ type barrier_mem = (int, Bigarray.int_elt, Bigarray.c_layout) Bigarray.Array1.t
 let barrier_mem : barrier_mem option ref = ref None
 
 (* The hand-off ring lives in the same mapping, after the barrier words:
-   [ho_base] head (written by worker 0 only), [ho_base+1] tail (worker 1
-   only), [ho_base+2] the run whose producer has finished, then [ho_cap]
-   addresses. Head and tail only grow; each run ends with tail = head. *)
-let ho_base = 64
+   [ho_head] (written by worker 0 only), [ho_tail] (worker 1 only),
+   [ho_done] the run whose producer has finished, then [ho_cap] addresses
+   from [ho_slots]. Head and tail only grow; each run ends with
+   tail = head. Each of the three words has a cache line of its own (64
+   bytes; the mapping is page-aligned), and each worker reads the other's
+   word only when the copy it read last says the ring is full (producer)
+   or empty (consumer), as single-producer single-consumer rings do (and
+   the Rust core bench's): reading it at every step cost a cache miss per
+   block on each side, and that traffic, not the pools, set the pace of
+   the faster implementation (both implementations go through the same
+   ring). *)
+let ho_head = 64
+let ho_tail = ho_head + 8
+let ho_done = ho_head + 16
+let ho_slots = ho_head + 24
 let ho_cap = 1024
 
 let barrier ~gen ~slot ~n =
@@ -281,32 +292,36 @@ module Work (M : MEMPOOL) = struct
     let tbl = size_table sizes 7 in
     let mask = Array.length tbl - 1 in
     if r.slot = 0 then begin
-      let k = ref b.{ho_base} in
+      let k = ref b.{ho_head} in
       let k0 = !k in
+      let tail = ref b.{ho_tail} in
       let step () =
-        if !k - b.{ho_base + 1} < ho_cap then begin
+        if !k - !tail >= ho_cap then tail := b.{ho_tail};
+        if !k - !tail < ho_cap then begin
           let m = M.alloc_mem r.pool tbl.(!k land mask) in
-          b.{ho_base + 3 + (!k land (ho_cap - 1))} <- Nativeint.to_int (Netsys_mem.memory_address m);
+          b.{ho_slots + (!k land (ho_cap - 1))} <- Nativeint.to_int (Netsys_mem.memory_address m);
           incr k;
-          b.{ho_base} <- !k
+          b.{ho_head} <- !k
         end
       in
       let res = timed r ~batch:64 step in
-      b.{ho_base + 2} <- r.gen;
+      b.{ho_done} <- r.gen;
       { res with ops = !k - k0 }
     end
     else begin
-      let k = ref b.{ho_base + 1} in
+      let k = ref b.{ho_tail} in
+      let head = ref b.{ho_head} in
       let step () =
-        if !k < b.{ho_base} then begin
-          let a = b.{ho_base + 3 + (!k land (ho_cap - 1))} in
+        if !k >= !head then head := b.{ho_head};
+        if !k < !head then begin
+          let a = b.{ho_slots + (!k land (ho_cap - 1))} in
           M.free_mem r.pool (Netsys_mem.grab (Nativeint.of_int a) tbl.(!k land mask));
           incr k;
-          b.{ho_base + 1} <- !k
+          b.{ho_tail} <- !k
         end
       in
       let res = timed r ~batch:64 step in
-      while b.{ho_base + 2} <> r.gen || !k < b.{ho_base} do
+      while b.{ho_done} <> r.gen || !k < b.{ho_head} do
         step ()
       done;
       { res with ops = 0 }
@@ -650,7 +665,7 @@ let () =
   let bfile = Filename.concat sockdir "barrier" in
   let fd = Unix.openfile bfile [ Unix.O_RDWR; Unix.O_CREAT ] 0o600 in
   barrier_mem :=
-    Some (Bigarray.array1_of_genarray (Unix.map_file fd Bigarray.int Bigarray.c_layout true [| ho_base + 3 + ho_cap |]));
+    Some (Bigarray.array1_of_genarray (Unix.map_file fd Bigarray.int Bigarray.c_layout true [| ho_slots + ho_cap |]));
   Unix.close fd;
   Bigarray.Array1.fill (Option.get !barrier_mem) 0;
   Printf.eprintf "bench: %d rounds per implementation, %.2f s per measurement\n%!" !rounds !secs;
