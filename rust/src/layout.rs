@@ -404,7 +404,8 @@ fn round_up(x: usize, to: usize) -> usize {
 impl Geometry {
     /// The layout for `npages` payload pages, or `None` if out of range.
     pub fn for_pages(npages: u32, page_size: usize) -> Option<Geometry> {
-        if npages == 0 || npages > MAX_PAGES {
+        // (Pages are found from offsets by shifts: `Pool::page_of_offset`.)
+        if npages == 0 || npages > MAX_PAGES || !page_size.is_power_of_two() {
             return None;
         }
         let desc_offset = round_up(std::mem::size_of::<Header>(), 64);
