@@ -43,6 +43,10 @@ step cargo-test-dev   cargo test --features crash-points
 step cargo-test       cargo test --release --features crash-points
 step dune-build       dune build
 step dune-test        dune test --force
+# `make demo` too (a few seconds once built): it once failed for a whole
+# stop with every test green (tests/large_cache.rs,
+# long_lived_large_blocks_fill_the_pool).
+step demo             scripts/demo.sh
 step docs             scripts/doc.sh
 step opam-test        scripts/opam-test.sh
 step no-shm-leftovers scripts/check-shm.sh compare "$shm_before"

@@ -56,7 +56,7 @@ let held op p =
   | Free, _ -> warm
   | Refill, _ -> warm + big (* the spare is cached: free already *)
   | Scrub, _ -> warm + big + 240 (* the run being freed is cached: free already *)
-  | Give_back, _ -> warm + big + 250
+  | Give_back, _ -> warm + big
   | Take_back, _ -> warm
 
 let trial op p =
@@ -88,15 +88,15 @@ let trial op p =
             P.flush_cache pool;
             C.disarm ()
         | Give_back ->
-            (* spares of 128 pages after a, b and c (a 16th of the pool is
-               512); after b's free 634 pages are cached: the give-back
-               merges b with the two around it and gives the smallest run
-               back *)
+            (* blocks of 100 pages after a (a 16th of the pool is 512,
+               spares are 128): b and d split from spares, c and e
+               refills with a spare each, 184 pages cached; freeing b, c,
+               d and e caches 100 more each, and the last free (584) gives
+               the smallest runs back, with only a still live *)
             let _a = P.alloc pool (100 * ps) in
-            let b = P.alloc pool (250 * ps) in
-            let _c = P.alloc pool (250 * ps) in
+            let bs = List.init 4 (fun _ -> P.alloc pool (100 * ps)) in
             C.arm p;
-            P.free pool b;
+            List.iter (P.free pool) bs;
             C.disarm ()
         | Take_back ->
             (* a and its spare cached, then an alloc no free run holds *)
