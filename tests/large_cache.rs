@@ -653,3 +653,69 @@ fn one_long_lived_block_per_process_fills_the_pool() {
         assert_all_free(&p);
     }
 }
+
+/// A worker frees a temporary buffer (200 pages: cached, no longer than
+/// half the cache's bound) and then allocates a smaller block that it
+/// keeps (100 pages): the cache splits the cached run for it, although a
+/// free run of exactly 100 pages waits elsewhere, and the pages of the
+/// temporary buffer are no longer whole when another process needs them:
+/// `OutOfMemory` with 200 pages free. With caching off the block goes to
+/// the 100-page run (best fit over all free runs) and the other process
+/// gets the 200. Known, not fixed: a per-process cache serves from its own
+/// runs without looking at the free runs (that is what it is for); shown
+/// by `cargo test --test large_cache -- --ignored`.
+#[test]
+#[ignore = "review rev2: cache-local best fit splits a run the pool needed whole (not fixed)"]
+fn a_cached_run_split_for_a_long_lived_block_is_not_needed_whole_later() {
+    let _serial = serial();
+    for caching in [false, true] {
+        let p = anon(NPAGES);
+        let pg = p.geometry().page_size;
+        let first = |o: usize| (o - p.geometry().payload_offset) / pg;
+        // The parent fills the pool, caching off (a fixed layout): free
+        // runs [0, 100) and [NPAGES - 200, NPAGES).
+        p.set_caching(false).unwrap();
+        let h = p.alloc(100 * pg).unwrap();
+        let _g = p.alloc(8 * pg).unwrap();
+        let _rest = p.alloc((NPAGES - 308) * pg).unwrap();
+        p.free(h).unwrap();
+        // SAFETY: Fill is atomics only.
+        let f: SharedMem<Fill> = unsafe { SharedMem::new() };
+        let mut a = {
+            let (p, f) = (&p, &f);
+            fork_child(move || {
+                let e = |e: Error| format!("{e:?}");
+                p.set_caching(caching).map_err(e)?;
+                let t = p.alloc(200 * pg).map_err(e)?;
+                p.free(t).map_err(e)?;
+                let k = p.alloc(100 * pg).map_err(e)?;
+                f.got.store(first(k) as u64 + 1, Ordering::SeqCst);
+                wait_until(T, || f.release.load(Ordering::SeqCst) != 0)
+            })
+        };
+        wait_until(T, || f.got.load(Ordering::SeqCst) != 0).unwrap();
+        let kept = f.got.load(Ordering::SeqCst) - 1;
+        let mut b = {
+            let p = &p;
+            fork_child(move || {
+                p.set_caching(caching).map_err(|e| format!("{e:?}"))?;
+                p.alloc(200 * pg).map(|_| ()).map_err(|e| {
+                    let s = p.stats();
+                    format!(
+                        "{e:?} with {} pages free, {} contiguous",
+                        s.free_bytes / pg,
+                        s.largest_free_bytes / pg
+                    )
+                })
+            })
+        };
+        let rb = b.wait_ok(T);
+        f.release.store(1, Ordering::SeqCst);
+        a.wait_ok(T).unwrap();
+        rb.unwrap_or_else(|e| {
+            panic!("caching {caching}: the kept block at page {kept}; the other process: {e}")
+        });
+        p.reclaim_dead().unwrap();
+        assert_eq!(p.check(), Vec::<String>::new());
+    }
+}
