@@ -104,14 +104,15 @@ fn child(p: &Pool, point: CrashPoint, r: &Report) -> Result<(), String> {
             Err("not reached".into())
         }
         CrashPoint::LargeScrubbing => {
-            // b split from the spare after a, freed, then merged with the
-            // spare's tail (by c's alloc, which no cached run fits), whose
-            // head becomes a SKIP ghost inside b's run. Flushing frees that
-            // run under the pool lock: the ghost is scrubbed first.
-            let b = p.alloc(100 * pg).map_err(e)?;
+            // b split from the spare after a (100 pages: a whole block of
+            // a's length), freed, then merged with the spare's tail (by
+            // c's alloc, which no cached run fits), whose head becomes a
+            // SKIP ghost inside b's run. Flushing frees that run under the
+            // pool lock: the ghost is scrubbed first.
+            let b = p.alloc(70 * pg).map_err(e)?;
             p.free(b).map_err(e)?;
             let c = p.alloc(240 * pg).map_err(e)?;
-            if c < b + 128 * pg {
+            if c < b + 100 * pg {
                 return Err(format!("c at {c}, inside b's run at {b}"));
             }
             r.live_before.store(340, Ordering::SeqCst);
@@ -122,15 +123,16 @@ fn child(p: &Pool, point: CrashPoint, r: &Report) -> Result<(), String> {
             Err("not reached".into())
         }
         CrashPoint::LargeGiveBack => {
-            // Blocks of 100 pages after a (the cache's bound is 512 pages,
-            // spares are 128): b, d split from spares, c, e refills with a
-            // spare each, so 184 pages cached. Freeing b, c, d, e caches
-            // 100 more each: the last free makes 584 and gives the
-            // smallest runs back, with only a still live.
-            let b = p.alloc(100 * pg).map_err(e)?;
-            let c = p.alloc(100 * pg).map_err(e)?;
-            let d = p.alloc(100 * pg).map_err(e)?;
-            let f = p.alloc(100 * pg).map_err(e)?;
+            // Blocks of 128 pages after a (the cache's bound is 512 pages,
+            // spares are whole blocks of up to 128 pages): a's spare is
+            // 100, b and d refills with a spare of 128 each, c and f those
+            // spares, so 100 pages cached. Freeing b, c, d, f caches 128
+            // more each: the last free makes 612 and gives the runs back
+            // (merged: one of 612), with only a still live.
+            let b = p.alloc(128 * pg).map_err(e)?;
+            let c = p.alloc(128 * pg).map_err(e)?;
+            let d = p.alloc(128 * pg).map_err(e)?;
+            let f = p.alloc(128 * pg).map_err(e)?;
             r.live_before.store(100, Ordering::SeqCst);
             r.live_done.store(100, Ordering::SeqCst);
             crashpoint::arm(Some(point));
@@ -454,28 +456,31 @@ fn a_merged_runs_old_head_still_leads_a_walker_on() {
 #[test]
 fn a_merged_runs_old_head_is_no_cached_block_to_a_stale_entry() {
     let _serial = serial();
-    let p = anon(NPAGES);
+    // A 16th is 1024 pages: spares of up to 256, whole blocks of the
+    // refill's length (200 for 100, 175 for 175).
+    let npages = 2 * NPAGES;
+    let p = anon(npages);
     let pg = p.geometry().page_size;
     let first = |o: usize| (o - p.geometry().payload_offset) / pg;
-    // E and its spare run (128 pages: a 16th of the pool / 4), x after them.
+    // E and its spare run (200 pages), x after them.
     let e = p.alloc(100 * pg).unwrap();
     let x = p.alloc(50 * pg).unwrap();
-    assert_eq!((first(e), first(x)), (0, 228), "layout");
-    p.free(x).unwrap(); // into our small cache: an entry for page 228
-    p.free(e).unwrap(); // E and its spare: one cached run [0, 228)
+    assert_eq!((first(e), first(x)), (0, 300), "layout");
+    p.free(x).unwrap(); // into our small cache: an entry for page 300
+    p.free(e).unwrap(); // E and its spare: one cached run [0, 300)
                         // Memory runs out: every cache is taken back, our entry goes stale.
-    let g = p.alloc((NPAGES - 100) * pg).unwrap();
+    let g = p.alloc((npages - 100) * pg).unwrap();
     p.free(g).unwrap();
-    // C with a new spare [150, 278); D split from it leaves a cached tail
-    // at 228 of 50 pages, and D's free merges that tail into D's run.
-    let c = p.alloc(150 * pg).unwrap();
-    let d = p.alloc(78 * pg).unwrap();
-    assert_eq!((first(c), first(d)), (0, 150), "layout");
+    // C with a new spare [175, 350); D split from it leaves a cached tail
+    // at 300 of 50 pages, and D's free merges that tail into D's run.
+    let c = p.alloc(175 * pg).unwrap();
+    let d = p.alloc(125 * pg).unwrap();
+    assert_eq!((first(c), first(d)), (0, 175), "layout");
     p.free(d).unwrap();
-    // 50 pages: the stale entry names 228, inside the cached run [150, 278).
+    // 50 pages: the stale entry names 300, inside the cached run [175, 350).
     let y = p.alloc(50 * pg).unwrap();
     assert!(
-        !(150..278).contains(&first(y)),
+        !(175..350).contains(&first(y)),
         "a block at page {} inside a cached run",
         first(y)
     );
@@ -568,4 +573,149 @@ fn long_lived_large_blocks_fill_the_pool() {
     let r = p.reclaim_dead().unwrap();
     assert_eq!(r.pages, 8 * n as u64);
     assert_all_free(&p);
+}
+
+/// What the processes of `one_block_per_live_process` report.
+#[repr(C)]
+struct Fill {
+    /// Set by the parent once it has seen every child's answer.
+    release: AtomicU64,
+    /// Children that have tried their alloc, and those it succeeded for.
+    tried: AtomicU64,
+    got: AtomicU64,
+}
+
+/// Forks one process after another, each allocating one block of `n`
+/// pages and staying alive (as a worker holding its buffer) while the
+/// next ones allocate, until one gets `OutOfMemory` or `max` have
+/// allocated; returns how many did, and the free pages `stats` counts
+/// then (every cache taken back).
+fn one_block_per_live_process(p: &Pool, n: usize, max: usize) -> (usize, u64) {
+    let pg = p.geometry().page_size;
+    // SAFETY: Fill is atomics only.
+    let f: SharedMem<Fill> = unsafe { SharedMem::new() };
+    let mut kids = Vec::new();
+    for i in 0..max {
+        let f = &f;
+        kids.push(fork_child(move || {
+            let r = p.alloc(n * pg);
+            if r.is_ok() {
+                f.got.fetch_add(1, Ordering::SeqCst);
+            }
+            f.tried.fetch_add(1, Ordering::SeqCst);
+            wait_until(T, || f.release.load(Ordering::SeqCst) != 0)?;
+            match r {
+                Ok(_) | Err(Error::OutOfMemory) => Ok(()),
+                Err(e) => Err(format!("{e:?}")),
+            }
+        }));
+        wait_until(T, || f.tried.load(Ordering::SeqCst) == i as u64 + 1).unwrap();
+        if f.got.load(Ordering::SeqCst) != i as u64 + 1 {
+            break;
+        }
+    }
+    let got = f.got.load(Ordering::SeqCst) as usize;
+    let free = (p.stats().free_bytes / pg) as u64;
+    f.release.store(1, Ordering::SeqCst);
+    for mut k in kids {
+        k.wait_ok(T).unwrap();
+    }
+    (got, free)
+}
+
+/// Worker processes that each allocate one buffer and keep it, with
+/// blocks of `n` pages a spare run of `s` can serve once but not twice
+/// (`s/2 < n < s`; `s` is 128 pages here, a quarter of the cache's
+/// bound): each refill places the block right after the previous
+/// worker's spare, which a take-back turns into a hole of `s` pages
+/// holding one later block and `s - n` pages no block of `n` fits. With
+/// caching off, the same processes fill the pool with `npages / n`
+/// blocks; the cache must not make that fewer (README: "a cache does not
+/// make an allocation fail").
+#[test]
+fn one_long_lived_block_per_process_fills_the_pool() {
+    let _serial = serial();
+    let _w = Watchdog::new("one long-lived block per process", 120);
+    let n = 70;
+    let want = NPAGES / n;
+    for caching in [false, true] {
+        let p = anon(NPAGES);
+        p.set_caching(caching).unwrap();
+        let (got, free) = one_block_per_live_process(&p, n, want);
+        assert_eq!(
+            got, want,
+            "caching {caching}: blocks of {n} pages, one per live process: \
+             OutOfMemory after {got} with {free} pages free"
+        );
+        assert_eq!(p.check(), Vec::<String>::new());
+        let r = p.reclaim_dead().unwrap();
+        assert_eq!(r.pages, (want * n) as u64);
+        assert_all_free(&p);
+    }
+}
+
+/// A worker frees a temporary buffer (200 pages: cached, no longer than
+/// half the cache's bound) and then allocates a smaller block that it
+/// keeps (100 pages): the cache splits the cached run for it, although a
+/// free run of exactly 100 pages waits elsewhere, and the pages of the
+/// temporary buffer are no longer whole when another process needs them:
+/// `OutOfMemory` with 200 pages free. With caching off the block goes to
+/// the 100-page run (best fit over all free runs) and the other process
+/// gets the 200. Known, not fixed: a per-process cache serves from its own
+/// runs without looking at the free runs (that is what it is for); shown
+/// by `cargo test --test large_cache -- --ignored`.
+#[test]
+#[ignore = "review rev2: cache-local best fit splits a run the pool needed whole (not fixed)"]
+fn a_cached_run_split_for_a_long_lived_block_is_not_needed_whole_later() {
+    let _serial = serial();
+    for caching in [false, true] {
+        let p = anon(NPAGES);
+        let pg = p.geometry().page_size;
+        let first = |o: usize| (o - p.geometry().payload_offset) / pg;
+        // The parent fills the pool, caching off (a fixed layout): free
+        // runs [0, 100) and [NPAGES - 200, NPAGES).
+        p.set_caching(false).unwrap();
+        let h = p.alloc(100 * pg).unwrap();
+        let _g = p.alloc(8 * pg).unwrap();
+        let _rest = p.alloc((NPAGES - 308) * pg).unwrap();
+        p.free(h).unwrap();
+        // SAFETY: Fill is atomics only.
+        let f: SharedMem<Fill> = unsafe { SharedMem::new() };
+        let mut a = {
+            let (p, f) = (&p, &f);
+            fork_child(move || {
+                let e = |e: Error| format!("{e:?}");
+                p.set_caching(caching).map_err(e)?;
+                let t = p.alloc(200 * pg).map_err(e)?;
+                p.free(t).map_err(e)?;
+                let k = p.alloc(100 * pg).map_err(e)?;
+                f.got.store(first(k) as u64 + 1, Ordering::SeqCst);
+                wait_until(T, || f.release.load(Ordering::SeqCst) != 0)
+            })
+        };
+        wait_until(T, || f.got.load(Ordering::SeqCst) != 0).unwrap();
+        let kept = f.got.load(Ordering::SeqCst) - 1;
+        let mut b = {
+            let p = &p;
+            fork_child(move || {
+                p.set_caching(caching).map_err(|e| format!("{e:?}"))?;
+                p.alloc(200 * pg).map(|_| ()).map_err(|e| {
+                    let s = p.stats();
+                    format!(
+                        "{e:?} with {} pages free, {} contiguous",
+                        s.free_bytes / pg,
+                        s.largest_free_bytes / pg
+                    )
+                })
+            })
+        };
+        let rb = b.wait_ok(T);
+        f.release.store(1, Ordering::SeqCst);
+        a.wait_ok(T).unwrap();
+        rb.unwrap_or_else(|e| {
+            panic!("caching {caching}: the kept block at page {kept}; the other process: {e}")
+        });
+        p.reclaim_dead().unwrap();
+        assert_eq!(p.check(), Vec::<String>::new());
+    }
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 const T: Duration = Duration::from_secs(20);
 /// Pages of the test pools: a 16th (the large cache's bound) is 512, a
-/// refill's spare run 128.
+/// refill's spare run up to 128 (whole blocks of its length).
 const NPAGES: usize = 8192;
 
 fn first(p: &Pool, o: usize) -> usize {
@@ -32,17 +32,18 @@ fn first(p: &Pool, o: usize) -> usize {
 fn a_losing_free_of_a_ghost_block_does_not_wipe_the_owners_new_run() {
     let _serial = serial();
     let _w = Watchdog::new("review-large: losing free scrubs", 60);
-    let p = anon(NPAGES);
+    // A 16th is 1024 pages: a refill of 100 pages takes a spare of 200.
+    let p = anon(2 * NPAGES);
     let pg = p.geometry().page_size;
-    // a [0,100) with a spare [100,228); b split from the spare; both freed:
-    // one cached run [0,228) with SKIP ghosts at 100 and 200; x takes it
+    // a [0,100) with a spare [100,300); b split from the spare; both freed:
+    // one cached run [0,300) with SKIP ghosts at 100 and 200; x takes it
     // whole (exact fit), a live block marked GHOSTS.
     let a = p.alloc(100 * pg).unwrap();
     let b = p.alloc(100 * pg).unwrap();
     assert_eq!((first(&p, a), first(&p, b)), (0, 100), "layout");
     p.free(a).unwrap();
     p.free(b).unwrap();
-    let x = p.alloc(228 * pg).unwrap();
+    let x = p.alloc(300 * pg).unwrap();
     assert_eq!(first(&p, x), 0, "layout");
     // Another process frees x too (through the pool lock: over 64 pages),
     // and stops after its first ghost is cleared.
@@ -68,8 +69,8 @@ fn a_losing_free_of_a_ghost_block_does_not_wipe_the_owners_new_run() {
     unsafe { libc::kill(c.pid, libc::SIGCONT) };
     c.wait_ok(T).unwrap();
     assert_eq!(p.check(), Vec::<String>::new(), "after the losing free");
-    // The tail run [150,228) is still ours and whole.
-    let z = p.alloc(78 * pg).unwrap();
+    // The tail run [150,300) is still ours and whole.
+    let z = p.alloc(150 * pg).unwrap();
     assert_eq!(first(&p, z), 150, "the cached tail run is gone");
     p.free(z).unwrap();
     p.free(y).unwrap();

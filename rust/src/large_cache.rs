@@ -62,13 +62,18 @@
 //! - **refill** (no fitting run): under the pool lock and then the slot
 //!   lock, one allocation from the free runs of `n` pages *plus a spare*
 //!   run written as a cached run right after it (`Arena::alloc_spare`),
-//!   if the spare can be at least `n` pages long: the next allocations of
-//!   that length are then carved from it, next to each other. A spare
-//!   shorter than the block would serve none of its kind, and when a
-//!   take-back frees it later it is a hole between two blocks that may
-//!   live long: `make demo` (8 blocks of 4097 pages in a pool of 34,304)
-//!   failed its last allocation with 5,600 pages free in such holes
-//!   (tests/large_cache.rs, `long_lived_large_blocks_fill_the_pool`);
+//!   a whole number of blocks of `n` pages long (none if not even one
+//!   fits): the next allocations of that length are then carved from it,
+//!   next to each other. A spare the process does not use is, when a
+//!   take-back frees it, a hole between two blocks that may live long,
+//!   and it must hold blocks of its kind exactly: a spare shorter than
+//!   the block served none of them (`make demo`, 8 blocks of 4097 pages
+//!   in a pool of 34,304, failed its last allocation with 5,600 pages
+//!   free in such holes: tests/large_cache.rs,
+//!   `long_lived_large_blocks_fill_the_pool`), and a spare of 128 pages
+//!   with blocks of 70 left 58 free pages after each (worker processes
+//!   holding one block each: `one_long_lived_block_per_process_fills_the_pool`,
+//!   83 blocks of the 117 the pool holds without caching);
 //! - **give back**: when the process caches more than its bound (a 16th of
 //!   the pool, as the small cache), under the pool lock and the slot lock
 //!   its smallest runs go back to the free runs until it holds 3/4 of it.
@@ -946,14 +951,11 @@ impl Pool {
             self.give_back(l, ix, slot, cap / 2);
         }
         let room = cap.saturating_sub(ix.held());
-        let spare = (cap / 4).min(room) as u32;
-        // Only for a block the spare could serve again (see "refill" in
-        // the module doc).
-        let spare = if spare > CACHE_CLASSES && spare >= n {
-            spare
-        } else {
-            0
-        };
+        // Whole blocks of `n` only (see "refill" in the module doc): none
+        // for a block the spare could not serve again, and no remainder
+        // that no block of `n` fits once a take-back frees the spare.
+        let spare = (cap / 4).min(room) as u32 / n * n;
+        let spare = if spare > CACHE_CLASSES { spare } else { 0 };
         if spare > 0 {
             // Marked and bounded before the spare's word is written.
             self.mark_caching(slot);

@@ -41,7 +41,8 @@ let points_of = function
   | Take_back -> C.[ Take_back_freed ]
 
 (* A process caches at most a 16th of the pool, and a spare run must be
-   longer than 64 pages: 8192 pages give spares of 128. *)
+   longer than 64 pages: 8192 pages give spares of up to 128, whole
+   blocks of the refill's length (100 for 100, 128 for 128). *)
 let pool_pages = function
   | Refill | Scrub | Give_back | Take_back -> 8192
   | Alloc | Free -> 1024
@@ -81,20 +82,21 @@ let trial op p =
                spare's tail (merging waits for an alloc that needs it),
                whose head becomes a ghost word that the flush scrubs *)
             let _a = P.alloc pool (100 * ps) in
-            let b = P.alloc pool (100 * ps) in
+            let b = P.alloc pool (70 * ps) in
             P.free pool b;
             let _c = P.alloc pool (240 * ps) in
             C.arm p;
             P.flush_cache pool;
             C.disarm ()
         | Give_back ->
-            (* blocks of 100 pages after a (a 16th of the pool is 512,
-               spares are 128): b and d split from spares, c and e
-               refills with a spare each, 184 pages cached; freeing b, c,
-               d and e caches 100 more each, and the last free (584) gives
-               the smallest runs back, with only a still live *)
+            (* blocks of 128 pages after a (a 16th of the pool is 512,
+               spares are whole blocks of up to 128 pages): a's spare is
+               100, the first and third refills with a spare of 128 each,
+               the second and fourth those spares, 100 pages cached;
+               freeing the four caches 128 more each, and the last free
+               (612) gives the runs back, with only a still live *)
             let _a = P.alloc pool (100 * ps) in
-            let bs = List.init 4 (fun _ -> P.alloc pool (100 * ps)) in
+            let bs = List.init 4 (fun _ -> P.alloc pool (128 * ps)) in
             C.arm p;
             List.iter (P.free pool) bs;
             C.disarm ()
