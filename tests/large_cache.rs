@@ -569,3 +569,64 @@ fn long_lived_large_blocks_fill_the_pool() {
     assert_eq!(r.pages, 8 * n as u64);
     assert_all_free(&p);
 }
+
+/// Staged death at the merges deferred merging does outside an alloc: a
+/// free that finds the pending list full merges it (no pool lock), and a
+/// give-back merges the pending runs first (pool lock held). The child
+/// holds only `a` live when killed; the pool must come back whole.
+#[test]
+fn killed_merging_pending_runs_in_a_free_and_in_a_give_back() {
+    let _serial = serial();
+    let _w = Watchdog::new("large cache pending merges", 120);
+    // (pages, block length, blocks freed, pool lock held at the merge)
+    for (npages, len, count, locked) in [
+        // A bound of 4096 pages: 33 frees of 65 pages stay under it, and
+        // the 33rd finds 32 runs pending.
+        (65536usize, 65usize, 33usize, false),
+        // A bound of 512 (spares of 128): the 4th free of 100 pages goes
+        // past it, and the give-back merges the pending runs first.
+        (NPAGES, 100, 4, true),
+    ] {
+        let what = format!("{count} frees of {len} pages in {npages}");
+        let p = anon(npages);
+        let pg = p.geometry().page_size;
+        let mut c = fork_child(|| {
+            let e = |e: Error| format!("{e:?}");
+            let _a = p.alloc(100 * pg).map_err(e)?;
+            let bs = (0..count)
+                .map(|_| p.alloc(len * pg))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(e)?;
+            crashpoint::arm(Some(CrashPoint::LargeMergeCommitted));
+            for b in bs {
+                p.free(b).map_err(e)?;
+            }
+            crashpoint::arm(None);
+            Err("not reached".into())
+        });
+        c.wait_stopped(T).unwrap_or_else(|e| panic!("{what}: {e}"));
+        if !locked {
+            assert_eq!(p.check(), Vec::<String>::new(), "{what}: stopped owner");
+        }
+        let st = c.kill();
+        assert!(libc::WIFSIGNALED(st), "{what}: {}", describe(st));
+        let s = p.stats();
+        assert_eq!(s.recoveries, locked as u64, "{what}: recoveries");
+        assert_eq!(p.check(), Vec::<String>::new(), "{what}");
+        assert_eq!(
+            (s.payload_bytes - s.free_bytes) / pg,
+            100,
+            "{what}: the dead child holds only a"
+        );
+        assert_eq!(p.reclaim_dead().unwrap().pages, 100, "{what}");
+        let after = p.stats();
+        assert_eq!(
+            (after.free_bytes, after.live_blocks),
+            (after.payload_bytes, 0),
+            "{what}"
+        );
+        assert_eq!(p.check(), Vec::<String>::new(), "{what}");
+        greedy_gets_everything(&p, &what);
+        assert_eq!(p.stats().largest_free_bytes, after.payload_bytes, "{what}");
+    }
+}
