@@ -301,3 +301,58 @@ fn keep_alive_outlives_the_pool() {
     // SAFETY: allocated above with `lay`; `q` is gone.
     unsafe { std::alloc::dealloc(buf, lay) };
 }
+
+/// Sizes and offsets become pages by shifts (the page size is a power of
+/// two): every size up to three pages, one below, at and above each
+/// multiple up to past the pool, and the largest ones round up exactly as
+/// a division would; every offset that is not a page boundary, before the
+/// payload or past its end is no block.
+#[test]
+fn sizes_and_offsets_become_pages_as_by_division() {
+    let p = pool(300 * mapping::page_size());
+    p.set_caching(false).unwrap();
+    let pg = p.geometry().page_size;
+    let base = p.geometry().payload_offset;
+    let npages = p.geometry().npages as usize;
+    let mut sizes: Vec<usize> = (1..=3 * pg).collect();
+    for k in 1..=npages + 2 {
+        sizes.extend([k * pg - 1, k * pg, k * pg + 1]);
+    }
+    sizes.extend([
+        usize::MAX,
+        usize::MAX - pg + 1,
+        usize::MAX / 2,
+        u32::MAX as usize * pg,
+        (u32::MAX as usize + 1) * pg + 1,
+    ]);
+    for &b in &sizes {
+        let want = b.div_ceil(pg);
+        match p.alloc(b) {
+            Ok(o) => {
+                assert_eq!(p.size(o), Ok(want * pg), "alloc({b})");
+                for d in [1, pg / 2 + 1, pg - 1] {
+                    assert_eq!(p.size(o + d), Err(Error::NotABlock), "alloc({b}) + {d}");
+                }
+                p.free(o).unwrap();
+            }
+            Err(e) => assert!(want > npages, "alloc({b}): {e:?}, {want} pages"),
+        }
+    }
+    let a = p.alloc(pg).unwrap();
+    assert_eq!(a, base);
+    for off in base.saturating_sub(2 * pg)..base + 3 * pg {
+        let want = if off == base {
+            Ok(pg)
+        } else {
+            Err(Error::NotABlock)
+        };
+        assert_eq!(p.size(off), want, "size({off})");
+    }
+    for off in [base + npages * pg, base + (npages + 1) * pg, usize::MAX] {
+        assert_eq!(p.size(off), Err(Error::NotABlock), "size({off})");
+        assert_eq!(p.free(off), Err(Error::NotABlock), "free({off})");
+    }
+    p.free(a).unwrap();
+    assert!(shmpool::layout::Geometry::for_pages(16, pg).is_some());
+    assert!(shmpool::layout::Geometry::for_pages(16, pg + pg / 2).is_none());
+}

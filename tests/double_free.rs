@@ -303,6 +303,6 @@ mod with_hooks {
 #[cfg(not(feature = "crash-points"))]
 #[test]
 fn double_free_races_need_crash_points() {
-    let _serial = serial();
+    let _serial = common::serial();
     println!("SKIPPED: the double-free race tests need --features crash-points");
 }

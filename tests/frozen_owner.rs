@@ -117,6 +117,6 @@ fn a_stopped_cache_owner_makes_no_allocation_wait() {
 #[cfg(not(feature = "crash-points"))]
 #[test]
 fn a_stopped_cache_owner_needs_crash_points() {
-    let _serial = serial();
+    let _serial = common::serial();
     println!("SKIPPED: the frozen-owner test needs --features crash-points");
 }

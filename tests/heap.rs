@@ -726,6 +726,7 @@ fn death_at_each_heap_crash_point_is_recovered() {
 
 /// A heap of three chunks, its root a pair of two large strings, each in
 /// an extension chunk of its own.
+#[cfg(feature = "crash-points")]
 fn three_chunk_heap(pool: &Pool) -> Heap<'_> {
     let h = Heap::create(pool, 8192).unwrap();
     h.with_lock(|h| {

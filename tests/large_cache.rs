@@ -725,3 +725,68 @@ fn a_cached_run_split_for_a_long_lived_block_is_not_needed_whole_later() {
         assert_eq!(p.check(), Vec::<String>::new());
     }
 }
+
+/// Staged death at the merges deferred merging does outside an alloc: a
+/// free that finds the pending list full merges it (no pool lock), and a
+/// give-back merges the pending runs first (pool lock held). The child
+/// holds only `a` (one block of the same length) live when killed; the
+/// pool must come back whole.
+#[test]
+fn killed_merging_pending_runs_in_a_free_and_in_a_give_back() {
+    let _serial = serial();
+    let _w = Watchdog::new("large cache pending merges", 120);
+    // (pages, block length, blocks freed, pool lock held at the merge)
+    for (npages, len, count, locked) in [
+        // A bound of 4096 pages: 33 frees of 65 pages stay under it, and
+        // the 33rd finds 32 runs pending.
+        (65536usize, 65usize, 33usize, false),
+        // A bound of 512, spares of one block of 120 pages (a whole number
+        // of blocks up to 128): a, then b1..b5 alternately from the spare
+        // and from a refill with a new spare, leave nothing cached; the
+        // 5th free of 120 pages (600) goes past the bound, and the
+        // give-back merges the pending runs first.
+        (NPAGES, 120, 5, true),
+    ] {
+        let what = format!("{count} frees of {len} pages in {npages}");
+        let p = anon(npages);
+        let pg = p.geometry().page_size;
+        let mut c = fork_child(|| {
+            let e = |e: Error| format!("{e:?}");
+            let _a = p.alloc(len * pg).map_err(e)?;
+            let bs = (0..count)
+                .map(|_| p.alloc(len * pg))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(e)?;
+            crashpoint::arm(Some(CrashPoint::LargeMergeCommitted));
+            for b in bs {
+                p.free(b).map_err(e)?;
+            }
+            crashpoint::arm(None);
+            Err("not reached".into())
+        });
+        c.wait_stopped(T).unwrap_or_else(|e| panic!("{what}: {e}"));
+        if !locked {
+            assert_eq!(p.check(), Vec::<String>::new(), "{what}: stopped owner");
+        }
+        let st = c.kill();
+        assert!(libc::WIFSIGNALED(st), "{what}: {}", describe(st));
+        let s = p.stats();
+        assert_eq!(s.recoveries, locked as u64, "{what}: recoveries");
+        assert_eq!(p.check(), Vec::<String>::new(), "{what}");
+        assert_eq!(
+            (s.payload_bytes - s.free_bytes) / pg,
+            len,
+            "{what}: the dead child holds only a"
+        );
+        assert_eq!(p.reclaim_dead().unwrap().pages, len as u64, "{what}");
+        let after = p.stats();
+        assert_eq!(
+            (after.free_bytes, after.live_blocks),
+            (after.payload_bytes, 0),
+            "{what}"
+        );
+        assert_eq!(p.check(), Vec::<String>::new(), "{what}");
+        greedy_gets_everything(&p, &what);
+        assert_eq!(p.stats().largest_free_bytes, after.payload_bytes, "{what}");
+    }
+}
