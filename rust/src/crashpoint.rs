@@ -117,7 +117,9 @@ crash_points! {
     /// not yet updated.
     LargeSplitCommitted = 36,
     /// Large merge: the first run's head covers both runs (committed), the
-    /// absorbed head word not yet cleared, counters not yet updated.
+    /// absorbed head word not yet cleared, counters not yet updated. (Also
+    /// reached with the pool lock held: a give-back merges the pending runs
+    /// first, `large_cache.rs`.)
     LargeMergeCommitted = 37,
   }
   heap {

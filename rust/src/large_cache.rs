@@ -209,7 +209,11 @@
 //! `LargeSplitCommitted`, `LargeMergeCommitted` without the pool lock;
 //! `AllocSpareCached` (refill), `LargeScrubbing` (ghosts being cleared),
 //! `LargeGiveBack` and `TakeBackFreed` with it) and kill it there:
-//! tests/large_cache.rs and tests/ocaml/test_crash_points.ml.
+//! tests/large_cache.rs and tests/ocaml/test_crash_points.ml. With
+//! deferred merging a merge also happens under the pool lock (a give-back
+//! merges the pending runs first), so `LargeMergeCommitted` is reached
+//! with it too, and the death is then repaired by the rebuild
+//! (`killed_merging_pending_runs_in_a_free_and_in_a_give_back`).
 
 use crate::arena::{Arena, MAX_OWNERS};
 use crate::cache::CACHE_CLASSES;

@@ -118,13 +118,14 @@ let listed what d =
    longer blocks (the large cache merges a freed long block with the runs
    it caches next to it, such as the spare run that came with its
    allocation: rust/src/large_cache.rs), or that spare run itself, which
-   starts where the long block ends (merging waits for an alloc that
-   needs it). *)
+   starts where the long block ends and is a whole number of blocks of its
+   length (merging waits for an alloc that needs it). *)
 let parkers p (o, n) =
   let ends o n = Nativeint.add o (Nativeint.of_int n) in
   List.mem (o, n) p
   || List.exists
-       (fun (o', n') -> n' > 64 * ps && ((o <= o' && ends o' n' <= ends o n) || o = ends o' n'))
+       (fun (o', n') ->
+         n' > 64 * ps && ((o <= o' && ends o' n' <= ends o n) || (o = ends o' n' && n mod n' = 0)))
        p
 
 (* Whether every block of the parker's is cached, as it is or in a run. *)
