@@ -715,28 +715,18 @@ impl Pool {
             return None;
         }
         let d = self.descriptors();
-        // Deferred merging: a pending run of exactly `n` pages is taken as
-        // it is (the exact fit's commit); with none, neither pending nor
-        // filed, the pending runs are merged first, as their frees would
-        // have done, so that the best fit sees them coalesced.
-        if let Some(p) = ix.take_pending(n) {
-            if let Some(w) = self.my_cached_word(p, n, slot) {
-                if d[p as usize]
-                    .compare_exchange(w, reused(w), Ordering::AcqRel, Ordering::Relaxed)
-                    .is_ok()
-                {
-                    sc.sub(n as u64, 1);
-                    sc.unlock(tok);
-                    return Some(p);
-                }
-            }
-        }
-        if ix.npending != 0 && !ix.has_exact(n) {
+        // Deferred merging: a pending run of exactly `n` pages is the first
+        // candidate, taken as it is by the exact fit below; with none,
+        // neither pending nor filed, the pending runs are merged first, as
+        // their frees would have done, so that the best fit sees them
+        // coalesced.
+        let mut pending = ix.take_pending(n).map(|p| (p, n));
+        if pending.is_none() && ix.npending != 0 && !ix.has_exact(n) {
             self.merge_pending(ix, slot);
         }
         let mut got = None;
-        while let Some((p, len)) = ix.best_fit(n) {
-            ix.remove(p);
+        while let Some((p, len)) = pending.take().or_else(|| ix.best_fit(n)) {
+            ix.remove(p); // (nothing for the pending run: it is not filed)
             let Some(mut w) = self.my_cached_word(p, len, slot) else {
                 continue; // stale
             };
@@ -872,8 +862,6 @@ impl Pool {
             if let Some(lw) = self.my_cached_word(lp, ll, slot) {
                 if let Some(nw) = self.merge(lp, lw, a, aw, alen) {
                     (a, aw, alen) = (lp, nw, ll + alen);
-                } else {
-                    ix.insert(lp, ll); // cannot happen (L1)
                 }
             }
         }
@@ -885,8 +873,6 @@ impl Pool {
                 if let Some(rw) = self.my_cached_word(e as u32, rl, slot) {
                     if self.merge(a, aw, e as u32, rw, rl).is_some() {
                         alen += rl;
-                    } else {
-                        ix.insert(e as u32, rl); // cannot happen (L1)
                     }
                 }
             }
