@@ -49,7 +49,10 @@ fn a_block_freed_by_another_process_goes_back_to_its_owner() {
     let _w = Watchdog::new("inbox hand-off", 60);
     let p = anon(1024);
     let pg = p.geometry().page_size;
-    let mut mine: Vec<usize> = (0..4).map(|_| p.alloc(pg).unwrap()).collect();
+    // As many pages as the owner waits for before it takes them back.
+    let n = p.inbox_reserve_pages() as usize;
+    assert_eq!(n, 16, "a 64th of the pool");
+    let mut mine: Vec<usize> = (0..n).map(|_| p.alloc(pg).unwrap()).collect();
     mine.sort();
     // Another process frees them: it never allocated (it registers to free).
     freed_by_another_process(&p, &mine);
@@ -60,7 +63,7 @@ fn a_block_freed_by_another_process_goes_back_to_its_owner() {
         assert!(p.free(o).is_err(), "a freed block is not freed twice");
     }
     // Our next allocations take them, without coalescing them first.
-    let mut again: Vec<usize> = (0..4).map(|_| p.alloc(pg).unwrap()).collect();
+    let mut again: Vec<usize> = (0..n).map(|_| p.alloc(pg).unwrap()).collect();
     again.sort();
     assert_eq!(again, mine);
     assert_eq!(cached_offsets(&p), Vec::<usize>::new());
@@ -108,6 +111,52 @@ fn the_inbox_takes_every_cacheable_block_and_stats_coalesces_them() {
     assert_eq!(cached_offsets(&p), Vec::<usize>::new());
     assert!(held > 0);
     assert_eq!(p.check(), Vec::<String>::new());
+}
+
+/// The owner leaves what other processes freed for it in its inbox until
+/// the inbox holds its reserve of pages, allocating from the free runs
+/// meanwhile, and then reuses the blocks freed longest ago first (the
+/// lines of a block just freed are still the freer's; see `cache.rs`).
+#[test]
+fn the_owner_waits_for_its_inbox_reserve_and_reuses_the_oldest_first() {
+    let _serial = serial();
+    let _w = Watchdog::new("inbox reserve", 60);
+    let p = anon(8192);
+    let pg = p.geometry().page_size;
+    let r = p.inbox_reserve_pages() as usize;
+    assert_eq!(r, 128, "a 64th of the pool");
+    let mine: Vec<usize> = (0..2 * r).map(|_| p.alloc(pg).unwrap()).collect();
+    // Fewer pages than the reserve wait: the owner leaves them there.
+    freed_by_another_process(&p, &mine[..r - 1]);
+    let fresh = p.alloc(pg).unwrap();
+    assert!(!mine.contains(&fresh), "a fresh block, not a waiting one");
+    let mut waiting = mine[..r - 1].to_vec();
+    waiting.sort();
+    assert_eq!(cached_offsets(&p), waiting, "they still wait in the inbox");
+    // The rest, in their order: now the inbox holds more than the reserve.
+    freed_by_another_process(&p, &mine[r - 1..]);
+    assert_eq!(p.check(), Vec::<String>::new());
+    // The owner takes the oldest batch first: none of its next allocations
+    // is one of the blocks freed last (a list pushed at its head gave the
+    // newest first).
+    let newest = &mine[r..];
+    let first: Vec<usize> = (0..32).map(|_| p.alloc(pg).unwrap()).collect();
+    for o in &first {
+        assert!(mine[..r].contains(o), "{o} is not among the oldest freed");
+        assert!(!newest.contains(o));
+    }
+    let mut rest: Vec<usize> = (0..2 * r - 32).map(|_| p.alloc(pg).unwrap()).collect();
+    rest.extend(&first);
+    rest.sort();
+    let mut all = mine.clone();
+    all.sort();
+    assert_eq!(rest, all, "every handed-off block comes back to its owner");
+    assert_eq!(p.check(), Vec::<String>::new());
+    for o in rest.into_iter().chain([fresh]) {
+        p.free(o).unwrap();
+    }
+    let s = p.stats();
+    assert_eq!((s.free_bytes, s.largest_free_bytes), (8192 * pg, 8192 * pg));
 }
 
 /// A burst of hand-offs far deeper than the owner's stacks: every free
@@ -329,15 +378,19 @@ mod staged {
         let pg = p.geometry().page_size;
         // SAFETY: atomics only, valid when zeroed.
         let mail = unsafe { SharedMem::<[AtomicU64; 9]>::new() };
+        // Blocks of 4 pages: the 5 freed fill the owner's inbox reserve
+        // (16 pages here), so that its next alloc drains the inbox.
+        let b = 4 * pg;
+        assert!(5 * 4 >= p.inbox_reserve_pages());
         let mut owner = fork_child(|| {
             die_with_parent();
             for i in 0..6 {
-                mail[i].store(p.alloc(pg).unwrap() as u64, SeqCst);
+                mail[i].store(p.alloc(b).unwrap() as u64, SeqCst);
             }
             mail[8].store(1, SeqCst);
             wait_until(T, || mail[8].load(SeqCst) == 2)?;
             crashpoint::arm(Some(point));
-            p.alloc(pg).map_err(|e| format!("{e:?}"))?;
+            p.alloc(b).map_err(|e| format!("{e:?}"))?;
             Err("not stopped".into())
         });
         wait_until(T, || mail[8].load(SeqCst) == 1).unwrap();
@@ -350,12 +403,12 @@ mod staged {
         let s = p.stats();
         assert_eq!(
             s.free_bytes,
-            (1024 - 1) * pg,
+            (1024 - 4) * pg,
             "only its live block is held, at {point:?}"
         );
         assert_eq!(p.check(), Vec::<String>::new());
         let r = p.reclaim_dead().unwrap();
-        assert_eq!((r.blocks, r.pages), (1, 1));
+        assert_eq!((r.blocks, r.pages), (1, 4));
         let s = p.stats();
         assert_eq!((s.free_bytes, s.largest_free_bytes), (1024 * pg, 1024 * pg));
         assert_eq!(p.check(), Vec::<String>::new());

@@ -297,7 +297,10 @@ pub struct SlotCache {
 }
 
 /// The blocks other processes freed for one owner slot, waiting for the
-/// owner to take them: a list linked through the link words, newest first.
+/// owner to take them: a list linked through the link words, oldest first
+/// (freers append at the tail). Earlier format-7 code pushed at the head:
+/// a list both wrote is still one list from head to tail, which is all its
+/// readers need (the owner splices it whole, `stats` frees it whole).
 /// Every field is written under the inbox lock only.
 #[repr(C, align(64))]
 #[derive(Default)]
@@ -309,13 +312,13 @@ pub struct Inbox {
     pub(crate) pages: AtomicU64,
     /// Blocks in the inbox (0 = empty: `head` and `tail` are then stale).
     pub(crate) blocks: AtomicU32,
-    /// The newest block's page (the list's head).
+    /// The oldest block's page (the list's head).
     pub(crate) head: AtomicU32,
     /// At least the length of the longest block in the inbox since it was
     /// last empty (raised before a block is committed to it).
     pub(crate) max_len: AtomicU32,
-    /// The oldest block's page (the list's tail), so that the owner splices
-    /// the whole list onto its chain in O(1).
+    /// The newest block's page (the list's tail): freers append there, and
+    /// the owner splices the whole list onto its chain in O(1).
     pub(crate) tail: AtomicU32,
 }
 

@@ -100,6 +100,9 @@ pub struct Pool {
     /// Pages at most in a slot's inbox, and in its stacks and chain for a
     /// drain to add to them (see `cache.rs`).
     pub(crate) remote_cap: u64,
+    /// Pages a slot's inbox must hold before its owner takes them (see
+    /// `cache.rs`, and [`Pool::inbox_reserve_pages`]).
+    pub(crate) inbox_reserve: u64,
     /// The thread holding our slot's keeper mutex (see `liveness.rs`), as a
     /// `Box<Keeper>` pointer, null if none. An atomic pointer rather than a
     /// lock, so that a child forked while another thread replaced it cannot
@@ -345,6 +348,7 @@ impl Pool {
             caching: std::sync::atomic::AtomicBool::new(true),
             cache_cap: geo.npages as u64 / 16,
             remote_cap: geo.npages as u64 / 4,
+            inbox_reserve: (geo.npages as u64 / 64).min(crate::cache::INBOX_RESERVE),
             keeper: AtomicPtr::new(std::ptr::null_mut()),
         }
     }
@@ -1112,6 +1116,17 @@ impl Pool {
 
     pub fn geometry(&self) -> Geometry {
         self.geo
+    }
+
+    /// Pages of blocks other processes freed that wait in a process's
+    /// inbox before the process takes them back into its cache: 256, or a
+    /// 64th of a pool of less than 16,384 pages. Until then its allocations
+    /// come from the free runs, so a hand-off keeps about this many pages
+    /// more in circulation (still counted as free by `stats`, and taken
+    /// back by any allocation that needs them). It is what makes the owner
+    /// reuse blocks the freer finished with long ago (see `cache.rs`).
+    pub fn inbox_reserve_pages(&self) -> u64 {
+        self.inbox_reserve
     }
 
     /// Address of the byte at offset `off` of the mapping (for example a
