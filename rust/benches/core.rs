@@ -341,6 +341,8 @@ fn two_procs_caching(ring: usize, sz: &[usize], clock: f64, caching: bool) -> Fi
 
 /// The hand-off ring between the two processes of [`handoff`].
 const HO_CAP: usize = 1024;
+/// Offsets per cache line of the ring (`offs` starts a line).
+const HO_LINE: u64 = 8;
 #[repr(C)]
 struct HandCtl {
     head: AtomicU64,
@@ -348,6 +350,7 @@ struct HandCtl {
     tail: AtomicU64,
     _pad2: [u64; 7],
     ready: AtomicU64,
+    _pad3: [u64; 7],
     offs: [AtomicU64; HO_CAP],
 }
 
@@ -380,11 +383,16 @@ fn handoff(sz: &[usize], n: u64, caching: bool) -> f64 {
             let mut k = 0u64;
             // The producer's head as last read: re-read only when we have
             // caught up with it (one cache miss per block otherwise, the
-            // ring's and not the pool's; see bench.ml's hand-off).
+            // ring's and not the pool's; see bench.ml's hand-off). Offsets
+            // are taken in whole cache lines of slots until the last one,
+            // so that we never read the line the producer is filling.
             let mut head = 0u64;
             while k < n {
                 if k >= head {
                     head = ctl.head.load(Ordering::Acquire);
+                    if head < n {
+                        head -= head % HO_LINE;
+                    }
                 }
                 if k < head {
                     let off = ctl.offs[k as usize % HO_CAP].load(Ordering::Relaxed);

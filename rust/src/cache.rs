@@ -788,9 +788,11 @@ impl Pool {
         let s = unsafe { self.cache.fresh_stacks(sc) };
         let d = self.descriptors();
         let mut got = None;
-        // A miss first takes blocks off our chain, then (once) splices our
-        // inbox onto the chain and takes again: at most 2 * CHAIN_STEP
-        // blocks moved per alloc.
+        // A miss first takes blocks off our chain; once the chain is empty,
+        // and if our inbox holds its reserve, it splices the inbox in and
+        // takes again: at most 2 * CHAIN_STEP blocks moved per alloc. A
+        // chain with nothing of this size sends us to the locked path
+        // rather than to blocks freed more recently (the module doc).
         let mut step = 0;
         loop {
             let Some(p) = s.pop(pages) else {
@@ -799,7 +801,10 @@ impl Pool {
                         self.take_chain(slot, s, pages);
                         step = 1;
                     }
-                    0 | 1 if self.inbox_ready(&sc.inbox) => {
+                    0 | 1
+                        if sc.chain_len.load(Ordering::Relaxed) == 0
+                            && self.inbox_ready(&sc.inbox) =>
+                    {
                         self.drain_inbox(slot, tok);
                         self.take_chain(slot, s, pages);
                         step = 2;
