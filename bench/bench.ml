@@ -172,14 +172,17 @@ let barrier_mem : barrier_mem option ref = ref None
    the Rust core bench's): reading it at every step cost a cache miss per
    block on each side, and that traffic, not the pools, set the pace of
    the faster implementation (both implementations go through the same
-   ring). For the same reason the consumer takes addresses only in whole
-   cache lines of slots ([ho_line] of them; [ho_slots] starts a line)
-   while the run lasts: a consumer right behind the producer reads the
-   line the producer is still filling, and then every address the producer
-   writes first takes that line back (measured, ours with 1 page: 5.7-7.3
-   M blocks/s reading single slots, 8.1-8.7 M by whole lines; OCamlnet
-   within its noise either way; docs/experiments/handoff, fourth round).
-   The producer still publishes every address at once. *)
+   ring). For the same reason the ring moves in whole cache lines of
+   slots ([ho_line] of them; [ho_slots] starts a line) while the run
+   lasts: the producer publishes [ho_head] once a line is full, and the
+   consumer takes only whole lines (and every slot once the run is over).
+   With a slot at a time, a consumer right behind the producer read the
+   line the producer was filling and re-read [ho_head] after every
+   address, so that each address the producer wrote, and each [ho_head],
+   first had to take a line back from the consumer's core: measured with
+   main's pool (1 page), 6.1-6.7 M blocks/s by single slots, 7.7-7.9 M by
+   lines; OCamlnet within its own noise either way (docs/experiments/
+   handoff, fourth round). *)
 let ho_line = 8
 let ho_head = 64
 let ho_tail = ho_head + 8
@@ -309,10 +312,11 @@ module Work (M : MEMPOOL) = struct
           let m = M.alloc_mem r.pool tbl.(!k land mask) in
           b.{ho_slots + (!k land (ho_cap - 1))} <- Nativeint.to_int (Netsys_mem.memory_address m);
           incr k;
-          b.{ho_head} <- !k
+          if !k land (ho_line - 1) = 0 then b.{ho_head} <- !k
         end
       in
       let res = timed r ~batch:64 step in
+      b.{ho_head} <- !k;
       b.{ho_done} <- r.gen;
       { res with ops = !k - k0 }
     end

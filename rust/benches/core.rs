@@ -383,9 +383,9 @@ fn handoff(sz: &[usize], n: u64, caching: bool) -> f64 {
             let mut k = 0u64;
             // The producer's head as last read: re-read only when we have
             // caught up with it (one cache miss per block otherwise, the
-            // ring's and not the pool's; see bench.ml's hand-off). Offsets
-            // are taken in whole cache lines of slots until the last one,
-            // so that we never read the line the producer is filling.
+            // ring's and not the pool's; see bench.ml's hand-off). The
+            // producer publishes whole cache lines of offsets (and the last
+            // one whole or not); the rounding only guards the invariant.
             let mut head = 0u64;
             while k < n {
                 if k >= head {
@@ -421,7 +421,10 @@ fn handoff(sz: &[usize], n: u64, caching: bool) -> f64 {
             let off = p.alloc(sz[k as usize % sz.len()]).expect("alloc");
             ctl.offs[k as usize % HO_CAP].store(off as u64, Ordering::Relaxed);
             k += 1;
-            ctl.head.store(k, Ordering::Release);
+            // Published a line of offsets at a time (bench.ml's hand-off).
+            if k % HO_LINE == 0 || k == n {
+                ctl.head.store(k, Ordering::Release);
+            }
         } else {
             // Yield: on a shared machine the other process may need our core.
             std::thread::yield_now();
