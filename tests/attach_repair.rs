@@ -116,3 +116,54 @@ fn attach_repair_counts_a_recovery_past_a_damaged_counter() {
     p.free(a).unwrap();
     assert!(p.check().is_empty());
 }
+
+/// A free run whose length word was damaged to say 0 pages (found by
+/// `torture_fuzz`, a descriptor byte zeroed): `check` stepped 0 pages at a
+/// time, pushing a violation per step, so `check` and the repair an attach
+/// runs before use never returned and grew without bound. Now `check`
+/// reports the run and stops, and the attach rebuilds the pool.
+#[test]
+fn a_free_run_of_length_zero_is_damage_not_an_endless_walk() {
+    let _serial = serial();
+    let _w = Watchdog::new("free run of length 0", 60);
+    let name = ShmName::new();
+    let pg = shmpool::mapping::page_size();
+    let p = named(&name, 64 * pg);
+    let a = p.alloc(3 * pg).unwrap();
+    let b = p.alloc(40 * pg).unwrap();
+    p.free(b).unwrap();
+    p.flush_cache().unwrap();
+    // The free run after `a` starts at page 3; its length word is the next
+    // page's descriptor.
+    let g = p.geometry();
+    let run = (a - g.payload_offset) / pg + 3;
+    let len_at = g.desc_offset + 8 * (run + 1);
+    // SAFETY: a descriptor word of our own pool, in bounds and aligned; no
+    // other process uses the pool.
+    unsafe {
+        let w = p.base().add(len_at).cast::<u64>();
+        assert_eq!(*w, shmpool::desc::len_word(61), "the run's length word");
+        w.write(shmpool::desc::len_word(0));
+    }
+    // Both in a child: before the fix neither returned.
+    let n = name.as_str().to_string();
+    let mut c = fork_child(|| {
+        let v = p.check();
+        if !v
+            .iter()
+            .any(|m| m.contains(&format!("free run at {run} has bad length 0")))
+        {
+            return Err(format!("check: {v:?}"));
+        }
+        let q = Pool::attach(&n).map_err(|e| e.to_string())?;
+        let (v, r) = (q.check(), q.stats().recoveries);
+        if !v.is_empty() || r != 1 {
+            return Err(format!("after the repair: check {v:?}, recoveries {r}"));
+        }
+        if q.size(a) != Ok(3 * pg) {
+            return Err(format!("the live block: {:?}", q.size(a)));
+        }
+        Ok(())
+    });
+    c.wait_ok(Duration::from_secs(20)).unwrap();
+}

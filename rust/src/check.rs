@@ -68,7 +68,9 @@ impl Arena<'_> {
                 }
                 TAG_FREE => {
                     let len = self.free_len(p);
-                    if p as u64 + len as u64 > n as u64 {
+                    // A length word saying 0 (damage) would hold the walk
+                    // on this page for good.
+                    if len == 0 || p as u64 + len as u64 > n as u64 {
                         v.push(format!("D1: free run at {p} has bad length {len}"));
                         return v;
                     }
