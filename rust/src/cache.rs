@@ -100,9 +100,10 @@
 //!   recovery keeps it, `reclaim_dead` and the dead-cache reaping free it
 //!   with the owner's other cached blocks, `stats` counts it as free
 //!   through the inbox's counters;
-//! - the owner, on a cache miss, splices the whole inbox onto its *chain*
-//!   (its slot's own list, counted with its stacks in the slot's counters)
-//!   under its slot lock and then its inbox lock: O(1) whatever the inbox
+//! - the owner, on a cache miss with an empty chain (and a reserve, below),
+//!   splices the whole inbox onto its *chain* (its slot's own list,
+//!   counted with its stacks in the slot's counters) under its slot lock
+//!   and then its inbox lock: O(1) whatever the inbox
 //!   holds, one acquisition of the line the freers write per batch, which
 //!   is what snmalloc's batching and mimalloc's swap buy. It then moves up
 //!   to [`CHAIN_STEP`] blocks from the chain into its stacks (each stack
@@ -111,22 +112,25 @@
 //! - the owner splices only once its inbox holds a *reserve* of pages
 //!   ([`Pool::inbox_reserve_pages`]: 256, or a 64th of a smaller pool),
 //!   and freers append to the inbox's tail, so the owner reuses the
-//!   blocks freed longest ago first. Before that it allocates from the free
-//!   runs (the locked path), which happens only until that many pages
-//!   circulate. The reason is the cost of a hand-off, which is cache lines
+//!   blocks freed longest ago first. Before that, and while its chain
+//!   holds blocks but none of the wanted size, it allocates from the free
+//!   runs (the locked path), which in a steady hand-off happens only until
+//!   that many pages circulate. The reason is the cost of a hand-off, which is cache lines
 //!   moving between the two cores: a block's descriptor and link word are
 //!   last written by the freer. If the owner takes the block the freer has
 //!   just freed (a list pushed at its head, spliced at once), it pulls those
 //!   lines while the freer is still working on the lines around them (the
 //!   inbox's, the next block's), and every step of both processes waits on
 //!   the other. With the reserve, the lines the owner pulls are ones the
-//!   freer finished with long ago. Measured in the OCaml bench on 1-page
-//!   blocks, the owner's rate rose from 6.0-6.4 to 8.0-9.3 M blocks/s
+//!   freer finished with long ago. Measured in the OCaml bench (blocks
+//!   handed off per second): 1 page 7.7-7.9 -> 7.9-8.5 M, 1-64 pages
+//!   6.6-6.8 -> 7.2-8.0 M; with the bench's earlier ring, whose traffic
+//!   made the owner wait more, 1 page 5.5-6.4 -> 8.0-9.3 M
 //!   (docs/experiments/handoff, fourth round). The order is the oldest
 //!   *batch* first, not strict FIFO: the stacks reverse each batch, which
 //!   keeps consecutive allocations on different descriptor lines (strict
 //!   FIFO reuse put the owner's next allocation on the line the freer was
-//!   freeing, and was slower than main);
+//!   freeing, and was slower);
 //! - the inbox used to be 9 entries in its cache line: a hand-off runs
 //!   ahead by up to the depth of its queue (1024 in the benches), the
 //!   processes run in bursts (they alternate on a busy machine), and 99 %
