@@ -159,6 +159,55 @@ fn the_owner_waits_for_its_inbox_reserve_and_reuses_the_oldest_first() {
     assert_eq!((s.free_bytes, s.largest_free_bytes), (8192 * pg, 8192 * pg));
 }
 
+/// A chain left holding only blocks of sizes the owner no longer asks for
+/// (their stack full, so they go back on the chain at every miss) must not
+/// keep the owner from its inbox for good: once the inbox holds its
+/// reserve, the owner takes the blocks handed back to it again. With the
+/// reserve as first written (086bdf4) the owner spliced only an empty
+/// chain, so here it never took its inbox again: every alloc took the pool
+/// lock, and the inbox grew to a quarter of the pool (then every remote
+/// free took the pool lock too). Before the reserve, any miss spliced the
+/// inbox.
+#[test]
+fn a_chain_of_sizes_the_owner_no_longer_asks_for_does_not_shut_its_inbox() {
+    let _serial = serial();
+    let _w = Watchdog::new("inbox behind a stuck chain", 60);
+    let p = anon(8192);
+    let pg = p.geometry().page_size;
+    let r = p.inbox_reserve_pages() as usize;
+    assert_eq!(r, 128, "a 64th of the pool");
+    // Our stack of 1-page blocks full (we free 32 ourselves), and more
+    // 1-page blocks handed back to us: a reserve's worth and then some.
+    let own: Vec<usize> = (0..32).map(|_| p.alloc(pg).unwrap()).collect();
+    let handed: Vec<usize> = (0..r + 32).map(|_| p.alloc(pg).unwrap()).collect();
+    for &o in &own {
+        p.free(o).unwrap();
+    }
+    freed_by_another_process(&p, &handed);
+    // From now on we hand off 2-page blocks only. The first miss splices
+    // the 1-page blocks onto our chain, where they stay (no room for them).
+    let mut first: Vec<usize> = (0..r).map(|_| p.alloc(2 * pg).unwrap()).collect();
+    freed_by_another_process(&p, &first);
+    // 2 * r pages wait in our inbox, twice the reserve: we take them back.
+    let mut again: Vec<usize> = (0..r).map(|_| p.alloc(2 * pg).unwrap()).collect();
+    first.sort();
+    again.sort();
+    let reused = again
+        .iter()
+        .filter(|o| first.binary_search(o).is_ok())
+        .count();
+    assert_eq!(
+        reused, r,
+        "the owner reused {reused} of the {r} blocks waiting in its inbox"
+    );
+    assert_eq!(p.check(), Vec::<String>::new());
+    for o in again {
+        p.free(o).unwrap();
+    }
+    let s = p.stats();
+    assert_eq!((s.free_bytes, s.largest_free_bytes), (8192 * pg, 8192 * pg));
+}
+
 /// A burst of hand-offs far deeper than the owner's stacks: every free
 /// goes to the inbox (no pool lock), the owner's next allocations take
 /// exactly those blocks back, through its chain, and the records stay exact

@@ -95,7 +95,7 @@
 //! - a remote free takes the owner's inbox lock (token marked [`REMOTE`]),
 //!   flips the block's `ALLOC` word to CACHED from exactly the word it read
 //!   (the commit, so double frees are caught as for any free), links the
-//!   page at the list's head and bumps the inbox's counters. To the
+//!   page at the list's tail and bumps the inbox's counters. To the
 //!   descriptors an inbox block is simply a block its owner caches:
 //!   recovery keeps it, `reclaim_dead` and the dead-cache reaping free it
 //!   with the owner's other cached blocks, `stats` counts it as free
@@ -115,7 +115,10 @@
 //!   blocks freed longest ago first. Before that, and while its chain
 //!   holds blocks but none of the wanted size, it allocates from the free
 //!   runs (the locked path), which in a steady hand-off happens only until
-//!   that many pages circulate. The reason is the cost of a hand-off, which is cache lines
+//!   that many pages circulate. A chain none of whose blocks finds room in
+//!   the stacks (their classes full of sizes the owner no longer asks for)
+//!   would never empty, so then the owner splices the inbox in front of
+//!   it. The reason is the cost of a hand-off, which is cache lines
 //!   moving between the two cores: a block's descriptor and link word are
 //!   last written by the freer. If the owner takes the block the freer has
 //!   just freed (a list pushed at its head, spliced at once), it pulls those
@@ -796,17 +799,22 @@ impl Pool {
         // and if our inbox holds its reserve, it splices the inbox in and
         // takes again: at most 2 * CHAIN_STEP blocks moved per alloc. A
         // chain with nothing of this size sends us to the locked path
-        // rather than to blocks freed more recently (the module doc).
+        // rather than to blocks freed more recently (the module doc),
+        // unless none of the blocks we took off it found room in our
+        // stacks: such a chain would never empty (its blocks go back on it
+        // at every miss until we ask for their sizes), and the inbox behind
+        // it would never be taken.
         let mut step = 0;
+        let mut stuck = false;
         loop {
             let Some(p) = s.pop(pages) else {
                 match step {
                     0 if sc.chain_len.load(Ordering::Relaxed) != 0 => {
-                        self.take_chain(slot, s, pages);
+                        stuck = self.take_chain(slot, s, pages) == 0;
                         step = 1;
                     }
                     0 | 1
-                        if sc.chain_len.load(Ordering::Relaxed) == 0
+                        if (stuck || sc.chain_len.load(Ordering::Relaxed) == 0)
                             && self.inbox_ready(&sc.inbox) =>
                     {
                         self.drain_inbox(slot, tok);
@@ -843,17 +851,19 @@ impl Pool {
     /// Moves up to [`CHAIN_STEP`] blocks from the head of our chain into our
     /// stacks (our slot lock held, `s` our stacks), stopping once the stack
     /// of `want` pages is full; blocks whose stack is full go back on the
-    /// chain. Both records count in the slot's counters, so only the chain
+    /// chain. Returns how many went into the stacks. Both records count in
+    /// the slot's counters, so only the chain
     /// head and length change in shared memory; a death half-way leaves
     /// our slot lock held by our token, and the taker that takes it over
     /// takes every block of the slot back (`lock_slot`).
     #[inline(never)]
-    fn take_chain(&self, slot: u16, s: &mut Stacks, want: u32) {
+    fn take_chain(&self, slot: u16, s: &mut Stacks, want: u32) -> usize {
         let sc = self.slot_cache(slot);
         let links = self.links();
         let d = self.descriptors();
         let mut aside = [0u32; CHAIN_STEP];
         let mut naside = 0;
+        let mut moved = 0;
         let mut head = sc.chain.load(Ordering::Relaxed);
         let mut n = sc.chain_len.load(Ordering::Relaxed);
         for _ in 0..CHAIN_STEP {
@@ -873,6 +883,7 @@ impl Pool {
             }
             if s.has_room(len, self.cache_cap) {
                 s.push(len, p);
+                moved += 1;
                 if len == want && !s.has_room(len, self.cache_cap) {
                     break;
                 }
@@ -891,6 +902,7 @@ impl Pool {
         }
         sc.chain.store(head, Ordering::Relaxed);
         sc.chain_len.store(n, Ordering::Relaxed);
+        moved
     }
 
     /// Whether our inbox holds the reserve of pages the owner waits for

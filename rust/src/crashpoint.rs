@@ -104,7 +104,7 @@ crash_points! {
     /// spliced the inbox's list onto its chain and counted it in its slot,
     /// the inbox not yet emptied.
     InboxDrainMoving = 13,
-    /// Remote free: the block is committed and linked at the inbox's head,
+    /// Remote free: the block is committed and linked at the inbox's tail,
     /// the inbox's counters not yet updated.
     InboxPushLinked = 14,
     /// Alloc miss: the owner holds its slot lock and has taken a block off
