@@ -208,6 +208,43 @@ fn a_chain_of_sizes_the_owner_no_longer_asks_for_does_not_shut_its_inbox() {
     assert_eq!((s.free_bytes, s.largest_free_bytes), (8192 * pg, 8192 * pg));
 }
 
+/// In a pool nearly full (fewer free pages than the reserve), a hand-off
+/// must not force a take-back of every process's cache each time the free
+/// runs are used up, when the owner's inbox holds the very blocks it
+/// needs: the take-back walks every descriptor under the pool lock and
+/// empties every cache. Here the owner keeps a 3-page block in its own
+/// stack; a take-back would free it. Before the reserve the owner's miss
+/// took its inbox; with the reserve as first written (086bdf4) its alloc
+/// went to the free runs, found none, and took every cache back (here at
+/// the second round).
+#[test]
+fn a_hand_off_in_a_nearly_full_pool_needs_no_take_back() {
+    let _serial = serial();
+    let _w = Watchdog::new("nearly full hand-off", 60);
+    let p = anon(1024);
+    let pg = p.geometry().page_size;
+    assert_eq!(p.inbox_reserve_pages(), 16, "a 64th of the pool");
+    let y = p.alloc(3 * pg).unwrap();
+    // 12 pages left free (fewer than the reserve), with small blocks only
+    // (no large cache).
+    let mut filler: Vec<usize> = (0..15).map(|_| p.alloc(64 * pg).unwrap()).collect();
+    filler.push(p.alloc(49 * pg).unwrap());
+    p.free(y).unwrap();
+    assert_eq!(cached_offsets(&p), vec![y], "our 3-page block is cached");
+    for round in 0..6 {
+        let batch: Vec<usize> = (0..8).map(|_| p.alloc(pg).unwrap()).collect();
+        assert!(
+            batch.iter().all(|o| !(y..y + 3 * pg).contains(o)),
+            "round {round}: our cache was taken back (our 3-page block's pages reused)"
+        );
+        freed_by_another_process(&p, &batch);
+    }
+    assert_eq!(p.check(), Vec::<String>::new());
+    for o in filler {
+        p.free(o).unwrap();
+    }
+}
+
 /// A burst of hand-offs far deeper than the owner's stacks: every free
 /// goes to the inbox (no pool lock), the owner's next allocations take
 /// exactly those blocks back, through its chain, and the records stay exact

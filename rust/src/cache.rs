@@ -118,7 +118,10 @@
 //!   that many pages circulate. A chain none of whose blocks finds room in
 //!   the stacks (their classes full of sizes the owner no longer asks for)
 //!   would never empty, so then the owner splices the inbox in front of
-//!   it. The reason is the cost of a hand-off, which is cache lines
+//!   it. And an owner that finds no free run for its alloc takes its inbox
+//!   whatever it holds before it takes every cache back (a pool with
+//!   fewer free pages than the reserve would otherwise take them all back,
+//!   O(pages), each time a hand-off used up its free runs). The reason is the cost of a hand-off, which is cache lines
 //!   moving between the two cores: a block's descriptor and link word are
 //!   last written by the freer. If the owner takes the block the freer has
 //!   just freed (a list pushed at its head, spliced at once), it pulls those
@@ -784,6 +787,22 @@ impl Pool {
     /// Takes a cached block of exactly `pages` pages, without the pool lock.
     #[inline]
     pub(crate) fn cache_pop(&self, pages: u32, slot: u16, tok: u64) -> Option<u32> {
+        self.cache_pop_with(pages, slot, tok, false)
+    }
+
+    /// [`Pool::cache_pop`] when the free runs have nothing for us (`urgent`):
+    /// then our inbox is taken whatever it holds and whatever our chain
+    /// holds, before the locked path takes every process's cache back (an
+    /// O(pages) walk that empties them all) for blocks that may be waiting
+    /// for us below the reserve.
+    #[inline]
+    pub(crate) fn cache_pop_with(
+        &self,
+        pages: u32,
+        slot: u16,
+        tok: u64,
+        urgent: bool,
+    ) -> Option<u32> {
         if !self.caching.load(Ordering::Relaxed) {
             return None;
         }
@@ -814,8 +833,8 @@ impl Pool {
                         step = 1;
                     }
                     0 | 1
-                        if (stuck || sc.chain_len.load(Ordering::Relaxed) == 0)
-                            && self.inbox_ready(&sc.inbox) =>
+                        if (urgent || stuck || sc.chain_len.load(Ordering::Relaxed) == 0)
+                            && self.inbox_ready(&sc.inbox, urgent) =>
                     {
                         self.drain_inbox(slot, tok);
                         self.take_chain(slot, s, pages);
@@ -906,11 +925,12 @@ impl Pool {
     }
 
     /// Whether our inbox holds the reserve of pages the owner waits for
-    /// before it takes them (see the module doc); a snapshot without the
-    /// inbox lock, so it may be stale by a few frees either way.
+    /// before it takes them (see the module doc), or anything at all when
+    /// `urgent`; a snapshot without the inbox lock, so it may be stale by a
+    /// few frees either way.
     #[inline]
-    fn inbox_ready(&self, ib: &Inbox) -> bool {
-        ib.blocks.load(Ordering::Relaxed) != 0 && ib.pages() >= self.inbox_reserve
+    fn inbox_ready(&self, ib: &Inbox, urgent: bool) -> bool {
+        ib.blocks.load(Ordering::Relaxed) != 0 && (urgent || ib.pages() >= self.inbox_reserve)
     }
 
     /// Splices our inbox's whole list onto our chain (our slot lock held by

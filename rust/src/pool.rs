@@ -647,6 +647,13 @@ impl Pool {
         });
         match r {
             Err(Error::OutOfMemory) => {
+                // Blocks handed back to us may wait in our inbox below its
+                // reserve (see `cache.rs`): ours to take first.
+                if pages <= CACHE_CLASSES {
+                    if let Some(p) = self.cache_pop_with(pages, slot, tok, true) {
+                        return Ok(p);
+                    }
+                }
                 for round in 0..TAKE_BACK_ROUNDS {
                     let mut skipped = 0;
                     let r = self.locked(|l| {
