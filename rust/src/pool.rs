@@ -1136,6 +1136,16 @@ impl Pool {
         self.inbox_reserve
     }
 
+    /// Sets [`Pool::inbox_reserve_pages`] for this `Pool` value (each
+    /// process has its own; a child forked afterwards inherits it). For
+    /// tests: 0 makes the owner take its inbox at its next miss, as before
+    /// the reserve, so that a test of a few hundred operations on a large
+    /// pool still goes through the drain.
+    #[doc(hidden)]
+    pub fn set_inbox_reserve_pages(&mut self, pages: u64) {
+        self.inbox_reserve = pages;
+    }
+
     /// Address of the byte at offset `off` of the mapping (for example a
     /// block returned by `alloc`). Dereferencing it is the caller's business.
     pub fn addr(&self, off: usize) -> *mut u8 {
