@@ -121,8 +121,9 @@
 //!   it. And an owner that finds no free run for its alloc takes its inbox
 //!   whatever it holds before it takes every cache back (a pool with
 //!   fewer free pages than the reserve would otherwise take them all back,
-//!   O(pages), each time a hand-off used up its free runs). The reason is the cost of a hand-off, which is cache lines
-//!   moving between the two cores: a block's descriptor and link word are
+//!   O(pages), each time a hand-off used up its free runs). The reason for
+//!   the reserve is the cost of a hand-off, which is cache lines moving
+//!   between the two cores: a block's descriptor and link word are
 //!   last written by the freer. If the owner takes the block the freer has
 //!   just freed (a list pushed at its head, spliced at once), it pulls those
 //!   lines while the freer is still working on the lines around them (the
