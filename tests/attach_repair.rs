@@ -16,16 +16,23 @@ fn named(name: &ShmName, bytes: usize) -> Pool {
     Pool::create(bytes, &opts).unwrap()
 }
 
+/// A pool of 64 pages holding a live block of 3 pages (returned) and, after
+/// it, one free run of 61 pages (a 40-page block freed, cache flushed).
+fn with_a_block_and_a_free_run(name: &ShmName, pg: usize) -> (Pool, usize) {
+    let p = named(name, 64 * pg);
+    let a = p.alloc(3 * pg).unwrap();
+    let b = p.alloc(40 * pg).unwrap();
+    p.free(b).unwrap();
+    p.flush_cache().unwrap();
+    (p, a)
+}
+
 #[test]
 fn attach_repairs_damaged_derived_state_and_keeps_blocks() {
     let _serial = serial();
     let name = ShmName::new();
     let pg = shmpool::mapping::page_size();
-    let p = named(&name, 64 * pg);
-    let a = p.alloc(3 * pg).unwrap();
-    let b = p.alloc(40 * pg).unwrap();
-    p.free(b).unwrap();
-    p.flush_cache().unwrap();
+    let (p, a) = with_a_block_and_a_free_run(&name, pg);
     let before = p.stats();
 
     // A sound pool: attaching changes nothing.
@@ -128,11 +135,7 @@ fn a_free_run_of_length_zero_is_damage_not_an_endless_walk() {
     let _w = Watchdog::new("free run of length 0", 60);
     let name = ShmName::new();
     let pg = shmpool::mapping::page_size();
-    let p = named(&name, 64 * pg);
-    let a = p.alloc(3 * pg).unwrap();
-    let b = p.alloc(40 * pg).unwrap();
-    p.free(b).unwrap();
-    p.flush_cache().unwrap();
+    let (p, a) = with_a_block_and_a_free_run(&name, pg);
     // The free run after `a` starts at page 3; its length word is the next
     // page's descriptor.
     let g = p.geometry();
