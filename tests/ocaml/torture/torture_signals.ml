@@ -27,6 +27,7 @@ let s_violations = 6
 let s_prefaults = 7
 let s_in_handler = 8
 let s_done = 9
+let s_killed = 10
 let words = 16
 
 let storm pool mb i seed =
@@ -150,7 +151,16 @@ let storm pool mb i seed =
   done;
   ignore (Unix.setitimer Unix.ITIMER_REAL { Unix.it_interval = 0.; it_value = 0. });
   (try List.iter (fun (m, _) -> Shmpool.free pool m) !held; Shmpool.flush_cache pool with e -> error e);
-  List.iter (fun pid -> kill pid Sys.sigkill; reap pid) !kids;
+  (* The children exit by themselves once their alloc, free and flush are
+     done: wait for them. Killing one still at work (a loaded machine is
+     slow to run them) killed it holding the pool lock, and the next
+     acquisition then counted a recovery this suite forbids. *)
+  let deadline = now () +. 30. in
+  while !kids <> [] && now () < deadline do
+    reap_kids ();
+    if !kids <> [] then (try Unix.sleepf 0.001 with Unix.Unix_error (Unix.EINTR, _, _) -> ())
+  done;
+  List.iter (fun pid -> kill pid Sys.sigkill; reap pid; bump mb (base + s_killed)) !kids;
   set mb (base + s_done) 1;
   0
 
@@ -183,11 +193,12 @@ let run () =
   end;
   let exceptions = sum s_exceptions in
   report ~suite
-    "%d processes, %.1f s each, %d ops, %d SIGALRM (%d pool ops in the handler), %d SIGCHLD, %d children, %d prefaulted pools, %d exceptions (%d EINTR), %d deadlocks, %d recoveries, %d violations, %d pages lost (%.1f s, seed %d)"
-    nprocs seconds (sum s_ops) (sum s_alarms) (sum s_in_handler) (sum s_chlds) (sum s_children) (sum s_prefaults)
-    exceptions (sum s_eintr) !deadlocks s.recoveries !violations lost (now () -. t0) seed;
+    "%d processes, %.1f s each, %d ops, %d SIGALRM (%d pool ops in the handler), %d SIGCHLD, %d children (%d still at work after 30 s, killed), %d prefaulted pools, %d exceptions (%d EINTR), %d deadlocks, %d recoveries, %d violations, %d pages lost (%.1f s, seed %d)"
+    nprocs seconds (sum s_ops) (sum s_alarms) (sum s_in_handler) (sum s_chlds) (sum s_children) (sum s_killed)
+    (sum s_prefaults) exceptions (sum s_eintr) !deadlocks s.recoveries !violations lost (now () -. t0) seed;
   Shmpool.close pool;
-  exceptions = 0 && !deadlocks = 0 && s.recoveries = 0 && !violations = 0 && lost = 0
+  (* A recovery only for a child that had to be killed at work. *)
+  exceptions = 0 && !deadlocks = 0 && s.recoveries <= sum s_killed && !violations = 0 && lost = 0
   && sum s_done = nprocs
 
 let () = main ~suite run
