@@ -174,8 +174,9 @@ let barrier_mem : barrier_mem option ref = ref None
    the faster implementation (both implementations go through the same
    ring). For the same reason the ring moves in whole cache lines of
    slots ([ho_line] of them; [ho_slots] starts a line) while the run
-   lasts: the producer publishes [ho_head] once a line is full, and the
-   consumer takes only whole lines (and every slot once the run is over).
+   lasts: the producer publishes [ho_head] once a line is full (and
+   wherever it stopped at the end of the run), so the consumer sees whole
+   lines only.
    With a slot at a time, a consumer right behind the producer read the
    line the producer was filling and re-read [ho_head] after every
    address, so that each address the producer wrote, and each [ho_head],
@@ -323,13 +324,8 @@ module Work (M : MEMPOOL) = struct
     else begin
       let k = ref b.{ho_tail} in
       let head = ref b.{ho_head} in
-      (* Whole lines while the run lasts, every slot in the final drain. *)
-      let whole = ref true in
       let step () =
-        if !k >= !head then begin
-          let h = b.{ho_head} in
-          head := if !whole then h - (h land (ho_line - 1)) else h
-        end;
+        if !k >= !head then head := b.{ho_head};
         if !k < !head then begin
           let a = b.{ho_slots + (!k land (ho_cap - 1))} in
           M.free_mem r.pool (Netsys_mem.grab (Nativeint.of_int a) tbl.(!k land mask));
@@ -338,7 +334,6 @@ module Work (M : MEMPOOL) = struct
         end
       in
       let res = timed r ~batch:64 step in
-      whole := false;
       while b.{ho_done} <> r.gen || !k < b.{ho_head} do
         step ()
       done;

@@ -385,14 +385,11 @@ fn handoff(sz: &[usize], n: u64, caching: bool) -> f64 {
             // caught up with it (one cache miss per block otherwise, the
             // ring's and not the pool's; see bench.ml's hand-off). The
             // producer publishes whole cache lines of offsets (and the last
-            // one whole or not); the rounding only guards the invariant.
+            // one whole or not), so we only ever read complete lines.
             let mut head = 0u64;
             while k < n {
                 if k >= head {
                     head = ctl.head.load(Ordering::Acquire);
-                    if head < n {
-                        head -= head % HO_LINE;
-                    }
                 }
                 if k < head {
                     let off = ctl.offs[k as usize % HO_CAP].load(Ordering::Relaxed);

@@ -786,24 +786,13 @@ impl Pool {
     }
 
     /// Takes a cached block of exactly `pages` pages, without the pool lock.
+    /// `urgent` when the free runs have nothing for us: then our inbox is
+    /// taken whatever it holds and whatever our chain holds, before the
+    /// locked path takes every process's cache back (an O(pages) walk that
+    /// empties them all) for blocks that may be waiting for us below the
+    /// reserve.
     #[inline]
-    pub(crate) fn cache_pop(&self, pages: u32, slot: u16, tok: u64) -> Option<u32> {
-        self.cache_pop_with(pages, slot, tok, false)
-    }
-
-    /// [`Pool::cache_pop`] when the free runs have nothing for us (`urgent`):
-    /// then our inbox is taken whatever it holds and whatever our chain
-    /// holds, before the locked path takes every process's cache back (an
-    /// O(pages) walk that empties them all) for blocks that may be waiting
-    /// for us below the reserve.
-    #[inline]
-    pub(crate) fn cache_pop_with(
-        &self,
-        pages: u32,
-        slot: u16,
-        tok: u64,
-        urgent: bool,
-    ) -> Option<u32> {
+    pub(crate) fn cache_pop(&self, pages: u32, slot: u16, tok: u64, urgent: bool) -> Option<u32> {
         if !self.caching.load(Ordering::Relaxed) {
             return None;
         }

@@ -616,7 +616,7 @@ impl Pool {
                 let hit = if pages > CACHE_CLASSES {
                     self.large_pop(pages, slot, tok)
                 } else {
-                    self.cache_pop(pages, slot, tok)
+                    self.cache_pop(pages, slot, tok, false)
                 };
                 match hit {
                     Some(p) => p,
@@ -650,7 +650,7 @@ impl Pool {
                 // Blocks handed back to us may wait in our inbox below its
                 // reserve (see `cache.rs`): ours to take first.
                 if pages <= CACHE_CLASSES {
-                    if let Some(p) = self.cache_pop_with(pages, slot, tok, true) {
+                    if let Some(p) = self.cache_pop(pages, slot, tok, true) {
                         return Ok(p);
                     }
                 }
